@@ -1,0 +1,231 @@
+"""Run configuration: frozen dataclasses, loadable from TOML, overridable from the CLI.
+
+Every field has a documented default. A TOML file mirrors the sections::
+
+    seed = 0
+    [data]
+    dataset = "ml-100k"
+    [model]
+    name = "fedrap"
+    [federation]
+    rounds = 100
+
+and ``--set section.field=value`` overrides one field from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that does not exist or does not parse."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the interactions come from and how they are preprocessed."""
+
+    dataset: str = "ml-100k"
+    """Built-in name (``ml-100k``) or a folder (generic, FedVLR/GFMFR or RecBole atomic layout)."""
+    content: str | None = None
+    """Folder with ``items.csv`` (``item_id,text,image``) and the image files it names."""
+    rating_threshold: float | None = None
+    """Ratings ``>= threshold`` are positives; ``None`` makes every rating a positive."""
+    kcore: int = 0
+    """Iteratively keep users and items with at least this many positives (0: off)."""
+    duplicates: str = "first"
+    """Repeated (user, item) pairs: ``first`` keeps the earliest and counts the rest, ``error`` raises."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base recommender and its optimiser settings (METHOD.md, 'Base models')."""
+
+    name: str = "fedrap"
+    """One of ``popularity``, ``random``, ``fcf``, ``fedncf``, ``pfedrec``, ``fedrap``."""
+    dim: int = 64
+    """Latent size d of user and item vectors."""
+    hidden: tuple[int, ...] = (32,)
+    """Hidden layer widths of MLP heads (FedNCF tower, FedRAP MLP head)."""
+    lr: float = 0.1
+    """SGD learning rate of user vectors and heads."""
+    item_lr: float = 1.0
+    """SGD learning rate of item tables; FedAvg dilutes a row's update by the share of clients touching it."""
+    weight_decay: float = 1e-4
+    """L2 weight decay on every parameter (SGD-style, applied each local step)."""
+    fedrap_head: str = "mlp"
+    """FedRAP head: ``mlp`` (the GFMFR reference variant) or ``dot`` (the FedRAP paper)."""
+    fedrap_lambda: float = 0.1
+    """FedRAP v1: weight of the -||D_u - C||^2 term once ramped up (lambda_t = v1 tanh(t/10))."""
+    fedrap_mu: float = 1e-3
+    """FedRAP v2: weight of the ||C||_1 sparsity term once ramped up (mu_t = v2 tanh(t/10))."""
+    init_std: float = 0.1
+    """Standard deviation of the normal initialisation of embeddings."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, client sampling, local training and aggregation (METHOD.md, 'One round')."""
+
+    rounds: int = 100
+    """Maximum number of communication rounds T."""
+    client_fraction: float = 1.0
+    """Fraction of clients sampled per round (seeded)."""
+    local_epochs: int = 5
+    """Local epochs per round over the client's positives and sampled negatives."""
+    batch_size: int = 256
+    """Local minibatch size."""
+    num_negatives: int = 4
+    """Sampled non-interacted items per positive, resampled every round."""
+    weighted_aggregation: bool = False
+    """FedAvg weighted by local sample count instead of a plain mean over participants."""
+    eval_every: int = 1
+    """Validate every N rounds (the last round is always validated)."""
+    early_stop_patience: int = 10
+    """Stop after this many validations without improvement (0: never stop early)."""
+    client_chunk: int = 2048
+    """Clients trained together in one batched pass; bounds memory on large federations."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol (METHOD.md, 'Evaluation protocol')."""
+
+    protocol: str = "full"
+    """``full``: rank against every item not in the user's training data; ``sampled``: against 99 negatives."""
+    ks: tuple[int, ...] = (10, 20, 50)
+    """Cut-offs K for HR@K, NDCG@K, Recall@K and MRR@K."""
+    sampled_negatives: int = 99
+    """Negatives per user in the sampled protocol (separate draws for validation and test)."""
+    select_metric: str = "NDCG@10"
+    """Validation metric that selects the best round; test is reported at that round."""
+    user_batch: int = 256
+    """Users scored at once during evaluation."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run; ``seed`` makes it reproducible."""
+
+    seed: int = 0
+    """Seed of every random choice: initialisation, sampling, shuffling."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data section."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model section."""
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    """Federation section."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation section."""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a TOML or CLI value to the annotated field type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {value!r} as {tp.__name__}") from exc
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name}: expected a table")
+            kwargs[name] = _build(tp, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults)."""
+    return _build(RunConfig, values, where)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into nested dicts, naming the file on a parse error."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to nested dicts (values are coerced later)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value.strip()
+    return out
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with some fields of some sections changed (validated)."""
+    values = to_dict(cfg)
+    for section, changes in sections.items():
+        if isinstance(changes, dict):
+            values[section].update(changes)
+        else:
+            values[section] = changes
+    return from_dict(values)

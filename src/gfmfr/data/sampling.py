@@ -1,0 +1,110 @@
+"""Counter-based random numbers and negative sampling.
+
+Every draw is a pure function of (seed, stream, round, user, position), so a client gets the
+same negatives and the same minibatch order whether it trains alone (one client at a time, as
+inside a Flower ClientApp) or batched with every other client of the round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gfmfr.data.dataset import Dataset
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+STREAM_NEGATIVES = 1
+STREAM_SHUFFLE = 2
+STREAM_EVAL_VALID = 3
+STREAM_EVAL_TEST = 4
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser (wrapping uint64 arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def hash_u64(*keys: np.ndarray | int) -> np.ndarray:
+    """A well-mixed uint64 per element of the broadcast ``keys``."""
+    out = np.uint64(0)
+    with np.errstate(over="ignore"):
+        for k in keys:
+            out = _mix(np.asarray(out, dtype=np.uint64) + _GOLD + np.asarray(k).astype(np.uint64))
+    return np.asarray(out, dtype=np.uint64)
+
+
+def uniform(*keys: np.ndarray | int) -> np.ndarray:
+    """Floats in [0, 1) from :func:`hash_u64`."""
+    return (hash_u64(*keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def sample_excluding(
+    users: np.ndarray, slots: np.ndarray, n_items: int, exclude_keys: np.ndarray, seed: int, stream: int, round_: int
+) -> np.ndarray:
+    """One item per (user, slot), uniform over items whose key ``user * n_items + item`` is not excluded.
+
+    ``exclude_keys`` must be sorted. Rejected draws are redrawn with the next attempt counter.
+    """
+    out = np.empty(len(users), dtype=np.int64)
+    todo = np.arange(len(users))
+    attempt = 0
+    while len(todo):
+        draw = (hash_u64(seed, stream, round_, users[todo], slots[todo], attempt) % np.uint64(n_items)).astype(np.int64)
+        keys = users[todo] * n_items + draw
+        pos = np.searchsorted(exclude_keys, keys)
+        pos = np.minimum(pos, len(exclude_keys) - 1)
+        hit = exclude_keys[pos] == keys if len(exclude_keys) else np.zeros(len(keys), bool)
+        out[todo[~hit]] = draw[~hit]
+        todo = todo[hit]
+        attempt += 1
+        if attempt > 10_000:
+            raise RuntimeError("negative sampling did not converge: some user interacted with (nearly) every item")
+    return out
+
+
+def train_keys(dataset: Dataset) -> np.ndarray:
+    """Sorted ``user * n_items + item`` keys of all training positives."""
+    return np.sort(dataset.train_users * dataset.n_items + dataset.train_items)
+
+
+def training_negatives(
+    dataset: Dataset, users: np.ndarray, num_negatives: int, seed: int, round_: int, keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``num_negatives`` per training positive of each of ``users``, resampled every round.
+
+    Returns (user, item) arrays grouped by user in the order of ``users``. Negatives avoid the
+    user's training positives only: validation and test items stay unknown to training.
+    """
+    keys = train_keys(dataset) if keys is None else keys
+    counts = dataset.train_counts[users] * num_negatives
+    owner = np.repeat(users, counts)
+    slot = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    items = sample_excluding(owner, slot, dataset.n_items, keys, seed, STREAM_NEGATIVES, round_)
+    return owner, items
+
+
+def eval_negatives(dataset: Dataset, split: str, n: int, seed: int) -> np.ndarray:
+    """``n`` distinct sampled negatives per user for the sampled protocol: [n_users, n].
+
+    They avoid every item the user interacted with (train, validation and test); validation and
+    test use separate streams. Drawn as the ``n`` smallest random keys among allowed items.
+    """
+    stream = STREAM_EVAL_VALID if split == "valid" else STREAM_EVAL_TEST
+    out = np.empty((dataset.n_users, n), dtype=np.int64)
+    items = np.arange(dataset.n_items)
+    for start in range(0, dataset.n_users, 1024):
+        users = np.arange(start, min(start + 1024, dataset.n_users))
+        keys = uniform(seed, stream, users[:, None], items[None, :])
+        rows = np.repeat(users - start, np.diff(dataset.train_indptr)[users])
+        keys[rows, np.concatenate([dataset.user_train(u) for u in users])] = np.inf
+        keys[users - start, dataset.valid_items[users]] = np.inf
+        keys[users - start, dataset.test_items[users]] = np.inf
+        if (np.isfinite(keys).sum(1) < n).any():
+            raise ValueError(f"some user has fewer than {n} non-interacted items for sampled evaluation")
+        out[users - start] = np.argpartition(keys, n - 1, axis=1)[:, :n]
+    return out

@@ -1,0 +1,1 @@
+"""Federated simulation: rounds, client training, aggregation and client state."""

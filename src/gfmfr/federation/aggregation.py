@@ -1,0 +1,63 @@
+"""Server aggregation: FedAvg over clients' uploads (METHOD.md, step 3).
+
+A client's upload of a shared item table is implicit for the rows it did not use: those rows
+are the broadcast global rows times the client's weight-decay factor. Weighted sums therefore
+cost O(rows used), not O(clients x items), and give exactly the dense FedAvg result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gfmfr.federation.client import LocalUpdate, scatter_rows
+from gfmfr.models.base import Params
+
+
+def weighted_sums(update: LocalUpdate, global_shared: Params, weights: torch.Tensor) -> Params:
+    """``sum_c weights[k, c] * upload_c`` for every shared parameter: [K, ...] per name.
+
+    ``weights`` is [K, C] over the clients of ``update`` (K = 1 for FedAvg, K = G for group sums).
+    """
+    out: Params = {}
+    w = weights.to(torch.float32)
+    for name, stacked in update.shared.items():
+        out[name] = torch.einsum("kc,c...->k...", w, stacked)
+    owner = torch.from_numpy(update.row_client)
+    item = torch.from_numpy(update.row_item)
+    for name, rows in update.rows.items():
+        g = global_shared[name]
+        decay = update.decay[name]
+        base = (w @ decay)[:, None, None] * g[None]
+        delta = rows - decay[owner, None] * g[item]
+        for k in range(w.shape[0]):
+            scatter_rows(base[k], item, w[k, owner, None] * delta)
+        out[name] = base
+    return out
+
+
+class FedAvg:
+    """Plain or sample-weighted mean of the participants' shared parameters, over client chunks."""
+
+    def __init__(self, weighted: bool = False):
+        self.weighted = weighted
+        self.sums: Params = {}
+        self.total = 0.0
+
+    def client_weights(self, update: LocalUpdate) -> torch.Tensor:
+        if self.weighted:
+            return torch.from_numpy(update.num_samples.astype(np.float32))
+        return torch.ones(len(update.users))
+
+    def add(self, update: LocalUpdate, global_shared: Params) -> None:
+        w = self.client_weights(update)
+        sums = weighted_sums(update, global_shared, w[None])
+        for name, value in sums.items():
+            self.sums[name] = self.sums[name] + value[0] if name in self.sums else value[0]
+        self.total += float(w.sum())
+
+    def result(self, global_shared: Params) -> Params:
+        """The new global parameters (unchanged where nobody participated)."""
+        if self.total == 0:
+            return dict(global_shared)
+        return {name: self.sums[name] / self.total for name in global_shared}

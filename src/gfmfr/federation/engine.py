@@ -1,0 +1,131 @@
+"""Federated rounds in one process (METHOD.md, 'One round'), with validation-based selection.
+
+Each round: sample clients (seeded), train them locally in chunks with the one client-training
+routine, FedAvg their shared parameters, let plug-ins do their server work, and validate every
+``eval_every`` rounds. The best round is chosen on the validation metric only; the test score
+reported is the one at that round. Early stopping counts validations without improvement.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from gfmfr.config import RunConfig
+from gfmfr.data.dataset import Dataset
+from gfmfr.data.sampling import train_keys
+from gfmfr.eval.evaluator import Evaluator
+from gfmfr.federation.aggregation import FedAvg
+from gfmfr.federation.client import LocalUpdate, LossPlugin, train_clients
+from gfmfr.federation.state import FederationState
+from gfmfr.models.base import FederatedRecommender
+
+log = logging.getLogger(__name__)
+
+
+class Plugin(LossPlugin, Protocol):
+    """A loss plug-in that also does server work after aggregation (GFMFR is one)."""
+
+    def server_round(self, federation: "Federation", updates: list[LocalUpdate], round_: int) -> dict[str, Any]:
+        """Server-side work of the round; returns figures for the round log."""
+
+
+@dataclass
+class RoundLog:
+    """One round of the per-round log."""
+
+    round: int
+    clients: int
+    loss: float
+    seconds: dict[str, float]
+    bytes_up_per_client: int
+    bytes_down_per_client: int
+    valid: dict[str, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sample_clients(n_clients: int, fraction: float, seed: int, round_: int) -> np.ndarray:
+    """Sorted client indices taking part in ``round_`` (seeded, without replacement)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"federation.client_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(n_clients)
+    k = max(1, int(round(fraction * n_clients)))
+    rng = np.random.default_rng([seed, 7, round_])
+    return np.sort(rng.choice(n_clients, size=k, replace=False))
+
+
+class Federation:
+    """A federation of every user of ``dataset`` training ``model`` for ``cfg.federation.rounds``."""
+
+    def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig, plugins: tuple[Plugin, ...] = ()):
+        self.dataset = dataset
+        self.model = model
+        self.cfg = cfg
+        self.plugins = plugins
+        self.state = FederationState(model, dataset.n_users, cfg.seed)
+        self.evaluator = Evaluator(dataset, cfg.eval, cfg.seed)
+        self.train_keys = train_keys(dataset)
+        self.history: list[RoundLog] = []
+
+    def train_round(self, round_: int) -> RoundLog:
+        """Local training, aggregation and plug-in server work of one round."""
+        fed = self.cfg.federation
+        users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_)
+        t0 = time.perf_counter()
+        updates = []
+        for start in range(0, len(users), fed.client_chunk):
+            chunk = users[start : start + fed.client_chunk]
+            updates.append(train_clients(
+                self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, self.plugins, self.train_keys
+            ))
+        t1 = time.perf_counter()
+        agg = FedAvg(fed.weighted_aggregation)
+        for update in updates:
+            agg.add(update, self.state.shared)
+        old_shared = self.state.shared
+        self.state.shared = agg.result(old_shared)
+        t2 = time.perf_counter()
+        seconds = {"train": t1 - t0, "aggregate": t2 - t1}
+        extra: dict[str, Any] = {}
+        for plugin in self.plugins:
+            extra.update(plugin.server_round(self, updates, round_) or {})
+            seconds.update(extra.pop("seconds", {}))
+        size = self.model.upload_bytes()
+        loss = float(np.mean(np.concatenate([u.loss for u in updates])))
+        return RoundLog(round_, len(users), loss, seconds, size, size + extra.pop("bytes_down_extra", 0), extra=extra)
+
+    def fit(self) -> dict[str, Any]:
+        """Run every round; returns the selection summary (best round, valid and test metrics)."""
+        fed, ev = self.cfg.federation, self.cfg.eval
+        best: dict[str, Any] = {"round": -1, "score": -np.inf, "valid": {}, "test": {}}
+        stale = 0
+        for t in range(fed.rounds):
+            entry = self.train_round(t)
+            if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
+                t0 = time.perf_counter()
+                entry.valid = self.evaluator.evaluate(self.state.score, "valid")
+                entry.seconds["evaluate"] = time.perf_counter() - t0
+                score = entry.valid[ev.select_metric]
+                if score > best["score"]:
+                    best = {"round": t, "score": score, "valid": entry.valid,
+                            "test": self.evaluator.evaluate(self.state.score, "test")}
+                    stale = 0
+                else:
+                    stale += 1
+                log.info(
+                    "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
+                    t, entry.loss, entry.valid.get("HR@10", float("nan")), entry.valid.get("NDCG@10", float("nan")),
+                    entry.seconds["train"],
+                )
+            else:
+                log.info("round %3d  loss %.4f  (%.2fs train)", t, entry.loss, entry.seconds["train"])
+            self.history.append(entry)
+            if fed.early_stop_patience and stale >= fed.early_stop_patience:
+                log.info("early stop after round %d: no improvement in %d validations", t, stale)
+                break
+        return best

@@ -1,0 +1,1 @@
+"""Flower integration (planned): the same client-training routine inside a ClientApp."""

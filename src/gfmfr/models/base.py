@@ -1,0 +1,157 @@
+"""The one contract every federated base recommender implements.
+
+Parameters live outside the model, as plain tensors that the federation engine owns:
+
+- a *per-client* parameter has shape ``[A, *spec.shape]`` (one slice per client being trained
+  or scored, A >= 1);
+- an *item-table* parameter is gathered by the engine for the items a batch scores and reaches
+  the model as ``[A, B, *spec.shape]``.
+
+A model declares, through :meth:`param_specs`, which parameters are shared (uploaded and
+averaged) and which stay private on the client, and each parameter's optimiser group (SGD
+learning rate and weight decay). It defines the forward pass (logits) and the base loss.
+Because the leading client dimension is always there, the same code trains one client (A = 1,
+as a Flower ClientApp does) or every client of a round at once.
+
+GFMFR and other plug-ins touch a model only through three hooks: :attr:`item_table` (the name
+of the shared item table), :meth:`head_signature` (the prediction-head parameters used for
+grouping) and :meth:`head_score` (the score of an arbitrary item vector under a head).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from gfmfr.config import ModelConfig
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a base model."""
+
+    shape: tuple[int, ...]
+    """Shape per client (for an item table: shape of one row)."""
+    shared: bool
+    """Uploaded and aggregated by the server (True) or private to the client (False)."""
+    lr: float
+    """SGD learning rate of this parameter's optimiser group."""
+    weight_decay: float
+    """SGD weight decay of this parameter's optimiser group."""
+    item_table: bool = False
+    """One row per item; the engine gathers only the rows a batch scores."""
+    init: str = "normal"
+    """``normal`` (std ``init_std``), ``zeros``, ``ones`` or ``xavier`` (for [in, out] matrices)."""
+    same_init: bool = True
+    """Private parameters only: every client starts from the same value (else an independent draw)."""
+
+
+def init_tensor(spec: ParamSpec, leading: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    """A freshly initialised tensor of shape ``leading + spec.shape``."""
+    shape = leading + spec.shape
+    if spec.init == "zeros":
+        return torch.zeros(shape)
+    if spec.init == "ones":
+        return torch.ones(shape)
+    if spec.init == "normal":
+        return torch.randn(shape, generator=gen) * std
+    if spec.init == "xavier":
+        fan_in, fan_out = spec.shape[-2], spec.shape[-1]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    raise ValueError(f"unknown init {spec.init!r}")
+
+
+def mlp_specs(prefix: str, sizes: list[int], shared: bool, lr: float, wd: float) -> dict[str, ParamSpec]:
+    """Weight ``[in, out]`` and bias ``[out]`` specs of a ReLU MLP with layer sizes ``sizes``."""
+    specs = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        specs[f"{prefix}{i}.w"] = ParamSpec((a, b), shared, lr, wd, init="xavier")
+        specs[f"{prefix}{i}.b"] = ParamSpec((b,), shared, lr, wd, init="zeros")
+    return specs
+
+
+def mlp_apply(p: Params, prefix: str, n_layers: int, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-client MLP on ``x`` [A, B, in]; ReLU after every layer.
+
+    ``first`` [A, out0], if given, is added to the first layer's pre-activation (used to add a
+    user-vector term computed once per client instead of once per item).
+    """
+    for i in range(n_layers):
+        w, b = p[f"{prefix}{i}.w"], p[f"{prefix}{i}.b"]
+        x = torch.matmul(x, w) + b[:, None, :]
+        if i == 0 and first is not None:
+            x = x + first[:, None, :]
+        x = F.relu(x)
+    return x
+
+
+class FederatedRecommender(ABC):
+    """A base model: parameter specs, forward, base loss, and the hooks GFMFR needs."""
+
+    name: ClassVar[str]
+    item_table: ClassVar[str] = "item"
+    """Name of the shared item embedding table (the GFMFR group target is its member average)."""
+
+    def __init__(self, n_items: int, cfg: ModelConfig):
+        self.n_items = n_items
+        self.cfg = cfg
+        self.dim = cfg.dim
+
+    @abstractmethod
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """Every parameter, shared or private, with its optimiser group."""
+
+    @abstractmethod
+    def forward(self, p: Params, items: Params) -> torch.Tensor:
+        """Logits [A, B]: ``p`` holds per-client parameters [A, ...], ``items`` the gathered rows [A, B, ...]."""
+
+    def regularizer(self, p: Params, items: Params, mask: torch.Tensor, round_: int) -> torch.Tensor | None:
+        """Extra per-client terms of the base loss, [A] (none by default)."""
+        return None
+
+    def base_loss(
+        self, p: Params, items: Params, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, round_: int
+    ) -> torch.Tensor:
+        """Per-client mean BCE on sigmoid scores plus the model's regularisers, [A]."""
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        loss = (bce * mask).sum(1) / mask.sum(1).clamp_min(1)
+        reg = self.regularizer(p, items, mask, round_)
+        return loss if reg is None else loss + reg
+
+    # ---- hooks for GFMFR ------------------------------------------------------------------
+    @abstractmethod
+    def head_params(self) -> list[str]:
+        """Names of the prediction-head parameters (the grouping signature)."""
+
+    def head_signature(self, p: Params) -> torch.Tensor:
+        """Flattened head parameters per client, [A, k]."""
+        return torch.cat([p[n].reshape(p[n].shape[0], -1) for n in self.head_params()], 1)
+
+    @abstractmethod
+    def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
+        """Logits [A, B] of item vectors [A, B, d] (standing in for the item table's rows) under each head."""
+
+    # ---- derived ------------------------------------------------------------------------------
+    def shared_names(self) -> list[str]:
+        """Parameters uploaded to and averaged by the server."""
+        return [n for n, s in self.param_specs().items() if s.shared]
+
+    def private_names(self) -> list[str]:
+        """Parameters that never leave the client."""
+        return [n for n, s in self.param_specs().items() if not s.shared]
+
+    def upload_bytes(self) -> int:
+        """Bytes of one client's shared parameters (float32, dense item tables)."""
+        total = 0
+        for spec in self.param_specs().values():
+            if spec.shared:
+                total += 4 * math.prod(spec.shape) * (self.n_items if spec.item_table else 1)
+        return total

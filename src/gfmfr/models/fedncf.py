@@ -1,0 +1,52 @@
+"""FedNCF (Perifanis & Efraimidis, KBS 2022): NeuMF trained with FedAvg.
+
+Private: the user's GMF and MLP embeddings. Shared: the item table, the MLP tower and the
+output layer. NeuMF's separate GMF and MLP item tables are merged into one table here, so that
+there is one shared item table for plug-ins to work on; the GMF path uses the first half of
+the item vector's dimensions against a GMF user vector of that size, the MLP path the whole
+vector. Head (grouping signature): the client's locally trained tower and output layer; the
+server sees these anyway, since they are uploaded for FedAvg.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs
+
+
+class FedNCF(FederatedRecommender):
+    """Federated NeuMF."""
+
+    name = "fedncf"
+
+    def __init__(self, n_items, cfg):
+        super().__init__(n_items, cfg)
+        self.sizes = [2 * self.dim, *cfg.hidden]
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        c, d = self.cfg, self.dim
+        specs = {
+            "user_gmf": ParamSpec((d,), shared=False, lr=c.lr, weight_decay=c.weight_decay, same_init=False),
+            "user_mlp": ParamSpec((d,), shared=False, lr=c.lr, weight_decay=c.weight_decay, same_init=False),
+            "item": ParamSpec((d,), shared=True, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True),
+        }
+        specs.update(mlp_specs("tower", self.sizes, True, c.lr, c.weight_decay))
+        specs["out.w"] = ParamSpec((d + self.sizes[-1],), shared=True, lr=c.lr, weight_decay=c.weight_decay)
+        specs["out.b"] = ParamSpec((), shared=True, lr=c.lr, weight_decay=c.weight_decay, init="zeros")
+        return specs
+
+    def forward(self, p: Params, items: Params) -> torch.Tensor:
+        return self.head_score(p, items["item"])
+
+    def head_params(self) -> list[str]:
+        return [n for n in self.param_specs() if n.startswith(("tower", "out"))]
+
+    def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
+        d = self.dim
+        gmf = vectors * p["user_gmf"][:, None, :]
+        w0 = p["tower0.w"]
+        user_term = torch.einsum("ad,adh->ah", p["user_mlp"], w0[:, :d])
+        hidden = mlp_apply({**p, "tower0.w": w0[:, d:]}, "tower", len(self.sizes) - 1, vectors, first=user_term)
+        w = p["out.w"]
+        return torch.einsum("abd,ad->ab", gmf, w[:, :d]) + torch.einsum("abh,ah->ab", hidden, w[:, d:]) + p["out.b"][:, None]
