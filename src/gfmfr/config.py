@@ -57,6 +57,8 @@ class ModelConfig:
     """SGD learning rate of user vectors and heads."""
     item_lr: float = 1.0
     """SGD learning rate of item tables; FedAvg dilutes a row's update by the share of clients touching it."""
+    private_item_lr: float = 0.5
+    """SGD learning rate of private item tables (FedRAP's D_u), which every round's negatives touch."""
     weight_decay: float = 1e-4
     """L2 weight decay on every parameter (SGD-style, applied each local step)."""
     fedrap_head: str = "mlp"

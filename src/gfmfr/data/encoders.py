@@ -109,7 +109,7 @@ def encode_texts(texts: list[str | None], batch_size: int = 64, cache: FeatureCa
         model = load_text_encoder()
         for start in tqdm(range(0, len(todo), batch_size), desc="text", unit="batch"):
             chunk = todo[start : start + batch_size]
-            vecs = model.encode([t for _, t in chunk], batch_size=batch_size, convert_to_numpy=True)
+            vecs = model.encode([t for _, t in chunk], batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
             cache.vectors.update({k: v.astype(np.float32) for (k, _), v in zip(chunk, vecs)})
         cache.save()
     dim = len(next(iter(cache.vectors.values()))) if cache.vectors else 384
@@ -118,7 +118,7 @@ def encode_texts(texts: list[str | None], batch_size: int = 64, cache: FeatureCa
     for i, k in enumerate(keys):
         if k is not None:
             out[i] = cache.vectors[k]
-    return out, mask, {"encoded": len(todo), "from_cache": int(mask.sum()) - len(todo), "missing": int((~mask).sum())}
+    return out, mask, {"encoded": len(todo), "reused": int(mask.sum()) - len(todo), "missing": int((~mask).sum())}
 
 
 def encode_images(paths: list[Path | None], batch_size: int = 64, cache: FeatureCache | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -137,6 +137,7 @@ def encode_images(paths: list[Path | None], batch_size: int = 64, cache: Feature
             unreadable += 1
             keys.append(None)
     todo = [(k, p) for k, p in dict(zip(keys, paths)).items() if k is not None and k not in cache.vectors]
+    before = len(cache.vectors)
     if todo:
         net = load_image_encoder()
         for start in tqdm(range(0, len(todo), batch_size), desc="images", unit="batch"):
@@ -160,7 +161,8 @@ def encode_images(paths: list[Path | None], batch_size: int = 64, cache: Feature
     for i, k in enumerate(keys):
         if mask[i]:
             out[i] = cache.vectors[k]
-    report = {"encoded": len(todo), "from_cache": int(mask.sum()) - len(todo), "no_image": sum(p is None for p in paths),
+    encoded = len(cache.vectors) - before
+    report = {"encoded": encoded, "reused": int(mask.sum()) - encoded, "no_image": sum(p is None for p in paths),
               "unreadable": unreadable}
     return out, mask, report
 

@@ -32,7 +32,8 @@ class FedNCF(FederatedRecommender):
             "item": ParamSpec((d,), shared=True, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True),
         }
         specs.update(mlp_specs("tower", self.sizes, True, c.lr, c.weight_decay))
-        specs["out.w"] = ParamSpec((d + self.sizes[-1],), shared=True, lr=c.lr, weight_decay=c.weight_decay)
+        # ones: the GMF half starts as a plain dot product (NeuMF without pre-training otherwise barely moves under SGD)
+        specs["out.w"] = ParamSpec((d + self.sizes[-1],), shared=True, lr=c.lr, weight_decay=c.weight_decay, init="ones")
         specs["out.b"] = ParamSpec((), shared=True, lr=c.lr, weight_decay=c.weight_decay, init="zeros")
         return specs
 

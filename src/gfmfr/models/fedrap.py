@@ -46,7 +46,7 @@ class FedRAP(FederatedRecommender):
         specs = {
             "user": ParamSpec((d,), shared=False, lr=c.lr, weight_decay=c.weight_decay, same_init=False),
             "C": ParamSpec((d,), shared=True, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True),
-            "D": ParamSpec((d,), shared=False, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"),
+            "D": ParamSpec((d,), shared=False, lr=c.private_item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"),
         }
         if c.fedrap_head == "mlp":
             specs.update(mlp_specs("head", self.sizes, False, c.lr, c.weight_decay))

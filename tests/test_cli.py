@@ -1,0 +1,39 @@
+"""End-to-end smoke tests of the command line on a synthetic data folder."""
+
+import json
+
+import pytest
+
+from gfmfr.cli import main
+
+
+def test_data_report_json(planted_folder, capsys):
+    assert main(["data", "--dataset", str(planted_folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("users", "items", "interactions", "train", "valid", "test", "dropped"):
+        assert key in report
+    assert report["users"] == 80 and report["train"] + report["valid"] + report["test"] == report["interactions"]
+
+
+@pytest.mark.parametrize("model", ["popularity", "random", "fcf", "fedrap"])
+def test_run_writes_results(planted_folder, tmp_path, capsys, model):
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[federation]\nrounds = 3\nlocal_epochs = 1\nbatch_size = 32\n[model]\ndim = 8\n")
+    assert main(["run", "--dataset", str(planted_folder), "--model", model, "--out", str(out),
+                 "--config", str(cfg), "--seed", "2", "--set", "eval.ks=5,10"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["seed"] == 2 and res["config"]["model"]["name"] == model
+    assert set(res["test"]) == {f"{m}@{k}" for m in ("HR", "NDCG", "Recall", "MRR") for k in (5, 10)}
+    assert res["best_round"] >= 0 and res["history"] and res["peak_rss_mb"] > 0 and res["seconds_per_round"] >= 0
+    if model == "fedrap":
+        assert len(res["history"]) == 3
+        assert {"loss", "seconds", "bytes_up_per_client", "valid"} <= set(res["history"][0])
+    assert "HR@10" in capsys.readouterr().out
+
+
+def test_bad_input_exits_with_named_error(tmp_path, caplog):
+    (tmp_path / "interactions.csv").write_text("user_id,item\n1,2\n")
+    assert main(["data", "--dataset", str(tmp_path)]) == 2
+    assert "interactions.csv, line 1, field 'item_id'" in caplog.text
+    assert main(["run", "--dataset", str(tmp_path), "--set", "model.nope=1"]) == 2

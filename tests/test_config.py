@@ -1,0 +1,37 @@
+import pytest
+
+from gfmfr.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, to_dict
+
+
+def test_defaults_round_trip():
+    cfg = RunConfig()
+    assert from_dict(to_dict(cfg)) == cfg
+    assert cfg.federation.local_epochs == 5 and cfg.federation.num_negatives == 4
+    assert cfg.eval.ks == (10, 20, 50)
+
+
+def test_toml_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('seed = 3\n[model]\nname = "fcf"\ndim = 16\n[eval]\nks = [5, 10]\n')
+    values = apply_overrides(load_toml(path), ["federation.rounds=7", "model.hidden=8,4", "data.rating_threshold=none"])
+    cfg = from_dict(values)
+    assert cfg.seed == 3 and cfg.model.name == "fcf" and cfg.model.dim == 16
+    assert cfg.federation.rounds == 7 and cfg.model.hidden == (8, 4) and cfg.eval.ks == (5, 10)
+    assert cfg.data.rating_threshold is None
+
+
+def test_bad_keys_and_values_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="model.*unknown key.*lrr"):
+        from_dict({"model": {"lrr": 1}})
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        from_dict(apply_overrides({}, ["federation.rounds=many"]))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_toml(bad)
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.seed = 1  # type: ignore[misc]

@@ -1,0 +1,104 @@
+"""Readers, preprocessing, the leave-one-out split and bad-input errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gfmfr.config import DataConfig
+from gfmfr.data.dataset import load_dataset
+from gfmfr.data.errors import DataError
+from tests.conftest import dataset_from_frame
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
+def test_leave_one_out_by_timestamp_with_stable_ties():
+    d = dataset_from_frame(frame([
+        ("a", "1", 5, 30), ("a", "2", 5, 10), ("a", "3", 5, 20), ("a", "4", 5, 20),  # 3 and 4 tie: file order
+        ("b", "1", 5, 1), ("b", "2", 5, 2), ("b", "3", 5, 3),
+        ("c", "1", 5, 1), ("c", "2", 5, 2),  # fewer than 3: dropped
+    ]))
+    assert d.n_users == 2 and d.n_items == 4
+    a = list(d.user_ids).index("a")
+    ids = lambda idx: [d.item_ids[i] for i in np.atleast_1d(idx)]
+    assert ids(d.user_train(a)) == ["2", "3"]
+    assert ids(d.valid_items[a]) == ["4"] and ids(d.test_items[a]) == ["1"]
+    assert d.report["dropped"]["users_with_fewer_than_3"] == 1
+    assert d.report["dropped"]["interactions_of_users_with_fewer_than_3"] == 2
+    assert d.report["train"] == 3 and d.report["valid"] == 2 and d.report["test"] == 2
+
+
+def test_threshold_duplicates_and_kcore_are_counted():
+    rows = [("a", str(i), 5 if i % 2 else 1, i) for i in range(8)] + [("a", "1", 5, 100)]
+    rows += [("b", str(i), 5, i) for i in range(1, 8, 2)]
+    d = dataset_from_frame(frame(rows), DataConfig(rating_threshold=4))
+    dropped = d.report["dropped"]
+    assert dropped["below_rating_threshold"] == 4
+    assert dropped["duplicate_pair"] == 1
+    a = list(d.user_ids).index("a")
+    # the repeat of item 1 at t=100 was dropped: the earliest interaction stays
+    assert [d.item_ids[i] for i in d.user_train(a)] == ["1", "3"]
+    with pytest.raises(DataError, match="line 10.*repeated"):
+        dataset_from_frame(frame(rows), DataConfig(duplicates="error"))
+    d2 = dataset_from_frame(frame(rows + [("c", "99", 5, 1), ("c", "1", 5, 2), ("c", "3", 5, 3)]), DataConfig(kcore=2))
+    assert d2.report["dropped"]["kcore"] >= 1 and "99" not in d2.item_ids
+
+
+def test_generic_folder_and_items(tmp_path):
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,rating,timestamp\n" + "".join(
+        f"u{u},i{i},4,{u * 10 + i}\n" for u in range(3) for i in range(4)))
+    (tmp_path / "items.csv").write_text("item_id,text,image\ni0,first,img/0.jpg\ni1,second,\ni2,,\ni3,fourth,\n")
+    d = load_dataset(DataConfig(dataset=str(tmp_path)))
+    assert d.n_users == 3 and d.n_items == 4 and d.report["interactions"] == 12
+    assert d.item_text[list(d.item_ids).index("i2")] is None
+    assert d.report["image_files_missing"] == 1  # img/0.jpg does not exist: warned and counted
+
+
+@pytest.mark.parametrize("content,message", [
+    ("user,item_id\n1,2\n", r"interactions.csv, line 1, field 'user_id': missing column"),
+    ("user_id,item_id,rating\n1,2,4\n1,3,x\n", r"interactions.csv, line 3, field 'rating'.*'x' is not a number"),
+    ("user_id,item_id,timestamp\n1,2,4\n1,3,yesterday\n", r"line 3, field 'timestamp'"),
+])
+def test_bad_interactions_name_file_line_field(tmp_path, content, message):
+    (tmp_path / "interactions.csv").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+
+
+def test_unknown_item_is_an_error(tmp_path):
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\n1,a\n1,b\n1,zzz\n")
+    (tmp_path / "items.csv").write_text("item_id,text\na,x\nb,y\n")
+    with pytest.raises(DataError, match=r"line 4, field 'item_id'.*'zzz' is not in"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+
+
+def test_fedvlr_layout_and_feature_checks(tmp_path):
+    (tmp_path / "inter.csv").write_text("userId,itemId,rating,timestamp\n" + "".join(
+        f"{u},{i},5,{i}\n" for u in range(3) for i in range(4)))
+    np.save(tmp_path / "text_features.npy", np.ones((4, 8), np.float32))
+    d = load_dataset(DataConfig(dataset=str(tmp_path)))
+    assert d.item_features["text"].shape == (4, 8)
+    np.save(tmp_path / "image_features.npy", np.ones((3, 8), np.float32))
+    with pytest.raises(DataError, match="image_features.npy.*3 rows, expected 4"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+    bad = np.ones((4, 8), np.float32)
+    bad[2, 5] = np.nan
+    np.save(tmp_path / "image_features.npy", bad)
+    with pytest.raises(DataError, match=r"image_features.npy, line 2, field '5'.*non-finite"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+
+
+def test_recbole_atomic_layout(tmp_path):
+    (tmp_path / "toy.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t3\t{i}\n" for u in range(1, 4) for i in range(1, 6)))
+    (tmp_path / "toy.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n" + "".join(
+        f"{i}\tMovie {i}\t199{i}\tDrama\n" for i in range(1, 6)))
+    d = load_dataset(DataConfig(dataset=str(tmp_path)))
+    assert d.n_items == 5 and d.item_text[0] == "Movie 1 (1991). Genres: Drama"
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(DataError, match="nope"):
+        load_dataset(DataConfig(dataset=str(tmp_path / "nope")))

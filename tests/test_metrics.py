@@ -1,0 +1,56 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gfmfr.config import EvalConfig
+from gfmfr.eval import Evaluator, metrics_from_ranks, pessimistic_ranks
+
+
+def test_pessimistic_ties_by_hand():
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.1, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    # row 0: target col 1 (0.5): one higher (0.9), two other equal -> rank 4
+    # row 1: constant scores: target ranks last among the 4 candidates (col 4 masked)
+    cand = torch.tensor([[True] * 5, [True, True, True, True, False]])
+    ranks = pessimistic_ranks(scores, torch.tensor([1, 0]), cand)
+    assert ranks.tolist() == [4, 4]
+
+
+def test_metrics_by_hand():
+    m = metrics_from_ranks(torch.tensor([1, 3, 11]), (10,))
+    assert m["HR@10"] == pytest.approx(2 / 3)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+    assert m["MRR@10"] == pytest.approx((1 + 1 / 3) / 3)
+    assert m["Recall@10"] == m["HR@10"]
+
+
+def test_full_ranking_masks_training_items_and_matches_ranx(planted):
+    ranx = pytest.importorskip("ranx")
+    rng = np.random.default_rng(0)
+    table = torch.from_numpy(rng.normal(size=(planted.n_users, planted.n_items)).astype(np.float32))
+    ev = Evaluator(planted, EvalConfig(ks=(5, 10)))
+    ours = ev.evaluate(lambda users: table[torch.from_numpy(users)], "test")
+    qrels, run = {}, {}
+    for u in range(planted.n_users):
+        train = set(planted.user_train(u).tolist())
+        qrels[f"q{u}"] = {f"d{planted.test_items[u]}": 1}
+        run[f"q{u}"] = {f"d{i}": float(table[u, i]) for i in range(planted.n_items) if i not in train}
+    ref = ranx.evaluate(ranx.Qrels(qrels), ranx.Run(run), ["hit_rate@5", "ndcg@10", "mrr@10", "recall@10"])
+    assert ours["HR@5"] == pytest.approx(ref["hit_rate@5"])
+    assert ours["NDCG@10"] == pytest.approx(ref["ndcg@10"], abs=1e-6)
+    assert ours["MRR@10"] == pytest.approx(ref["mrr@10"], abs=1e-6)
+    assert ours["Recall@10"] == pytest.approx(ref["recall@10"])
+
+
+def test_oracle_and_sampled_protocol(planted):
+    target = torch.from_numpy(planted.valid_items)
+    def oracle(users):
+        s = torch.zeros(len(users), planted.n_items)
+        s[torch.arange(len(users)), target[torch.from_numpy(users)]] = 1
+        return s
+    for protocol in ("full", "sampled"):
+        ev = Evaluator(planted, EvalConfig(protocol=protocol, sampled_negatives=20))
+        assert ev.evaluate(oracle, "valid")["HR@10"] == 1.0
+        # a constant model ranks every target last (pessimistic ties)
+        assert ev.evaluate(lambda u: torch.zeros(len(u), planted.n_items), "valid")["HR@10"] == 0.0
