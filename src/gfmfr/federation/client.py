@@ -97,7 +97,11 @@ def keep_freed_memory() -> None:
 
 
 def scatter_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
-    """``table[rows[k]] += alpha * values[k]`` with repeats accumulating (scatter_add is faster than index_add on CPU)."""
+    """``table[rows[k]] += alpha * values[k]``, repeats accumulating.
+
+    scatter_add is about twice as fast as index_add on CPU. ``values`` is not modified: autograd
+    may hand the same gradient tensor to two leaves (FedRAP's C and D enter as C + D).
+    """
     index = rows.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
     table.scatter_add_(0, index, values if alpha == 1.0 else values * alpha)
 
