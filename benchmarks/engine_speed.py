@@ -1,8 +1,10 @@
 """Seconds per round, peak RSS, batched-vs-naive ratio and evaluation speed on ML-100K.
 
 Setting (issue 3): 943 clients, 5 local epochs, 4 negatives, batch 256, d = 64.
-The naive round runs the same client-training routine one client after another in a Python
-loop (what one process per client would do); the batched round trains all clients at once.
+The naive round trains one client after another in a Python loop with plain dense PyTorch
+(full item-table copies, autograd, torch.optim.SGD: how the reference code trains); the
+"1-by-1" round calls our own routine with one client at a time (what a Flower ClientApp
+runs); the batched round trains all clients at once. All three compute the same parameters.
 Each model runs in its own subprocess so that its peak RSS is its own.
 
     python benchmarks/engine_speed.py [--models fcf fedrap] [--rounds 3] [--naive-clients 943]
@@ -26,6 +28,7 @@ def measure(model_name: str, rounds: int, naive_clients: int) -> dict:
     from gfmfr.federation.aggregation import FedAvg
     from gfmfr.federation.client import train_clients
     from gfmfr.federation.engine import Federation
+    from gfmfr.federation.reference import dense_train_client
     from gfmfr.models import build_model
     from gfmfr.run import peak_rss_mb
 
@@ -42,19 +45,25 @@ def measure(model_name: str, rounds: int, naive_clients: int) -> dict:
     fed.evaluator.evaluate(fed.state.score, "valid")
     eval_s = time.perf_counter() - t0
 
-    # naive: the same round, one client at a time
+    # naive: the same round, one client after another, (a) plain dense PyTorch per client,
+    # (b) our own routine called with one client (what a Flower ClientApp runs)
     users = np.arange(data.n_users)[:naive_clients]
+    t0 = time.perf_counter()
+    for u in users:
+        dense_train_client(fed.model, fed.state, int(u), data, cfg.federation, cfg.seed, rounds, fed.train_keys)
+    naive = (time.perf_counter() - t0) * data.n_users / len(users)
     agg = FedAvg()
     t0 = time.perf_counter()
     for u in users:
         agg.add(train_clients(fed.model, fed.state, np.array([u]), data, cfg.federation, cfg.seed, rounds,
                               train_keys=fed.train_keys), fed.state.shared)
     agg.result(fed.state.shared)
-    naive = (time.perf_counter() - t0) * data.n_users / len(users)
+    single = (time.perf_counter() - t0) * data.n_users / len(users)
     batched = float(np.median(times[1:] if len(times) > 1 else times))
     return {
         "model": model_name, "seconds_per_round": batched, "round_seconds": times,
         "naive_seconds_per_round": naive, "naive_clients_timed": len(users), "speedup": naive / batched,
+        "one_at_a_time_seconds_per_round": single, "speedup_vs_one_at_a_time": single / batched,
         "eval_seconds_all_users": eval_s,
         "eval_scores_per_second": data.n_users * data.n_items / eval_s,
         "peak_rss_mb": peak_rss_mb(),
@@ -78,10 +87,12 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--rounds", str(args.rounds),
                               "--naive-clients", str(args.naive_clients)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    header = f"{'model':<9}{'s/round':>9}{'naive s':>9}{'ratio':>8}{'eval s':>8}{'Mscores/s':>11}{'peak MB':>9}"
+    header = (f"{'model':<9}{'s/round':>9}{'naive s':>9}{'ratio':>8}{'1-by-1 s':>10}{'ratio':>8}"
+              f"{'eval s':>8}{'Mscores/s':>11}{'peak MB':>9}")
     lines = [header]
     for r in rows:
         lines.append(f"{r['model']:<9}{r['seconds_per_round']:>9.2f}{r['naive_seconds_per_round']:>9.1f}{r['speedup']:>7.1f}x"
+                     f"{r['one_at_a_time_seconds_per_round']:>10.1f}{r['speedup_vs_one_at_a_time']:>7.1f}x"
                      f"{r['eval_seconds_all_users']:>8.2f}{r['eval_scores_per_second'] / 1e6:>11.1f}{r['peak_rss_mb']:>9.0f}")
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.write(json.dumps(rows, indent=1) + "\n")

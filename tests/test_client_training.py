@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gfmfr.federation.aggregation import FedAvg
-from gfmfr.federation.client import LocalData, train_clients
+from gfmfr.federation.client import train_clients
+from gfmfr.federation.reference import dense_train_client
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
 from tests.test_model_contract import small_config
@@ -19,32 +20,17 @@ def test_matches_dense_torch_sgd(planted, name, round_):
     fed = Federation(planted, model, cfg)
     user = np.array([5])
     specs = model.param_specs()
+    if round_:  # the client already holds private rows from an earlier round
+        train_clients(model, fed.state, user, planted, cfg.federation, cfg.seed, round_ - 1)
 
-    # reference: full dense tables, autograd, torch.optim.SGD with one group per parameter
-    params = {n: t.clone() for n, t in fed.state.client_params(user).items()}
-    for n, s in specs.items():
-        if s.item_table:
-            params[n] = (fed.state.shared[n].clone() if s.shared else fed.state.private_rows[n].dense(user)[0])
-    leaves = {n: t.requires_grad_() for n, t in params.items()}
-    opt = torch.optim.SGD([{"params": [t], "lr": specs[n].lr, "weight_decay": specs[n].weight_decay}
-                           for n, t in leaves.items()])
-    data = LocalData(planted, user, np.empty(0, np.int64), cfg.federation, cfg.seed, round_)
-    for s in range(len(data.active)):
-        _, batch, _ = data.batch(s)
-        opt.zero_grad()
-        items = {n: leaves[n][batch.items] for n, sp in specs.items() if sp.item_table}
-        p = {n: t for n, t in leaves.items() if not specs[n].item_table}
-        logits = model.forward(p, items)
-        model.base_loss(p, items, logits, batch.labels, batch.mask, round_).sum().backward()
-        opt.step()
-
+    ref_all = dense_train_client(model, fed.state, 5, planted, cfg.federation, cfg.seed, round_)
     update = train_clients(model, fed.state, user, planted, cfg.federation, cfg.seed, round_)
     agg = FedAvg()
     old = dict(fed.state.shared)
     agg.add(update, old)
     new = agg.result(old)
     for n, s in specs.items():
-        ref = leaves[n].detach()
+        ref = ref_all[n]
         if s.shared:
             torch.testing.assert_close(new[n], ref if s.item_table else ref[0], rtol=1e-4, atol=1e-6)
         elif s.item_table:

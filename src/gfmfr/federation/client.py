@@ -10,10 +10,10 @@ same parameters (tests/test_client_equivalence.py).
 Efficiency, with exactness kept:
 - clients are ordered by their number of local steps, so the clients still training at any
   step are a prefix and every update is a slice;
-- item tables are materialised only for the rows a client uses this round (its positives,
-  its negatives and the private rows it already has). A shared row it does not use changes
-  only by weight decay, by the known factor ``(1 - lr * wd) ** steps``, which the aggregator
-  applies (:mod:`gfmfr.federation.aggregation`).
+- item tables are materialised only for the rows a client uses this round (its positives
+  and its negatives). A row it does not use changes only by weight decay, by the known factor
+  ``(1 - lr * wd) ** steps``: the aggregator applies it to shared rows
+  (:mod:`gfmfr.federation.aggregation`), the client's store to its private rows.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 class LocalData:
     """The round's examples, row sets and minibatch schedule of a set of clients."""
 
-    def __init__(self, dataset: Dataset, users: np.ndarray, private_keys: np.ndarray, cfg: FederationConfig,
+    def __init__(self, dataset: Dataset, users: np.ndarray, cfg: FederationConfig,
                  seed: int, round_: int, train_keys: np.ndarray | None = None):
         n_items, B, E = dataset.n_items, cfg.batch_size, cfg.local_epochs
         n_pos = dataset.train_counts[users]
@@ -140,10 +140,8 @@ class LocalData:
         start = np.cumsum(n_ex) - n_ex
         j = np.arange(len(owner)) - start[owner]
 
-        # rows: the items each client uses this round plus the private rows it already has
-        by_user = np.argsort(users)
-        stored = by_user[np.searchsorted(users[by_user], private_keys // n_items)]
-        keys = np.sort(np.concatenate([owner * n_items + items, stored * n_items + private_keys % n_items]))
+        # rows: the items each client uses this round
+        keys = np.sort(owner * n_items + items)
         keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
         self.row_client = keys // n_items
         self.row_item = keys % n_items
@@ -205,20 +203,19 @@ def train_clients(
     """Local training of ``users`` for one round; private parameters are written back to ``state``."""
     keep_freed_memory()
     specs = model.param_specs()
-    private_keys = np.concatenate([r.keys_of(users) for r in state.private_rows.values()] or [np.empty(0, np.int64)])
-    data = LocalData(dataset, users, private_keys, cfg, seed, round_, train_keys)
+    data = LocalData(dataset, users, cfg, seed, round_, train_keys)
     users = data.users
     C = len(users)
 
     dense = {n: t.clone() for n, t in state.client_params(users).items()}
     tables: Params = {}
-    row_keys = users[data.row_client] * dataset.n_items + data.row_item
+    row_keys = data.row_client * dataset.n_items + data.row_item
     for name, spec in specs.items():
         if spec.item_table:
             if spec.shared:
                 tables[name] = state.shared[name][torch.from_numpy(data.row_item)].clone()
             else:
-                tables[name] = state.private_rows[name].gather(row_keys)
+                tables[name] = state.private_rows[name].gather(users, row_keys)
 
     loss_sum = torch.zeros(C)
     for s in range(len(data.active)):
@@ -251,18 +248,19 @@ def train_clients(
                 if g is not None:
                     scatter_rows(t, flat_rows, g.flatten(0, 1), -spec.lr)
 
-    # private parameters stay on the client
+    # private parameters stay on the client; held rows it did not use only decayed
+    steps = torch.from_numpy(data.steps).double()
     idx = torch.from_numpy(users)
     for name, spec in specs.items():
         if spec.shared:
             continue
         if spec.item_table:
-            state.private_rows[name].replace(users, row_keys, tables[name])
+            decay = ((1 - spec.lr * spec.weight_decay) ** steps).float()
+            state.private_rows[name].update(users, row_keys, tables[name], decay)
         else:
             state.private[name][idx] = dense[name]
     state.participated[users] += 1
 
-    steps = torch.from_numpy(data.steps).double()
     return LocalUpdate(
         users=users,
         shared={n: dense[n] for n, s in specs.items() if s.shared and not s.item_table},

@@ -13,52 +13,79 @@ from gfmfr.models.base import FederatedRecommender, Params, init_tensor
 
 
 class SparseRows:
-    """Rows of a private item table per client; absent rows are zero."""
+    """Rows of a private item table, held per client; a row that is not held is zero.
+
+    Each client holds its own sorted item ids and row values, as it would on a device, so
+    reading or updating one client costs O(its rows).
+    """
 
     def __init__(self, n_items: int, row_shape: tuple[int, ...]):
         self.n_items = n_items
         self.row_shape = row_shape
-        self.keys = np.empty(0, dtype=np.int64)
-        self.values = torch.zeros((0, *row_shape))
+        self.items: dict[int, np.ndarray] = {}
+        self.values: dict[int, torch.Tensor] = {}
 
-    def gather(self, keys: np.ndarray) -> torch.Tensor:
-        """Rows for ``keys`` (zeros where none is stored)."""
+    def _concat(self, clients: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Sorted keys ``position * n_items + item`` and values of the rows of ``clients``."""
+        held = [(i, int(c)) for i, c in enumerate(clients) if int(c) in self.items]
+        if not held:
+            return np.empty(0, np.int64), torch.zeros((0, *self.row_shape))
+        keys = np.concatenate([i * self.n_items + self.items[c] for i, c in held])
+        values = torch.cat([self.values[c] for _, c in held])
+        order = np.argsort(keys, kind="stable")
+        return keys[order], values[torch.from_numpy(order)]
+
+    def gather(self, clients: np.ndarray, keys: np.ndarray) -> torch.Tensor:
+        """Rows for ``keys = position * n_items + item`` (positions index ``clients``); zeros where none is held."""
         out = torch.zeros((len(keys), *self.row_shape))
-        if len(self.keys) and len(keys):
-            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            hit = self.keys[pos] == keys
-            out[torch.from_numpy(np.flatnonzero(hit))] = self.values[torch.from_numpy(pos[hit])]
+        held_keys, held_values = self._concat(clients)
+        if len(held_keys) and len(keys):
+            pos = np.minimum(np.searchsorted(held_keys, keys), len(held_keys) - 1)
+            hit = held_keys[pos] == keys
+            out[torch.from_numpy(np.flatnonzero(hit))] = held_values[torch.from_numpy(pos[hit])]
         return out
 
-    def keys_of(self, clients: np.ndarray) -> np.ndarray:
-        """Stored keys belonging to ``clients``."""
-        if not len(self.keys):
-            return self.keys
-        return self.keys[np.isin(self.keys // self.n_items, clients)]
+    def items_of(self, clients: np.ndarray) -> np.ndarray:
+        """Keys ``position * n_items + item`` of the rows ``clients`` hold."""
+        return self._concat(clients)[0]
 
-    def replace(self, clients: np.ndarray, keys: np.ndarray, values: torch.Tensor) -> None:
-        """Drop every stored row of ``clients`` and store ``keys``/``values`` (keys of those clients)."""
-        keep = ~np.isin(self.keys // self.n_items, clients) if len(self.keys) else np.zeros(0, bool)
-        nonzero = values.flatten(1).abs().sum(1) > 0 if len(values) else torch.zeros(0, dtype=torch.bool)
-        keys, values = keys[nonzero.numpy()], values[nonzero]
-        all_keys = np.concatenate([self.keys[keep], keys])
-        all_values = torch.cat([self.values[torch.from_numpy(keep)], values.detach()])
+    def update(self, clients: np.ndarray, keys: np.ndarray, values: torch.Tensor, decay: torch.Tensor) -> None:
+        """Store trained rows ``keys``/``values``; every other held row of client i is scaled by ``decay[i]``.
+
+        Rows that are exactly zero are not kept.
+        """
+        old_keys, old_values = self._concat(clients)
+        if len(old_keys):
+            old_values = old_values * decay[torch.from_numpy(old_keys // self.n_items)].view(-1, *([1] * len(self.row_shape)))
+        all_keys = np.concatenate([old_keys, keys])
+        all_values = torch.cat([old_values, values.detach()])
         order = np.argsort(all_keys, kind="stable")
-        self.keys, self.values = all_keys[order], all_values[torch.from_numpy(order)]
+        all_keys, all_values = all_keys[order], all_values[torch.from_numpy(order)]
+        last = np.append(all_keys[1:] != all_keys[:-1], True)  # trained rows come after held ones
+        nonzero = (all_values.flatten(1) != 0).any(1).numpy() if len(all_values) else last
+        keep = last & nonzero
+        all_keys, all_values = all_keys[keep], all_values[torch.from_numpy(keep)]
+        bounds = np.searchsorted(all_keys // self.n_items, np.arange(len(clients) + 1))
+        for i, c in enumerate(clients):
+            a, b = bounds[i], bounds[i + 1]
+            if a == b:
+                self.items.pop(int(c), None)
+                self.values.pop(int(c), None)
+            else:
+                self.items[int(c)] = all_keys[a:b] % self.n_items
+                self.values[int(c)] = all_values[a:b].clone()
 
     def dense(self, clients: np.ndarray) -> torch.Tensor:
         """[len(clients), n_items, *row_shape] dense tables of ``clients``."""
         out = torch.zeros((len(clients), self.n_items, *self.row_shape))
-        keys = self.keys_of(clients)
+        keys, values = self._concat(clients)
         if len(keys):
-            by_client = np.argsort(clients)
-            rows = by_client[np.searchsorted(clients[by_client], keys // self.n_items)]
-            out[torch.from_numpy(rows), torch.from_numpy(keys % self.n_items)] = self.gather(keys)
+            out.view(-1, *self.row_shape)[torch.from_numpy(keys)] = values
         return out
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.numel() * self.values.element_size()
+        return sum(v.numel() * v.element_size() + self.items[c].nbytes for c, v in self.values.items())
 
 
 class FederationState:

@@ -62,7 +62,8 @@ class FedRAP(FederatedRecommender):
         if lam == 0 and mu == 0:
             return None
         n = mask.sum(1).clamp_min(1) * self.dim
-        diff = ((items["D"] - items["C"]) ** 2).sum(-1)
+        gap = items["D"] - items["C"]
+        diff = torch.einsum("abd,abd->ab", gap, gap)
         l1 = items["C"].abs().sum(-1)
         return (-lam * (diff * mask).sum(1) + mu * (l1 * mask).sum(1)) / n
 
