@@ -77,7 +77,7 @@ def test_reproducible_with_seed(planted, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_batched_equals_one_client_at_a_time(planted, name):
     """The in-process batched round and the per-client routine (a Flower ClientApp's) agree."""
-    cfg = small_config(name)
+    cfg = small_config(name, client_chunk=50, client_block=7)  # several chunks and blocks
     model = build_model(planted.n_items, cfg.model)
     fed = Federation(planted, model, cfg)
     fed.train_round(0)  # give FedRAP some private rows first

@@ -93,6 +93,8 @@ class FederationConfig:
     """Stop after this many validations without improvement (0: never stop early)."""
     client_chunk: int = 2048
     """Clients trained together in one batched pass; bounds memory on large federations."""
+    client_block: int = 256
+    """Clients per autograd block within one local step; bounds the step's working memory."""
 
 
 @dataclass(frozen=True)

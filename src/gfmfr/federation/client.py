@@ -199,6 +199,7 @@ def train_clients(
     round_: int,
     plugins: tuple[LossPlugin, ...] = (),
     train_keys: np.ndarray | None = None,
+    block_clients: int = 256,
 ) -> LocalUpdate:
     """Local training of ``users`` for one round; private parameters are written back to ``state``."""
     keep_freed_memory()
@@ -220,33 +221,38 @@ def train_clients(
     loss_sum = torch.zeros(C)
     for s in range(len(data.active)):
         a, batch, rows = data.batch(s)
-        p = {n: t[:a].detach().requires_grad_() for n, t in dense.items()}
-        flat_rows = rows.flatten()
-        items = {n: t.index_select(0, flat_rows).view(*rows.shape, *t.shape[1:]).requires_grad_() for n, t in tables.items()}
-        logits = model.forward(p, items)
-        loss = model.base_loss(p, items, logits, batch.labels, batch.mask, round_)
-        base = loss.detach()
-        for plugin in plugins:
-            extra = plugin.client_loss(model, p, items, logits, base, batch, round_)
-            if extra is not None:
-                loss = loss + extra
-        leaves = list(p.values()) + list(items.values())
-        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
-        with torch.no_grad():
-            loss_sum[:a] += loss.detach()
-            for (name, t), g in zip(dense.items(), grads[: len(p)]):
-                spec = specs[name]
-                if spec.weight_decay:
-                    t[:a].mul_(1 - spec.lr * spec.weight_decay)
-                if g is not None:
-                    t[:a].sub_(spec.lr * g)
-            end = int(data.row_ptr[a])
-            for (name, t), g in zip(tables.items(), grads[len(p):]):
-                spec = specs[name]
-                if spec.weight_decay:
-                    t[:end].mul_(1 - spec.lr * spec.weight_decay)
-                if g is not None:
-                    scatter_rows(t, flat_rows, g.flatten(0, 1), -spec.lr)
+        # clients are independent: a step runs in blocks of clients to bound autograd memory
+        for lo in range(0, a, block_clients):
+            hi = min(a, lo + block_clients)
+            part = Batch(batch.users[lo:hi], batch.items[lo:hi], batch.labels[lo:hi], batch.mask[lo:hi])
+            flat_rows = rows[lo:hi].flatten()
+            items = {n: t.index_select(0, flat_rows).view(hi - lo, -1, *t.shape[1:]).requires_grad_()
+                     for n, t in tables.items()}
+            p = {n: t[lo:hi].detach().requires_grad_() for n, t in dense.items()}
+            logits = model.forward(p, items)
+            loss = model.base_loss(p, items, logits, part.labels, part.mask, round_)
+            base = loss.detach()
+            for plugin in plugins:
+                extra = plugin.client_loss(model, p, items, logits, base, part, round_)
+                if extra is not None:
+                    loss = loss + extra
+            leaves = list(p.values()) + list(items.values())
+            grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+            with torch.no_grad():
+                loss_sum[lo:hi] += loss.detach()
+                for (name, t), g in zip(dense.items(), grads[: len(p)]):
+                    spec = specs[name]
+                    if spec.weight_decay:
+                        t[lo:hi].mul_(1 - spec.lr * spec.weight_decay)
+                    if g is not None:
+                        t[lo:hi].sub_(spec.lr * g)
+                lo_row, hi_row = int(data.row_ptr[lo]), int(data.row_ptr[hi])
+                for (name, t), g in zip(tables.items(), grads[len(p):]):
+                    spec = specs[name]
+                    if spec.weight_decay:
+                        t[lo_row:hi_row].mul_(1 - spec.lr * spec.weight_decay)
+                    if g is not None:
+                        scatter_rows(t, flat_rows, g.flatten(0, 1), -spec.lr)
 
     # private parameters stay on the client; held rows it did not use only decayed
     steps = torch.from_numpy(data.steps).double()

@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 class Plugin(LossPlugin, Protocol):
     """A loss plug-in that also does server work after aggregation (GFMFR is one)."""
 
-    def server_round(self, federation: "Federation", updates: list[LocalUpdate], round_: int) -> dict[str, Any]:
-        """Server-side work of the round; returns figures for the round log."""
+    def collect(self, federation: "Federation", update: LocalUpdate, round_: int) -> None:
+        """See one chunk of client uploads before it is discarded (e.g. to sum them per group)."""
+
+    def server_round(self, federation: "Federation", round_: int) -> dict[str, Any]:
+        """Server-side work after aggregation; returns figures for the round log."""
 
 
 @dataclass
@@ -76,27 +79,29 @@ class Federation:
         """Local training, aggregation and plug-in server work of one round."""
         fed = self.cfg.federation
         users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_)
-        t0 = time.perf_counter()
-        updates = []
-        for start in range(0, len(users), fed.client_chunk):
-            chunk = users[start : start + fed.client_chunk]
-            updates.append(train_clients(
-                self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, self.plugins, self.train_keys
-            ))
-        t1 = time.perf_counter()
+        seconds = {"train": 0.0, "aggregate": 0.0}
         agg = FedAvg(fed.weighted_aggregation)
-        for update in updates:
+        losses = []
+        # chunks bound memory: each chunk's uploads are folded into the aggregate, then dropped
+        for start in range(0, len(users), fed.client_chunk):
+            t0 = time.perf_counter()
+            update = train_clients(self.model, self.state, users[start : start + fed.client_chunk], self.dataset,
+                                   fed, self.cfg.seed, round_, self.plugins, self.train_keys, fed.client_block)
+            t1 = time.perf_counter()
             agg.add(update, self.state.shared)
-        old_shared = self.state.shared
-        self.state.shared = agg.result(old_shared)
-        t2 = time.perf_counter()
-        seconds = {"train": t1 - t0, "aggregate": t2 - t1}
+            for plugin in self.plugins:
+                plugin.collect(self, update, round_)
+            losses.append(update.loss)
+            del update
+            seconds["train"] += t1 - t0
+            seconds["aggregate"] += time.perf_counter() - t1
+        self.state.shared = agg.result(self.state.shared)
         extra: dict[str, Any] = {}
         for plugin in self.plugins:
-            extra.update(plugin.server_round(self, updates, round_) or {})
+            extra.update(plugin.server_round(self, round_) or {})
             seconds.update(extra.pop("seconds", {}))
         size = self.model.upload_bytes()
-        loss = float(np.mean(np.concatenate([u.loss for u in updates])))
+        loss = float(np.mean(np.concatenate(losses)))
         return RoundLog(round_, len(users), loss, seconds, size, size + extra.pop("bytes_down_extra", 0), extra=extra)
 
     def fit(self) -> dict[str, Any]:
