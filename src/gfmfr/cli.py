@@ -23,6 +23,8 @@ def _config(args: argparse.Namespace) -> Any:
         overrides.append(f"data.content={args.content}")
     if getattr(args, "model", None):
         overrides.append(f"model.name={args.model}")
+    if getattr(args, "plugin", None):
+        overrides.append(f"plugin={args.plugin}")
     values = apply_overrides(values, overrides)
     if getattr(args, "seed", None) is not None:
         values["seed"] = args.seed
@@ -56,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     results = run(cfg, args.out)
     sys.stdout.write(
-        f"\n{cfg.model.name} on {cfg.data.dataset} ({cfg.eval.protocol} ranking), best round {results['best_round']} "
+        f"\n{cfg.model.name}{'+' + cfg.plugin if cfg.plugin != 'none' else ''} on {cfg.data.dataset} ({cfg.eval.protocol} ranking), best round {results['best_round']} "
         f"by validation {cfg.eval.select_metric}; {results['seconds_per_round']:.2f} s/round, "
         f"peak RSS {results['peak_rss_mb']:.0f} MB\n"
     )
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train and evaluate one model")
     common(p)
     p.add_argument("--model", help="fcf, fedncf, pfedrec, fedrap, popularity or random")
+    p.add_argument("--plugin", choices=["none", "gfmfr"], help="loss plug-in added to the base model")
     p.add_argument("--out", help="output folder for results.json")
     p.set_defaults(func=cmd_run)
 

@@ -53,12 +53,13 @@ class ModelConfig:
     """Latent size d of user and item vectors."""
     hidden: tuple[int, ...] = (32,)
     """Hidden layer widths of MLP heads (FedNCF tower, FedRAP MLP head)."""
-    lr: float = 0.1
-    """SGD learning rate of user vectors and heads."""
-    item_lr: float = 1.0
-    """SGD learning rate of item tables; FedAvg dilutes a row's update by the share of clients touching it."""
-    private_item_lr: float = 0.5
-    """SGD learning rate of private item tables (FedRAP's D_u), which every round's negatives touch."""
+    lr: float | None = None
+    """SGD learning rate of user vectors and heads (None: the model's tuned default)."""
+    item_lr: float | None = None
+    """SGD learning rate of shared item tables; FedAvg dilutes a row's update by the share of clients
+    touching it, hence large values (None: the model's tuned default)."""
+    private_item_lr: float | None = None
+    """SGD learning rate of private item tables, FedRAP's D_u (None: the model's tuned default)."""
     weight_decay: float = 1e-4
     """L2 weight decay on every parameter (SGD-style, applied each local step)."""
     fedrap_head: str = "mlp"
@@ -114,6 +115,43 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class GFMFRConfig:
+    """The GFMFR plug-in (METHOD.md, steps 4-8), used when ``plugin = "gfmfr"``."""
+
+    groups: int = 5
+    """Number of client groups G."""
+    grouping: str = "spectral"
+    """``spectral`` (RBF affinity, median-distance bandwidth) or ``kmeans``."""
+    pca_variance: float | None = 0.95
+    """Variance kept by PCA of the standardised signatures; ``None`` skips PCA."""
+    modalities: tuple[str, ...] = ("text", "image")
+    """Content modalities fused (any non-empty subset of those the dataset has)."""
+    fusion: str = "mlp"
+    """Fusion expert: ``sum``, ``mlp``, ``gate``, ``attention`` or ``mixture``."""
+    server_epochs: int = 50
+    """Epochs of fusion training per round."""
+    server_lr: float = 0.01
+    """Adam learning rate of the fusion model."""
+    warm_start: bool = True
+    """Continue the fusion model from the last round (False: retrain from scratch every round)."""
+    distill: bool = True
+    """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
+    kl_scale: float = 1.0
+    """Multiplier on the distillation weight w_t (1: the term starts at the scale of the base loss)."""
+    ema_decay: float = 0.9
+    """Decay of the moving average r_t of L_base / L_KL."""
+    teacher: str = "members"
+    """Group preference p_g(i): ``members`` averages the members' predicted probabilities on Q_g(i);
+    ``mean_head`` scores Q_g(i) with the members' averaged head parameters (METHOD.md step 7)."""
+    max_ratio: float = 10.0
+    """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
+    content_dim: int | None = 128
+    """Server-side PCA of each modality's frozen features to this many dimensions (None: keep all)."""
+    send: str = "items"
+    """What a client receives: ``items`` (its group's preferences for the items it trains on) or ``all``."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one run; ``seed`` makes it reproducible."""
 
@@ -127,6 +165,10 @@ class RunConfig:
     """Federation section."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation section."""
+    plugin: str = "none"
+    """Loss plug-in added to the base model: ``none`` or ``gfmfr``."""
+    gfmfr: GFMFRConfig = field(default_factory=GFMFRConfig)
+    """GFMFR plug-in section."""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -49,7 +49,14 @@ def run_federated(dataset: Dataset, cfg: RunConfig, plugins: tuple = ()) -> dict
 
     from gfmfr.federation.engine import Federation
 
-    fed = Federation(dataset, build_model(dataset.n_items, cfg.model), cfg, plugins)
+    model = build_model(dataset.n_items, cfg.model)
+    if cfg.plugin == "gfmfr":
+        from gfmfr.gfmfr.plugin import GFMFR
+
+        plugins = (*plugins, GFMFR(dataset, model, cfg))
+    elif cfg.plugin != "none":
+        raise ValueError(f"unknown plugin {cfg.plugin!r}; choose 'none' or 'gfmfr'")
+    fed = Federation(dataset, model, cfg, plugins)
     best = fed.fit()
     train_seconds = [sum(v for k, v in h.seconds.items() if k != "evaluate") for h in fed.history]
     return {

@@ -102,7 +102,9 @@ class Federation:
             seconds.update(extra.pop("seconds", {}))
         size = self.model.upload_bytes()
         loss = float(np.mean(np.concatenate(losses)))
-        return RoundLog(round_, len(users), loss, seconds, size, size + extra.pop("bytes_down_extra", 0), extra=extra)
+        up = size + extra.pop("bytes_up_extra", 0)
+        down = size + extra.pop("bytes_down_extra", 0)
+        return RoundLog(round_, len(users), loss, seconds, up, down, extra=extra)
 
     def fit(self) -> dict[str, Any]:
         """Run every round; returns the selection summary (best round, valid and test metrics)."""

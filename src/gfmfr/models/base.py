@@ -100,10 +100,18 @@ class FederatedRecommender(ABC):
     item_table: ClassVar[str] = "item"
     """Name of the shared item embedding table (the GFMFR group target is its member average)."""
 
+    default_lrs: ClassVar[dict[str, float]] = {"lr": 1.0, "item_lr": 30.0, "private_item_lr": 0.5}
+    """Learning rates used where the config leaves them None (tuned on ML-100K validation)."""
+
     def __init__(self, n_items: int, cfg: ModelConfig):
         self.n_items = n_items
         self.cfg = cfg
         self.dim = cfg.dim
+        self.lr = cfg.lr if cfg.lr is not None else self.default_lrs["lr"]
+        self.item_lr = cfg.item_lr if cfg.item_lr is not None else self.default_lrs["item_lr"]
+        self.private_item_lr = (
+            cfg.private_item_lr if cfg.private_item_lr is not None else self.default_lrs.get("private_item_lr", 0.0)
+        )
 
     @abstractmethod
     def param_specs(self) -> dict[str, ParamSpec]:
@@ -129,11 +137,21 @@ class FederatedRecommender(ABC):
     # ---- hooks for GFMFR ------------------------------------------------------------------
     @abstractmethod
     def head_params(self) -> list[str]:
-        """Names of the prediction-head parameters (the grouping signature)."""
+        """Names of every parameter :meth:`head_score` reads: the grouping signature and the teacher's head."""
 
     def head_signature(self, p: Params) -> torch.Tensor:
         """Flattened head parameters per client, [A, k]."""
         return torch.cat([p[n].reshape(p[n].shape[0], -1) for n in self.head_params()], 1)
+
+    def head_from_signature(self, signature: torch.Tensor) -> Params:
+        """Inverse of :meth:`head_signature`: [K, k] -> head parameters [K, ...]."""
+        specs = self.param_specs()
+        out, start = {}, 0
+        for name in self.head_params():
+            size = math.prod(specs[name].shape)
+            out[name] = signature[:, start : start + size].reshape(len(signature), *specs[name].shape)
+            start += size
+        return out
 
     @abstractmethod
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ class FCF(FederatedRecommender):
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.cfg
         return {
-            "user": ParamSpec((self.dim,), shared=False, lr=c.lr, weight_decay=c.weight_decay, same_init=False),
-            "item": ParamSpec((self.dim,), shared=True, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True),
+            "user": ParamSpec((self.dim,), shared=False, lr=self.lr, weight_decay=c.weight_decay, same_init=False),
+            "item": ParamSpec((self.dim,), shared=True, lr=self.item_lr, weight_decay=c.weight_decay, item_table=True),
         }
 
     def forward(self, p: Params, items: Params) -> torch.Tensor:

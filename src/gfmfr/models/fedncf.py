@@ -4,8 +4,9 @@ Private: the user's GMF and MLP embeddings. Shared: the item table, the MLP towe
 output layer. NeuMF's separate GMF and MLP item tables are merged into one table here, so that
 there is one shared item table for plug-ins to work on; the GMF path uses the first half of
 the item vector's dimensions against a GMF user vector of that size, the MLP path the whole
-vector. Head (grouping signature): the client's locally trained tower and output layer; the
-server sees these anyway, since they are uploaded for FedAvg.
+vector. Head (grouping signature and teacher head): the client's user embeddings plus its locally
+trained tower and output layer. The server sees the tower and output layer anyway (FedAvg);
+under GFMFR it also learns the participants' user embeddings.
 """
 
 from __future__ import annotations
@@ -27,21 +28,21 @@ class FedNCF(FederatedRecommender):
     def param_specs(self) -> dict[str, ParamSpec]:
         c, d = self.cfg, self.dim
         specs = {
-            "user_gmf": ParamSpec((d,), shared=False, lr=c.lr, weight_decay=c.weight_decay, same_init=False),
-            "user_mlp": ParamSpec((d,), shared=False, lr=c.lr, weight_decay=c.weight_decay, same_init=False),
-            "item": ParamSpec((d,), shared=True, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True),
+            "user_gmf": ParamSpec((d,), shared=False, lr=self.lr, weight_decay=c.weight_decay, same_init=False),
+            "user_mlp": ParamSpec((d,), shared=False, lr=self.lr, weight_decay=c.weight_decay, same_init=False),
+            "item": ParamSpec((d,), shared=True, lr=self.item_lr, weight_decay=c.weight_decay, item_table=True),
         }
-        specs.update(mlp_specs("tower", self.sizes, True, c.lr, c.weight_decay))
+        specs.update(mlp_specs("tower", self.sizes, True, self.lr, c.weight_decay))
         # ones: the GMF half starts as a plain dot product (NeuMF without pre-training otherwise barely moves under SGD)
-        specs["out.w"] = ParamSpec((d + self.sizes[-1],), shared=True, lr=c.lr, weight_decay=c.weight_decay, init="ones")
-        specs["out.b"] = ParamSpec((), shared=True, lr=c.lr, weight_decay=c.weight_decay, init="zeros")
+        specs["out.w"] = ParamSpec((d + self.sizes[-1],), shared=True, lr=self.lr, weight_decay=c.weight_decay, init="ones")
+        specs["out.b"] = ParamSpec((), shared=True, lr=self.lr, weight_decay=c.weight_decay, init="zeros")
         return specs
 
     def forward(self, p: Params, items: Params) -> torch.Tensor:
         return self.head_score(p, items["item"])
 
     def head_params(self) -> list[str]:
-        return [n for n in self.param_specs() if n.startswith(("tower", "out"))]
+        return ["user_gmf", "user_mlp"] + [n for n in self.param_specs() if n.startswith(("tower", "out"))]
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         d = self.dim

@@ -11,8 +11,9 @@ untouched row unchanged.
 
 Heads: ``mlp`` (default, the GFMFR reference variant) scores MLP([u ; C_i + D_i]) -> linear;
 ``dot`` (the FedRAP paper) scores u . (C_i + D_i). Everything except C stays on the client,
-the head included; GFMFR groups clients by that head, so the server learns the head weights
-(for ``dot``: the user vector) of each client.
+the head included. GFMFR groups clients by their head and scores fused item vectors with the
+group's mean head, so under GFMFR the server learns each participant's user vector and head
+weights (for ``dot``: the user vector): a coarse description of taste, never an interaction.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ class FedRAP(FederatedRecommender):
     def param_specs(self) -> dict[str, ParamSpec]:
         c, d = self.cfg, self.dim
         specs = {
-            "user": ParamSpec((d,), shared=False, lr=c.lr, weight_decay=c.weight_decay, same_init=False),
-            "C": ParamSpec((d,), shared=True, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True),
-            "D": ParamSpec((d,), shared=False, lr=c.private_item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"),
+            "user": ParamSpec((d,), shared=False, lr=self.lr, weight_decay=c.weight_decay, same_init=False),
+            "C": ParamSpec((d,), shared=True, lr=self.item_lr, weight_decay=c.weight_decay, item_table=True),
+            "D": ParamSpec((d,), shared=False, lr=self.private_item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"),
         }
         if c.fedrap_head == "mlp":
-            specs.update(mlp_specs("head", self.sizes, False, c.lr, c.weight_decay))
-            specs["out.w"] = ParamSpec((self.sizes[-1],), shared=False, lr=c.lr, weight_decay=c.weight_decay)
-            specs["out.b"] = ParamSpec((), shared=False, lr=c.lr, weight_decay=c.weight_decay, init="zeros")
+            specs.update(mlp_specs("head", self.sizes, False, self.lr, c.weight_decay))
+            specs["out.w"] = ParamSpec((self.sizes[-1],), shared=False, lr=self.lr, weight_decay=c.weight_decay)
+            specs["out.b"] = ParamSpec((), shared=False, lr=self.lr, weight_decay=c.weight_decay, init="zeros")
         return specs
 
     def forward(self, p: Params, items: Params) -> torch.Tensor:
@@ -70,7 +71,7 @@ class FedRAP(FederatedRecommender):
     def head_params(self) -> list[str]:
         if self.cfg.fedrap_head == "dot":
             return ["user"]
-        return [n for n in self.param_specs() if n.startswith(("head", "out"))]
+        return ["user"] + [n for n in self.param_specs() if n.startswith(("head", "out"))]
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         if self.cfg.fedrap_head == "dot":

@@ -24,9 +24,9 @@ class PFedRec(FederatedRecommender):
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.cfg
         return {
-            "item": ParamSpec((self.dim,), shared=True, lr=c.item_lr, weight_decay=c.weight_decay, item_table=True),
-            "score.w": ParamSpec((self.dim,), shared=False, lr=c.lr, weight_decay=c.weight_decay),
-            "score.b": ParamSpec((), shared=False, lr=c.lr, weight_decay=c.weight_decay, init="zeros"),
+            "item": ParamSpec((self.dim,), shared=True, lr=self.item_lr, weight_decay=c.weight_decay, item_table=True),
+            "score.w": ParamSpec((self.dim,), shared=False, lr=self.lr, weight_decay=c.weight_decay),
+            "score.b": ParamSpec((), shared=False, lr=self.lr, weight_decay=c.weight_decay, init="zeros"),
         }
 
     def forward(self, p: Params, items: Params) -> torch.Tensor:

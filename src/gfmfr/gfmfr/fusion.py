@@ -1,0 +1,122 @@
+"""Group-aware multimodal fusion, trained on the server (METHOD.md, step 6).
+
+Q_g(i) = Fuse(W_id e_g, W_1 x_1(i), ..., W_M x_M(i)): a learnable group embedding e_g and the
+item's frozen content features x_m(i) (any number of modalities, each projected from its own
+size, since text and image vectors live in different spaces) are fused by one expert:
+
+- ``sum``: the sum of the views present;
+- ``mlp``: an MLP over the concatenated views, (M+1)d -> 2d -> d (the reference default);
+- ``gate``: softmax gates over the views, computed from their concatenation;
+- ``attention``: the group view queries the views (scaled dot product);
+- ``mixture``: softmax-gated mixture of the four experts above.
+
+A missing modality of an item (no image, say) is masked out of sums, gates and attention and
+zeroed in the MLP input. The fusion model is fitted by minimising
+mean_{g,i} || Q_g(i) - C_g(i) ||^2 against the group targets C_g.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EXPERTS = ("sum", "mlp", "gate", "attention", "mixture")
+
+
+class GroupFusion(nn.Module):
+    """Fused item vectors per group: ``forward(groups) -> [len(groups), n_items, d]``."""
+
+    def __init__(self, n_groups: int, dim: int, features: list[torch.Tensor], masks: list[torch.Tensor],
+                 expert: str = "mlp", seed: int = 0):
+        super().__init__()
+        if expert not in EXPERTS:
+            raise ValueError(f"gfmfr.fusion must be one of {EXPERTS}, got {expert!r}")
+        torch.manual_seed(seed)
+        self.expert = expert
+        self.dim = dim
+        # frozen content, standardised per column once (features differ in scale across encoders)
+        for m, (x, mask) in enumerate(zip(features, masks)):
+            mu, sd = x[mask].mean(0), x[mask].std(0).clamp_min(1e-6)
+            self.register_buffer(f"x{m}", torch.where(mask[:, None], (x - mu) / sd, torch.zeros_like(x)))
+            self.register_buffer(f"m{m}", mask.float())
+        self.n_modalities = len(features)
+        self.group_emb = nn.Embedding(n_groups, dim)
+        nn.init.normal_(self.group_emb.weight, std=0.1)
+        self.w_id = nn.Linear(dim, dim)
+        self.w_mod = nn.ModuleList([nn.Linear(x.shape[1], dim) for x in features])
+        n_views = self.n_modalities + 1
+        if expert in ("mlp", "mixture"):
+            self.mlp = nn.Sequential(nn.Linear(n_views * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        if expert in ("gate", "mixture"):
+            self.gate = nn.Linear(n_views * dim, n_views)
+        if expert in ("attention", "mixture"):
+            self.q = nn.Linear(dim, dim)
+            self.k = nn.Linear(dim, dim)
+        if expert == "mixture":
+            self.router = nn.Linear(n_views * dim, 4)
+
+    def views(self, groups: torch.Tensor, items: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected views [G, N, V, d] and their presence mask [1, N, V] (the group view is always present)."""
+        g = self.w_id(self.group_emb(groups))  # [G, d]
+        xs = [getattr(self, f"x{m}") for m in range(self.n_modalities)]
+        ms = [getattr(self, f"m{m}") for m in range(self.n_modalities)]
+        if items is not None:
+            xs, ms = [x[items] for x in xs], [m[items] for m in ms]
+        n_items = len(ms[0])
+        mods = [self.w_mod[m](x) * mask[:, None] for m, (x, mask) in enumerate(zip(xs, ms))]
+        views = torch.stack([g[:, None, :].expand(-1, n_items, -1)] + [v.expand(len(groups), -1, -1) for v in mods], 2)
+        present = torch.stack([torch.ones(n_items)] + ms, 1)
+        return views, present[None]
+
+    def _sum(self, views, present):
+        return (views * present[..., None]).sum(2)
+
+    def _mlp(self, flat):
+        return self.mlp(flat)
+
+    def _gate(self, views, present, flat):
+        logits = self.gate(flat).masked_fill(present == 0, -1e9)
+        return (F.softmax(logits, -1)[..., None] * views).sum(2)
+
+    def _attention(self, views, present):
+        q = self.q(views[:, :, 0])  # the group view asks
+        k = self.k(views)
+        logits = torch.einsum("gnd,gnvd->gnv", q, k) / math.sqrt(self.dim)
+        logits = logits.masked_fill(present == 0, -1e9)
+        return (F.softmax(logits, -1)[..., None] * views).sum(2)
+
+    def forward(self, groups: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Q_g(i) for ``groups`` x ``items`` (all items by default): [G, N, d]."""
+        views, present = self.views(groups, items)
+        flat = (views * present[..., None]).flatten(2)
+        if self.expert == "sum":
+            return self._sum(views, present)
+        if self.expert == "mlp":
+            return self._mlp(flat)
+        if self.expert == "gate":
+            return self._gate(views, present, flat)
+        if self.expert == "attention":
+            return self._attention(views, present)
+        experts = torch.stack([self._sum(views, present), self._mlp(flat), self._gate(views, present, flat),
+                               self._attention(views, present)], 2)
+        return (F.softmax(self.router(flat), -1)[..., None] * experts).sum(2)
+
+
+def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, epochs: int, lr: float,
+               batch_items: int = 2048, seed: int = 0) -> float:
+    """Minimise mean ||Q_g(i) - C_g(i)||^2 over ``groups`` x items with Adam; returns the final loss."""
+    opt = torch.optim.Adam(fusion.parameters(), lr=lr)
+    n_items = targets.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        for idx in torch.randperm(n_items, generator=gen).split(batch_items):
+            opt.zero_grad()
+            q = fusion(groups, idx)
+            loss = ((q - targets[:, idx]) ** 2).sum(-1).mean()
+            loss.backward()
+            opt.step()
+    return float(loss.detach())

@@ -1,0 +1,84 @@
+"""Server-side grouping of clients by their prediction heads (METHOD.md, step 4).
+
+Signatures are standardised per feature, optionally reduced by PCA (95% variance kept), and
+clustered into G groups: spectral clustering on an RBF affinity with
+gamma = 1 / (2 * median pairwise Euclidean distance^2) (seeded, unlike the reference), or
+k-means. Group ids are aligned with the previous round's by Hungarian matching on member
+overlap, so group g keeps meaning the same users across rounds. Clients not sampled keep
+their last group; clients never grouped have none (-1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import pdist, squareform
+from sklearn.cluster import KMeans, SpectralClustering
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+
+log = logging.getLogger(__name__)
+
+
+def prepare(signatures: np.ndarray, pca_variance: float | None = 0.95) -> np.ndarray:
+    """Standardise each feature; keep the principal components explaining ``pca_variance``."""
+    x = StandardScaler().fit_transform(signatures.astype(np.float64))
+    x = np.nan_to_num(x)  # constant features standardise to 0/0
+    if pca_variance is not None and min(x.shape) > 1:
+        x = PCA(n_components=pca_variance, svd_solver="full").fit_transform(x)
+    return x
+
+
+def rbf_affinity(x: np.ndarray) -> np.ndarray:
+    """exp(-gamma * d^2) with gamma = 1 / (2 * median pairwise distance^2)."""
+    d = pdist(x)
+    med = np.median(d) if len(d) else 1.0
+    gamma = 1.0 / (2.0 * max(med, 1e-12) ** 2)
+    return np.exp(-gamma * squareform(d) ** 2)
+
+
+def cluster(x: np.ndarray, n_groups: int, method: str, seed: int) -> np.ndarray:
+    """Group labels 0..G-1 of the rows of ``x``."""
+    n_groups = min(n_groups, len(x))
+    if n_groups <= 1:
+        return np.zeros(len(x), dtype=np.int64)
+    if method == "spectral":
+        model = SpectralClustering(n_clusters=n_groups, affinity="precomputed", random_state=seed,
+                                   assign_labels="cluster_qr")
+        return model.fit_predict(rbf_affinity(x)).astype(np.int64)
+    if method == "kmeans":
+        return KMeans(n_clusters=n_groups, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
+    raise ValueError(f"gfmfr.grouping must be 'spectral' or 'kmeans', got {method!r}")
+
+
+def align(previous: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
+    """Relabel ``labels`` to maximise overlap with ``previous`` (-1 = no previous group)."""
+    overlap = np.zeros((n_groups, n_groups))
+    known = previous >= 0
+    np.add.at(overlap, (labels[known], previous[known]), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    mapping = np.arange(n_groups)
+    mapping[rows] = cols
+    return mapping[labels]
+
+
+class Grouping:
+    """Group id per client, updated from the signatures of each round's participants."""
+
+    def __init__(self, n_clients: int, n_groups: int, method: str = "spectral", pca_variance: float | None = 0.95):
+        self.n_groups = n_groups
+        self.method = method
+        self.pca_variance = pca_variance
+        self.group = np.full(n_clients, -1, dtype=np.int64)
+
+    def update(self, users: np.ndarray, signatures: np.ndarray, seed: int) -> np.ndarray:
+        """Cluster the participants, align ids with the last round, store and return their labels."""
+        labels = cluster(prepare(signatures, self.pca_variance), self.n_groups, self.method, seed)
+        labels = align(self.group[users], labels, self.n_groups)
+        self.group[users] = labels
+        return labels
+
+    def sizes(self) -> list[int]:
+        return np.bincount(self.group[self.group >= 0], minlength=self.n_groups).tolist()

@@ -1,0 +1,190 @@
+"""GFMFR as a plug-in for any base model (METHOD.md, steps 4-8).
+
+Server, after FedAvg in round t: group the participants by their prediction heads
+(:mod:`.grouping`), average each group's uploaded shared item tables into the targets C_g,
+fit the group fusion model Q_g(i) to them (:mod:`.fusion`), and score every fused vector with
+the group's mean head: p_g(i) = sigmoid(head_g(Q_g(i))) (:func:`teacher`).
+Client, in round t+1: add w_t * KL(Bernoulli(p_g(i)) || Bernoulli(yhat_ui)) over its training
+pairs (:mod:`.distill`). Round 0 and clients without a group use the base loss alone.
+
+Changes from the reference code, each to make the mechanism carry information:
+- the teacher applies the whole head (hidden layers and the user vector included) that the
+  fused vectors stand in for, not only its last linear layer, and by default averages the
+  members' predictions instead of their parameters, so p_g(i) varies across items;
+- the ratio L_base / L_KL is capped (``max_ratio``): once student and teacher agree it explodes;
+- spectral clustering is seeded and runs on standardised, PCA-reduced signatures;
+- the EMA ratio and the annealing are pure functions of their inputs and the round.
+
+The plug-in touches the base model only through its hooks: ``item_table``,
+``head_signature`` / ``head_from_signature`` and ``head_score``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from gfmfr.config import RunConfig
+from gfmfr.data.dataset import Dataset
+from gfmfr.federation.aggregation import weighted_sums
+from gfmfr.federation.client import Batch, LocalUpdate
+from gfmfr.gfmfr.distill import bernoulli_kl, distill_weight, ema
+from gfmfr.gfmfr.fusion import GroupFusion, fit_fusion
+from gfmfr.gfmfr.grouping import Grouping
+from gfmfr.models.base import FederatedRecommender, Params
+
+log = logging.getLogger(__name__)
+
+
+def reduce_features(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> torch.Tensor:
+    """Frozen content features, PCA-reduced to ``dim`` on the items that have them (missing rows stay 0)."""
+    x = np.asarray(x, np.float32)
+    if dim is not None and x.shape[1] > dim and mask.sum() > dim:
+        from sklearn.decomposition import PCA
+
+        reduced = np.zeros((len(x), dim), np.float32)
+        reduced[mask] = PCA(n_components=dim, random_state=seed).fit_transform(x[mask])
+        x = reduced
+    return torch.from_numpy(x)
+
+
+def teacher_mean_head(model: FederatedRecommender, heads: Params, fused: torch.Tensor) -> torch.Tensor:
+    """p_g(i) = sigmoid(head_g(Q_g(i))) with group-mean heads [G, ...] and fused vectors [G, n_items, d]."""
+    return torch.sigmoid(model.head_score(heads, fused))
+
+
+def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, labels: torch.Tensor,
+                    fused: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """p_g(i) = mean over members u of g of sigmoid(head_u(Q_g(i))): [G, n_items].
+
+    ``signatures`` [C, k] are the members' heads, ``labels`` [C] index rows of ``fused``.
+    Averaging predictions rather than parameters keeps the group's preference: personal heads
+    (FCF's user vectors, say) average to nearly zero, which makes p_g(i) about 0.5 everywhere.
+    """
+    sums = torch.zeros(fused.shape[0], fused.shape[1])
+    for lo in range(0, len(signatures), block):
+        lab = labels[lo : lo + block]
+        heads = model.head_from_signature(signatures[lo : lo + block])
+        sums.index_add_(0, lab, torch.sigmoid(model.head_score(heads, fused[lab])))
+    counts = torch.bincount(labels, minlength=fused.shape[0]).clamp_min(1)
+    return sums / counts[:, None]
+
+
+class GFMFR:
+    """The plug-in: grouping, fusion and teacher on the server; distillation on the clients."""
+
+    def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
+                 features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None):
+        self.cfg = cfg.gfmfr
+        self.seed = cfg.seed
+        self.total_rounds = cfg.federation.rounds
+        self.n_items = dataset.n_items
+        if features is None:
+            from gfmfr.data.encoders import dataset_features
+
+            content = dataset_features(dataset, self.cfg.modalities)
+            features, masks = content.features, content.mask
+        missing = [m for m in self.cfg.modalities if m not in features]
+        if missing:
+            raise ValueError(f"GFMFR needs {missing} features; the dataset has {sorted(features)} (use --content DIR)")
+        self.masks = [torch.from_numpy(np.asarray(masks[m], bool)) for m in self.cfg.modalities]
+        self.features = [reduce_features(features[m], self.masks[i].numpy(), self.cfg.content_dim, cfg.seed)
+                         for i, m in enumerate(self.cfg.modalities)]
+        self.grouping = Grouping(dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance)
+        self.fusion: GroupFusion | None = None
+        self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
+        self.ratio = torch.full((dataset.n_users,), float("nan"))  # EMA of L_base / L_KL per client
+        self._chunks: list[dict[str, Any]] = []
+
+    # ---- client side ----------------------------------------------------------------------
+    def client_loss(self, model: FederatedRecommender, p: Params, items: Params, logits: torch.Tensor,
+                    base_loss: torch.Tensor, batch: Batch, round_: int) -> torch.Tensor | None:
+        if not self.cfg.distill or self.preferences is None or round_ == 0:
+            return None
+        group = torch.from_numpy(self.grouping.group[batch.users])
+        has = group >= 0
+        if not has.any():
+            return None
+        target = self.preferences[group.clamp_min(0)[:, None], batch.items]
+        kl = (bernoulli_kl(target, logits) * batch.mask).sum(1) / batch.mask.sum(1).clamp_min(1)
+        users = torch.from_numpy(batch.users)
+        raw = (base_loss / kl.detach().clamp_min(1e-6)).clamp_max(self.cfg.max_ratio)
+        ratio = ema(self.ratio[users], raw, self.cfg.ema_decay)
+        self.ratio[users] = torch.where(has, ratio, self.ratio[users])
+        weight = self.cfg.kl_scale * distill_weight(ratio, round_, self.total_rounds)
+        return torch.where(has, weight * kl, torch.zeros_like(kl))
+
+    # ---- server side ----------------------------------------------------------------------
+    def collect(self, federation, update: LocalUpdate, round_: int) -> None:
+        table = federation.model.item_table
+        self._chunks.append({
+            "update": LocalUpdate(update.users, {}, {table: update.rows[table]}, update.row_client, update.row_item,
+                                  {table: update.decay[table]}),
+            "signatures": update.signatures,
+            "broadcast": federation.state.shared[table],
+            "rows_per_client": np.bincount(update.row_client, minlength=len(update.users)),
+        })
+
+    def server_round(self, federation, round_: int) -> dict[str, Any]:
+        model = federation.model
+        table = model.item_table
+        chunks, self._chunks = self._chunks, []
+        t0 = time.perf_counter()
+        users = np.concatenate([c["update"].users for c in chunks])
+        signatures = torch.cat([c["signatures"] for c in chunks])
+        labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
+        t1 = time.perf_counter()
+
+        G = self.cfg.groups
+        sums = torch.zeros(G, self.n_items, model.dim)
+        start = 0
+        for c in chunks:
+            n = len(c["update"].users)
+            onehot = torch.zeros(G, n)
+            onehot[torch.from_numpy(labels[start : start + n]), torch.arange(n)] = 1.0
+            sums += weighted_sums(c["update"], {table: c["broadcast"]}, onehot)[table]
+            start += n
+        counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
+        present = torch.nonzero(counts > 0).flatten()
+        targets = sums[present] / counts[present, None, None]
+        t2 = time.perf_counter()
+
+        if self.fusion is None or not self.cfg.warm_start:
+            self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_)
+        fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_epochs, self.cfg.server_lr,
+                                 seed=self.seed + round_)
+        t3 = time.perf_counter()
+        with torch.no_grad():
+            fused = self.fusion(present)
+            # rows of `fused` follow `present`; map each member's group to its row
+            row_of = torch.full((G,), -1, dtype=torch.long)
+            row_of[present] = torch.arange(len(present))
+            member_rows = row_of[torch.from_numpy(labels)]
+            if self.cfg.teacher == "members":
+                prefs = teacher_members(model, signatures, member_rows, fused)
+            elif self.cfg.teacher == "mean_head":
+                head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
+                heads = model.head_from_signature(head_sums / counts[present, None])
+                prefs = teacher_mean_head(model, heads, fused)
+            else:
+                raise ValueError(f"gfmfr.teacher must be 'members' or 'mean_head', got {self.cfg.teacher!r}")
+        self.preferences = torch.full((G, self.n_items), 0.5)
+        self.preferences[present] = prefs
+        t4 = time.perf_counter()
+
+        rows = np.concatenate([c["rows_per_client"] for c in chunks])
+        items_bytes = int(4 * rows.mean())
+        all_bytes = 4 * self.n_items
+        return {
+            "seconds": {"grouping": t1 - t0, "group_targets": t2 - t1, "fusion": t3 - t2, "teacher": t4 - t3},
+            "group_sizes": counts.int().tolist(),
+            "fusion_loss": fusion_loss,
+            "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
+            "bytes_down_teacher_items": items_bytes, "bytes_down_teacher_all": all_bytes,
+            "bytes_down_extra": items_bytes if self.cfg.send == "items" else all_bytes,
+            "bytes_up_extra": 4 * signatures.shape[1],
+        }
