@@ -1,0 +1,139 @@
+"""GFMFR: grouping, alignment, fusion, teacher, distillation, and an end-to-end smoke run."""
+
+import copy
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from gfmfr.config import ModelConfig, from_dict
+from gfmfr.gfmfr.distill import bernoulli_kl, cosine_anneal, distill_weight, ema
+from gfmfr.gfmfr.fusion import EXPERTS, GroupFusion, fit_fusion
+from gfmfr.gfmfr.grouping import Grouping, align, cluster, prepare
+from gfmfr.gfmfr.plugin import teacher_mean_head, teacher_members
+from gfmfr.models import FEDERATED_MODELS, build_model
+from gfmfr.run import run
+
+
+def communities(n=90, k=3, dim=12, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, dim)) * 3
+    truth = np.arange(n) % k
+    return centers[truth] + rng.normal(size=(n, dim)), truth
+
+
+@pytest.mark.parametrize("method", ["spectral", "kmeans"])
+def test_clustering_recovers_planted_communities(method):
+    x, truth = communities()
+    labels = cluster(prepare(x), 3, method, seed=0)
+    assert adjusted_rand_score(truth, labels) > 0.95
+
+
+def test_alignment_keeps_ids_under_relabelling():
+    previous = np.array([0, 0, 1, 1, 2, 2, -1])
+    relabelled = np.array([2, 2, 0, 0, 1, 1, 1])  # same partition, permuted ids
+    assert align(previous, relabelled, 3).tolist() == [0, 0, 1, 1, 2, 2, 2]
+    g = Grouping(8, 3, "kmeans")
+    x, truth = communities(n=6, k=3)
+    first = g.update(np.arange(6), x, seed=0)
+    perm = np.array([3, 4, 5, 0, 1, 2])  # the same clients arrive in another order
+    second = g.update(perm, x[perm], seed=1)
+    np.testing.assert_array_equal(second, first[perm])
+    assert g.group[6] == -1 and g.group[7] == -1  # never sampled: no group
+    g.update(np.array([0, 1, 2]), x[:3], seed=2)
+    np.testing.assert_array_equal(g.group[3:6], first[3:6])  # not sampled: keep their last group
+
+
+def test_distillation_functions_by_hand():
+    assert cosine_anneal(0, 100) == 1.0 and abs(cosine_anneal(100, 100)) < 1e-12
+    assert cosine_anneal(50, 100) == pytest.approx(math.cos(math.pi / 4))
+    prev = torch.tensor([float("nan"), 2.0])
+    torch.testing.assert_close(ema(prev, torch.tensor([4.0, 4.0]), 0.9), torch.tensor([4.0, 2.2]))
+    kl = bernoulli_kl(torch.tensor([0.8, 0.3]), torch.tensor([0.0, math.log(0.3 / 0.7)]))
+    expected = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
+    torch.testing.assert_close(kl, torch.tensor([expected, 0.0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)]))
+
+
+def test_teachers_by_hand():
+    model = build_model(2, ModelConfig(name="fcf", dim=2))
+    signatures = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two members of group 0: their user vectors
+    fused = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])  # Q_0 for two items
+    members = teacher_members(model, signatures, torch.tensor([0, 0]), fused)
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    torch.testing.assert_close(members, torch.tensor([[(sig(2) + sig(0)) / 2, 0.5]]))
+    mean_head = teacher_mean_head(model, model.head_from_signature(signatures.mean(0, keepdim=True)), fused)
+    torch.testing.assert_close(mean_head, torch.tensor([[sig(1.0), 0.5]]))
+
+
+@pytest.mark.parametrize("expert", EXPERTS)
+@pytest.mark.parametrize("n_modalities", [1, 3])
+def test_fusion_experts_fit_and_mask(expert, n_modalities):
+    gen = torch.Generator().manual_seed(0)
+    n, d = 40, 8
+    feats = [torch.randn(n, 5 + m, generator=gen) for m in range(n_modalities)]
+    masks = [torch.ones(n, dtype=torch.bool) for _ in range(n_modalities)]
+    masks[-1][:5] = False  # some items miss the last modality
+    fusion = GroupFusion(2, d, feats, masks, expert)
+    shared = feats[0] @ torch.randn(5, d, generator=gen)  # a content map shared by the groups, plus a group offset
+    target = torch.stack([shared + torch.randn(d, generator=gen) for _ in range(2)])
+    before = ((fusion(torch.arange(2)) - target) ** 2).sum(-1).mean().item()
+    after = fit_fusion(fusion, torch.arange(2), target, epochs=200, lr=0.05)
+    assert after < 0.5 * before
+    # a missing modality does not reach the output: its features can change freely
+    out = fusion(torch.arange(2)).detach()
+    getattr(fusion, f"x{n_modalities - 1}")[:5] += 100.0
+    torch.testing.assert_close(fusion(torch.arange(2))[:, :5].detach(), out[:, :5])
+
+
+def with_features(dataset, seed=0):
+    """The planted dataset with synthetic text/image features that carry its item communities."""
+    rng = np.random.default_rng(seed)
+    d = copy.copy(dataset)
+    group = np.array([int(i) // 15 for i in d.item_ids])
+    d.item_features = {"text": np.eye(4)[group] @ rng.normal(size=(4, 16)) + 0.1 * rng.normal(size=(d.n_items, 16)),
+                       "image": rng.normal(size=(d.n_items, 24))}
+    return d
+
+
+def gfmfr_config(name, **gfmfr):
+    return from_dict({
+        "model": {"name": name, "dim": 16, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
+        "federation": {"rounds": 6, "local_epochs": 2, "batch_size": 32, "early_stop_patience": 0},
+        "eval": {"ks": [10]}, "plugin": "gfmfr",
+        "gfmfr": {"groups": 4, "server_epochs": 20, **gfmfr},
+    })
+
+
+@pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
+def test_end_to_end_smoke_every_base_model(planted, name):
+    res = run(gfmfr_config(name), dataset=with_features(planted))
+    hist = res["history"]
+    assert all(np.isfinite(h["loss"]) for h in hist)
+    extra = hist[-1]["extra"]
+    assert sum(extra["group_sizes"]) == planted.n_users and len(extra["group_sizes"]) == 4
+    assert 0 < extra["teacher_mean"] < 1 and extra["teacher_std_over_items"] > 0
+    for phase in ("grouping", "fusion", "teacher"):
+        assert phase in hist[-1]["seconds"]
+    assert hist[1]["bytes_down_per_client"] == build_model(planted.n_items, gfmfr_config(name).model).upload_bytes() \
+        + hist[1]["extra"]["bytes_down_teacher_items"]
+    base = run(replace(gfmfr_config(name), plugin="none"), dataset=planted)
+    assert base["valid"]["HR@10"] > 0  # the base model still runs without the plug-in
+
+
+def test_grouping_recovers_planted_communities_in_a_federation(planted):
+    from gfmfr.federation.engine import Federation
+    from gfmfr.gfmfr.plugin import GFMFR
+
+    cfg = gfmfr_config("fcf", grouping="kmeans")
+    cfg = replace(cfg, federation=replace(cfg.federation, rounds=12))
+    data = with_features(planted)
+    model = build_model(data.n_items, cfg.model)
+    plugin = GFMFR(data, model, cfg)
+    fed = Federation(data, model, cfg, (plugin,))
+    fed.fit()
+    truth = np.array([int(u[1:]) % 4 for u in data.user_ids])
+    assert adjusted_rand_score(truth, plugin.grouping.group) > 0.6
