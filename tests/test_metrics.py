@@ -54,3 +54,8 @@ def test_oracle_and_sampled_protocol(planted):
         assert ev.evaluate(oracle, "valid")["HR@10"] == 1.0
         # a constant model ranks every target last (pessimistic ties)
         assert ev.evaluate(lambda u: torch.zeros(len(u), planted.n_items), "valid")["HR@10"] == 0.0
+
+
+def test_nan_scores_rank_last():
+    scores = torch.tensor([[float("nan"), 0.1, 0.2], [float("nan")] * 3])
+    assert pessimistic_ranks(scores, torch.tensor([0, 1])).tolist() == [3, 3]

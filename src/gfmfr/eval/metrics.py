@@ -15,6 +15,7 @@ def pessimistic_ranks(scores: torch.Tensor, target: torch.Tensor, candidates: to
     scores: [U, N]; target: [U] column indices; candidates: optional [U, N] bool (the target
     column must be a candidate). Returns [U] int64 ranks.
     """
+    scores = torch.nan_to_num(scores, nan=-torch.inf)  # a NaN score ranks last, never first
     t = scores.gather(1, target[:, None])
     higher = scores > t
     equal = scores == t

@@ -102,6 +102,10 @@ class Federation:
             seconds.update(extra.pop("seconds", {}))
         size = self.model.upload_bytes()
         loss = float(np.mean(np.concatenate(losses)))
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training diverged in round {round_} (mean local loss {loss}); lower model.lr / model.item_lr"
+            )
         up = size + extra.pop("bytes_up_extra", 0)
         down = size + extra.pop("bytes_down_extra", 0)
         return RoundLog(round_, len(users), loss, seconds, up, down, extra=extra)

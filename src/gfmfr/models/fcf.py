@@ -16,6 +16,7 @@ class FCF(FederatedRecommender):
     """Federated matrix factorisation."""
 
     name = "fcf"
+    default_lrs = {"lr": 3.0, "item_lr": 100.0}
 
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.cfg

@@ -20,6 +20,7 @@ class PFedRec(FederatedRecommender):
     """Dual personalisation: personal score function, shared (locally fine-tuned) item table."""
 
     name = "pfedrec"
+    default_lrs = {"lr": 3.0, "item_lr": 100.0}
 
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.cfg

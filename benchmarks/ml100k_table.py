@@ -1,0 +1,109 @@
+"""Base models with and without GFMFR on ML-100K (shared content), over seeds: mean +- std table.
+
+Every run is one ``gfmfr.run.run`` call (full ranking, leave-one-out, test at the best
+validation round). Finished runs are appended to ``--out`` (JSON lines) and reused when the
+script is started again, so it can be interrupted.
+
+    python benchmarks/ml100k_table.py --models fcf fedrap --plugins none gfmfr --seeds 0 1 2 \
+        --content ../shared/datasets/ml-100k-content --out runs/ml100k.jsonl [--set federation.rounds=40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50")
+
+
+def run_one(overrides: dict, dataset) -> dict:
+    from gfmfr.config import from_dict
+    from gfmfr.run import run
+
+    res = run(from_dict(overrides), dataset=dataset)
+    seconds = {}
+    for h in res["history"]:
+        for k, v in h["seconds"].items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    n = len(res["history"])
+    last = res["history"][-1]
+    return {
+        "test": {m: res["test"][m] for m in METRICS}, "valid": {m: res["valid"][m] for m in METRICS},
+        "best_round": res["best_round"], "rounds_run": n, "seconds_per_round": res["seconds_per_round"],
+        "phase_seconds_per_round": {k: v / n for k, v in seconds.items()}, "peak_rss_mb": res["peak_rss_mb"],
+        "bytes_up_per_client": last["bytes_up_per_client"], "bytes_down_per_client": last["bytes_down_per_client"],
+        "extra": {k: v for k, v in last.get("extra", {}).items() if not isinstance(v, list)},
+    }
+
+
+def load_done(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["key"]] = row
+    return done
+
+
+def summarize(rows: list[dict], group_keys: list[str]) -> str:
+    """Mean +- std over seeds, one line per group; paired difference of NDCG@10 vs plugin 'none'."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["spec"][k] for k in group_keys), []).append(r)
+    lines = [" | ".join(group_keys + list(METRICS) + ["s/round", "seeds"])]
+    for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        cells = []
+        for m in METRICS:
+            v = np.array([r["result"]["test"][m] for r in rs])
+            cells.append(f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
+        sec = np.mean([r["result"]["seconds_per_round"] for r in rs])
+        lines.append(" | ".join([str(k) for k in key] + cells + [f"{sec:.2f}", str(len(rs))]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["fcf", "fedncf", "pfedrec", "fedrap"])
+    parser.add_argument("--plugins", nargs="+", default=["none", "gfmfr"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--content", default="../shared/datasets/ml-100k-content")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--out", default="runs/ml100k.jsonl")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+
+    from gfmfr.config import DataConfig, apply_overrides
+    from gfmfr.data.dataset import load_dataset
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = load_done(out)
+    dataset = load_dataset(DataConfig(content=args.content))
+    rows = []
+    for model in args.models:
+        for plugin in args.plugins:
+            for seed in args.seeds:
+                spec = {"model": model, "plugin": plugin, "seed": seed, "set": sorted(args.set)}
+                key = json.dumps(spec, sort_keys=True)
+                if key not in done:
+                    values = apply_overrides({"seed": seed, "plugin": plugin, "model": {"name": model},
+                                              "data": {"content": args.content}}, args.set)
+                    row = {"key": key, "spec": spec, "result": run_one(values, dataset)}
+                    with out.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    done[key] = row
+                    r = row["result"]
+                    logging.warning("%s %s seed %d: test NDCG@10 %.4f (best round %d, %.2f s/round)", model, plugin,
+                                    seed, r["test"]["NDCG@10"], r["best_round"], r["seconds_per_round"])
+                rows.append(done[key])
+    sys.stdout.write(summarize(rows, ["model", "plugin"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
