@@ -2,7 +2,7 @@
 
 Variants: G in {1, 3, 5, 8}; text only, image only, both; each fusion expert; without
 distillation; spectral vs k-means; fusion warm-started vs trained from scratch each round;
-the METHOD.md mean-head teacher vs the members' mean prediction. Finished runs are reused.
+the METHOD.md mean-head teacher vs the members' mean prediction; without the item-ID view. Finished runs are reused.
 
     python benchmarks/gfmfr_ablation.py --model fcf --seeds 0 1 2 --out runs/ablation.jsonl \
         [--set federation.rounds=40] [--variants base default G=3 text-only]
@@ -35,6 +35,7 @@ VARIANTS: dict[str, list[str]] = {
     "kmeans": ["gfmfr.grouping=kmeans"],
     "scratch": ["gfmfr.warm_start=false"],
     "mean-head-teacher": ["gfmfr.teacher=mean_head"],
+    "no-item-view": ["gfmfr.item_view=false"],
 }
 
 

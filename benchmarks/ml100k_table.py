@@ -86,9 +86,9 @@ def main() -> None:
     done = load_done(out)
     dataset = load_dataset(DataConfig(content=args.content))
     rows = []
-    for model in args.models:
-        for plugin in args.plugins:
-            for seed in args.seeds:
+    for seed in args.seeds:  # seed outermost: an interrupted run leaves a balanced table
+        for model in args.models:
+            for plugin in args.plugins:
                 spec = {"model": model, "plugin": plugin, "seed": seed, "set": sorted(args.set)}
                 key = json.dumps(spec, sort_keys=True)
                 if key not in done:

@@ -128,6 +128,8 @@ class GFMFRConfig:
     """Content modalities fused (any non-empty subset of those the dataset has)."""
     fusion: str = "mlp"
     """Fusion expert: ``sum``, ``mlp``, ``gate``, ``attention`` or ``mixture``."""
+    item_view: bool = True
+    """Add a learnable server-side item embedding as a fusion view (False: content and group views only)."""
     server_epochs: int = 50
     """Epochs of fusion training per round."""
     server_lr: float = 0.01
@@ -143,7 +145,7 @@ class GFMFRConfig:
     teacher: str = "members"
     """Group preference p_g(i): ``members`` averages the members' predicted probabilities on Q_g(i);
     ``mean_head`` scores Q_g(i) with the members' averaged head parameters (METHOD.md step 7)."""
-    max_ratio: float = 10.0
+    max_ratio: float = 1.0
     """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
     content_dim: int | None = 128
     """Server-side PCA of each modality's frozen features to this many dimensions (None: keep all)."""

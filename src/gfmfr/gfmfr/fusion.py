@@ -2,7 +2,11 @@
 
 Q_g(i) = Fuse(W_id e_g, W_1 x_1(i), ..., W_M x_M(i)): a learnable group embedding e_g and the
 item's frozen content features x_m(i) (any number of modalities, each projected from its own
-size, since text and image vectors live in different spaces) are fused by one expert:
+size, since text and image vectors live in different spaces) are fused by one expert. With
+``item_view`` a learnable server-side item embedding joins as one more view (our addition:
+on ML-100K the content alone explains about 5% of the variance of the item tables, so a
+content-only Q_g(i) is nearly constant across items and so is the teacher built on it).
+The experts:
 
 - ``sum``: the sum of the views present;
 - ``mlp``: an MLP over the concatenated views, (M+1)d -> 2d -> d (the reference default);
@@ -30,7 +34,7 @@ class GroupFusion(nn.Module):
     """Fused item vectors per group: ``forward(groups) -> [len(groups), n_items, d]``."""
 
     def __init__(self, n_groups: int, dim: int, features: list[torch.Tensor], masks: list[torch.Tensor],
-                 expert: str = "mlp", seed: int = 0):
+                 expert: str = "mlp", seed: int = 0, item_view: bool = False):
         super().__init__()
         if expert not in EXPERTS:
             raise ValueError(f"gfmfr.fusion must be one of {EXPERTS}, got {expert!r}")
@@ -47,7 +51,11 @@ class GroupFusion(nn.Module):
         nn.init.normal_(self.group_emb.weight, std=0.1)
         self.w_id = nn.Linear(dim, dim)
         self.w_mod = nn.ModuleList([nn.Linear(x.shape[1], dim) for x in features])
-        n_views = self.n_modalities + 1
+        self.item_emb = None
+        if item_view:  # a server-side item-ID view, learnt with the fusion model
+            self.item_emb = nn.Embedding(features[0].shape[0], dim)
+            nn.init.normal_(self.item_emb.weight, std=0.1)
+        n_views = self.n_modalities + 1 + int(item_view)
         if expert in ("mlp", "mixture"):
             self.mlp = nn.Sequential(nn.Linear(n_views * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
         if expert in ("gate", "mixture"):
@@ -67,6 +75,10 @@ class GroupFusion(nn.Module):
             xs, ms = [x[items] for x in xs], [m[items] for m in ms]
         n_items = len(ms[0])
         mods = [self.w_mod[m](x) * mask[:, None] for m, (x, mask) in enumerate(zip(xs, ms))]
+        if self.item_emb is not None:
+            ids = items if items is not None else torch.arange(n_items)
+            mods.append(self.item_emb(ids))
+            ms = ms + [torch.ones(n_items)]
         views = torch.stack([g[:, None, :].expand(-1, n_items, -1)] + [v.expand(len(groups), -1, -1) for v in mods], 2)
         present = torch.stack([torch.ones(n_items)] + ms, 1)
         return views, present[None]

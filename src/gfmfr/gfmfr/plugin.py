@@ -99,6 +99,7 @@ class GFMFR:
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
         self.ratio = torch.full((dataset.n_users,), float("nan"))  # EMA of L_base / L_KL per client
         self._chunks: list[dict[str, Any]] = []
+        self._stats = torch.zeros(3)  # this round's sums of distillation weight and KL, and their count
 
     # ---- client side ----------------------------------------------------------------------
     def client_loss(self, model: FederatedRecommender, p: Params, items: Params, logits: torch.Tensor,
@@ -116,6 +117,7 @@ class GFMFR:
         ratio = ema(self.ratio[users], raw, self.cfg.ema_decay)
         self.ratio[users] = torch.where(has, ratio, self.ratio[users])
         weight = self.cfg.kl_scale * distill_weight(ratio, round_, self.total_rounds)
+        self._stats += torch.stack([(weight * has).sum(), (kl.detach() * has).sum(), has.sum()])
         return torch.where(has, weight * kl, torch.zeros_like(kl))
 
     # ---- server side ----------------------------------------------------------------------
@@ -154,7 +156,8 @@ class GFMFR:
         t2 = time.perf_counter()
 
         if self.fusion is None or not self.cfg.warm_start:
-            self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_)
+            self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_,
+                                      self.cfg.item_view)
         fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_epochs, self.cfg.server_lr,
                                  seed=self.seed + round_)
         t3 = time.perf_counter()
@@ -177,12 +180,15 @@ class GFMFR:
         t4 = time.perf_counter()
 
         rows = np.concatenate([c["rows_per_client"] for c in chunks])
+        w_sum, kl_sum, n = self._stats.tolist()
+        self._stats = torch.zeros(3)
         items_bytes = int(4 * rows.mean())
         all_bytes = 4 * self.n_items
         return {
             "seconds": {"grouping": t1 - t0, "group_targets": t2 - t1, "fusion": t3 - t2, "teacher": t4 - t3},
             "group_sizes": counts.int().tolist(),
             "fusion_loss": fusion_loss,
+            "distill_weight_mean": w_sum / n if n else 0.0, "distill_kl_mean": kl_sum / n if n else 0.0,
             "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
             "bytes_down_teacher_items": items_bytes, "bytes_down_teacher_all": all_bytes,
             "bytes_down_extra": items_bytes if self.cfg.send == "items" else all_bytes,
