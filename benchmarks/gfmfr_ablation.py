@@ -11,13 +11,12 @@ the METHOD.md mean-head teacher vs the members' mean prediction; without the ite
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ml100k_table import load_done, run_one, summarize  # noqa: E402
+from ml100k_table import common_args, run_grid, summarize  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "base": ["plugin=none"],
@@ -42,35 +41,17 @@ VARIANTS: dict[str, list[str]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="fcf")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--content", default="../shared/datasets/ml-100k-content")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--out", default="runs/ablation.jsonl")
+    common_args(parser, "runs/ablation.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-
-    from gfmfr.config import DataConfig, apply_overrides
-    from gfmfr.data.dataset import load_dataset
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = load_done(out)
-    dataset = load_dataset(DataConfig(content=args.content))
-    rows = []
-    for variant in args.variants:
-        for seed in args.seeds:
-            spec = {"model": args.model, "variant": variant, "seed": seed, "set": sorted(args.set)}
-            key = json.dumps(spec, sort_keys=True)
-            if key not in done:
-                values = apply_overrides({"seed": seed, "plugin": "gfmfr", "model": {"name": args.model},
-                                          "data": {"content": args.content}}, args.set + VARIANTS[variant])
-                row = {"key": key, "spec": spec, "result": run_one(values, dataset)}
-                with out.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                done[key] = row
-                logging.warning("%s seed %d: test NDCG@10 %.4f", variant, seed, row["result"]["test"]["NDCG@10"])
-            rows.append(done[key])
+    jobs = [
+        ({"model": args.model, "variant": variant, "seed": seed, "set": sorted(args.set)},
+         [f"model.name={args.model}", "plugin=gfmfr", *args.set, *VARIANTS[variant]])
+        for seed in args.seeds
+        for variant in args.variants
+    ]
+    rows = run_grid(jobs, args.content, Path(args.out))
     sys.stdout.write(summarize(rows, ["model", "variant"]) + "\n")
 
 

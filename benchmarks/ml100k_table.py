@@ -67,41 +67,52 @@ def summarize(rows: list[dict], group_keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def run_grid(jobs: list[tuple[dict, list[str]]], content: str, out: Path) -> list[dict]:
+    """Run every (spec, overrides) job not already in ``out`` (JSON lines); return all rows in job order."""
+    from gfmfr.config import DataConfig, apply_overrides
+    from gfmfr.data.dataset import load_dataset
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = load_done(out)
+    dataset = load_dataset(DataConfig(content=content))
+    rows = []
+    for spec, overrides in jobs:
+        key = json.dumps(spec, sort_keys=True)
+        if key not in done:
+            values = apply_overrides({"seed": spec["seed"], "data": {"content": content}}, overrides)
+            row = {"key": key, "spec": spec, "result": run_one(values, dataset)}
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            done[key] = row
+            r = row["result"]
+            logging.warning("%s: test NDCG@10 %.4f (best round %d, %.2f s/round)", key, r["test"]["NDCG@10"],
+                            r["best_round"], r["seconds_per_round"])
+        rows.append(done[key])
+    return rows
+
+
+def common_args(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--content", default="../shared/datasets/ml-100k-content")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--out", default=out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fcf", "fedncf", "pfedrec", "fedrap"])
     parser.add_argument("--plugins", nargs="+", default=["none", "gfmfr"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--content", default="../shared/datasets/ml-100k-content")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--out", default="runs/ml100k.jsonl")
+    common_args(parser, "runs/ml100k.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-
-    from gfmfr.config import DataConfig, apply_overrides
-    from gfmfr.data.dataset import load_dataset
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = load_done(out)
-    dataset = load_dataset(DataConfig(content=args.content))
-    rows = []
-    for seed in args.seeds:  # seed outermost: an interrupted run leaves a balanced table
-        for model in args.models:
-            for plugin in args.plugins:
-                spec = {"model": model, "plugin": plugin, "seed": seed, "set": sorted(args.set)}
-                key = json.dumps(spec, sort_keys=True)
-                if key not in done:
-                    values = apply_overrides({"seed": seed, "plugin": plugin, "model": {"name": model},
-                                              "data": {"content": args.content}}, args.set)
-                    row = {"key": key, "spec": spec, "result": run_one(values, dataset)}
-                    with out.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    done[key] = row
-                    r = row["result"]
-                    logging.warning("%s %s seed %d: test NDCG@10 %.4f (best round %d, %.2f s/round)", model, plugin,
-                                    seed, r["test"]["NDCG@10"], r["best_round"], r["seconds_per_round"])
-                rows.append(done[key])
+    jobs = [
+        ({"model": model, "plugin": plugin, "seed": seed, "set": sorted(args.set)},
+         [f"model.name={model}", f"plugin={plugin}", *args.set])
+        for seed in args.seeds  # seed outermost: an interrupted run leaves a balanced table
+        for model in args.models
+        for plugin in args.plugins
+    ]
+    rows = run_grid(jobs, args.content, Path(args.out))
     sys.stdout.write(summarize(rows, ["model", "plugin"]) + "\n")
 
 
