@@ -35,6 +35,8 @@ VARIANTS: dict[str, list[str]] = {
     "scratch": ["gfmfr.warm_start=false"],
     "mean-head-teacher": ["gfmfr.teacher=mean_head"],
     "no-item-view": ["gfmfr.item_view=false"],
+    "kl-scale=0.1": ["gfmfr.kl_scale=0.1"],
+    "server-epochs=10": ["gfmfr.server_epochs=10"],
 }
 
 
