@@ -38,7 +38,7 @@ def synthetic_ml1m(seed: int = 0, n_users: int = 6040, n_items: int = 3706, tota
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=1024)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

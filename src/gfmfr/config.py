@@ -92,7 +92,7 @@ class FederationConfig:
     """Validate every N rounds (the last round is always validated)."""
     early_stop_patience: int = 10
     """Stop after this many validations without improvement (0: never stop early)."""
-    client_chunk: int = 2048
+    client_chunk: int = 1024
     """Clients trained together in one batched pass; bounds memory on large federations."""
     client_block: int = 256
     """Clients per autograd block within one local step; bounds the step's working memory."""
