@@ -4,7 +4,7 @@ The interactions are synthetic with ML-1M's shape (about 1,000,209 positives, at
 user, long-tailed item popularity), so the figure needs no download. Clients train in
 chunks of ``federation.client_chunk``; private D_u rows are stored only where trained.
 
-    python benchmarks/memory_ml1m.py [--rounds 2] [--chunk 2048]
+    python benchmarks/memory_ml1m.py [--rounds 2] [--chunk 1024]
 """
 
 from __future__ import annotations
