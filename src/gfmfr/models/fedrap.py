@@ -25,6 +25,30 @@ import torch
 from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs
 
 
+class _Regulariser(torch.autograd.Function):
+    """Per-client sum_b m_b (-lam ||D_b - C_b||^2 + mu ||C_b||_1) / n with a hand-written backward.
+
+    The same value as the plain expression, computed in one pass: autograd through the plain
+    expression spends about a third of a FedRAP round (tests/test_fedrap.py checks the gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, d, c, mask, n, lam, mu):  # type: ignore[override]
+        gap = d - c
+        per_row = -lam * torch.einsum("abd,abd->ab", gap, gap) + mu * c.abs().sum(-1)
+        ctx.save_for_backward(gap, c, mask, n)
+        ctx.lam, ctx.mu = lam, mu
+        return (per_row * mask).sum(1) / n
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        gap, c, mask, n = ctx.saved_tensors
+        w = (grad / n)[:, None, None] * mask[..., None]
+        grad_d = torch.mul(gap, w).mul_(-2 * ctx.lam)
+        grad_c = torch.sign(c).mul_(ctx.mu).mul_(w).sub_(grad_d)
+        return grad_d, grad_c, None, None, None, None
+
+
 def ramp(weight: float, round_: int) -> float:
     """FedRAP's schedule for its regulariser weights: ``weight * tanh(round / 10)``."""
     return weight * math.tanh(round_ / 10.0)
@@ -64,10 +88,7 @@ class FedRAP(FederatedRecommender):
         if lam == 0 and mu == 0:
             return None
         n = mask.sum(1).clamp_min(1) * self.dim
-        gap = items["D"] - items["C"]
-        diff = torch.einsum("abd,abd->ab", gap, gap)
-        l1 = items["C"].abs().sum(-1)
-        return (-lam * (diff * mask).sum(1) + mu * (l1 * mask).sum(1)) / n
+        return _Regulariser.apply(items["D"], items["C"], mask, n, lam, mu)
 
     def head_params(self) -> list[str]:
         if self.cfg.fedrap_head == "dot":
