@@ -130,7 +130,7 @@ class LocalData:
         # examples: each client's positives, then its negatives
         pos_items = dataset.train_items[_ranges(dataset.train_indptr[users], n_pos)]
         pos_owner = np.repeat(np.arange(C), n_pos)
-        neg_users, neg_items = training_negatives(dataset, users, cfg.num_negatives, seed, round_, train_keys)
+        _, neg_items = training_negatives(dataset, users, cfg.num_negatives, seed, round_, train_keys)
         neg_owner = np.repeat(np.arange(C), n_pos * cfg.num_negatives)
         owner = np.concatenate([pos_owner, neg_owner])
         items = np.concatenate([pos_items, neg_items])
@@ -170,6 +170,7 @@ class LocalData:
             bitems.flat[flat] = items[perm]
             blabels.flat[flat] = labels[perm]
             bmask.flat[flat] = 1.0
+        # padding points at a row of the same client (its first row) so gathers stay in range
         pad_owner = np.arange(n_batches) - np.repeat(step_offset[:-1], self.active)
         padded = np.nonzero(bmask == 0)
         rows[padded] = self.row_ptr[pad_owner[padded[0]]]
@@ -179,7 +180,6 @@ class LocalData:
         self.batch_labels = torch.from_numpy(blabels)
         self.batch_mask = torch.from_numpy(bmask)
         self.num_samples = n_ex
-        # padding points at a row of the same client (row_ptr[owner]) so gathers stay in range
 
     def batch(self, s: int) -> tuple[int, Batch, torch.Tensor]:
         """Number of active clients, the batch, and its table rows [A, B] at step ``s``."""
