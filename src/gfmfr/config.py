@@ -266,14 +266,3 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able dicts."""
     return dataclasses.asdict(cfg)
-
-
-def replace(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
-    """A copy of ``cfg`` with some fields of some sections changed (validated)."""
-    values = to_dict(cfg)
-    for section, changes in sections.items():
-        if isinstance(changes, dict):
-            values[section].update(changes)
-        else:
-            values[section] = changes
-    return from_dict(values)

@@ -265,7 +265,6 @@ def train_clients(
             state.private_rows[name].update(users, row_keys, tables[name], decay)
         else:
             state.private[name][idx] = dense[name]
-    state.participated[users] += 1
 
     return LocalUpdate(
         users=users,

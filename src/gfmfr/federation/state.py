@@ -30,10 +30,9 @@ class SparseRows:
         held = [(i, int(c)) for i, c in enumerate(clients) if int(c) in self.items]
         if not held:
             return np.empty(0, np.int64), torch.zeros((0, *self.row_shape))
+        # positions ascend and each client's items are sorted, so the keys come out sorted
         keys = np.concatenate([i * self.n_items + self.items[c] for i, c in held])
-        values = torch.cat([self.values[c] for _, c in held])
-        order = np.argsort(keys, kind="stable")
-        return keys[order], values[torch.from_numpy(order)]
+        return keys, torch.cat([self.values[c] for _, c in held])
 
     def gather(self, clients: np.ndarray, keys: np.ndarray) -> torch.Tensor:
         """Rows for ``keys = position * n_items + item`` (positions index ``clients``); zeros where none is held."""
@@ -44,10 +43,6 @@ class SparseRows:
             hit = held_keys[pos] == keys
             out[torch.from_numpy(np.flatnonzero(hit))] = held_values[torch.from_numpy(pos[hit])]
         return out
-
-    def items_of(self, clients: np.ndarray) -> np.ndarray:
-        """Keys ``position * n_items + item`` of the rows ``clients`` hold."""
-        return self._concat(clients)[0]
 
     def update(self, clients: np.ndarray, keys: np.ndarray, values: torch.Tensor, decay: torch.Tensor) -> None:
         """Store trained rows ``keys``/``values``; every other held row of client i is scaled by ``decay[i]``.
@@ -111,7 +106,6 @@ class FederationState:
                 self.private[name] = init_tensor(spec, (), std, gen).expand(n_clients, *spec.shape).clone()
             else:
                 self.private[name] = init_tensor(spec, (n_clients,), std, gen)
-        self.participated = np.zeros(n_clients, dtype=np.int64)
 
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""

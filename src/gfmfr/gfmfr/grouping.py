@@ -79,6 +79,3 @@ class Grouping:
         labels = align(self.group[users], labels, self.n_groups)
         self.group[users] = labels
         return labels
-
-    def sizes(self) -> list[int]:
-        return np.bincount(self.group[self.group >= 0], minlength=self.n_groups).tolist()
