@@ -1,4 +1,4 @@
-"""Command line: ``gfmfr data``, ``gfmfr run``, ``gfmfr encode``."""
+"""Command line: ``gfmfr data``, ``gfmfr run``, ``gfmfr compare``, ``gfmfr encode``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _config(args: argparse.Namespace) -> Any:
         overrides.append(f"model.name={args.model}")
     if getattr(args, "plugin", None):
         overrides.append(f"plugin={args.plugin}")
+    if getattr(args, "centralised", False):
+        overrides.append("training=centralised")
     values = apply_overrides(values, overrides)
     if getattr(args, "seed", None) is not None:
         values["seed"] = args.seed
@@ -79,6 +81,19 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gfmfr.compare import compare, load_plan, render_report
+
+    plan = load_plan(args.config)
+    if args.report_only:
+        report = render_report(plan, args.out)
+    else:
+        report = compare(plan, args.out, progress=not args.no_progress)
+    sys.stdout.write(report.read_text())
+    sys.stdout.write(f"\nreport: {report}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfmfr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -99,9 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train and evaluate one model")
     common(p)
     p.add_argument("--model", help="fcf, fedncf, pfedrec, fedrap, popularity or random")
-    p.add_argument("--plugin", choices=["none", "gfmfr"], help="loss plug-in added to the base model")
+    p.add_argument("--plugin", choices=["none", "gfmfr", "mmx", "fedvlr"],
+                   help="GFMFR, or the content baselines MM-X / FedVLR, on the base model")
+    p.add_argument("--centralised", action="store_true",
+                   help="train the base model on all data in one place (the upper bound), no federation")
     p.add_argument("--out", help="output folder for results.json")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run every method x seed of a plan and write a report (resumable)")
+    p.add_argument("--config", required=True, help="plan TOML (see gfmfr.compare)")
+    p.add_argument("--out", required=True, help="report folder; finished runs in it are reused")
+    p.add_argument("--report-only", action="store_true", help="render the report from the runs already there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("encode", help="encode item text and images on the server (cached)")
     common(p)

@@ -154,6 +154,34 @@ class GFMFRConfig:
 
 
 @dataclass(frozen=True)
+class MultimodalConfig:
+    """The content baselines MM-X (``plugin = "mmx"``) and FedVLR (``plugin = "fedvlr"``)."""
+
+    modalities: tuple[str, ...] = ("text", "image")
+    """Content modalities used (any non-empty subset of those the dataset has)."""
+    content_dim: int | None = 64
+    """PCA of each modality's frozen features to this many dimensions (None: keep all)."""
+    content_lr: float = 0.01
+    """SGD learning rate of the shared content projections and fusion layers (0.3 diverges FCF on ML-100K)."""
+    router_lr: float = 0.1
+    """SGD learning rate of FedVLR's private per-client router."""
+    views: tuple[str, ...] = ("sum", "mlp", "gate")
+    """FedVLR's server-side fusion views, mixed per user by the router."""
+
+
+@dataclass(frozen=True)
+class CentralisedConfig:
+    """The centralised upper bound (``training = "centralised"``): one model on all training data."""
+
+    epochs: int = 30
+    """Passes over all training pairs (each with freshly sampled negatives)."""
+    batch_size: int = 1024
+    """Training pairs per minibatch, mixed across users."""
+    lr: float = 0.003
+    """Adam learning rate (sparse Adam for per-user and per-item rows)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one run; ``seed`` makes it reproducible."""
 
@@ -167,10 +195,16 @@ class RunConfig:
     """Federation section."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation section."""
+    training: str = "federated"
+    """``federated``, or ``centralised``: the same model trained on all data in one place (the upper bound)."""
     plugin: str = "none"
-    """Loss plug-in added to the base model: ``none`` or ``gfmfr``."""
+    """Plug-in on the base model: ``none``, ``gfmfr``, or the content baselines ``mmx`` and ``fedvlr``."""
     gfmfr: GFMFRConfig = field(default_factory=GFMFRConfig)
     """GFMFR plug-in section."""
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
+    """MM-X and FedVLR section."""
+    centralised: CentralisedConfig = field(default_factory=CentralisedConfig)
+    """Centralised upper-bound section."""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

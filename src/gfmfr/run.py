@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from gfmfr.baselines.content import CONTENT_PLUGINS, content_tables, wrap
 from gfmfr.config import RunConfig, to_dict
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.eval.evaluator import Evaluator
-from gfmfr.models import BASELINES, build_model
+from gfmfr.models import BASELINES, FederatedRecommender, build_model
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +44,61 @@ def run_baseline(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def run_federated(dataset: Dataset, cfg: RunConfig, plugins: tuple = ()) -> dict[str, Any]:
+PLUGINS = ("none", "gfmfr", *CONTENT_PLUGINS)
+
+
+def content_model(dataset: Dataset, model: FederatedRecommender, cfg: RunConfig) -> FederatedRecommender:
+    """``model`` wrapped as MM-X or FedVLR (``cfg.plugin``), with the dataset's content features."""
+    from gfmfr.data.encoders import dataset_features
+
+    mm = cfg.multimodal
+    features = dataset_features(dataset, mm.modalities)
+    content = content_tables(features.features, features.mask, mm.modalities, mm.content_dim, cfg.seed)
+    return wrap(model, cfg.plugin, content, mm)
+
+
+def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommender, tuple]:
+    """The base model of ``cfg`` (wrapped for MM-X / FedVLR) and the loss plug-ins (GFMFR)."""
+    if cfg.plugin not in PLUGINS:
+        raise ValueError(f"unknown plugin {cfg.plugin!r}; choose from {PLUGINS}")
+    model = build_model(dataset.n_items, cfg.model)
+    if cfg.plugin in CONTENT_PLUGINS:
+        return content_model(dataset, model, cfg), ()
+    if cfg.plugin == "gfmfr":
+        from gfmfr.gfmfr.plugin import GFMFR
+
+        return model, (GFMFR(dataset, model, cfg),)
+    return model, ()
+
+
+def run_federated(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     """Train a federated base model and report the test score at the best validation round."""
     from dataclasses import asdict
 
     from gfmfr.federation.engine import Federation
 
-    model = build_model(dataset.n_items, cfg.model)
-    if cfg.plugin == "gfmfr":
-        from gfmfr.gfmfr.plugin import GFMFR
-
-        plugins = (*plugins, GFMFR(dataset, model, cfg))
-    elif cfg.plugin != "none":
-        raise ValueError(f"unknown plugin {cfg.plugin!r}; choose 'none' or 'gfmfr'")
+    model, plugins = build_run_model(dataset, cfg)
     fed = Federation(dataset, model, cfg, plugins)
     best = fed.fit()
     train_seconds = [sum(v for k, v in h.seconds.items() if k != "evaluate") for h in fed.history]
-    return {
+    results = {
         "best_round": best["round"], "valid": best["valid"], "test": best["test"],
         "history": [asdict(h) for h in fed.history],
         "seconds_per_round": float(np.mean(train_seconds)),
     }
+    for plugin in plugins:
+        results.update(plugin.summary())
+    return results
+
+
+def run_centralised(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
+    """The centralised upper bound of ``cfg``'s model (MM-X / FedVLR wrappers allowed, GFMFR not)."""
+    from gfmfr.baselines.centralised import train_centralised
+
+    if cfg.plugin == "gfmfr":
+        raise ValueError("GFMFR is a federated method; training=centralised takes plugin none, mmx or fedvlr")
+    model, _ = build_run_model(dataset, cfg)
+    return train_centralised(dataset, model, cfg)
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
@@ -73,8 +108,12 @@ def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None =
     log.info("data: %d users, %d items, %d training pairs", dataset.n_users, dataset.n_items, len(dataset.train_items))
     if cfg.model.name in BASELINES:
         body = run_baseline(dataset, cfg)
-    else:
+    elif cfg.training == "centralised":
+        body = run_centralised(dataset, cfg)
+    elif cfg.training == "federated":
         body = run_federated(dataset, cfg)
+    else:
+        raise ValueError(f"training must be 'federated' or 'centralised', got {cfg.training!r}")
     results = {"config": to_dict(cfg), "data": dataset.report, **body, "peak_rss_mb": peak_rss_mb()}
     if out is not None:
         out = Path(out)

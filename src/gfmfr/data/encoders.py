@@ -193,3 +193,21 @@ def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "i
 def encode_content(cfg: DataConfig, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64) -> ContentFeatures:
     """``gfmfr encode``: load the dataset named by ``cfg`` and encode its item content."""
     return dataset_features(load_dataset(cfg), modalities, batch_size)
+
+
+def reduce_features(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> torch.Tensor:
+    """Frozen content features, PCA-reduced to ``dim`` on the items that have them (missing rows stay 0)."""
+    x = np.asarray(x, np.float32)
+    if dim is not None and x.shape[1] > dim and mask.sum() > dim:
+        from sklearn.decomposition import PCA
+
+        reduced = np.zeros((len(x), dim), np.float32)
+        reduced[mask] = PCA(n_components=dim, random_state=seed).fit_transform(x[mask])
+        x = reduced
+    return torch.from_numpy(x)
+
+
+def standardise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Columns scaled to zero mean and unit variance over the items that have the modality; missing rows 0."""
+    mu, sd = x[mask].mean(0), x[mask].std(0).clamp_min(1e-6)
+    return torch.where(mask[:, None], (x - mu) / sd, torch.zeros_like(x))

@@ -57,7 +57,8 @@ class FedAvg:
         self.total += float(w.sum())
 
     def result(self, global_shared: Params) -> Params:
-        """The new global parameters (unchanged where nobody participated)."""
+        """The new global parameters (unchanged where nobody participated, and for constants)."""
         if self.total == 0:
             return dict(global_shared)
-        return {name: self.sums[name] / self.total for name in global_shared}
+        return {name: self.sums[name] / self.total if name in self.sums else value
+                for name, value in global_shared.items()}

@@ -226,7 +226,7 @@ def train_clients(
             hi = min(a, lo + block_clients)
             part = Batch(batch.users[lo:hi], batch.items[lo:hi], batch.labels[lo:hi], batch.mask[lo:hi])
             flat_rows = rows[lo:hi].flatten()
-            items = {n: t.index_select(0, flat_rows).view(hi - lo, -1, *t.shape[1:]).requires_grad_()
+            items = {n: t.index_select(0, flat_rows).view(hi - lo, -1, *t.shape[1:]).requires_grad_(specs[n].trainable)
                      for n, t in tables.items()}
             p = {n: t[lo:hi].detach().requires_grad_() for n, t in dense.items()}
             logits = model.forward(p, items)
@@ -236,7 +236,8 @@ def train_clients(
                 extra = plugin.client_loss(model, p, items, logits, base, part, round_)
                 if extra is not None:
                     loss = loss + extra
-            leaves = list(p.values()) + list(items.values())
+            trained = {n: t for n, t in items.items() if specs[n].trainable}
+            leaves = list(p.values()) + list(trained.values())
             grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
             with torch.no_grad():
                 loss_sum[lo:hi] += loss.detach()
@@ -247,8 +248,8 @@ def train_clients(
                     if g is not None:
                         t[lo:hi].sub_(spec.lr * g)
                 lo_row, hi_row = int(data.row_ptr[lo]), int(data.row_ptr[hi])
-                for (name, t), g in zip(tables.items(), grads[len(p):]):
-                    spec = specs[name]
+                for name, g in zip(trained, grads[len(p):]):
+                    t, spec = tables[name], specs[name]
                     if spec.weight_decay:
                         t[lo_row:hi_row].mul_(1 - spec.lr * spec.weight_decay)
                     if g is not None:
@@ -269,10 +270,11 @@ def train_clients(
     return LocalUpdate(
         users=users,
         shared={n: dense[n] for n, s in specs.items() if s.shared and not s.item_table},
-        rows={n: tables[n] for n, s in specs.items() if s.shared and s.item_table},
+        rows={n: tables[n] for n, s in specs.items() if s.shared and s.item_table and s.trainable},
         row_client=data.row_client,
         row_item=data.row_item,
-        decay={n: ((1 - s.lr * s.weight_decay) ** steps).float() for n, s in specs.items() if s.shared and s.item_table},
+        decay={n: ((1 - s.lr * s.weight_decay) ** steps).float()
+               for n, s in specs.items() if s.shared and s.item_table and s.trainable},
         num_samples=data.num_samples,
         loss=(loss_sum / torch.from_numpy(data.steps).clamp_min(1)).numpy(),
         signatures=model.head_signature(dense).detach(),

@@ -36,6 +36,9 @@ class Plugin(LossPlugin, Protocol):
     def server_round(self, federation: "Federation", round_: int) -> dict[str, Any]:
         """Server-side work after aggregation; returns figures for the round log."""
 
+    def summary(self) -> dict[str, Any]:
+        """Figures for ``results.json`` once training ends (GFMFR: its client groups over rounds)."""
+
 
 @dataclass
 class RoundLog:

@@ -31,9 +31,9 @@ def dense_train_client(
     for n, s in specs.items():
         if s.item_table:
             params[n] = state.shared[n].clone() if s.shared else state.private_rows[n].dense(users)[0]
-    leaves = {n: t.requires_grad_() for n, t in params.items()}
+    leaves = {n: t.requires_grad_(specs[n].trainable) for n, t in params.items()}
     opt = torch.optim.SGD([{"params": [t], "lr": specs[n].lr, "weight_decay": specs[n].weight_decay}
-                           for n, t in leaves.items()])
+                           for n, t in leaves.items() if specs[n].trainable])
     data = LocalData(dataset, users, cfg, seed, round_, train_keys)
     for s in range(len(data.active)):
         _, batch, _ = data.batch(s)

@@ -95,7 +95,9 @@ class FederationState:
         self.private: Params = {}
         self.private_rows: dict[str, SparseRows] = {}
         for name, spec in model.param_specs().items():
-            if spec.shared:
+            if spec.constant:
+                self.shared[name] = model.constant_table(name).float()
+            elif spec.shared:
                 lead = (model.n_items,) if spec.item_table else ()
                 self.shared[name] = init_tensor(spec, lead, std, gen)
             elif spec.item_table:

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gfmfr.data.encoders import standardise
+
 EXPERTS = ("sum", "mlp", "gate", "attention", "mixture")
 
 
@@ -43,8 +45,7 @@ class GroupFusion(nn.Module):
         self.dim = dim
         # frozen content, standardised per column once (features differ in scale across encoders)
         for m, (x, mask) in enumerate(zip(features, masks)):
-            mu, sd = x[mask].mean(0), x[mask].std(0).clamp_min(1e-6)
-            self.register_buffer(f"x{m}", torch.where(mask[:, None], (x - mu) / sd, torch.zeros_like(x)))
+            self.register_buffer(f"x{m}", standardise(x, mask))
             self.register_buffer(f"m{m}", mask.float())
         self.n_modalities = len(features)
         self.group_emb = nn.Embedding(n_groups, dim)

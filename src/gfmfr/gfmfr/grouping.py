@@ -72,10 +72,16 @@ class Grouping:
         self.method = method
         self.pca_variance = pca_variance
         self.group = np.full(n_clients, -1, dtype=np.int64)
+        self.view = np.zeros((0, 2))
+        """2-D PCA view [participants, 2] of the last round's standardised signatures (for plots)."""
 
     def update(self, users: np.ndarray, signatures: np.ndarray, seed: int) -> np.ndarray:
         """Cluster the participants, align ids with the last round, store and return their labels."""
-        labels = cluster(prepare(signatures, self.pca_variance), self.n_groups, self.method, seed)
+        x = prepare(signatures, self.pca_variance)
+        labels = cluster(x, self.n_groups, self.method, seed)
         labels = align(self.group[users], labels, self.n_groups)
         self.group[users] = labels
+        # PCA output is ordered by variance, so its first two columns are the 2-D PCA view
+        view = x if self.pca_variance is not None else prepare(x, 0.999999)
+        self.view = np.pad(view[:, :2], ((0, 0), (0, max(0, 2 - view.shape[1]))))
         return labels

@@ -30,6 +30,7 @@ import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
+from gfmfr.data.encoders import reduce_features
 from gfmfr.federation.aggregation import weighted_sums
 from gfmfr.federation.client import Batch, LocalUpdate
 from gfmfr.gfmfr.distill import bernoulli_kl, distill_weight, ema
@@ -38,18 +39,6 @@ from gfmfr.gfmfr.grouping import Grouping
 from gfmfr.models.base import FederatedRecommender, Params
 
 log = logging.getLogger(__name__)
-
-
-def reduce_features(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> torch.Tensor:
-    """Frozen content features, PCA-reduced to ``dim`` on the items that have them (missing rows stay 0)."""
-    x = np.asarray(x, np.float32)
-    if dim is not None and x.shape[1] > dim and mask.sum() > dim:
-        from sklearn.decomposition import PCA
-
-        reduced = np.zeros((len(x), dim), np.float32)
-        reduced[mask] = PCA(n_components=dim, random_state=seed).fit_transform(x[mask])
-        x = reduced
-    return torch.from_numpy(x)
 
 
 def teacher_mean_head(model: FederatedRecommender, heads: Params, fused: torch.Tensor) -> torch.Tensor:
@@ -100,6 +89,7 @@ class GFMFR:
         self.ratio = torch.full((dataset.n_users,), float("nan"))  # EMA of L_base / L_KL per client
         self._chunks: list[dict[str, Any]] = []
         self._stats = torch.zeros(3)  # this round's sums of distillation weight and KL, and their count
+        self.snapshots: list[dict[str, Any]] = []  # per round: participants, 2-D view of signatures, groups
 
     # ---- client side ----------------------------------------------------------------------
     def client_loss(self, model: FederatedRecommender, p: Params, items: Params, logits: torch.Tensor,
@@ -120,6 +110,14 @@ class GFMFR:
         self._stats += torch.stack([(weight * has).sum(), (kl.detach() * has).sum(), has.sum()])
         return torch.where(has, weight * kl, torch.zeros_like(kl))
 
+    def summary(self, max_snapshots: int = 6) -> dict[str, Any]:
+        """The client groups of up to ``max_snapshots`` evenly spaced rounds (2-D PCA of the signatures)."""
+        keep = np.unique(np.linspace(0, len(self.snapshots) - 1, max_snapshots).round().astype(int)) \
+            if self.snapshots else []
+        return {"gfmfr_groups": [
+            {"round": s["round"], "users": s["users"].tolist(), "group": s["group"].tolist(),
+             "xy": np.round(s["xy"], 4).tolist()} for s in (self.snapshots[k] for k in keep)]}
+
     # ---- server side ----------------------------------------------------------------------
     def collect(self, federation, update: LocalUpdate, round_: int) -> None:
         table = federation.model.item_table
@@ -139,6 +137,8 @@ class GFMFR:
         users = np.concatenate([c["update"].users for c in chunks])
         signatures = torch.cat([c["signatures"] for c in chunks])
         labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
+        self.snapshots.append({"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32),
+                               "group": labels})
         t1 = time.perf_counter()
 
         G = self.cfg.groups

@@ -51,6 +51,18 @@ class ParamSpec:
     """``normal`` (std ``init_std``), ``zeros``, ``ones`` or ``xavier`` (for [in, out] matrices)."""
     same_init: bool = True
     """Private parameters only: every client starts from the same value (else an independent draw)."""
+    constant: bool = False
+    """Public side information (frozen content features): an item table the engine gathers like
+    any other but never trains, uploads or aggregates. Its value is :meth:`FederatedRecommender.constant_table`."""
+
+    def __post_init__(self) -> None:
+        if self.constant and not (self.shared and self.item_table):
+            raise ValueError("a constant parameter must be a shared item table")
+
+    @property
+    def trainable(self) -> bool:
+        """Trained by the clients (everything but constants)."""
+        return not self.constant
 
 
 def init_tensor(spec: ParamSpec, leading: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
@@ -117,6 +129,10 @@ class FederatedRecommender(ABC):
     def param_specs(self) -> dict[str, ParamSpec]:
         """Every parameter, shared or private, with its optimiser group."""
 
+    def constant_table(self, name: str) -> torch.Tensor:
+        """Value [n_items, *shape] of the constant item table ``name`` (models without constants have none)."""
+        raise KeyError(f"{type(self).__name__} has no constant table {name!r}")
+
     @abstractmethod
     def forward(self, p: Params, items: Params) -> torch.Tensor:
         """Logits [A, B]: ``p`` holds per-client parameters [A, ...], ``items`` the gathered rows [A, B, ...]."""
@@ -160,7 +176,7 @@ class FederatedRecommender(ABC):
     # ---- derived ------------------------------------------------------------------------------
     def shared_names(self) -> list[str]:
         """Parameters uploaded to and averaged by the server."""
-        return [n for n, s in self.param_specs().items() if s.shared]
+        return [n for n, s in self.param_specs().items() if s.shared and s.trainable]
 
     def private_names(self) -> list[str]:
         """Parameters that never leave the client."""
@@ -170,6 +186,6 @@ class FederatedRecommender(ABC):
         """Bytes of one client's shared parameters (float32, dense item tables)."""
         total = 0
         for spec in self.param_specs().values():
-            if spec.shared:
+            if spec.shared and spec.trainable:
                 total += 4 * math.prod(spec.shape) * (self.n_items if spec.item_table else 1)
         return total

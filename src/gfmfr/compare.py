@@ -1,0 +1,345 @@
+"""``gfmfr compare``: every method x seed of a plan, one report (issue 5).
+
+A plan is a TOML file::
+
+    seeds = [0, 1, 2]
+    models = ["fcf", "fedrap"]                     # federated base models X
+    plugins = ["none", "mmx", "fedvlr", "gfmfr"]   # each on every model: X, MM-X, FedVLR-X, GFMFR-X
+    centralised = ["fedrap"]                       # the centralised upper bound of these models
+    baselines = ["popularity", "random"]
+    reference = "fedrap"                           # the model whose gap GFMFR is measured against
+
+    [config]                                       # settings of every run (any RunConfig section)
+    data.content = "../shared/datasets/ml-100k-content"
+    federation.rounds = 30
+
+    [[methods]]                                    # optional extra methods, each with its own settings
+    label = "GFMFR-FedRAP (k-means)"
+    set = { plugin = "gfmfr", "model.name" = "fedrap", "gfmfr.grouping" = "kmeans" }
+
+Each run writes ``OUT/runs/<method>/seed<k>/results.json``. A run whose results file exists
+with the same resolved configuration is reused, so an interrupted comparison resumes where it
+stopped. Paths in the plan are relative to the working directory, as on the command line.
+The report (``OUT/report.md``, ``OUT/report.json`` and PNG plots) is rendered from the results
+files alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gfmfr.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, to_dict
+
+log = logging.getLogger(__name__)
+
+MODEL_LABELS = {"fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP",
+                "popularity": "Popularity", "random": "Random"}
+PLUGIN_PREFIX = {"none": "", "mmx": "MM-", "fedvlr": "FedVLR-", "gfmfr": "GFMFR-"}
+METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50")
+PLAN_KEYS = {"seeds", "models", "plugins", "centralised", "baselines", "reference", "config", "methods"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the report: a label and the settings that differ from the plan's ``[config]``."""
+
+    label: str
+    settings: dict[str, Any]
+    kind: str = "federated"
+    """``federated``, ``centralised`` or ``baseline``."""
+    model: str = ""
+    plugin: str = "none"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "-", self.label).strip("-").lower()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``gfmfr compare`` runs."""
+
+    seeds: tuple[int, ...]
+    methods: tuple[Method, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None
+
+    def run_config(self, method: Method, seed: int) -> RunConfig:
+        values = apply_overrides(self.config, [f"{k}={v}" for k, v in _flatten(method.settings).items()])
+        values["seed"] = seed
+        return from_dict(values, where=f"method {method.label!r}")
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan; every run's configuration is built once here, so errors come early."""
+    raw = load_toml(path)
+    unknown = sorted(set(raw) - PLAN_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(PLAN_KEYS)}")
+    seeds = tuple(int(s) for s in raw.get("seeds", [0]))
+    methods: list[Method] = []
+    for name in raw.get("baselines", []):
+        methods.append(Method(MODEL_LABELS.get(name, name), {"model": {"name": name}}, "baseline", name))
+    for model in raw.get("centralised", []):
+        methods.append(Method(f"{MODEL_LABELS.get(model, model)} (centralised)",
+                              {"model": {"name": model}, "training": "centralised"}, "centralised", model))
+    for model in raw.get("models", []):
+        for plugin in raw.get("plugins", ["none"]):
+            if plugin not in PLUGIN_PREFIX:
+                raise ConfigError(f"{path}: plugins: unknown {plugin!r}; choose from {sorted(PLUGIN_PREFIX)}")
+            label = PLUGIN_PREFIX[plugin] + MODEL_LABELS.get(model, model)
+            methods.append(Method(label, {"model": {"name": model}, "plugin": plugin}, "federated", model, plugin))
+    for i, extra in enumerate(raw.get("methods", [])):
+        if "label" not in extra or not isinstance(extra.get("set", {}), dict):
+            raise ConfigError(f"{path}: methods[{i}] needs a label and a 'set' table")
+        settings = apply_overrides({}, [f"{k}={v}" for k, v in _flatten(extra.get("set", {})).items()])
+        model = settings.get("model", {}).get("name", raw.get("config", {}).get("model", {}).get("name", ""))
+        kind = "centralised" if settings.get("training") == "centralised" else "federated"
+        methods.append(Method(extra["label"], settings, kind, model, settings.get("plugin", "none")))
+    labels = [m.label for m in methods]
+    if len(set(m.slug for m in methods)) != len(methods):
+        raise ConfigError(f"{path}: method labels must be distinct: {labels}")
+    if not methods:
+        raise ConfigError(f"{path}: the plan has no methods (give models, baselines, centralised or methods)")
+    plan = Plan(seeds, tuple(methods), raw.get("config", {}), raw.get("reference"))
+    for method in methods:
+        plan.run_config(method, seeds[0])
+    return plan
+
+
+def run_path(out: Path, method: Method, seed: int) -> Path:
+    return out / "runs" / method.slug / f"seed{seed}" / "results.json"
+
+
+def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The stored results of ``cfg`` if that exact configuration already ran, else None."""
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    same = results.get("config") == json.loads(json.dumps(to_dict(cfg)))
+    if not same:
+        log.info("%s ran with another configuration; running it again", path)
+    return results if same else None
+
+
+def compare(plan: Plan, out: str | Path, progress: bool = True) -> Path:
+    """Run (or reuse) every method x seed of ``plan``, then render the report; returns ``report.md``."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from gfmfr.data.dataset import load_dataset
+    from gfmfr.run import run
+
+    out = Path(out)
+    jobs = [(m, s) for m in plan.methods for s in plan.seeds]
+    datasets: dict[str, Any] = {}
+    with logging_redirect_tqdm(), tqdm(total=len(jobs), disable=not progress, unit="run") as bar:
+        for method, seed in jobs:
+            cfg = plan.run_config(method, seed)
+            path = run_path(out, method, seed)
+            bar.set_description(f"{method.label} seed {seed}")
+            if finished(path, cfg) is None:
+                key = json.dumps(to_dict(cfg)["data"], sort_keys=True)
+                if key not in datasets:
+                    datasets[key] = load_dataset(cfg.data)
+                run(cfg, path.parent, dataset=datasets[key])
+            bar.update(1)
+    return render_report(plan, out)
+
+
+# ---- the report --------------------------------------------------------------------------------
+def collect(plan: Plan, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Results per method label, one per seed that has finished."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for method in plan.methods:
+        runs = []
+        for seed in plan.seeds:
+            path = run_path(out, method, seed)
+            if path.exists():
+                runs.append(json.loads(path.read_text()))
+        results[method.label] = runs
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    arr = np.asarray(values, float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarise(plan: Plan, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Mean +- std of the test metrics, seconds per round and the gap figure."""
+    table = {}
+    for method in plan.methods:
+        runs = results[method.label]
+        if not runs:
+            continue
+        row = {"seeds": len(runs), "kind": method.kind}
+        for metric in METRICS:
+            row[metric] = mean_std([r["test"].get(metric, float("nan")) for r in runs])
+            row[f"valid {metric}"] = mean_std([r["valid"].get(metric, float("nan")) for r in runs])
+        row["seconds_per_round"] = mean_std([r["seconds_per_round"] for r in runs])
+        row["best_round"] = mean_std([r["best_round"] for r in runs])
+        table[method.label] = row
+    summary: dict[str, Any] = {"table": table, "gaps": []}
+    ref = plan.reference
+    if ref:
+        base = next((m.label for m in plan.methods if m.kind == "federated" and m.model == ref and m.plugin == "none"), None)
+        central = next((m.label for m in plan.methods if m.kind == "centralised" and m.model == ref), None)
+        if base in table and central in table:
+            lo, hi = table[base]["NDCG@10"][0], table[central]["NDCG@10"][0]
+            for m in plan.methods:
+                if m.kind == "federated" and m.label in table and m.label != base:
+                    value = table[m.label]["NDCG@10"][0]
+                    closed = (value - lo) / (hi - lo) if hi != lo else float("nan")
+                    summary["gaps"].append({"method": m.label, "base": base, "centralised": central,
+                                            "NDCG@10": value, "base NDCG@10": lo, "centralised NDCG@10": hi,
+                                            "gap_closed": closed})
+    return summary
+
+
+def _fmt(cell: tuple[float, float]) -> str:
+    return f"{cell[0]:.4f} ± {cell[1]:.4f}"
+
+
+def render_report(plan: Plan, out: str | Path) -> Path:
+    """Write ``report.md``, ``report.json`` and the plots from the finished runs."""
+    out = Path(out)
+    results = collect(plan, out)
+    summary = summarise(plan, results)
+    plots = render_plots(plan, results, out)
+    lines = ["# Comparison report", "",
+             f"Seeds: {', '.join(map(str, plan.seeds))}. Test metrics at the best validation round "
+             "(mean ± sample std over seeds); seconds per training round (per epoch for centralised runs).", ""]
+    header = ["method", "seeds", *METRICS, "s/round", "best round"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in summary["table"].items():
+        cells = [label, str(row["seeds"]), *(_fmt(row[m]) for m in METRICS),
+                 f"{row['seconds_per_round'][0]:.2f}", f"{row['best_round'][0]:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    missing = [m.label for m in plan.methods if len(results[m.label]) < len(plan.seeds)]
+    if missing:
+        lines += ["", f"Incomplete (fewer seeds than planned): {', '.join(missing)}."]
+    if summary["gaps"]:
+        g0 = summary["gaps"][0]
+        lines += ["", f"## Gap to the centralised upper bound ({g0['base']} → {g0['centralised']})", "",
+                  f"Test NDCG@10: {g0['base']} {g0['base NDCG@10']:.4f}, {g0['centralised']} "
+                  f"{g0['centralised NDCG@10']:.4f}. Fraction of that gap each method closes "
+                  "(negative: below the base model):", "",
+                  "| method | NDCG@10 | gap closed |", "|---|---|---|"]
+        for g in summary["gaps"]:
+            lines.append(f"| {g['method']} | {g['NDCG@10']:.4f} | {g['gap_closed']:+.1%} |")
+    titles = {"convergence": "Validation NDCG@10 per round", "groups": "GFMFR client groups over rounds",
+              "time": "Seconds per round"}
+    for key, name in plots.items():
+        lines += ["", f"## {titles[key]}", "", f"![{titles[key]}]({name})"]
+    lines += ["", "Runs: `runs/<method>/seed<k>/results.json` (configuration, per-round history, metrics)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps({"seeds": list(plan.seeds), **summary, "plots": plots}, indent=2))
+    return out / "report.md"
+
+
+def render_plots(plan: Plan, results: dict[str, list[dict[str, Any]]], out: Path) -> dict[str, str]:
+    """Convergence, GFMFR groups and time plots as PNG files; returns {plot: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots: dict[str, str] = {}
+    metric = "NDCG@10"
+
+    # convergence: mean validation NDCG@10 per round over seeds; baselines as flat lines
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in plan.methods:
+        runs = results[method.label]
+        if not runs:
+            continue
+        curves = [[(h["round"], h["valid"][metric]) for h in r["history"] if h.get("valid")] for r in runs]
+        if method.kind == "baseline":
+            ax.axhline(np.mean([r["valid"][metric] for r in runs]), ls=":", lw=1, color="grey")
+            ax.annotate(method.label, (0, np.mean([r["valid"][metric] for r in runs])), fontsize=7, color="grey")
+            continue
+        length = min(len(c) for c in curves)
+        if length == 0:
+            continue
+        x = [p[0] for p in curves[0][:length]]
+        y = np.mean([[p[1] for p in c[:length]] for c in curves], 0)
+        ax.plot(x, y, label=method.label, ls="--" if method.kind == "centralised" else "-")
+    ax.set_xlabel("round (epoch for centralised)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=110)
+    plt.close(fig)
+    plots["convergence"] = "convergence.png"
+
+    # groups: first seed of every GFMFR method, one panel per stored round
+    grouped = [(m.label, results[m.label][0]["gfmfr_groups"]) for m in plan.methods
+               if results[m.label] and results[m.label][0].get("gfmfr_groups")]
+    if grouped:
+        cols = max(len(snaps) for _, snaps in grouped)
+        fig, axes = plt.subplots(len(grouped), cols, figsize=(2.6 * cols, 2.6 * len(grouped)), squeeze=False)
+        for row, (label, snaps) in enumerate(grouped):
+            for col in range(cols):
+                ax = axes[row][col]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if col >= len(snaps):
+                    ax.axis("off")
+                    continue
+                xy = np.asarray(snaps[col]["xy"])
+                ax.scatter(xy[:, 0], xy[:, 1], c=snaps[col]["group"], cmap="tab10", s=4, vmin=0, vmax=9)
+                ax.set_title(f"{label}, round {snaps[col]['round']}", fontsize=7)
+        fig.suptitle("2-D PCA of the grouping signatures, coloured by group", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "groups.png", dpi=110)
+        plt.close(fig)
+        plots["groups"] = "groups.png"
+
+    # time: mean seconds per round, split into phases
+    timed = [(m.label, results[m.label]) for m in plan.methods if m.kind != "baseline" and results[m.label]]
+    if timed:
+        phases: list[str] = []
+        means: dict[str, dict[str, float]] = {}
+        for label, runs in timed:
+            per = {}
+            for r in runs:
+                for h in r["history"]:
+                    for phase, sec in h["seconds"].items():
+                        if phase != "evaluate":
+                            per.setdefault(phase, []).append(sec)
+            means[label] = {p: float(np.mean(v)) for p, v in per.items()}
+            phases += [p for p in per if p not in phases]
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(timed) + 1.5))
+        left = np.zeros(len(timed))
+        for phase in phases:
+            widths = np.array([means[label].get(phase, 0.0) for label, _ in timed])
+            ax.barh([label for label, _ in timed], widths, left=left, label=phase)
+            left += widths
+        ax.set_xlabel("seconds per round (mean over rounds and seeds)")
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "time.png", dpi=110)
+        plt.close(fig)
+        plots["time"] = "time.png"
+    return plots

@@ -1,0 +1,187 @@
+"""The comparison baselines: MM-X and FedVLR wrappers, the centralised upper bound, `gfmfr compare`."""
+
+import copy
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from gfmfr.baselines.content import FedVLR, content_tables, wrap
+from gfmfr.cli import main
+from gfmfr.config import CentralisedConfig, MultimodalConfig
+from gfmfr.federation.aggregation import FedAvg
+from gfmfr.federation.client import train_clients
+from gfmfr.federation.engine import Federation
+from gfmfr.models import FEDERATED_MODELS, build_model
+from gfmfr.run import build_run_model, run
+from test_gfmfr import with_features
+from test_model_contract import small_config
+
+MODELS = sorted(FEDERATED_MODELS)
+MM = MultimodalConfig(content_dim=8, content_lr=0.05, router_lr=0.05)
+
+
+def wrapped(data, name, plugin):
+    cfg = replace(small_config(name), plugin=plugin, multimodal=MM)
+    model, _ = build_run_model(data, cfg)
+    return cfg, model
+
+
+@pytest.mark.parametrize("plugin", ["mmx", "fedvlr"])
+@pytest.mark.parametrize("name", MODELS)
+def test_wrapper_starts_as_the_base_model_and_keeps_content_frozen(planted, name, plugin):
+    data = with_features(planted)
+    cfg, model = wrapped(data, name, plugin)
+    base = build_model(data.n_items, cfg.model)
+    a, b = Federation(data, model, cfg), Federation(data, base, cfg)
+    users = np.arange(9)
+    # projections start at zero and the router at an even mixture: the wrapper scores as X does
+    torch.testing.assert_close(a.state.score(users), b.state.score(users))
+    content = {n: t.clone() for n, t in a.state.shared.items() if n.startswith("content.")}
+    update = train_clients(model, a.state, np.arange(20), data, cfg.federation, 0, 0)
+    uploaded = set(update.shared) | set(update.rows)
+    assert uploaded == set(model.shared_names()) and not uploaded & set(content)
+    assert not uploaded & set(model.private_names())
+    assert model.upload_bytes() > base.upload_bytes()  # the projections travel; the content does not
+    a.train_round(0)
+    for n, t in content.items():
+        assert torch.equal(a.state.shared[n], t)
+    assert any(a.state.shared[n].abs().sum() > 0 for n in model.shared_names() if n.startswith("proj."))
+
+
+@pytest.mark.parametrize("name", ["fcf", "fedrap"])
+def test_fedvlr_router_is_private_and_personal(planted, name):
+    data = with_features(planted)
+    cfg, model = wrapped(data, name, "fedvlr")
+    assert isinstance(model, FedVLR) and {"router.w", "router.b"} <= set(model.private_names())
+    fed = Federation(data, model, cfg)
+    for t in range(3):
+        fed.train_round(t)
+    w = fed.state.private["router.w"]
+    assert w.abs().sum() > 0 and not torch.allclose(w[0], w[1])  # each client routes its own way
+    p = fed.state.client_params(np.arange(4))
+    items = {n: fed.state.shared[n][:5].expand(4, 5, *fed.state.shared[n].shape[1:])
+             for n, s in model.param_specs().items() if s.item_table and s.shared}
+    items.update({n: torch.zeros(4, 5, *s.shape) for n, s in model.param_specs().items() if s.item_table and not s.shared})
+    mix = model.router_weights(p, model.view_vectors(p, items[model.item_table],
+                                                      [items[f"content.{m}"] for m in model.modalities]))
+    torch.testing.assert_close(mix.sum(-1), torch.ones(4, 5))
+
+
+@pytest.mark.parametrize("plugin", ["mmx", "fedvlr"])
+def test_wrapper_batched_equals_one_client_at_a_time(planted, plugin):
+    data = with_features(planted)
+    cfg, model = wrapped(data, "fedrap", plugin)
+    cfg = replace(cfg, federation=replace(cfg.federation, client_chunk=50, client_block=7))
+    fed = Federation(data, model, cfg)
+    fed.train_round(0)
+    one = copy.deepcopy(fed)
+    fed.train_round(1)
+    agg = FedAvg()
+    for u in range(data.n_users):
+        agg.add(train_clients(model, one.state, np.array([u]), data, cfg.federation, cfg.seed, 1), one.state.shared)
+    one.state.shared = agg.result(one.state.shared)
+    for n, value in fed.state.shared.items():
+        torch.testing.assert_close(one.state.shared[n], value, rtol=1e-4, atol=1e-5)
+    for n, value in fed.state.private.items():
+        torch.testing.assert_close(one.state.private[n], value, rtol=1e-4, atol=1e-5)
+
+
+def test_content_tables_errors_and_shape(planted):
+    data = with_features(planted)
+    tables = content_tables(data.item_features, {m: np.ones(data.n_items, bool) for m in data.item_features},
+                            ("text", "image"), 8, 0)
+    assert tables["text"].shape == (data.n_items, 8)
+    torch.testing.assert_close(tables["image"].mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="use --content"):
+        content_tables(data.item_features, {}, ("audio",), 8, 0)
+    with pytest.raises(ValueError, match="views"):
+        wrap(build_model(data.n_items, small_config("fcf").model), "fedvlr", tables, replace(MM, views=("nope",)))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_centralised_upper_bound_learns_and_beats_federation(planted, name):
+    cfg = replace(small_config(name), training="centralised",
+                  centralised=CentralisedConfig(epochs=10, batch_size=64, lr=0.01))
+    central = run(cfg, dataset=planted)
+    fed = run(small_config(name), dataset=planted)
+    pop = run(replace(cfg, model=replace(cfg.model, name="popularity")), dataset=planted)
+    losses = [h["loss"] for h in central["history"]]
+    assert losses[-1] < losses[0]
+    assert central["valid"]["HR@10"] > pop["valid"]["HR@10"] + 0.2
+    assert central["valid"]["NDCG@10"] > fed["valid"]["NDCG@10"] - 0.05, (central["valid"], fed["valid"])
+    again = run(cfg, dataset=planted)
+    assert again["valid"] == central["valid"]
+
+
+def test_centralised_rejects_gfmfr(planted):
+    cfg = replace(small_config("fcf"), training="centralised", plugin="gfmfr")
+    with pytest.raises(ValueError, match="federated method"):
+        run(cfg, dataset=planted)
+
+
+def fedvlr_folder(tmp_path, planted):
+    """The planted federation in the FedVLR layout, with synthetic text and image features."""
+    from conftest import planted_frame
+
+    frame = planted_frame()
+    inter = frame.rename(columns={"user_id": "userId", "item_id": "itemId"})
+    inter["userId"] = inter["userId"].str[1:].astype(int)
+    inter.to_csv(tmp_path / "inter.csv", index=False)
+    feats = with_features(planted).item_features
+    order = np.argsort([int(i) for i in planted.item_ids])  # rows follow itemId 0..n-1
+    for m, x in feats.items():
+        np.save(tmp_path / f"{m}_features.npy", x[order].astype(np.float32))
+    return tmp_path
+
+
+def test_compare_renders_a_complete_report_and_resumes(tmp_path, planted, capsys):
+    data = fedvlr_folder(tmp_path / "data", planted) if (tmp_path / "data").mkdir() is None else None
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f"""
+seeds = [0, 1]
+models = ["fcf"]
+plugins = ["none", "mmx", "fedvlr", "gfmfr"]
+centralised = ["fcf"]
+baselines = ["popularity", "random"]
+reference = "fcf"
+
+[config]
+data.dataset = "{data}"
+model = {{ dim = 8, lr = 0.5, item_lr = 5.0 }}
+federation = {{ rounds = 3, local_epochs = 1, batch_size = 32 }}
+eval.ks = [10, 50]
+gfmfr = {{ groups = 3, server_epochs = 5 }}
+multimodal = {{ content_dim = 8, content_lr = 0.05 }}
+centralised = {{ epochs = 3, batch_size = 128, lr = 0.01 }}
+
+[[methods]]
+label = "GFMFR-FCF k-means"
+set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
+""")
+    out = tmp_path / "report"
+    assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
+    text = (out / "report.md").read_text()
+    labels = ["Popularity", "Random", "FCF", "MM-FCF", "FedVLR-FCF", "GFMFR-FCF", "FCF (centralised)",
+              "GFMFR-FCF k-means"]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "±" in line]
+    assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(labels)
+    assert all(r.split(" | ")[1] == "2" for r in rows)  # every method ran both seeds
+    assert "Incomplete" not in text and "gap closed" in text
+    for png in ("convergence.png", "groups.png", "time.png"):
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in text
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["table"]["FCF"]["seeds"] == 2 and len(summary["gaps"]) == 4
+
+    # a second run reuses every finished run; a run whose configuration changed runs again
+    results = out / "runs" / "fcf" / "seed1" / "results.json"
+    stamp = results.stat().st_mtime_ns
+    mm = out / "runs" / "mm-fcf" / "seed0" / "results.json"
+    stale = json.loads(mm.read_text())
+    stale["config"]["federation"]["rounds"] = 99
+    mm.write_text(json.dumps(stale))
+    assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
+    assert results.stat().st_mtime_ns == stamp
+    assert json.loads(mm.read_text())["config"]["federation"]["rounds"] == 3
