@@ -138,7 +138,8 @@ def fedvlr_folder(tmp_path, planted):
 
 
 def test_compare_renders_a_complete_report_and_resumes(tmp_path, planted, capsys):
-    data = fedvlr_folder(tmp_path / "data", planted) if (tmp_path / "data").mkdir() is None else None
+    (tmp_path / "data").mkdir()
+    data = fedvlr_folder(tmp_path / "data", planted)
     plan = tmp_path / "plan.toml"
     plan.write_text(f"""
 seeds = [0, 1]
@@ -185,3 +186,16 @@ set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     assert results.stat().st_mtime_ns == stamp
     assert json.loads(mm.read_text())["config"]["federation"]["rounds"] == 3
+
+
+def test_compare_plan_errors_name_the_file(tmp_path, caplog):
+    plan = tmp_path / "plan.toml"
+    plan.write_text('seeds = [0]\nmodels = ["fcf"]\nplugins = ["nope"]\n')
+    assert main(["compare", "--config", str(plan), "--out", str(tmp_path / "r")]) == 2
+    assert "plan.toml: plugins: unknown 'nope'" in caplog.text
+    plan.write_text('seeds = [0]\nmodel = ["fcf"]\n')
+    assert main(["compare", "--config", str(plan), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown key(s) ['model']" in caplog.text
+    plan.write_text('seeds = [0]\nmodels = ["fcf"]\n[config]\nfederation.rounds = "many"\n')
+    assert main(["compare", "--config", str(plan), "--out", str(tmp_path / "r")]) == 2
+    assert "federation.rounds: cannot read 'many'" in caplog.text

@@ -113,6 +113,7 @@ def load_plan(path: str | Path) -> Plan:
         settings = apply_overrides({}, [f"{k}={v}" for k, v in _flatten(extra.get("set", {})).items()])
         model = settings.get("model", {}).get("name", raw.get("config", {}).get("model", {}).get("name", ""))
         kind = "centralised" if settings.get("training") == "centralised" else "federated"
+        kind = "baseline" if model in ("popularity", "random") else kind
         methods.append(Method(extra["label"], settings, kind, model, settings.get("plugin", "none")))
     labels = [m.label for m in methods]
     if len(set(m.slug for m in methods)) != len(methods):
