@@ -58,6 +58,20 @@ def test_distillation_functions_by_hand():
     torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)]))
 
 
+def test_distillation_mask_by_hand():
+    from gfmfr.federation.client import Batch
+    from gfmfr.gfmfr.plugin import distill_mask, masked_mean
+
+    batch = Batch(np.array([0, 1]), torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1.0, 0, 0], [1, 1, 0]]),
+                  torch.tensor([[1.0, 1, 1], [1, 1, 0]]))
+    torch.testing.assert_close(distill_mask(batch, "negatives"), torch.tensor([[0.0, 1, 1], [0, 0, 0]]))
+    kl = torch.tensor([[3.0, 1.0, 2.0], [5.0, 7.0, 9.0]])
+    torch.testing.assert_close(masked_mean(kl, distill_mask(batch, "all")), torch.tensor([2.0, 6.0]))
+    torch.testing.assert_close(masked_mean(kl, distill_mask(batch, "negatives")), torch.tensor([1.5, 0.0]))
+    with pytest.raises(ValueError, match="distill_on"):
+        distill_mask(batch, "positives")
+
+
 def test_teachers_by_hand():
     model = build_model(2, ModelConfig(name="fcf", dim=2))
     signatures = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two members of group 0: their user vectors

@@ -138,6 +138,9 @@ class GFMFRConfig:
     """Continue the fusion model from the last round (False: retrain from scratch every round)."""
     distill: bool = True
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
+    distill_on: str = "all"
+    """Training pairs the KL term covers: ``all`` (METHOD.md) or ``negatives`` (only the sampled,
+    unobserved items, where the group's preference is information the client lacks)."""
     kl_scale: float = 1.0
     """Multiplier on the distillation weight w_t (1: the term starts at the scale of the base loss)."""
     ema_decay: float = 0.9

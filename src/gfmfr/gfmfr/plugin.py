@@ -63,6 +63,20 @@ def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, label
     return sums / counts[:, None]
 
 
+def distill_mask(batch: Batch, on: str) -> torch.Tensor:
+    """[A, B] 1 on the pairs the KL term covers: every real pair, or only the sampled negatives."""
+    if on == "all":
+        return batch.mask
+    if on == "negatives":
+        return batch.mask * (1 - batch.labels)
+    raise ValueError(f"gfmfr.distill_on must be 'all' or 'negatives', got {on!r}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of ``values`` [A, B] over ``mask``, [A] (0 for an empty row)."""
+    return (values * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 class GFMFR:
     """The plug-in: grouping, fusion and teacher on the server; distillation on the clients."""
 
@@ -101,7 +115,7 @@ class GFMFR:
         if not has.any():
             return None
         target = self.preferences[group.clamp_min(0)[:, None], batch.items]
-        kl = (bernoulli_kl(target, logits) * batch.mask).sum(1) / batch.mask.sum(1).clamp_min(1)
+        kl = masked_mean(bernoulli_kl(target, logits), distill_mask(batch, self.cfg.distill_on))
         users = torch.from_numpy(batch.users)
         raw = (base_loss / kl.detach().clamp_min(1e-6)).clamp_max(self.cfg.max_ratio)
         ratio = ema(self.ratio[users], raw, self.cfg.ema_decay)
