@@ -37,3 +37,12 @@ def test_bad_input_exits_with_named_error(tmp_path, caplog):
     assert main(["data", "--dataset", str(tmp_path)]) == 2
     assert "interactions.csv, line 1, field 'item_id'" in caplog.text
     assert main(["run", "--dataset", str(tmp_path), "--set", "model.nope=1"]) == 2
+
+
+def test_run_centralised(planted_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--dataset", str(planted_folder), "--model", "fcf", "--centralised", "--out", str(out),
+                 "--set", "centralised.epochs=2", "--set", "model.dim=8"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["training"] == "centralised" and len(res["history"]) == 2
+    assert "fcf (centralised)" in capsys.readouterr().out

@@ -60,7 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     results = run(cfg, args.out)
     sys.stdout.write(
-        f"\n{cfg.model.name}{'+' + cfg.plugin if cfg.plugin != 'none' else ''} on {cfg.data.dataset} ({cfg.eval.protocol} ranking), best round {results['best_round']} "
+        f"\n{cfg.model.name}{'+' + cfg.plugin if cfg.plugin != 'none' else ''}"
+        f"{' (centralised)' if cfg.training == 'centralised' else ''} on {cfg.data.dataset} "
+        f"({cfg.eval.protocol} ranking), best round {results['best_round']} "
         f"by validation {cfg.eval.select_metric}; {results['seconds_per_round']:.2f} s/round, "
         f"peak RSS {results['peak_rss_mb']:.0f} MB\n"
     )
