@@ -153,23 +153,24 @@ class LocalData:
         S = int(steps.max()) if C else 0
         self.active = (steps[None, :] > np.arange(S)[:, None]).sum(1)
         step_offset = np.concatenate([[0], np.cumsum(self.active)])
-        nb = steps // E
         n_batches = int(step_offset[-1])
-        rows = np.zeros((n_batches, B), np.int64)
-        bitems = np.zeros((n_batches, B), np.int64)
-        blabels = np.zeros((n_batches, B), np.float32)
-        bmask = np.zeros((n_batches, B), np.float32)
-        users_u64 = users.astype(np.uint64)
+        # slot[b, k]: the example in place k of batch b (-1: padding). Sorted position k holds
+        # example perm[k]; owners keep their layout, so its place within the client's shuffled
+        # epoch is j[k], which fixes its batch and slot
+        slot = np.full(n_batches * B, -1, np.int64)
+        batches_per_epoch = (steps // E)[owner]
+        batch_in_epoch, within = j // B, j % B
+        owner_u64 = users.astype(np.uint64)[owner]
         for e in range(E):
-            key = uniform(seed, STREAM_SHUFFLE, round_, users_u64[owner], e, j)
-            # sorted position k holds example perm[k]; owners keep their layout, so its place
-            # within the client's shuffled epoch is j[k]
+            key = uniform(seed, STREAM_SHUFFLE, round_, owner_u64, e, j)
             perm = np.argsort(owner + key, kind="stable")
-            flat = (step_offset[e * nb[owner] + j // B] + owner) * B + j % B
-            rows.flat[flat] = ex_row[perm]
-            bitems.flat[flat] = items[perm]
-            blabels.flat[flat] = labels[perm]
-            bmask.flat[flat] = 1.0
+            slot[(step_offset[e * batches_per_epoch + batch_in_epoch] + owner) * B + within] = perm
+        real = slot >= 0
+        src = np.where(real, slot, 0)
+        rows = ex_row[src].reshape(n_batches, B)
+        bitems = np.where(real, items[src], 0).reshape(n_batches, B)
+        blabels = np.where(real, labels[src], 0).astype(np.float32).reshape(n_batches, B)
+        bmask = real.astype(np.float32).reshape(n_batches, B)
         # padding points at a row of the same client (its first row) so gathers stay in range
         pad_owner = np.arange(n_batches) - np.repeat(step_offset[:-1], self.active)
         padded = np.nonzero(bmask == 0)
