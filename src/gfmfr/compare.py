@@ -135,7 +135,11 @@ def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     results = json.loads(path.read_text())
-    same = results.get("config") == json.loads(json.dumps(to_dict(cfg)))
+    try:  # read through the current schema: a field added since then takes its default
+        stored = to_dict(from_dict(results.get("config", {})))
+    except ConfigError:
+        stored = None
+    same = stored == to_dict(cfg)
     if not same:
         log.info("%s ran with another configuration; running it again", path)
     return results if same else None
