@@ -161,11 +161,16 @@ def compare(plan: Plan, out: str | Path, progress: bool = True) -> Path:
             cfg = plan.run_config(method, seed)
             path = run_path(out, method, seed)
             bar.set_description(f"{method.label} seed {seed}")
-            if finished(path, cfg) is None:
+            if finished(path, cfg) is None and finished(path.with_name("failed.json"), cfg) is None:
                 key = json.dumps(to_dict(cfg)["data"], sort_keys=True)
                 if key not in datasets:
                     datasets[key] = load_dataset(cfg.data)
-                run(cfg, path.parent, dataset=datasets[key])
+                try:
+                    run(cfg, path.parent, dataset=datasets[key])
+                except FloatingPointError as exc:  # a diverged run is a result too; the others go on
+                    log.warning("%s seed %d diverged: %s", method.label, seed, exc)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.with_name("failed.json").write_text(json.dumps({"config": to_dict(cfg), "error": str(exc)}))
             bar.update(1)
     return render_report(plan, out)
 
@@ -240,6 +245,10 @@ def render_report(plan: Plan, out: str | Path) -> Path:
         cells = [label, str(row["seeds"]), *(_fmt(row[m]) for m in METRICS),
                  f"{row['seconds_per_round'][0]:.2f}", f"{row['best_round'][0]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [f"{m.label} seed {s}" for m in plan.methods for s in plan.seeds
+              if run_path(out, m, s).with_name("failed.json").exists() and not run_path(out, m, s).exists()]
+    if failed:
+        lines += ["", f"Diverged (see failed.json, not in the means): {', '.join(failed)}."]
     missing = [m.label for m in plan.methods if len(results[m.label]) < len(plan.seeds)]
     if missing:
         lines += ["", f"Incomplete (fewer seeds than planned): {', '.join(missing)}."]

@@ -117,7 +117,9 @@ class GFMFR:
         target = self.preferences[group.clamp_min(0)[:, None], batch.items]
         kl = masked_mean(bernoulli_kl(target, logits), distill_mask(batch, self.cfg.distill_on))
         users = torch.from_numpy(batch.users)
-        raw = (base_loss / kl.detach().clamp_min(1e-6)).clamp_max(self.cfg.max_ratio)
+        # FedRAP's base loss can be negative (its -lambda ||D - C||^2 term): a negative ratio
+        # would turn the KL term into a reward for disagreeing, so the ratio is clamped at 0
+        raw = (base_loss / kl.detach().clamp_min(1e-6)).clamp(0.0, self.cfg.max_ratio)
         ratio = ema(self.ratio[users], raw, self.cfg.ema_decay)
         self.ratio[users] = torch.where(has, ratio, self.ratio[users])
         weight = self.cfg.kl_scale * distill_weight(ratio, round_, self.total_rounds)
