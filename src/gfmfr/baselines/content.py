@@ -13,9 +13,9 @@ their rows like any table and never trains, uploads or aggregates them.
   Shared fusion operators build several views of each item from ``e_i`` and the projected
   content ``p_m(i) = x_m(i) W_m`` (``sum``: e + sum_m p_m; ``mlp``: e + MLP([e; p_1..p_M]), one
   hidden layer of width d; ``gate``: e + sum_m sigmoid(g_m . [e; p_1..p_M]) p_m, a scalar gate per
-  modality). The views depend only on shared
-  parameters and public content, so a server can pre-compute and broadcast them; computing
-  them in the client's forward pass is the same arithmetic. A small private router per client
+  modality). The views depend only on shared parameters and public content, so a server can
+  pre-compute and broadcast them; computing them in the client's forward pass is the same
+  arithmetic. A small private router per client
   mixes them for each item: ``v_ui = sum_k softmax(R_u [v_1(i); ..; v_K(i)] + r_u)_k v_k(i)``.
   R_u and r_u start at zero (an even mixture) and never leave the client.
 
