@@ -1,6 +1,5 @@
 """The comparison baselines: MM-X and FedVLR wrappers, the centralised upper bound, `gfmfr compare`."""
 
-import copy
 import json
 from dataclasses import replace
 
@@ -11,13 +10,12 @@ import torch
 from gfmfr.baselines.content import FedVLR, content_tables, wrap
 from gfmfr.cli import main
 from gfmfr.config import CentralisedConfig, MultimodalConfig
-from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.client import train_clients
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
 from gfmfr.run import build_run_model, run
 from test_gfmfr import with_features
-from test_model_contract import small_config
+from test_model_contract import assert_batched_equals_one_client_at_a_time, small_config
 
 MODELS = sorted(FEDERATED_MODELS)
 MM = MultimodalConfig(content_dim=8, content_lr=0.05, router_lr=0.05)
@@ -74,19 +72,7 @@ def test_fedvlr_router_is_private_and_personal(planted, name):
 def test_wrapper_batched_equals_one_client_at_a_time(planted, plugin):
     data = with_features(planted)
     cfg, model = wrapped(data, "fedrap", plugin)
-    cfg = replace(cfg, federation=replace(cfg.federation, client_chunk=50, client_block=7))
-    fed = Federation(data, model, cfg)
-    fed.train_round(0)
-    one = copy.deepcopy(fed)
-    fed.train_round(1)
-    agg = FedAvg()
-    for u in range(data.n_users):
-        agg.add(train_clients(model, one.state, np.array([u]), data, cfg.federation, cfg.seed, 1), one.state.shared)
-    one.state.shared = agg.result(one.state.shared)
-    for n, value in fed.state.shared.items():
-        torch.testing.assert_close(one.state.shared[n], value, rtol=1e-4, atol=1e-5)
-    for n, value in fed.state.private.items():
-        torch.testing.assert_close(one.state.private[n], value, rtol=1e-4, atol=1e-5)
+    assert_batched_equals_one_client_at_a_time(data, model, cfg)
 
 
 def test_content_tables_errors_and_shape(planted):

@@ -74,21 +74,19 @@ def test_reproducible_with_seed(planted, name):
     assert [h["loss"] for h in c["history"]] != [h["loss"] for h in a["history"]]
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_batched_equals_one_client_at_a_time(planted, name):
-    """The in-process batched round and the per-client routine (a Flower ClientApp's) agree."""
-    cfg = small_config(name, client_chunk=50, client_block=7)  # several chunks and blocks
-    model = build_model(planted.n_items, cfg.model)
-    fed = Federation(planted, model, cfg)
+def assert_batched_equals_one_client_at_a_time(data, model, cfg):
+    """Round 1 trained batched (in chunks and blocks) and one client at a time gives the same state."""
+    cfg = replace(cfg, federation=replace(cfg.federation, client_chunk=50, client_block=7))
+    fed = Federation(data, model, cfg)
     fed.train_round(0)  # give FedRAP some private rows first
     one = copy.deepcopy(fed)
-    users = np.arange(planted.n_users)
+    users = np.arange(data.n_users)
     fed.train_round(1)
     from gfmfr.federation.aggregation import FedAvg
 
     agg = FedAvg()
     for u in users:
-        agg.add(train_clients(model, one.state, np.array([u]), planted, cfg.federation, cfg.seed, 1), one.state.shared)
+        agg.add(train_clients(model, one.state, np.array([u]), data, cfg.federation, cfg.seed, 1), one.state.shared)
     one.state.shared = agg.result(one.state.shared)
     for name_, value in fed.state.shared.items():
         torch.testing.assert_close(one.state.shared[name_], value, rtol=1e-4, atol=1e-5)
@@ -96,3 +94,10 @@ def test_batched_equals_one_client_at_a_time(planted, name):
         torch.testing.assert_close(one.state.private[name_], value, rtol=1e-4, atol=1e-5)
     for name_, rows in fed.state.private_rows.items():
         torch.testing.assert_close(one.state.private_rows[name_].dense(users), rows.dense(users), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batched_equals_one_client_at_a_time(planted, name):
+    """The in-process batched round and the per-client routine (a Flower ClientApp's) agree."""
+    cfg = small_config(name)
+    assert_batched_equals_one_client_at_a_time(planted, build_model(planted.n_items, cfg.model), cfg)
