@@ -20,3 +20,23 @@ def test_sparse_rows_store_decay_and_drop_zeros():
     got = store.gather(np.array([3, 7]), np.array([0 * 5 + 1, 1 * 5 + 1, 1 * 5 + 2]))
     torch.testing.assert_close(got, torch.tensor([[0.0, 0.0], [0.5, 0.5], [0.0, 0.0]]))
     assert store.nbytes > 0
+
+
+def test_sparse_rows_lazy_decay_matches_eager_over_many_rounds():
+    """The per-client lazy scale gives the eagerly decayed values, also past the underflow guard."""
+    rng = np.random.default_rng(0)
+    store = SparseRows(n_items=6, row_shape=(3,), capacity=2)
+    eager = torch.zeros(4, 6, 3)
+    for r in range(60):
+        clients = np.sort(rng.choice(4, size=2, replace=False))
+        decay = torch.tensor([0.4, 0.3])
+        trained = [np.sort(rng.choice(6, size=2, replace=False)) for _ in clients]
+        keys = np.concatenate([i * 6 + t for i, t in enumerate(trained)])
+        values = torch.from_numpy(rng.normal(size=(len(keys), 3)).astype(np.float32))
+        for i, c in enumerate(clients):
+            eager[c] *= decay[i]
+            eager[c, trained[i]] = values[2 * i : 2 * i + 2]
+        store.update(clients, keys, values, decay)
+        torch.testing.assert_close(store.dense(np.arange(4)), eager, rtol=1e-5, atol=1e-30)
+    got = store.gather(np.array([2, 0]), np.array([0 * 6 + 5, 1 * 6 + 0, 1 * 6 + 3]))
+    torch.testing.assert_close(got, torch.stack([eager[2, 5], eager[0, 0], eager[0, 3]]), rtol=1e-5, atol=1e-30)

@@ -128,17 +128,14 @@ class LocalData:
         C = len(users)
 
         # examples: each client's positives, then its negatives
-        pos_items = dataset.train_items[_ranges(dataset.train_indptr[users], n_pos)]
-        pos_owner = np.repeat(np.arange(C), n_pos)
-        _, neg_items = training_negatives(dataset, users, cfg.num_negatives, seed, round_, train_keys)
-        neg_owner = np.repeat(np.arange(C), n_pos * cfg.num_negatives)
-        owner = np.concatenate([pos_owner, neg_owner])
-        items = np.concatenate([pos_items, neg_items])
-        labels = np.concatenate([np.ones(len(pos_items), np.float32), np.zeros(len(neg_items), np.float32)])
-        by_owner = np.argsort(owner, kind="stable")
-        owner, items, labels = owner[by_owner], items[by_owner], labels[by_owner]
         start = np.cumsum(n_ex) - n_ex
+        owner = np.repeat(np.arange(C), n_ex)
         j = np.arange(len(owner)) - start[owner]
+        is_pos = j < n_pos[owner]
+        items = np.empty(len(owner), np.int64)
+        items[is_pos] = dataset.train_items[_ranges(dataset.train_indptr[users], n_pos)]
+        items[~is_pos] = training_negatives(dataset, users, cfg.num_negatives, seed, round_, train_keys)[1]
+        labels = is_pos.astype(np.float32)
 
         # rows: the items each client uses this round
         keys = np.sort(owner * n_items + items)
@@ -163,7 +160,7 @@ class LocalData:
         owner_u64 = users.astype(np.uint64)[owner]
         for e in range(E):
             key = uniform(seed, STREAM_SHUFFLE, round_, owner_u64, e, j)
-            perm = np.argsort(owner + key, kind="stable")
+            perm = np.argsort(owner + key)  # keys are distinct: no tie for the sort to break
             slot[(step_offset[e * batches_per_epoch + batch_in_epoch] + owner) * B + within] = perm
         real = slot >= 0
         src = np.where(real, slot, 0)

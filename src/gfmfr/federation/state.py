@@ -1,7 +1,7 @@
 """Server and client state: the global shared parameters and every client's private ones.
 
 Private item tables (FedRAP's D_u) start at zero, so a row a client never trained is exactly
-zero: only trained rows are stored, as sorted ``client * n_items + item`` keys plus values.
+zero: only trained rows are stored, per client as sorted item ids pointing into a row pool.
 """
 
 from __future__ import annotations
@@ -15,72 +15,122 @@ from gfmfr.models.base import FederatedRecommender, Params, init_tensor
 class SparseRows:
     """Rows of a private item table, held per client; a row that is not held is zero.
 
-    Each client holds its own sorted item ids and row values, as it would on a device, so
-    reading or updating one client costs O(its rows).
+    Each client holds its own sorted item ids and, for each, a slot in a shared append-only
+    pool of row values, as it would hold them on a device: reading or updating a set of
+    clients costs O(the rows asked for), never O(every row held). Weight decay of the rows a
+    client holds but did not train is applied lazily, as one scale per client: the value of a
+    row is ``scale[client] * pool[slot]``.
     """
 
-    def __init__(self, n_items: int, row_shape: tuple[int, ...]):
+    def __init__(self, n_items: int, row_shape: tuple[int, ...], capacity: int = 1024):
         self.n_items = n_items
         self.row_shape = row_shape
         self.items: dict[int, np.ndarray] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        """Sorted item ids each client holds."""
+        self.slots: dict[int, np.ndarray] = {}
+        """Pool slot of each held item, aligned with :attr:`items`."""
+        self.scale: dict[int, float] = {}
+        """Lazy weight-decay factor of each client's rows."""
+        self.pool = torch.empty((capacity, *row_shape))
+        self.used = 0
 
-    def _concat(self, clients: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """Sorted keys ``position * n_items + item`` and values of the rows of ``clients``."""
+    def _held(self, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted keys ``position * n_items + item`` of the rows ``clients`` hold, and their slots."""
         held = [(i, int(c)) for i, c in enumerate(clients) if int(c) in self.items]
         if not held:
-            return np.empty(0, np.int64), torch.zeros((0, *self.row_shape))
+            return np.empty(0, np.int64), np.empty(0, np.int64)
         # positions ascend and each client's items are sorted, so the keys come out sorted
         keys = np.concatenate([i * self.n_items + self.items[c] for i, c in held])
-        return keys, torch.cat([self.values[c] for _, c in held])
+        return keys, np.concatenate([self.slots[c] for _, c in held])
+
+    def _lookup(self, clients: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each key: whether it is held (bool) and, where it is, its slot."""
+        held_keys, held_slots = self._held(clients)
+        if not len(held_keys):
+            return np.zeros(len(keys), bool), np.zeros(len(keys), np.int64)
+        pos = np.minimum(np.searchsorted(held_keys, keys), len(held_keys) - 1)
+        return held_keys[pos] == keys, held_slots[pos]
+
+    def _scales(self, clients: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """Per-row scale column for rows at ``positions`` (indices into ``clients``)."""
+        scale = np.array([self.scale.get(int(c), 1.0) for c in clients])
+        return torch.from_numpy(scale[positions].astype(np.float32)).view(-1, *([1] * len(self.row_shape)))
 
     def gather(self, clients: np.ndarray, keys: np.ndarray) -> torch.Tensor:
         """Rows for ``keys = position * n_items + item`` (positions index ``clients``); zeros where none is held."""
         out = torch.zeros((len(keys), *self.row_shape))
-        held_keys, held_values = self._concat(clients)
-        if len(held_keys) and len(keys):
-            pos = np.minimum(np.searchsorted(held_keys, keys), len(held_keys) - 1)
-            hit = held_keys[pos] == keys
-            out[torch.from_numpy(np.flatnonzero(hit))] = held_values[torch.from_numpy(pos[hit])]
+        hit, slot = self._lookup(clients, keys)
+        if hit.any():
+            idx = np.flatnonzero(hit)
+            values = self.pool[torch.from_numpy(slot[idx])] * self._scales(clients, keys[idx] // self.n_items)
+            out[torch.from_numpy(idx)] = values
         return out
 
-    def update(self, clients: np.ndarray, keys: np.ndarray, values: torch.Tensor, decay: torch.Tensor) -> None:
-        """Store trained rows ``keys``/``values``; every other held row of client i is scaled by ``decay[i]``.
+    def _grow(self, rows: int) -> None:
+        if self.used + rows > len(self.pool):
+            pool = torch.empty((max(self.used + rows, len(self.pool) * 3 // 2), *self.row_shape))
+            pool[: self.used] = self.pool[: self.used]
+            self.pool = pool
 
-        Rows that are exactly zero are not kept.
+    def update(self, clients: np.ndarray, keys: np.ndarray, values: torch.Tensor, decay: torch.Tensor) -> None:
+        """Store trained rows ``keys``/``values`` (keys sorted); every other held row of client i is scaled by ``decay[i]``.
+
+        A new row that is exactly zero is not kept.
         """
-        old_keys, old_values = self._concat(clients)
-        if len(old_keys):
-            old_values = old_values * decay[torch.from_numpy(old_keys // self.n_items)].view(-1, *([1] * len(self.row_shape)))
-        all_keys = np.concatenate([old_keys, keys])
-        all_values = torch.cat([old_values, values.detach()])
-        order = np.argsort(all_keys, kind="stable")
-        all_keys, all_values = all_keys[order], all_values[torch.from_numpy(order)]
-        last = np.append(all_keys[1:] != all_keys[:-1], True)  # trained rows come after held ones
-        nonzero = (all_values.flatten(1) != 0).any(1).numpy() if len(all_values) else last
-        keep = last & nonzero
-        all_keys, all_values = all_keys[keep], all_values[torch.from_numpy(keep)]
-        bounds = np.searchsorted(all_keys // self.n_items, np.arange(len(clients) + 1))
-        for i, c in enumerate(clients):
-            a, b = bounds[i], bounds[i + 1]
-            if a == b:
-                self.items.pop(int(c), None)
-                self.values.pop(int(c), None)
-            else:
-                self.items[int(c)] = all_keys[a:b] % self.n_items
-                self.values[int(c)] = all_values[a:b].clone()
+        for c, f in zip(clients, decay.tolist()):
+            c = int(c)
+            if c in self.items:
+                self.scale[c] *= f
+                if self.scale[c] < 1e-20:  # fold the factor into the rows before it underflows
+                    rows = torch.from_numpy(self.slots[c])
+                    self.pool[rows] = self.pool[rows] * self.scale[c]
+                    self.scale[c] = 1.0
+        values = values.detach()
+        hit, slot = self._lookup(clients, keys)
+        pos = keys // self.n_items
+        if hit.any():
+            idx = np.flatnonzero(hit)
+            self.pool[torch.from_numpy(slot[idx])] = values[torch.from_numpy(idx)] / self._scales(clients, pos[idx])
+        new = np.flatnonzero(~hit)
+        if len(new):
+            nonzero = (values[torch.from_numpy(new)].flatten(1) != 0).any(1).numpy()
+            new = new[nonzero]
+        if not len(new):
+            return
+        new_clients = np.unique(pos[new])
+        for i in new_clients:
+            self.scale.setdefault(int(clients[i]), 1.0)
+        self._grow(len(new))
+        new_slots = self.used + np.arange(len(new))
+        self.pool[self.used : self.used + len(new)] = values[torch.from_numpy(new)] / self._scales(clients, pos[new])
+        self.used += len(new)
+        # merge each client's new items into its sorted list
+        bounds = np.searchsorted(pos[new], np.append(new_clients, new_clients[-1] + 1), side="left")
+        bounds[-1] = len(new)
+        for k, i in enumerate(new_clients):
+            c = int(clients[i])
+            items = keys[new[bounds[k] : bounds[k + 1]]] % self.n_items
+            slots = new_slots[bounds[k] : bounds[k + 1]]
+            if c in self.items:
+                old_items, old_slots = self.items[c], self.slots[c]
+                at = np.searchsorted(old_items, items)
+                items, slots = np.insert(old_items, at, items), np.insert(old_slots, at, slots)
+            self.items[c], self.slots[c] = items, slots
 
     def dense(self, clients: np.ndarray) -> torch.Tensor:
         """[len(clients), n_items, *row_shape] dense tables of ``clients``."""
         out = torch.zeros((len(clients), self.n_items, *self.row_shape))
-        keys, values = self._concat(clients)
+        keys, slots = self._held(clients)
         if len(keys):
-            out.view(-1, *self.row_shape)[torch.from_numpy(keys)] = values
+            rows = self.pool[torch.from_numpy(slots)] * self._scales(clients, keys // self.n_items)
+            out.view(-1, *self.row_shape)[torch.from_numpy(keys)] = rows
         return out
 
     @property
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() + self.items[c].nbytes for c, v in self.values.items())
+        """Memory of the row pool plus every client's item ids and slots."""
+        index = sum(self.items[c].nbytes + self.slots[c].nbytes for c in self.items)
+        return self.pool.numel() * self.pool.element_size() + index
 
 
 class FederationState:

@@ -90,13 +90,15 @@ def mlp_specs(prefix: str, sizes: list[int], shared: bool, lr: float, wd: float)
     return specs
 
 
-def mlp_apply(p: Params, prefix: str, n_layers: int, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-client MLP on ``x`` [A, B, in]; ReLU after every layer.
+def mlp_apply(
+    p: Params, prefix: str, n_layers: int, x: torch.Tensor, first: torch.Tensor | None = None, start: int = 0,
+) -> torch.Tensor:
+    """Per-client MLP on ``x`` [A, B, in], layers ``start .. n_layers - 1``; ReLU after every layer.
 
-    ``first`` [A, out0], if given, is added to the first layer's pre-activation (used to add a
+    ``first`` [A, out0], if given, is added to layer 0's pre-activation (used to add a
     user-vector term computed once per client instead of once per item).
     """
-    for i in range(n_layers):
+    for i in range(start, n_layers):
         w, b = p[f"{prefix}{i}.w"], p[f"{prefix}{i}.b"]
         x = torch.matmul(x, w) + b[:, None, :]
         if i == 0 and first is not None:

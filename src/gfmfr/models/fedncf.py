@@ -47,9 +47,12 @@ class FedNCF(FederatedRecommender):
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         d = self.dim
-        gmf = vectors * p["user_gmf"][:, None, :]
-        w0 = p["tower0.w"]
+        w0, w = p["tower0.w"], p["out.w"]
+        # GMF: w_gmf . (u_gmf * v) = (u_gmf * w_gmf) . v, and it shares one matmul over the item
+        # vectors with the tower's first layer ([v ; u_mlp] W0 = v W0_item + u_mlp W0_user)
+        gmf_w = (p["user_gmf"] * w[:, :d]).unsqueeze(-1)
+        first = torch.matmul(vectors, torch.cat([w0[:, d:], gmf_w], 2))
         user_term = torch.einsum("ad,adh->ah", p["user_mlp"], w0[:, :d])
-        hidden = mlp_apply({**p, "tower0.w": w0[:, d:]}, "tower", len(self.sizes) - 1, vectors, first=user_term)
-        w = p["out.w"]
-        return torch.einsum("abd,ad->ab", gmf, w[:, :d]) + torch.einsum("abh,ah->ab", hidden, w[:, d:]) + p["out.b"][:, None]
+        x = torch.relu(first[..., :-1] + (p["tower0.b"] + user_term)[:, None, :])
+        hidden = mlp_apply(p, "tower", len(self.sizes) - 1, x, start=1)
+        return first[..., -1] + torch.einsum("abh,ah->ab", hidden, w[:, d:]) + p["out.b"][:, None]

@@ -35,18 +35,20 @@ class _Regulariser(torch.autograd.Function):
     @staticmethod
     def forward(ctx, d, c, mask, n, lam, mu):  # type: ignore[override]
         gap = d - c
-        per_row = -lam * torch.einsum("abd,abd->ab", gap, gap) + mu * c.abs().sum(-1)
-        ctx.save_for_backward(gap, c, mask, n)
+        sq = torch.linalg.vector_norm(gap, 2, dim=-1).square_()
+        per_row = sq.mul_(-lam).add_(c.abs().sum(-1), alpha=mu)
+        w = (mask / n[:, None]).unsqueeze(-1)
+        ctx.save_for_backward(gap, c, w)
         ctx.lam, ctx.mu = lam, mu
         return (per_row * mask).sum(1) / n
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        gap, c, mask, n = ctx.saved_tensors
-        w = (grad / n)[:, None, None] * mask[..., None]
-        grad_d = torch.mul(gap, w).mul_(-2 * ctx.lam)
-        grad_c = torch.sign(c).mul_(ctx.mu).mul_(w).sub_(grad_d)
-        return grad_d, grad_c, None, None, None, None
+        gap, c, w = ctx.saved_tensors
+        w = w * grad[:, None, None]
+        pull = gap * (w * (2 * ctx.lam))  # = -dR/dD
+        grad_c = torch.addcmul(pull, torch.sign(c), w, value=ctx.mu)
+        return pull.neg_(), grad_c, None, None, None, None
 
 
 def ramp(weight: float, round_: int) -> float:
