@@ -1,5 +1,7 @@
 """The sparse, batched client routine equals plain dense SGD with torch.optim on one client."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -37,3 +39,32 @@ def test_matches_dense_torch_sgd(planted, name, round_):
             torch.testing.assert_close(fed.state.private_rows[n].dense(user)[0], ref, rtol=1e-4, atol=1e-6)
         else:
             torch.testing.assert_close(fed.state.private[n][5], ref[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
+def test_lazy_weight_decay_matches_dense_sgd_when_it_settles_mid_round(planted, name):
+    """Strong decay (k = 1 - lr * wd = 0.5 on the item table) makes LazyDecay settle within the round."""
+    cfg = small_config(name, local_epochs=15, batch_size=16)
+    cfg = replace(cfg, model=replace(cfg.model, weight_decay=0.1))
+    model = build_model(planted.n_items, cfg.model)
+    fed = Federation(planted, model, cfg)
+    user = np.array([5])
+    from gfmfr.federation.client import LocalData
+
+    assert LocalData(planted, user, cfg.federation, cfg.seed, 0).steps[0] > 25  # 0.5 ** 21 < 1e-6: settles
+    ref_all = dense_train_client(model, fed.state, 5, planted, cfg.federation, cfg.seed, 0)
+    update = train_clients(model, fed.state, user, planted, cfg.federation, cfg.seed, 0)
+    table = model.item_table
+    rows = torch.from_numpy(update.row_item)
+    torch.testing.assert_close(update.rows[table], ref_all[table][rows], rtol=1e-4, atol=1e-6)
+    for n, s in model.param_specs().items():
+        if not s.item_table:
+            got = update.shared[n][0] if s.shared else fed.state.private[n][5]
+            torch.testing.assert_close(got, ref_all[n][0], rtol=1e-4, atol=1e-6)
+
+
+def test_decay_factor_out_of_range_is_rejected():
+    from gfmfr.models.base import ParamSpec
+
+    with pytest.raises(ValueError, match="lr \\* weight_decay"):
+        ParamSpec((4,), shared=True, lr=100.0, weight_decay=0.01)

@@ -36,7 +36,7 @@ def dense_train_client(
                            for n, t in leaves.items() if specs[n].trainable])
     data = LocalData(dataset, users, cfg, seed, round_, train_keys)
     for s in range(len(data.active)):
-        _, batch, _ = data.batch(s)
+        batch = data.batch(s)
         opt.zero_grad()
         items = {n: leaves[n][batch.items] for n, sp in specs.items() if sp.item_table}
         p = {n: t for n, t in leaves.items() if not specs[n].item_table}

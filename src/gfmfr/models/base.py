@@ -58,6 +58,9 @@ class ParamSpec:
     def __post_init__(self) -> None:
         if self.constant and not (self.shared and self.item_table):
             raise ValueError("a constant parameter must be a shared item table")
+        if not 0 <= self.lr * self.weight_decay < 1:
+            raise ValueError(f"lr * weight_decay must lie in [0, 1) (SGD decay factor 1 - lr * wd), "
+                             f"got lr={self.lr}, weight_decay={self.weight_decay}")
 
     @property
     def trainable(self) -> bool:
