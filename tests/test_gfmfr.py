@@ -153,3 +153,16 @@ def test_grouping_recovers_planted_communities_in_a_federation(planted):
     fed.fit()
     truth = np.array([int(u[1:]) % 4 for u in data.user_ids])
     assert adjusted_rand_score(truth, plugin.grouping.group) > 0.6
+
+
+def test_prepare_wide_signatures_match_plain_pca():
+    """More features than clients: the Gram-matrix route keeps the components PCA keeps."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)) @ rng.normal(size=(8, 300)) + 0.01 * rng.normal(size=(40, 300))
+    wide = prepare(x, 0.95)
+    plain = PCA(n_components=0.95, svd_solver="full").fit_transform(StandardScaler().fit_transform(x))
+    assert wide.shape == plain.shape
+    np.testing.assert_allclose(np.abs(wide), np.abs(plain), atol=1e-6)  # components agree up to sign
