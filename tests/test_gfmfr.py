@@ -166,3 +166,12 @@ def test_prepare_wide_signatures_match_plain_pca():
     plain = PCA(n_components=0.95, svd_solver="full").fit_transform(StandardScaler().fit_transform(x))
     assert wide.shape == plain.shape
     np.testing.assert_allclose(np.abs(wide), np.abs(plain), atol=1e-6)  # components agree up to sign
+
+
+def test_signature_upload_counts_only_what_is_not_uploaded_anyway():
+    from gfmfr.gfmfr.plugin import signature_upload_bytes
+
+    fcf = build_model(10, ModelConfig(name="fcf", dim=8))
+    assert signature_upload_bytes(fcf) == 4 * 8  # the private user vector
+    ncf = build_model(10, ModelConfig(name="fedncf", dim=8, hidden=(4,)))
+    assert signature_upload_bytes(ncf) == 4 * (8 + 8)  # user_gmf + user_mlp; the tower is shared

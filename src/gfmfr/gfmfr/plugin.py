@@ -26,6 +26,7 @@ The plug-in touches the base model only through its hooks: ``item_table``,
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -84,6 +85,16 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, nominal: int | None = 
     """
     total = (values * mask).sum(1)
     return total / nominal if nominal else total / mask.sum(1).clamp_min(1)
+
+
+def signature_upload_bytes(model: FederatedRecommender) -> int:
+    """Bytes a client adds to its upload for grouping: the head parameters it does not upload anyway.
+
+    FedNCF's tower and output layer are shared (FedAvg already receives them); its user
+    embeddings are not. Float32, one signature per client per round.
+    """
+    specs = model.param_specs()
+    return sum(4 * math.prod(specs[n].shape) for n in model.head_params() if not specs[n].shared)
 
 
 class GFMFR:
@@ -221,5 +232,5 @@ class GFMFR:
             "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
             "bytes_down_teacher_items": items_bytes, "bytes_down_teacher_all": all_bytes,
             "bytes_down_extra": items_bytes if self.cfg.send == "items" else all_bytes,
-            "bytes_up_extra": 4 * signatures.shape[1],
+            "bytes_up_extra": signature_upload_bytes(model),
         }
