@@ -52,23 +52,33 @@ def load_done(path: Path) -> dict[str, dict]:
 
 
 def summarize(rows: list[dict], group_keys: list[str]) -> str:
-    """Mean +- std over seeds, one line per group; paired difference of NDCG@10 vs plugin 'none'."""
+    """Test mean +- std over the seeds that finished, one line per group; diverged seeds are counted apart."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r["spec"][k] for k in group_keys), []).append(r)
-    lines = [" | ".join(group_keys + list(METRICS) + ["s/round", "seeds"])]
-    for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    lines = [" | ".join(group_keys + list(METRICS) + ["valid NDCG@10", "s/round", "seeds", "diverged"])]
+    for key, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        rs = [r for r in group if "diverged" not in r]
+        failed = len(group) - len(rs)
+        if not rs:
+            lines.append(" | ".join([str(k) for k in key] + ["-"] * (len(METRICS) + 2) + ["0", str(failed)]))
+            continue
         cells = []
         for m in METRICS:
             v = np.array([r["result"]["test"][m] for r in rs])
             cells.append(f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
+        valid = np.mean([r["result"]["valid"]["NDCG@10"] for r in rs])
         sec = np.mean([r["result"]["seconds_per_round"] for r in rs])
-        lines.append(" | ".join([str(k) for k in key] + cells + [f"{sec:.2f}", str(len(rs))]))
+        lines.append(" | ".join([str(k) for k in key] + cells + [f"{valid:.4f}", f"{sec:.2f}", str(len(rs)), str(failed)]))
     return "\n".join(lines)
 
 
 def run_grid(jobs: list[tuple[dict, list[str]]], content: str, out: Path) -> list[dict]:
-    """Run every (spec, overrides) job not already in ``out`` (JSON lines); return all rows in job order."""
+    """Run every (spec, overrides) job not already in ``out`` (JSON lines); return all rows in job order.
+
+    A run that diverges (``FloatingPointError``) is recorded as ``{"diverged": message}`` and the
+    grid goes on: a diverged seed is a result, and dropping it silently would flatter the table.
+    """
     from gfmfr.config import DataConfig, apply_overrides
     from gfmfr.data.dataset import load_dataset
 
@@ -80,13 +90,19 @@ def run_grid(jobs: list[tuple[dict, list[str]]], content: str, out: Path) -> lis
         key = json.dumps(spec, sort_keys=True)
         if key not in done:
             values = apply_overrides({"seed": spec["seed"], "data": {"content": content}}, overrides)
-            row = {"key": key, "spec": spec, "result": run_one(values, dataset)}
+            try:
+                row = {"key": key, "spec": spec, "result": run_one(values, dataset)}
+            except FloatingPointError as exc:
+                row = {"key": key, "spec": spec, "diverged": str(exc)}
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             done[key] = row
-            r = row["result"]
-            logging.warning("%s: test NDCG@10 %.4f (best round %d, %.2f s/round)", key, r["test"]["NDCG@10"],
-                            r["best_round"], r["seconds_per_round"])
+            if "diverged" in row:
+                logging.warning("%s: diverged: %s", key, row["diverged"])
+            else:
+                r = row["result"]
+                logging.warning("%s: test NDCG@10 %.4f (best round %d, %.2f s/round)", key, r["test"]["NDCG@10"],
+                                r["best_round"], r["seconds_per_round"])
         rows.append(done[key])
     return rows
 
