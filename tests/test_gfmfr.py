@@ -153,6 +153,14 @@ def test_grouping_recovers_planted_communities_in_a_federation(planted):
     fed.fit()
     truth = np.array([int(u[1:]) % 4 for u in data.user_ids])
     assert adjusted_rand_score(truth, plugin.grouping.group) > 0.6
+    # what the last server round kept: targets and fused vectors per group, and the members' teacher
+    G, n, d = 4, data.n_items, model.dim
+    assert plugin.targets.shape == plugin.fused.shape == (G, n, d)
+    users = np.flatnonzero(plugin.grouping.group == 0)
+    heads = model.head_from_signature(model.head_signature(fed.state.client_params(users)))
+    # the signatures were uploaded before FedAvg; FCF's head (the user vector) is private, so they are current
+    own = torch.sigmoid(model.head_score(heads, plugin.fused[0].expand(len(users), n, d)))
+    torch.testing.assert_close(plugin.preferences[0], own.mean(0))
 
 
 def test_prepare_wide_signatures_match_plain_pca():

@@ -121,6 +121,8 @@ class GFMFR:
         self.grouping = Grouping(dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance)
         self.fusion: GroupFusion | None = None
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
+        self.targets: torch.Tensor | None = None  # [G, n_items, d]: C_g of the last server round (0 if empty)
+        self.fused: torch.Tensor | None = None  # [G, n_items, d]: Q_g of the last server round (0 if empty)
         self.ratio = torch.full((dataset.n_users,), float("nan"))  # EMA of L_base / L_KL per client
         self._chunks: list[dict[str, Any]] = []
         self._stats = torch.zeros(3)  # this round's sums of distillation weight and KL, and their count
@@ -217,6 +219,8 @@ class GFMFR:
                 raise ValueError(f"gfmfr.teacher must be 'members' or 'mean_head', got {self.cfg.teacher!r}")
         self.preferences = torch.full((G, self.n_items), 0.5)
         self.preferences[present] = prefs
+        self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
+        self.fused = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, fused)
         t4 = time.perf_counter()
 
         rows = np.concatenate([c["rows_per_client"] for c in chunks])
