@@ -84,6 +84,11 @@ class FederationConfig:
     """Local epochs per round over the client's positives and sampled negatives."""
     batch_size: int = 256
     """Local minibatch size."""
+    loss_average: str = "batch"
+    """How a minibatch's base loss is averaged: ``batch``, over the pairs the batch holds (the usual
+    mean, as in the base models' code), or ``nominal``, summed and divided by ``batch_size``, so that
+    a client's nearly empty last batch of an epoch (1 pair of 1,281, say) does not take a full-size
+    step on one pair: with the item tables' large learning rate that step can start a divergence."""
     num_negatives: int = 4
     """Sampled non-interacted items per positive, resampled every round."""
     weighted_aggregation: bool = False

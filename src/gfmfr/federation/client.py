@@ -252,6 +252,15 @@ class LazyDecay:
             self.settle(s)
 
 
+def batch_weight(mask: torch.Tensor, cfg: FederationConfig) -> torch.Tensor | float:
+    """Factor on each client's per-batch mean base loss: 1, or its fill / ``batch_size`` (``loss_average``)."""
+    if cfg.loss_average == "batch":
+        return 1.0
+    if cfg.loss_average == "nominal":
+        return mask.sum(1) / cfg.batch_size
+    raise ValueError(f"federation.loss_average must be 'batch' or 'nominal', got {cfg.loss_average!r}")
+
+
 def train_clients(
     model: FederatedRecommender,
     state: FederationState,
@@ -295,7 +304,7 @@ def train_clients(
                      .view(len(pos), -1, *t.shape[1:]).requires_grad_(n in decayed) for n, t in tables.items()}
             p = {n: t.index_select(0, idx).requires_grad_() for n, t in dense.items()}
             logits = model.forward(p, items)
-            loss = model.base_loss(p, items, logits, part.labels, part.mask, round_)
+            loss = model.base_loss(p, items, logits, part.labels, part.mask, round_) * batch_weight(part.mask, cfg)
             base = loss.detach()
             for plugin in plugins:
                 extra = plugin.client_loss(model, p, items, logits, base, part, round_)

@@ -41,6 +41,9 @@ def dense_train_client(
         items = {n: leaves[n][batch.items] for n, sp in specs.items() if sp.item_table}
         p = {n: t for n, t in leaves.items() if not specs[n].item_table}
         logits = model.forward(p, items)
-        model.base_loss(p, items, logits, batch.labels, batch.mask, round_).sum().backward()
+        loss = model.base_loss(p, items, logits, batch.labels, batch.mask, round_)
+        if cfg.loss_average == "nominal":  # every pair weighs 1 / batch_size, whatever the batch's fill
+            loss = loss * batch.mask.sum() / cfg.batch_size
+        loss.sum().backward()
         opt.step()
     return {n: t.detach() for n, t in leaves.items()}
