@@ -59,7 +59,7 @@ def main() -> None:
         for variant in args.variants
     ]
     rows = run_grid(jobs, args.content, Path(args.out))
-    sys.stdout.write(summarize(rows, ["model", "variant"]) + "\n")
+    sys.stdout.write(summarize(rows, ["model", "variant"], ("variant", "base")) + "\n")
 
 
 if __name__ == "__main__":

@@ -51,25 +51,47 @@ def load_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def summarize(rows: list[dict], group_keys: list[str]) -> str:
-    """Test mean +- std over the seeds that finished, one line per group; diverged seeds are counted apart."""
+def summarize(rows: list[dict], group_keys: list[str], baseline: tuple[str, str] | None = None) -> str:
+    """Test mean +- std over the seeds that finished, one line per group; diverged seeds are counted apart.
+
+    With ``baseline = (key, value)`` (e.g. ``("plugin", "none")``), each line also gets the mean paired
+    difference of test and valid NDCG@10 against the row with ``key = value`` and the same other spec.
+    """
+    def ndcg(r: dict, split: str) -> float:
+        return r["result"][split]["NDCG@10"]
+
+    def partner(r: dict) -> dict | None:
+        if baseline is None:
+            return None
+        want = {**r["spec"], baseline[0]: baseline[1]}
+        return next((b for b in rows if b["spec"] == want and "diverged" not in b), None)
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r["spec"][k] for k in group_keys), []).append(r)
-    lines = [" | ".join(group_keys + list(METRICS) + ["valid NDCG@10", "s/round", "seeds", "diverged"])]
+    head = group_keys + list(METRICS) + ["valid NDCG@10", "s/round", "seeds", "diverged"]
+    if baseline:
+        head += ["paired test diff", "paired valid diff"]
+    lines = [" | ".join(head)]
     for key, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         rs = [r for r in group if "diverged" not in r]
         failed = len(group) - len(rs)
         if not rs:
-            lines.append(" | ".join([str(k) for k in key] + ["-"] * (len(METRICS) + 2) + ["0", str(failed)]))
+            lines.append(" | ".join([str(k) for k in key] + ["-"] * (len(head) - len(key) - 2) + ["0", str(failed)]))
             continue
         cells = []
         for m in METRICS:
             v = np.array([r["result"]["test"][m] for r in rs])
             cells.append(f"{v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
-        valid = np.mean([r["result"]["valid"]["NDCG@10"] for r in rs])
+        valid = np.mean([ndcg(r, "valid") for r in rs])
         sec = np.mean([r["result"]["seconds_per_round"] for r in rs])
-        lines.append(" | ".join([str(k) for k in key] + cells + [f"{valid:.4f}", f"{sec:.2f}", str(len(rs)), str(failed)]))
+        cells += [f"{valid:.4f}", f"{sec:.2f}", str(len(rs)), str(failed)]
+        if baseline:
+            pairs = [(r, b) for r in rs if (b := partner(r)) is not None]
+            for split in ("test", "valid"):
+                d = [ndcg(r, split) - ndcg(b, split) for r, b in pairs]
+                cells.append(f"{np.mean(d):+.4f} ({', '.join(f'{x:+.4f}' for x in d)})" if d else "-")
+        lines.append(" | ".join([str(k) for k in key] + cells))
     return "\n".join(lines)
 
 
@@ -129,7 +151,7 @@ def main() -> None:
         for plugin in args.plugins
     ]
     rows = run_grid(jobs, args.content, Path(args.out))
-    sys.stdout.write(summarize(rows, ["model", "plugin"]) + "\n")
+    sys.stdout.write(summarize(rows, ["model", "plugin"], ("plugin", "none")) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,13 @@ def test_run_grid_records_divergence_and_goes_on(tmp_path, monkeypatch):
     assert line[0] == "fcf"
     assert line[2].startswith("0.0500 +- 0.0141")  # NDCG@10 over seeds 0 and 2 only
     assert line[-2:] == ["2", "1"]
+
+
+def test_summarize_pairs_each_seed_with_its_baseline():
+    rows = [{"spec": {"model": "fcf", "plugin": p, "seed": s}, "result": _result(v)}
+            for p, s, v in [("none", 0, 0.04), ("none", 1, 0.05), ("gfmfr", 0, 0.045), ("gfmfr", 1, 0.0475)]]
+    lines = ml100k_table.summarize(rows, ["model", "plugin"], ("plugin", "none")).splitlines()
+    gfmfr = lines[1].split(" | ")
+    assert gfmfr[1] == "gfmfr"
+    assert gfmfr[-2] == "-0.0013 (+0.0050, -0.0025)"
+    assert lines[2].split(" | ")[-2] == "+0.0000 (+0.0000, +0.0000)"
