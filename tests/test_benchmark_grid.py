@@ -52,5 +52,5 @@ def test_summarize_pairs_each_seed_with_its_baseline():
     lines = ml100k_table.summarize(rows, ["model", "plugin"], ("plugin", "none")).splitlines()
     gfmfr = lines[1].split(" | ")
     assert gfmfr[1] == "gfmfr"
-    assert gfmfr[-2] == "-0.0013 (+0.0050, -0.0025)"
+    assert gfmfr[-2] == "+0.0012 (+0.0050, -0.0025)"
     assert lines[2].split(" | ")[-2] == "+0.0000 (+0.0000, +0.0000)"
