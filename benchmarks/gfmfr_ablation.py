@@ -3,8 +3,8 @@
 Variants: G in {1, 3, 5, 8}; text only, image only, both; each fusion expert; without
 distillation; spectral vs k-means; fusion warm-started vs trained from scratch each round;
 the METHOD.md mean-head teacher vs the members' mean prediction; without the item-ID view;
-the KL term on every training pair vs on the sampled negatives only; the KL term averaged over
-the nominal batch size vs over the pairs a batch holds. Finished runs are reused.
+the KL term on every training pair vs on the sampled negatives only; the KL term and the base loss
+averaged over the nominal batch size vs over the pairs a batch holds. Finished runs are reused.
 
     python benchmarks/gfmfr_ablation.py --model fcf --seeds 0 1 2 --out runs/ablation.jsonl \
         [--set federation.rounds=40] [--variants base default G=3 text-only]
@@ -40,8 +40,8 @@ VARIANTS: dict[str, list[str]] = {
     "kl-scale=0.1": ["gfmfr.kl_scale=0.1"],
     "server-epochs=50": ["gfmfr.server_epochs=50"],
     "kl-average=batch": ["gfmfr.kl_average=batch"],
-    "distill-negatives": ["gfmfr.distill_on=negatives"],
-    "distill-negatives-kl=0.1": ["gfmfr.distill_on=negatives", "gfmfr.kl_scale=0.1"],
+    "distill-all": ["gfmfr.distill_on=all"],
+    "batch-mean-loss": ["federation.loss_average=batch"],
 }
 
 
