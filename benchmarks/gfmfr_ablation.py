@@ -40,8 +40,9 @@ VARIANTS: dict[str, list[str]] = {
     "kl-scale=0.1": ["gfmfr.kl_scale=0.1"],
     "server-epochs=50": ["gfmfr.server_epochs=50"],
     "kl-average=batch": ["gfmfr.kl_average=batch"],
-    "distill-all": ["gfmfr.distill_on=all"],
-    "batch-mean-loss": ["federation.loss_average=batch"],
+    "distill-negatives": ["gfmfr.distill_on=negatives"],
+    "nominal-loss": ["federation.loss_average=nominal"],
+    "distill-negatives-nominal-loss": ["gfmfr.distill_on=negatives", "federation.loss_average=nominal"],
 }
 
 

@@ -84,12 +84,14 @@ class FederationConfig:
     """Local epochs per round over the client's positives and sampled negatives."""
     batch_size: int = 256
     """Local minibatch size."""
-    loss_average: str = "nominal"
-    """How a minibatch's base loss is averaged: ``nominal``, summed over the batch's pairs and divided
-    by ``batch_size``, so every pair weighs the same; or ``batch``, divided by the pairs the batch
-    holds (the usual mean, as in the base models' code). With ``batch`` a client's nearly empty last
-    batch of an epoch (1 pair, say) takes a full-size step on that one pair; with the item tables'
-    large learning rate that started the divergence of GFMFR-FedRAP (seeds 0 and 1)."""
+    loss_average: str = "batch"
+    """How a minibatch's base loss is averaged: ``batch``, over the pairs the batch holds (the usual
+    mean, as in the base models' code; the learning rates were tuned with it), or ``nominal``, summed
+    and divided by ``batch_size``, so that every pair weighs the same. With ``batch`` a client's nearly
+    empty last batch (1 pair, say) takes a full-size step on that pair, which started the divergence
+    of GFMFR-FedRAP with the KL term on negatives; ``nominal`` removes it but also shrinks every step
+    of a light client (one batch of 100 pairs weighs 100/256) and lowered the base models' validation
+    NDCG@10 (docs/results.md)."""
     num_negatives: int = 4
     """Sampled non-interacted items per positive, resampled every round."""
     weighted_aggregation: bool = False
@@ -145,11 +147,12 @@ class GFMFRConfig:
     """Continue the fusion model from the last round (False: retrain from scratch every round)."""
     distill: bool = True
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
-    distill_on: str = "negatives"
-    """Training pairs the KL term covers: ``negatives``, only the sampled unobserved items, where the
-    group's preference is information the client lacks; or ``all``, every training pair (METHOD.md),
-    which also pulls the positives' predictions towards a group average (on ML-100K its validation
-    NDCG@10 is lower for FCF, PFedRec and FedRAP and level for FedNCF: docs/results.md)."""
+    distill_on: str = "all"
+    """Training pairs the KL term covers: ``all``, every training pair (METHOD.md), or ``negatives``,
+    only the sampled unobserved items, where the group's preference is information the client lacks.
+    On ML-100K ``negatives`` has the higher validation NDCG@10 (FCF, PFedRec; level on FedNCF) but
+    diverged GFMFR-FedRAP on 2 of 3 seeds unless ``federation.loss_average = "nominal"``
+    (docs/results.md), so the default stays METHOD.md's."""
     kl_average: str = "nominal"
     """``nominal``: the KL term is summed over a batch's pairs and divided by ``federation.batch_size``;
     ``batch``: divided by the pairs the batch holds (a nearly empty last batch then weighs each pair

@@ -5,7 +5,7 @@ Server, after FedAvg in round t: group the participants by their prediction head
 fit the group fusion model Q_g(i) to them (:mod:`.fusion`), and score every fused vector with
 the group's mean head: p_g(i) = sigmoid(head_g(Q_g(i))) (:func:`teacher`).
 Client, in round t+1: add w_t * KL(Bernoulli(p_g(i)) || Bernoulli(yhat_ui)) over its training
-pairs, by default only the sampled negatives (:mod:`.distill`). Round 0 and clients without a group use the base loss alone.
+pairs, or only its sampled negatives (``distill_on``; :mod:`.distill`). Round 0 and clients without a group use the base loss alone.
 
 Changes from the reference code, each to make the mechanism carry information:
 - the teacher applies the whole head (hidden layers and the user vector included) that the
@@ -16,9 +16,9 @@ Changes from the reference code, each to make the mechanism carry information:
   client's last, nearly empty batch of an epoch (2 pairs for 770 examples and B = 256) would
   otherwise weigh each pair 128 times more, and with the item tables' large learning rate the
   KL term, which does not saturate as BCE does, then oscillates and diverges (FedRAP, seed 0);
-- by default the KL term covers only the sampled negatives (``distill_on``): on a positive the
-  client has its label, and pulling it towards a group average lowered validation NDCG@10;
-  on an unobserved item the group's preference is information the client lacks;
+- the KL term can cover only the sampled negatives (``distill_on``): on a positive the client has
+  its label, and pulling it towards a group average lowered validation NDCG@10; on an unobserved
+  item the group's preference is information the client lacks;
 - spectral clustering is seeded and runs on standardised, PCA-reduced signatures;
 - the EMA ratio and the annealing are pure functions of their inputs and the round.
 
