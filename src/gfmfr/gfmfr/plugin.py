@@ -5,7 +5,8 @@ Server, after FedAvg in round t: group the participants by their prediction head
 fit the group fusion model Q_g(i) to them (:mod:`.fusion`), and score every fused vector with
 the group's mean head: p_g(i) = sigmoid(head_g(Q_g(i))) (:func:`teacher`).
 Client, in round t+1: add w_t * KL(Bernoulli(p_g(i)) || Bernoulli(yhat_ui)) over its training
-pairs, or only its sampled negatives (``distill_on``; :mod:`.distill`). Round 0 and clients without a group use the base loss alone.
+pairs, or only its sampled negatives (``distill_on``; :mod:`.distill`). Round 0 and clients
+without a group use the base loss alone.
 
 Changes from the reference code, each to make the mechanism carry information:
 - the teacher applies the whole head (hidden layers and the user vector included) that the
