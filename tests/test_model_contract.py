@@ -101,3 +101,16 @@ def test_batched_equals_one_client_at_a_time(planted, name):
     """The in-process batched round and the per-client routine (a Flower ClientApp's) agree."""
     cfg = small_config(name)
     assert_batched_equals_one_client_at_a_time(planted, build_model(planted.n_items, cfg.model), cfg)
+
+
+def test_rowdot_matches_einsum_and_its_gradient():
+    from gfmfr.models.base import rowdot
+
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(rowdot(vectors, weight), torch.einsum("abd,ad->ab", vectors, weight))
+    assert torch.autograd.gradcheck(rowdot, (vectors, weight))
+    # a non-contiguous weight (FedNCF passes a column slice of its output layer)
+    wide = torch.randn(3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, w: rowdot(v, w[:, 3:]), (vectors, wide))

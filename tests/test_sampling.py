@@ -30,3 +30,15 @@ def test_eval_negatives_distinct_unseen_and_split_specific(planted):
     for u in range(planted.n_users):
         seen = set(planted.user_train(u).tolist()) | {planted.valid_items[u], planted.test_items[u]}
         assert len(set(v[u].tolist())) == 20 and not (set(v[u].tolist()) & seen)
+
+
+def test_hash_fold_continues_hash_u64_from_a_gathered_prefix():
+    from gfmfr.data.sampling import hash_fold, hash_u64
+
+    users = np.array([5, 0, 9])
+    owner = np.array([0, 0, 1, 2, 2, 2])
+    j = np.arange(6)
+    direct = hash_u64(7, 2, 3, users[owner], 4, j)
+    folded = hash_fold(hash_fold(hash_u64(7, 2, 3, users), 4)[owner], j)
+    np.testing.assert_array_equal(folded, direct)
+    assert not np.array_equal(hash_u64(7, 2, 3, users[owner], 5, j), direct)

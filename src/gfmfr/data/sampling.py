@@ -29,32 +29,48 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def hash_u64(*keys: np.ndarray | int) -> np.ndarray:
-    """A well-mixed uint64 per element of the broadcast ``keys``."""
-    out = np.uint64(0)
+def hash_fold(state: np.ndarray | int, *keys: np.ndarray | int) -> np.ndarray:
+    """Continue :func:`hash_u64` from ``state``: ``hash_fold(hash_u64(a, b), c) == hash_u64(a, b, c)``.
+
+    A prefix shared by many elements (a user's) can be hashed once per user and gathered.
+    """
+    out = state
     with np.errstate(over="ignore"):
         for k in keys:
             out = _mix(np.asarray(out, dtype=np.uint64) + _GOLD + np.asarray(k).astype(np.uint64))
     return np.asarray(out, dtype=np.uint64)
 
 
+def hash_u64(*keys: np.ndarray | int) -> np.ndarray:
+    """A well-mixed uint64 per element of the broadcast ``keys``."""
+    return hash_fold(np.uint64(0), *keys)
+
+
+def to_unit(hashes: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1) from uint64 hashes (their top 53 bits)."""
+    return (hashes >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def uniform(*keys: np.ndarray | int) -> np.ndarray:
     """Floats in [0, 1) from :func:`hash_u64`."""
-    return (hash_u64(*keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return to_unit(hash_u64(*keys))
 
 
 def sample_excluding(
-    users: np.ndarray, slots: np.ndarray, n_items: int, exclude_keys: np.ndarray, seed: int, stream: int, round_: int
+    users: np.ndarray, slots: np.ndarray, n_items: int, exclude_keys: np.ndarray, seed: int, stream: int, round_: int,
+    user_hash: np.ndarray | None = None,
 ) -> np.ndarray:
     """One item per (user, slot), uniform over items whose key ``user * n_items + item`` is not excluded.
 
     ``exclude_keys`` must be sorted. Rejected draws are redrawn with the next attempt counter.
+    ``user_hash``, if given, is ``hash_u64(seed, stream, round_, users)`` (cheaper to compute per user).
     """
+    prefix = hash_u64(seed, stream, round_, users) if user_hash is None else user_hash
     out = np.empty(len(users), dtype=np.int64)
     todo = np.arange(len(users))
     attempt = 0
     while len(todo):
-        draw = (hash_u64(seed, stream, round_, users[todo], slots[todo], attempt) % np.uint64(n_items)).astype(np.int64)
+        draw = (hash_fold(prefix[todo], slots[todo], attempt) % np.uint64(n_items)).astype(np.int64)
         keys = users[todo] * n_items + draw
         pos = np.searchsorted(exclude_keys, keys)
         pos = np.minimum(pos, len(exclude_keys) - 1)
@@ -84,7 +100,8 @@ def training_negatives(
     counts = dataset.train_counts[users] * num_negatives
     owner = np.repeat(users, counts)
     slot = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    items = sample_excluding(owner, slot, dataset.n_items, keys, seed, STREAM_NEGATIVES, round_)
+    user_hash = np.repeat(hash_u64(seed, STREAM_NEGATIVES, round_, users), counts)
+    items = sample_excluding(owner, slot, dataset.n_items, keys, seed, STREAM_NEGATIVES, round_, user_hash)
     return owner, items
 
 

@@ -28,11 +28,15 @@ def weighted_sums(update: LocalUpdate, global_shared: Params, weights: torch.Ten
     for name, rows in update.rows.items():
         g = global_shared[name]
         decay = update.decay[name]
-        base = (w @ decay)[:, None, None] * g[None]
-        delta = rows - decay[owner, None] * g[item]
+        # sum_c w_c upload_c = g * (sum_c w_c decay_c - sum_{rows of item i} w_c decay_c) + sum_rows w_c row:
+        # the broadcast part is a per-item scalar, so the rows are read once (no per-row delta)
+        out[name] = torch.empty((w.shape[0], *g.shape))
         for k in range(w.shape[0]):
-            scatter_rows(base[k], item, w[k, owner, None] * delta)
-        out[name] = base
+            row_w = w[k, owner]
+            held = torch.bincount(item, weights=row_w * decay[owner], minlength=len(g)).to(g.dtype)
+            out[name][k] = g * (w[k] @ decay - held).view(-1, *([1] * (g.dim() - 1)))
+            uniform = bool((row_w == 1).all())
+            scatter_rows(out[name][k], item, rows if uniform else row_w.view(-1, *([1] * (rows.dim() - 1))) * rows)
     return out
 
 

@@ -31,7 +31,7 @@ import torch
 
 from gfmfr.config import FederationConfig
 from gfmfr.data.dataset import Dataset
-from gfmfr.data.sampling import STREAM_SHUFFLE, training_negatives, uniform
+from gfmfr.data.sampling import STREAM_SHUFFLE, hash_fold, hash_u64, to_unit, training_negatives
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender, Params
 
@@ -160,32 +160,28 @@ class LocalData:
         slot = np.full(n_batches * B, -1, np.int64)
         batches_per_epoch = (steps // E)[owner]
         batch_in_epoch, within = j // B, j % B
-        owner_u64 = users.astype(np.uint64)[owner]
+        user_hash = hash_u64(seed, STREAM_SHUFFLE, round_, users.astype(np.uint64))
         for e in range(E):
-            key = uniform(seed, STREAM_SHUFFLE, round_, owner_u64, e, j)
+            key = to_unit(hash_fold(hash_fold(user_hash, e)[owner], j))  # = uniform(seed, ..., user, e, j)
             perm = np.argsort(owner + key)  # keys are distinct: no tie for the sort to break
             slot[(step_offset[e * batches_per_epoch + batch_in_epoch] + owner) * B + within] = perm
-        real = slot >= 0
-        src = np.where(real, slot, 0)
-        rows = ex_row[src].reshape(n_batches, B)
-        bitems = np.where(real, items[src], 0).reshape(n_batches, B)
-        blabels = np.where(real, labels[src], 0).astype(np.float32).reshape(n_batches, B)
-        bmask = real.astype(np.float32).reshape(n_batches, B)
-        # padding points at a row of the same client (its first row) so gathers stay in range
-        batch_client = np.arange(n_batches) - np.repeat(step_offset[:-1], self.active)
-        padded = np.nonzero(bmask == 0)
-        rows[padded] = self.row_ptr[batch_client[padded[0]]]
         # within a step, batches go from the fullest to the emptiest (real examples come first
         # in a batch), so a block of clients can be cut to the width of its fullest batch
-        count = real.reshape(n_batches, B).sum(1)
+        slot = slot.reshape(n_batches, B)
+        count = (slot >= 0).sum(1)
         by_fill = np.lexsort((-count, np.repeat(np.arange(S), self.active)))
+        slot, count = slot[by_fill], count[by_fill]
+        self.batch_client = (np.arange(n_batches) - np.repeat(step_offset[:-1], self.active))[by_fill]
+        # a padding slot (-1) reads the sentinel appended to each per-example array (item 0, label 0)
+        # and points at a row of its own client (the first) so that gathers stay in range
+        real = slot >= 0
+        rows = np.where(real, np.append(ex_row, 0)[slot], self.row_ptr[self.batch_client][:, None])
         self.step_offset = step_offset
-        self.batch_client = batch_client[by_fill]
-        self.batch_count = count[by_fill]
-        self.batch_rows = torch.from_numpy(rows[by_fill])
-        self.batch_items = torch.from_numpy(bitems[by_fill])
-        self.batch_labels = torch.from_numpy(blabels[by_fill])
-        self.batch_mask = torch.from_numpy(bmask[by_fill])
+        self.batch_count = count
+        self.batch_rows = torch.from_numpy(rows)
+        self.batch_items = torch.from_numpy(np.append(items, 0)[slot])
+        self.batch_labels = torch.from_numpy(np.append(labels, np.float32(0))[slot])
+        self.batch_mask = torch.from_numpy(real.astype(np.float32))
         self.num_samples = n_ex
 
     def blocks(self, s: int, max_clients: int) -> Iterator[tuple[np.ndarray, Batch, torch.Tensor]]:
@@ -233,9 +229,18 @@ class LazyDecay:
         f = self.factor(s)
         return out if f == 1.0 else out.mul_(f)
 
-    def step(self, rows: torch.Tensor, grad: torch.Tensor, lr: float, s: int) -> None:
-        """The gradient part of step ``s``: ``T[rows] -= lr * grad`` (repeats accumulate)."""
-        scatter_rows(self.table, rows, grad, -lr / self.factor(s + 1))
+    def step_scale(self, lr: float, s: int) -> float:
+        """The factor on a gradient that :meth:`step` adds to the stored rows at step ``s``."""
+        return -lr / self.factor(s + 1)
+
+    def step(self, rows: torch.Tensor, grad: torch.Tensor, lr: float, s: int, grad_scale: float = 1.0) -> None:
+        """The gradient part of step ``s``: ``T[rows] -= lr * grad`` (repeats accumulate).
+
+        ``grad`` may come pre-multiplied by ``grad_scale``; when that is :meth:`step_scale`,
+        the rows are added as they are, with no pass to scale them.
+        """
+        scale = self.step_scale(lr, s)
+        scatter_rows(self.table, rows, grad, 1.0 if scale == grad_scale else scale / grad_scale)
 
     def settle(self, s: int) -> None:
         """Make the stored rows the true ones as of step ``s``."""
@@ -311,7 +316,11 @@ def train_clients(
                 if extra is not None:
                     loss = loss + extra
             leaves = list(p.values()) + [items[n] for n in decayed]
-            grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+            # gradients come scaled as the first table's update needs them, which saves a pass
+            # over its [A, B, d] gradient; the dense updates divide the scale out for free
+            lead = next(iter(decayed), None)
+            grad_scale = decayed[lead].step_scale(specs[lead].lr, s) if lead else 1.0
+            grads = torch.autograd.grad(loss.sum(), leaves, torch.tensor(grad_scale), allow_unused=True)
             with torch.no_grad():
                 loss_sum.index_add_(0, idx, loss.detach())
                 for (name, t), g in zip(p.items(), grads[: len(p)]):
@@ -320,11 +329,11 @@ def train_clients(
                     if spec.weight_decay:
                         t.mul_(1 - spec.lr * spec.weight_decay)
                     if g is not None:
-                        t.sub_(g, alpha=spec.lr)
+                        t.sub_(g, alpha=spec.lr / grad_scale)
                     dense[name].index_copy_(0, idx, t)
                 for name, g in zip(decayed, grads[len(p):]):
                     if g is not None:
-                        decayed[name].step(flat_rows, g.flatten(0, 1), specs[name].lr, s)
+                        decayed[name].step(flat_rows, g.flatten(0, 1), specs[name].lr, s, grad_scale)
     for lazy in decayed.values():
         lazy.settle(len(data.active))
 

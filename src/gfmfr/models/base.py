@@ -93,6 +93,32 @@ def mlp_specs(prefix: str, sizes: list[int], shared: bool, lr: float, wd: float)
     return specs
 
 
+class _RowDot(torch.autograd.Function):
+    """``out[a, b] = vectors[a, b] . weight[a]`` with a hand-written backward.
+
+    ``einsum("abd,ad->ab")`` runs as three batched matrix-vector products (one forward, two
+    backward), which CPU BLAS handles poorly at these shapes; the elementwise forms below take
+    about half the time, and the products are a third of a round for the dot-product models.
+    """
+
+    @staticmethod
+    def forward(ctx, vectors, weight):  # type: ignore[override]
+        ctx.save_for_backward(vectors, weight)
+        return torch.linalg.vecdot(vectors, weight.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        vectors, weight = ctx.saved_tensors
+        grad_vectors = grad.unsqueeze(2) * weight.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.unsqueeze(1), vectors).squeeze(1) if ctx.needs_input_grad[1] else None
+        return grad_vectors, grad_weight
+
+
+def rowdot(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-client dot products: vectors [A, B, d] with weight [A, d] -> [A, B]."""
+    return _RowDot.apply(vectors, weight)
+
+
 def mlp_apply(
     p: Params, prefix: str, n_layers: int, x: torch.Tensor, first: torch.Tensor | None = None, start: int = 0,
 ) -> torch.Tensor:

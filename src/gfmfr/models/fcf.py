@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gfmfr.models.base import FederatedRecommender, Params, ParamSpec
+from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, rowdot
 
 
 class FCF(FederatedRecommender):
@@ -32,4 +32,4 @@ class FCF(FederatedRecommender):
         return ["user"]
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("abd,ad->ab", vectors, p["user"])
+        return rowdot(vectors, p["user"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs
+from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs, rowdot
 
 
 class FedNCF(FederatedRecommender):
@@ -55,4 +55,4 @@ class FedNCF(FederatedRecommender):
         user_term = torch.einsum("ad,adh->ah", p["user_mlp"], w0[:, :d])
         x = torch.relu(first[..., :-1] + (p["tower0.b"] + user_term)[:, None, :])
         hidden = mlp_apply(p, "tower", len(self.sizes) - 1, x, start=1)
-        return first[..., -1] + torch.einsum("abh,ah->ab", hidden, w[:, d:]) + p["out.b"][:, None]
+        return first[..., -1] + rowdot(hidden, w[:, d:]) + p["out.b"][:, None]

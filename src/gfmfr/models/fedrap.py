@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs
+from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs, rowdot
 
 
 class _Regulariser(torch.autograd.Function):
@@ -99,9 +99,9 @@ class FedRAP(FederatedRecommender):
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         if self.cfg.fedrap_head == "dot":
-            return torch.einsum("abd,ad->ab", vectors, p["user"])
+            return rowdot(vectors, p["user"])
         d = self.dim
         w0 = p["head0.w"]
         user_term = torch.einsum("ad,adh->ah", p["user"], w0[:, :d])
         hidden = mlp_apply({**p, "head0.w": w0[:, d:]}, "head", len(self.sizes) - 1, vectors, first=user_term)
-        return torch.einsum("abh,ah->ab", hidden, p["out.w"]) + p["out.b"][:, None]
+        return rowdot(hidden, p["out.w"]) + p["out.b"][:, None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gfmfr.models.base import FederatedRecommender, Params, ParamSpec
+from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, rowdot
 
 
 class PFedRec(FederatedRecommender):
@@ -37,4 +37,4 @@ class PFedRec(FederatedRecommender):
         return ["score.w", "score.b"]
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("abd,ad->ab", vectors, p["score.w"]) + p["score.b"][:, None]
+        return rowdot(vectors, p["score.w"]) + p["score.b"][:, None]
