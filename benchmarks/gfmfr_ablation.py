@@ -42,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     "kl-average=batch": ["gfmfr.kl_average=batch"],
     "distill-negatives": ["gfmfr.distill_on=negatives"],
     "nominal-loss": ["federation.loss_average=nominal"],
+    "schedule=constant": ["gfmfr.schedule=constant"],
+    "schedule=linear": ["gfmfr.schedule=linear"],
     "distill-negatives-nominal-loss": ["gfmfr.distill_on=negatives", "federation.loss_average=nominal"],
 }
 

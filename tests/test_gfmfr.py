@@ -56,6 +56,10 @@ def test_distillation_functions_by_hand():
     expected = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
     torch.testing.assert_close(kl, torch.tensor([expected, 0.0]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)]))
+    torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100, "constant"), torch.tensor([2.0]))
+    torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 25, 100, "linear"), torch.tensor([1.5]))
+    with pytest.raises(ValueError, match="gfmfr.schedule"):
+        distill_weight(torch.tensor([2.0]), 1, 100, "step")
 
 
 def test_distillation_mask_by_hand():

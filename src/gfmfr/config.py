@@ -159,6 +159,9 @@ class GFMFRConfig:
     up to B times more, which diverged GFMFR-FedRAP with seed 0)."""
     kl_scale: float = 1.0
     """Multiplier on the distillation weight w_t (1: the term starts at the scale of the base loss)."""
+    schedule: str = "cosine"
+    """Round factor on the distillation weight: ``cosine`` anneals it as cos(pi t / (2T)) (METHOD.md),
+    ``constant`` keeps it, ``linear`` anneals it as 1 - t / T."""
     ema_decay: float = 0.9
     """Decay of the moving average r_t of L_base / L_KL."""
     teacher: str = "members"

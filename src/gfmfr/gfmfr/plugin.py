@@ -42,7 +42,7 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.data.encoders import reduce_features
 from gfmfr.federation.aggregation import weighted_sums
 from gfmfr.federation.client import Batch, LocalUpdate
-from gfmfr.gfmfr.distill import bernoulli_kl, distill_weight, ema
+from gfmfr.gfmfr.distill import bernoulli_kl, distill_weight, ema, schedule_factor
 from gfmfr.gfmfr.fusion import GroupFusion, fit_fusion
 from gfmfr.gfmfr.grouping import Grouping
 from gfmfr.models.base import FederatedRecommender, Params
@@ -107,6 +107,7 @@ class GFMFR:
     def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
                  features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None):
         self.cfg = cfg.gfmfr
+        schedule_factor(self.cfg.schedule, 0, 1)  # an unknown schedule fails here, not in round 1
         self.seed = cfg.seed
         self.total_rounds = cfg.federation.rounds
         self.batch_size = cfg.federation.batch_size
@@ -152,7 +153,7 @@ class GFMFR:
         raw = (base_loss / kl.detach().clamp_min(1e-6)).clamp(0.0, self.cfg.max_ratio)
         ratio = ema(self.ratio[users], raw, self.cfg.ema_decay)
         self.ratio[users] = torch.where(has, ratio, self.ratio[users])
-        weight = self.cfg.kl_scale * distill_weight(ratio, round_, self.total_rounds)
+        weight = self.cfg.kl_scale * distill_weight(ratio, round_, self.total_rounds, self.cfg.schedule)
         self._stats += torch.stack([(weight * has).sum(), (kl.detach() * has).sum(), has.sum()])
         return torch.where(has, weight * kl, torch.zeros_like(kl))
 
