@@ -109,6 +109,26 @@ def test_fusion_experts_fit_and_mask(expert, n_modalities):
     torch.testing.assert_close(fusion(torch.arange(2))[:, :5].detach(), out[:, :5])
 
 
+def test_per_group_item_view_fits_what_is_particular_to_each_group():
+    """Targets differ per group item by item (no content explains it): only a per-group view can fit them."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, G = 30, 4, 3
+    feats, masks = [torch.randn(n, 6, generator=gen)], [torch.ones(n, dtype=torch.bool)]
+    target = torch.randn(G, n, d, generator=gen)
+    losses = {}
+    for per_group in (False, True):
+        fusion = GroupFusion(G, d, feats, masks, "sum", seed=0, item_view=True, item_view_per_group=per_group)
+        losses[per_group] = fit_fusion(fusion, torch.arange(G), target, epochs=400, lr=0.05)
+    assert losses[True] < 0.05 < 0.3 * losses[False]
+    # only the groups fitted move: rows of an absent group keep their initial values
+    fusion = GroupFusion(G, d, feats, masks, "sum", seed=0, item_view=True, item_view_per_group=True)
+    before = fusion.item_emb.weight[2 * n:].detach().clone()
+    fit_fusion(fusion, torch.arange(2), target[:2], epochs=5, lr=0.05)
+    torch.testing.assert_close(fusion.item_emb.weight[2 * n:].detach(), before)
+    with pytest.raises(ValueError, match="item_view_per_group"):
+        GroupFusion(G, d, feats, masks, "sum", item_view=False, item_view_per_group=True)
+
+
 def with_features(dataset, seed=0):
     """The planted dataset with synthetic text/image features that carry its item communities."""
     rng = np.random.default_rng(seed)

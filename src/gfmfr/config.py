@@ -138,6 +138,10 @@ class GFMFRConfig:
     """Fusion expert: ``sum``, ``mlp``, ``gate``, ``attention`` or ``mixture``."""
     item_view: bool = True
     """Add a learnable server-side item embedding as a fusion view (False: content and group views only)."""
+    item_view_per_group: bool = False
+    """The item-ID view is one table per group, [G, n_items, d], instead of one shared by every group:
+    the fused Q_g(i) can then reproduce the group-specific part of the target C_g(i), which neither
+    the content nor a shared item view explains (needs ``item_view``)."""
     server_epochs: int = 10
     """Epochs of fusion training per round (warm-started, so they add up over rounds; 50 cost as much
     as the clients' training on ML-100K and were no better in the ablation)."""

@@ -204,7 +204,7 @@ class GFMFR:
 
         if self.fusion is None or not self.cfg.warm_start:
             self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_,
-                                      self.cfg.item_view)
+                                      self.cfg.item_view, self.cfg.item_view_per_group)
         fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_epochs, self.cfg.server_lr,
                                  seed=self.seed + round_)
         t3 = time.perf_counter()
