@@ -7,7 +7,9 @@ validation item (full ranking) with:
 - ``own head x Q_g``: the client's own head applied to its group's fused vectors;
 - ``own head x C_g``: the client's own head applied to its group's target (the members' mean
   uploaded item table), i.e. before the fusion model;
-- ``own head x global``: the client's own head applied to the FedAvg item table.
+- ``own head x global``: the client's own head applied to the FedAvg item table;
+- ``student + teacher``: the sum of the student's logit and the teacher's (a product of the two
+  experts), what a client could rank with if it received its group's whole preference vector.
 If the teacher ranks worse than the student, the KL term can only help as a regulariser; the
 gap between the last three shows what the group average and the fusion model lose. Validation
 only: this is a diagnostic for choosing the method, never a test score.
@@ -69,6 +71,8 @@ def main() -> None:
         "own head x C_g": lambda users: own_head_scores(fed, users, gfmfr.targets[group_of(users)]),
         "own head x global": lambda users: own_head_scores(
             fed, users, fed.state.shared[table].expand(len(users), *fed.state.shared[table].shape)),
+        "student + teacher": lambda users: fed.state.score(users) + torch.logit(
+            gfmfr.preferences[group_of(users)], eps=1e-6),
     }
     rows = []
     header = f"{'round':>5}" + "".join(f"{name:>20}" for name in scorers)
