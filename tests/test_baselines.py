@@ -166,14 +166,20 @@ set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
     results = out / "runs" / "fcf" / "seed1" / "results.json"
     older = json.loads(results.read_text())
     del older["config"]["gfmfr"]["distill_on"]  # as written before that field existed: still the same run
+    older["config"]["gfmfr"]["server_epochs"] = 77  # a section plain FCF never reads: still the same run
     results.write_text(json.dumps(older))
     stamp = results.stat().st_mtime_ns
+    grouped = out / "runs" / "gfmfr-fcf" / "seed0" / "results.json"
+    changed = json.loads(grouped.read_text())
+    changed["config"]["gfmfr"]["server_epochs"] = 77  # the same change does bear on a GFMFR run
+    grouped.write_text(json.dumps(changed))
     mm = out / "runs" / "mm-fcf" / "seed0" / "results.json"
     stale = json.loads(mm.read_text())
     stale["config"]["federation"]["rounds"] = 99
     mm.write_text(json.dumps(stale))
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     assert results.stat().st_mtime_ns == stamp
+    assert json.loads(grouped.read_text())["config"]["gfmfr"]["server_epochs"] == 5
     assert json.loads(mm.read_text())["config"]["federation"]["rounds"] == 3
 
 

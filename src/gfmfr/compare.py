@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from gfmfr.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, to_dict
+from gfmfr.config import ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, load_toml, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +131,18 @@ def run_path(out: Path, method: Method, seed: int) -> Path:
 
 
 def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The stored results of ``cfg`` if that exact configuration already ran, else None."""
+    """The stored results of ``cfg`` if that configuration already ran, else None.
+
+    Only the sections the run reads are compared (:func:`gfmfr.config.bearing_dict`).
+    """
     if not path.exists():
         return None
     results = json.loads(path.read_text())
     try:  # read through the current schema: a field added since then takes its default
-        stored = to_dict(from_dict(results.get("config", {})))
+        stored = bearing_dict(from_dict(results.get("config", {})))
     except ConfigError:
         stored = None
-    same = stored == to_dict(cfg)
+    same = stored == bearing_dict(cfg)
     if not same:
         log.info("%s ran with another configuration; running it again", path)
     return results if same else None

@@ -326,3 +326,17 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able dicts."""
     return dataclasses.asdict(cfg)
+
+
+def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
+    """:func:`to_dict` less the sections the run never reads: a plug-in's section when that plug-in
+    is not on, the centralised section of a federated run. Two runs whose bearing dicts are equal
+    compute the same thing (a changed GFMFR default does not make a plain FCF run stale)."""
+    values = to_dict(cfg)
+    if cfg.plugin != "gfmfr":
+        del values["gfmfr"]
+    if cfg.plugin not in ("mmx", "fedvlr"):
+        del values["multimodal"]
+    if cfg.training != "centralised":
+        del values["centralised"]
+    return values
