@@ -109,6 +109,42 @@ def test_fusion_experts_fit_and_mask(expert, n_modalities):
     torch.testing.assert_close(fusion(torch.arange(2))[:, :5].detach(), out[:, :5])
 
 
+@pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
+def test_distilling_into_private_parameters_leaves_shared_ones_alone(name):
+    """``distill_into = "private"``: no gradient reaches a shared parameter; private ones get the same as before."""
+    from gfmfr.gfmfr.plugin import private_logits
+
+    model = build_model(20, ModelConfig(name=name, dim=8, hidden=(4,)))
+    specs = model.param_specs()
+    gen = torch.Generator().manual_seed(0)
+    A, B = 3, 5
+    p = {n: torch.randn(A, *s.shape, generator=gen).requires_grad_()
+         for n, s in specs.items() if not s.item_table}
+    items = {n: torch.randn(A, B, *s.shape, generator=gen).requires_grad_()
+             for n, s in specs.items() if s.item_table and s.trainable}
+    leaves = {**p, **items}
+    weights = torch.randn(A, B, generator=gen)
+    full = torch.autograd.grad((model.forward(p, items) * weights).sum(), list(leaves.values()), allow_unused=True)
+    private = torch.autograd.grad((private_logits(model, p, items) * weights).sum(), list(leaves.values()),
+                                  allow_unused=True)
+    torch.testing.assert_close(private_logits(model, p, items), model.forward(p, items))
+    assert any(specs[n].shared for n in leaves) and any(not specs[n].shared for n in leaves)
+    for n, g_full, g_private in zip(leaves, full, private):
+        if specs[n].shared:
+            assert g_private is None
+        elif g_full is not None:
+            torch.testing.assert_close(g_private, g_full)
+
+
+def test_bad_plugin_settings_fail_before_training(planted):
+    from gfmfr.gfmfr.plugin import GFMFR
+
+    for field, value in (("distill_into", "shared"), ("schedule", "step")):
+        cfg = gfmfr_config("fcf", **{field: value})
+        with pytest.raises(ValueError, match=f"gfmfr.{field}"):
+            GFMFR(with_features(planted), build_model(planted.n_items, cfg.model), cfg)
+
+
 def test_per_group_item_view_fits_what_is_particular_to_each_group():
     """Targets differ per group item by item (no content explains it): only a per-group view can fit them."""
     gen = torch.Generator().manual_seed(0)
