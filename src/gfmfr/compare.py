@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,7 @@ def render_plots(plan: Plan, results: dict[str, list[dict[str, Any]]], out: Path
                     continue
                 xy = np.asarray(snaps[col]["xy"])
                 ax.scatter(xy[:, 0], xy[:, 1], c=snaps[col]["group"], cmap="tab10", s=4, vmin=0, vmax=9)
-                ax.set_title(f"{label}, round {snaps[col]['round']}", fontsize=7)
+                ax.set_title(textwrap.fill(f"{label}, round {snaps[col]['round']}", 32), fontsize=7)
         fig.suptitle("2-D PCA of the grouping signatures, coloured by group", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "groups.png", dpi=110)
