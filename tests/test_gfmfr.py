@@ -109,10 +109,11 @@ def test_fusion_experts_fit_and_mask(expert, n_modalities):
     torch.testing.assert_close(fusion(torch.arange(2))[:, :5].detach(), out[:, :5])
 
 
+@pytest.mark.parametrize("into", ["private", "shared"])
 @pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
-def test_distilling_into_private_parameters_leaves_shared_ones_alone(name):
-    """``distill_into = "private"``: no gradient reaches a shared parameter; private ones get the same as before."""
-    from gfmfr.gfmfr.plugin import private_logits
+def test_distilling_into_one_side_leaves_the_other_alone(name, into):
+    """``distill_into``: no gradient reaches the other side; the trained side gets the same as with ``all``."""
+    from gfmfr.gfmfr.plugin import logits_training
 
     model = build_model(20, ModelConfig(name=name, dim=8, hidden=(4,)))
     specs = model.param_specs()
@@ -125,21 +126,22 @@ def test_distilling_into_private_parameters_leaves_shared_ones_alone(name):
     leaves = {**p, **items}
     weights = torch.randn(A, B, generator=gen)
     full = torch.autograd.grad((model.forward(p, items) * weights).sum(), list(leaves.values()), allow_unused=True)
-    private = torch.autograd.grad((private_logits(model, p, items) * weights).sum(), list(leaves.values()),
-                                  allow_unused=True)
-    torch.testing.assert_close(private_logits(model, p, items), model.forward(p, items))
-    assert any(specs[n].shared for n in leaves) and any(not specs[n].shared for n in leaves)
-    for n, g_full, g_private in zip(leaves, full, private):
-        if specs[n].shared:
-            assert g_private is None
+    one_side = logits_training(model, p, items, into)
+    torch.testing.assert_close(one_side, model.forward(p, items))
+    grads = torch.autograd.grad((one_side * weights).sum(), list(leaves.values()), allow_unused=True)
+    trained = [n for n in leaves if specs[n].shared == (into == "shared")]
+    assert trained and len(trained) < len(leaves)
+    for n, g_full, g in zip(leaves, full, grads):
+        if n not in trained:
+            assert g is None
         elif g_full is not None:
-            torch.testing.assert_close(g_private, g_full)
+            torch.testing.assert_close(g, g_full)
 
 
 def test_bad_plugin_settings_fail_before_training(planted):
     from gfmfr.gfmfr.plugin import GFMFR
 
-    for field, value in (("distill_into", "shared"), ("schedule", "step")):
+    for field, value in (("distill_into", "head"), ("schedule", "step")):
         cfg = gfmfr_config("fcf", **{field: value})
         with pytest.raises(ValueError, match=f"gfmfr.{field}"):
             GFMFR(with_features(planted), build_model(planted.n_items, cfg.model), cfg)

@@ -158,9 +158,10 @@ class GFMFRConfig:
     diverged GFMFR-FedRAP on 2 of 3 seeds unless ``federation.loss_average = "nominal"``
     (docs/results.md), so the default stays METHOD.md's."""
     distill_into: str = "all"
-    """Parameters the KL term trains: ``all`` that the logits depend on (METHOD.md), or ``private``
-    only (the client's own head, user vector, private item rows): the shared item table and shared
-    layers then learn from the base loss alone, so no group signal enters the FedAvg average."""
+    """Parameters the KL term trains: ``all`` that the logits depend on (METHOD.md); ``private`` only
+    (the client's own head, user vector, private item rows), so that no group signal enters the
+    FedAvg average; or ``shared`` only (the item table and shared layers), so that the client's
+    personal head learns from its own data alone."""
     kl_average: str = "nominal"
     """``nominal``: the KL term is summed over a batch's pairs and divided by ``federation.batch_size``;
     ``batch``: divided by the pairs the batch holds (a nearly empty last batch then weighs each pair

@@ -20,8 +20,8 @@ Changes from the reference code, each to make the mechanism carry information:
 - the KL term can cover only the sampled negatives (``distill_on``): on a positive the client has
   its label, and pulling it towards a group average lowered validation NDCG@10; on an unobserved
   item the group's preference is information the client lacks;
-- the KL term can train only the client's private parameters (``distill_into``), leaving the
-  shared ones to the base loss;
+- the KL term can train only the client's private parameters, or only the shared ones
+  (``distill_into``), leaving the others to the base loss;
 - spectral clustering is seeded and runs on standardised, PCA-reduced signatures;
 - the EMA ratio and the annealing are pure functions of their inputs and the round.
 
@@ -83,10 +83,18 @@ def distill_mask(batch: Batch, on: str) -> torch.Tensor:
     raise ValueError(f"gfmfr.distill_on must be 'all' or 'negatives', got {on!r}")
 
 
-def private_logits(model: FederatedRecommender, p: Params, items: Params) -> torch.Tensor:
-    """The logits again, with every shared parameter detached: a loss on them trains only private ones."""
+DISTILL_INTO = ("all", "private", "shared")
+
+
+def logits_training(model: FederatedRecommender, p: Params, items: Params, into: str) -> torch.Tensor:
+    """The logits again, with the parameters a loss on them must not train detached.
+
+    ``into`` is ``private`` (shared parameters detached) or ``shared`` (private ones detached).
+    """
     specs = model.param_specs()
-    keep = lambda values: {n: t if not specs[n].shared else t.detach() for n, t in values.items()}  # noqa: E731
+    train_shared = into == "shared"
+    keep = lambda values: {n: t if specs[n].shared == train_shared else t.detach()  # noqa: E731
+                           for n, t in values.items()}
     return model.forward(keep(p), keep(items))
 
 
@@ -117,8 +125,8 @@ class GFMFR:
                  features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None):
         self.cfg = cfg.gfmfr
         schedule_factor(self.cfg.schedule, 0, 1)  # an unknown schedule fails here, not in round 1
-        if self.cfg.distill_into not in ("all", "private"):
-            raise ValueError(f"gfmfr.distill_into must be 'all' or 'private', got {self.cfg.distill_into!r}")
+        if self.cfg.distill_into not in DISTILL_INTO:
+            raise ValueError(f"gfmfr.distill_into must be one of {DISTILL_INTO}, got {self.cfg.distill_into!r}")
         self.seed = cfg.seed
         self.total_rounds = cfg.federation.rounds
         self.batch_size = cfg.federation.batch_size
@@ -157,8 +165,8 @@ class GFMFR:
         if self.cfg.kl_average not in ("batch", "nominal"):
             raise ValueError(f"gfmfr.kl_average must be 'batch' or 'nominal', got {self.cfg.kl_average!r}")
         nominal = self.batch_size if self.cfg.kl_average == "nominal" else None
-        if self.cfg.distill_into == "private":
-            logits = private_logits(model, p, items)
+        if self.cfg.distill_into != "all":
+            logits = logits_training(model, p, items, self.cfg.distill_into)
         kl = masked_mean(bernoulli_kl(target, logits), distill_mask(batch, self.cfg.distill_on), nominal)
         users = torch.from_numpy(batch.users)
         # FedRAP's base loss can be negative (its -lambda ||D - C||^2 term): a negative ratio
