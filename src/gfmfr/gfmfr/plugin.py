@@ -93,8 +93,10 @@ def logits_training(model: FederatedRecommender, p: Params, items: Params, into:
     """
     specs = model.param_specs()
     train_shared = into == "shared"
-    keep = lambda values: {n: t if specs[n].shared == train_shared else t.detach()  # noqa: E731
-                           for n, t in values.items()}
+
+    def keep(values: Params) -> Params:
+        return {n: t if specs[n].shared == train_shared else t.detach() for n, t in values.items()}
+
     return model.forward(keep(p), keep(items))
 
 
@@ -127,6 +129,8 @@ class GFMFR:
         schedule_factor(self.cfg.schedule, 0, 1)  # an unknown schedule fails here, not in round 1
         if self.cfg.distill_into not in DISTILL_INTO:
             raise ValueError(f"gfmfr.distill_into must be one of {DISTILL_INTO}, got {self.cfg.distill_into!r}")
+        if self.cfg.kl_average not in ("batch", "nominal"):
+            raise ValueError(f"gfmfr.kl_average must be 'batch' or 'nominal', got {self.cfg.kl_average!r}")
         self.seed = cfg.seed
         self.total_rounds = cfg.federation.rounds
         self.batch_size = cfg.federation.batch_size
@@ -162,8 +166,6 @@ class GFMFR:
         if not has.any():
             return None
         target = self.preferences[group.clamp_min(0)[:, None], batch.items]
-        if self.cfg.kl_average not in ("batch", "nominal"):
-            raise ValueError(f"gfmfr.kl_average must be 'batch' or 'nominal', got {self.cfg.kl_average!r}")
         nominal = self.batch_size if self.cfg.kl_average == "nominal" else None
         if self.cfg.distill_into != "all":
             logits = logits_training(model, p, items, self.cfg.distill_into)
