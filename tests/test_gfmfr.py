@@ -141,7 +141,8 @@ def test_distilling_into_one_side_leaves_the_other_alone(name, into):
 def test_bad_plugin_settings_fail_before_training(planted):
     from gfmfr.gfmfr.plugin import GFMFR
 
-    for field, value in (("distill_into", "head"), ("schedule", "step"), ("kl_average", "mean")):
+    for field, value in (("distill_into", "head"), ("schedule", "step"), ("kl_average", "mean"),
+                         ("distill_on", "positives"), ("teacher", "best")):
         cfg = gfmfr_config("fcf", **{field: value})
         with pytest.raises(ValueError, match=f"gfmfr.{field}"):
             GFMFR(with_features(planted), build_model(planted.n_items, cfg.model), cfg)

@@ -297,6 +297,9 @@ def train_clients(
 
     decayed = {n: LazyDecay(tables[n], 1 - specs[n].lr * specs[n].weight_decay, data.steps[data.row_client])
                for n in tables if specs[n].trainable}
+    # gradients come scaled as the first table's update needs them, which saves a pass over its
+    # [A, B, d] gradient; the dense updates divide the scale out for free
+    lead = next(iter(decayed), None)
     loss_sum = torch.zeros(C)
     for s in range(len(data.active)):
         for lazy in decayed.values():
@@ -316,9 +319,6 @@ def train_clients(
                 if extra is not None:
                     loss = loss + extra
             leaves = list(p.values()) + [items[n] for n in decayed]
-            # gradients come scaled as the first table's update needs them, which saves a pass
-            # over its [A, B, d] gradient; the dense updates divide the scale out for free
-            lead = next(iter(decayed), None)
             grad_scale = decayed[lead].step_scale(specs[lead].lr, s) if lead else 1.0
             grads = torch.autograd.grad(loss.sum(), leaves, torch.tensor(grad_scale), allow_unused=True)
             with torch.no_grad():

@@ -44,7 +44,7 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.data.encoders import reduce_features
 from gfmfr.federation.aggregation import weighted_sums
 from gfmfr.federation.client import Batch, LocalUpdate
-from gfmfr.gfmfr.distill import bernoulli_kl, distill_weight, ema, schedule_factor
+from gfmfr.gfmfr.distill import SCHEDULES, bernoulli_kl, distill_weight, ema
 from gfmfr.gfmfr.fusion import GroupFusion, fit_fusion
 from gfmfr.gfmfr.grouping import Grouping
 from gfmfr.models.base import FederatedRecommender, Params
@@ -84,6 +84,15 @@ def distill_mask(batch: Batch, on: str) -> torch.Tensor:
 
 
 DISTILL_INTO = ("all", "private", "shared")
+
+CHOICES = {
+    "schedule": SCHEDULES,
+    "distill_on": ("all", "negatives"),
+    "distill_into": DISTILL_INTO,
+    "kl_average": ("batch", "nominal"),
+    "teacher": ("members", "mean_head"),
+}
+"""Allowed values of the plug-in's string settings, checked once before training."""
 
 
 def logits_training(model: FederatedRecommender, p: Params, items: Params, into: str) -> torch.Tensor:
@@ -126,11 +135,9 @@ class GFMFR:
     def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
                  features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None):
         self.cfg = cfg.gfmfr
-        schedule_factor(self.cfg.schedule, 0, 1)  # an unknown schedule fails here, not in round 1
-        if self.cfg.distill_into not in DISTILL_INTO:
-            raise ValueError(f"gfmfr.distill_into must be one of {DISTILL_INTO}, got {self.cfg.distill_into!r}")
-        if self.cfg.kl_average not in ("batch", "nominal"):
-            raise ValueError(f"gfmfr.kl_average must be 'batch' or 'nominal', got {self.cfg.kl_average!r}")
+        for name, allowed in CHOICES.items():  # a bad value fails here, not in round 1
+            if getattr(self.cfg, name) not in allowed:
+                raise ValueError(f"gfmfr.{name} must be one of {allowed}, got {getattr(self.cfg, name)!r}")
         self.seed = cfg.seed
         self.total_rounds = cfg.federation.rounds
         self.batch_size = cfg.federation.batch_size
@@ -239,12 +246,10 @@ class GFMFR:
             member_rows = row_of[torch.from_numpy(labels)]
             if self.cfg.teacher == "members":
                 prefs = teacher_members(model, signatures, member_rows, fused)
-            elif self.cfg.teacher == "mean_head":
+            else:  # mean_head
                 head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
-            else:
-                raise ValueError(f"gfmfr.teacher must be 'members' or 'mean_head', got {self.cfg.teacher!r}")
         self.preferences = torch.full((G, self.n_items), 0.5)
         self.preferences[present] = prefs
         self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
