@@ -50,6 +50,13 @@ VARIANTS: dict[str, list[str]] = {
     "distill-negatives-into-shared": ["gfmfr.distill_on=negatives", "gfmfr.distill_into=shared"],
     "item-view-per-group": ["gfmfr.item_view_per_group=true"],
     "item-view-per-group-negatives": ["gfmfr.item_view_per_group=true", "gfmfr.distill_on=negatives"],
+    "score-group": ["gfmfr.score_with=group"],
+    "score-group-no-distill": ["gfmfr.score_with=group", "gfmfr.distill=false"],
+    "item-view-per-group-score-group": ["gfmfr.item_view_per_group=true", "gfmfr.score_with=group"],
+    "item-view-per-group-score-group-no-distill": ["gfmfr.item_view_per_group=true", "gfmfr.score_with=group",
+                                                   "gfmfr.distill=false"],
+    "item-view-per-group-score-group-negatives": ["gfmfr.item_view_per_group=true", "gfmfr.score_with=group",
+                                                  "gfmfr.distill_on=negatives"],
 }
 
 

@@ -142,7 +142,8 @@ def test_bad_plugin_settings_fail_before_training(planted):
     from gfmfr.gfmfr.plugin import GFMFR
 
     for field, value in (("distill_into", "head"), ("schedule", "step"), ("kl_average", "mean"),
-                         ("distill_on", "positives"), ("teacher", "best")):
+                         ("distill_on", "positives"), ("teacher", "best"), ("send", "some"),
+                         ("score_with", "teacher")):
         cfg = gfmfr_config("fcf", **{field: value})
         with pytest.raises(ValueError, match=f"gfmfr.{field}"):
             GFMFR(with_features(planted), build_model(planted.n_items, cfg.model), cfg)
@@ -246,3 +247,40 @@ def test_signature_upload_counts_only_what_is_not_uploaded_anyway():
     assert signature_upload_bytes(fcf) == 4 * 8  # the private user vector
     ncf = build_model(10, ModelConfig(name="fedncf", dim=8, hidden=(4,)))
     assert signature_upload_bytes(ncf) == 4 * (8 + 8)  # user_gmf + user_mlp; the tower is shared
+
+
+@pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
+def test_scoring_with_group_tables(planted, name):
+    """``score_with = "group"``: a grouped client ranks with its group's Q_g in place of the shared
+    item table, everything else its own; a client with no group (or an absent group) with the global table."""
+    from gfmfr.federation.engine import Federation
+    from gfmfr.gfmfr.plugin import GFMFR
+
+    cfg = gfmfr_config(name, score_with="group")
+    cfg = replace(cfg, federation=replace(cfg.federation, rounds=2))
+    data = with_features(planted)
+    model = build_model(data.n_items, cfg.model)
+    plugin = GFMFR(data, model, cfg)
+    fed = Federation(data, model, cfg, (plugin,))
+    users = np.arange(data.n_users)
+    torch.testing.assert_close(fed.score(users), fed.state.score(users))  # nothing fused yet
+    log = fed.train_round(0)
+    assert log.bytes_down_per_client == model.upload_bytes() + log.extra["bytes_down_teacher_items"] \
+        + 4 * data.n_items * model.dim
+    group = plugin.grouping.group.copy()
+    plugin.grouping.group[0] = -1  # user 0: no group
+    absent = int(group[1])
+    plugin.present[absent] = False  # user 1's group: no participant in the last round
+    scores = fed.score(users)
+    for u in users:
+        if u == 0 or group[u] == absent:
+            expected = fed.state.score(users[u : u + 1])
+        else:
+            expected = fed.state.score(users[u : u + 1], {model.item_table: plugin.fused[group[u]][None]})
+        torch.testing.assert_close(scores[u : u + 1], expected)
+    # the group tables are not the global one, so the grouped clients' scores differ from the base scoring
+    grouped = (np.arange(data.n_users) > 0) & (group != absent)
+    assert grouped.any() and not torch.allclose(scores[grouped], fed.state.score(users)[grouped])
+    with pytest.raises(ValueError, match="shared item table"):
+        fed.state.score(users[:2], {next(iter(model.private_names())): torch.zeros(2)})
+

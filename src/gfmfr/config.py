@@ -182,6 +182,12 @@ class GFMFRConfig:
     """Server-side PCA of each modality's frozen features to this many dimensions (None: keep all)."""
     send: str = "items"
     """What a client receives: ``items`` (its group's preferences for the items it trains on) or ``all``."""
+    score_with: str = "global"
+    """Item vectors a client ranks with: ``global``, the FedAvg item table (METHOD.md); ``group``, its
+    group's fused vectors Q_g(i) of the last server round in place of the shared item table (its own
+    head, user vector and private rows unchanged). A client without a group, or whose group had no
+    participant in the last round, ranks with the global table. ``group`` costs one more
+    n_items x d download per client and round."""
 
 
 @dataclass(frozen=True)

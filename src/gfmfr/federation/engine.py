@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
@@ -22,7 +23,7 @@ from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.client import LocalUpdate, LossPlugin, train_clients
 from gfmfr.federation.state import FederationState
-from gfmfr.models.base import FederatedRecommender
+from gfmfr.models.base import FederatedRecommender, Params
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class Plugin(LossPlugin, Protocol):
 
     def summary(self) -> dict[str, Any]:
         """Figures for ``results.json`` once training ends (GFMFR: its client groups over rounds)."""
+
+    def item_tables(self, federation: "Federation", users: np.ndarray) -> Params:
+        """Per-user item tables [U, n_items, ...] that ``users`` rank with instead of shared ones ({}: none)."""
 
 
 @dataclass
@@ -113,6 +117,14 @@ class Federation:
         down = size + extra.pop("bytes_down_extra", 0)
         return RoundLog(round_, len(users), loss, seconds, up, down, extra=extra)
 
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        """Logits [U, n_items] of ``users``: the global and private parameters, with any item tables
+        a plug-in has the clients rank with instead (GFMFR's ``score_with = "group"``)."""
+        tables: Params = {}
+        for plugin in self.plugins:
+            tables.update(plugin.item_tables(self, users))
+        return self.state.score(users, tables)
+
     def fit(self) -> dict[str, Any]:
         """Run every round; returns the selection summary (best round, valid and test metrics)."""
         fed, ev = self.cfg.federation, self.cfg.eval
@@ -122,12 +134,12 @@ class Federation:
             entry = self.train_round(t)
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                 t0 = time.perf_counter()
-                entry.valid = self.evaluator.evaluate(self.state.score, "valid")
+                entry.valid = self.evaluator.evaluate(self.score, "valid")
                 entry.seconds["evaluate"] = time.perf_counter() - t0
                 score = entry.valid[ev.select_metric]
                 if score > best["score"]:
                     best = {"round": t, "score": score, "valid": entry.valid,
-                            "test": self.evaluator.evaluate(self.state.score, "test")}
+                            "test": self.evaluator.evaluate(self.score, "test")}
                     stale = 0
                 else:
                     stale += 1

@@ -172,12 +172,20 @@ class FederationState:
                 out[name] = self.private[name][idx]
         return out
 
-    def score(self, users: np.ndarray) -> torch.Tensor:
-        """Logits [U, n_items] of every item for ``users`` with the current global and private parameters."""
+    def score(self, users: np.ndarray, tables: Params | None = None) -> torch.Tensor:
+        """Logits [U, n_items] of every item for ``users`` with the current global and private parameters.
+
+        ``tables`` may replace shared item tables with per-user ones, [U, n_items, ...] each.
+        """
         p = self.client_params(users)
         items: Params = {}
+        tables = tables or {}
         for name, spec in self.model.param_specs().items():
-            if spec.item_table:
+            if name in tables:
+                if not (spec.shared and spec.item_table):
+                    raise ValueError(f"only a shared item table can be replaced when scoring, not {name!r}")
+                items[name] = tables[name]
+            elif spec.item_table:
                 if spec.shared:
                     items[name] = self.shared[name].expand(len(users), *self.shared[name].shape)
                 else:

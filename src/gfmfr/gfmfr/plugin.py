@@ -91,6 +91,8 @@ CHOICES = {
     "distill_into": DISTILL_INTO,
     "kl_average": ("batch", "nominal"),
     "teacher": ("members", "mean_head"),
+    "send": ("items", "all"),
+    "score_with": ("global", "group"),
 }
 """Allowed values of the plug-in's string settings, checked once before training."""
 
@@ -158,6 +160,7 @@ class GFMFR:
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
         self.targets: torch.Tensor | None = None  # [G, n_items, d]: C_g of the last server round (0 if empty)
         self.fused: torch.Tensor | None = None  # [G, n_items, d]: Q_g of the last server round (0 if empty)
+        self.present = torch.zeros(self.cfg.groups, dtype=torch.bool)  # groups with members in the last round
         self.ratio = torch.full((dataset.n_users,), float("nan"))  # EMA of L_base / L_KL per client
         self._chunks: list[dict[str, Any]] = []
         self._stats = torch.zeros(3)  # this round's sums of distillation weight and KL, and their count
@@ -194,6 +197,18 @@ class GFMFR:
         return {"gfmfr_groups": [
             {"round": s["round"], "users": s["users"].tolist(), "group": s["group"].tolist(),
              "xy": np.round(s["xy"], 4).tolist()} for s in (self.snapshots[k] for k in keep)]}
+
+    def item_tables(self, federation, users: np.ndarray) -> Params:
+        """``score_with = "group"``: each client ranks with its group's fused vectors Q_g (the global
+        table where it has no group, or its group had no participant in the last round)."""
+        if self.cfg.score_with == "global" or self.fused is None:
+            return {}
+        table = federation.model.item_table
+        group = torch.from_numpy(self.grouping.group[users])
+        has = (group >= 0) & self.present[group.clamp_min(0)]
+        out = federation.state.shared[table].expand(len(users), *federation.state.shared[table].shape).clone()
+        out[has] = self.fused[group[has]]
+        return {table: out}
 
     # ---- server side ----------------------------------------------------------------------
     def collect(self, federation, update: LocalUpdate, round_: int) -> None:
@@ -254,6 +269,7 @@ class GFMFR:
         self.preferences[present] = prefs
         self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
         self.fused = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, fused)
+        self.present = counts > 0
         t4 = time.perf_counter()
 
         rows = np.concatenate([c["rows_per_client"] for c in chunks])
@@ -261,6 +277,7 @@ class GFMFR:
         self._stats = torch.zeros(3)
         items_bytes = int(4 * rows.mean())
         all_bytes = 4 * self.n_items
+        fused_bytes = 4 * self.n_items * model.dim if self.cfg.score_with == "group" else 0
         return {
             "seconds": {"grouping": t1 - t0, "group_targets": t2 - t1, "fusion": t3 - t2, "teacher": t4 - t3},
             "group_sizes": counts.int().tolist(),
@@ -268,6 +285,6 @@ class GFMFR:
             "distill_weight_mean": w_sum / n if n else 0.0, "distill_kl_mean": kl_sum / n if n else 0.0,
             "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
             "bytes_down_teacher_items": items_bytes, "bytes_down_teacher_all": all_bytes,
-            "bytes_down_extra": items_bytes if self.cfg.send == "items" else all_bytes,
+            "bytes_down_extra": (items_bytes if self.cfg.send == "items" else all_bytes) + fused_bytes,
             "bytes_up_extra": signature_upload_bytes(model),
         }
