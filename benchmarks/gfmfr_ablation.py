@@ -52,6 +52,7 @@ VARIANTS: dict[str, list[str]] = {
     "item-view-per-group-negatives": ["gfmfr.item_view_per_group=true", "gfmfr.distill_on=negatives"],
     "score-group": ["gfmfr.score_with=group"],
     "score-group-no-distill": ["gfmfr.score_with=group", "gfmfr.distill=false"],
+    "distill-negatives-score-group": ["gfmfr.distill_on=negatives", "gfmfr.score_with=group"],
     "item-view-per-group-score-group": ["gfmfr.item_view_per_group=true", "gfmfr.score_with=group"],
     "item-view-per-group-score-group-no-distill": ["gfmfr.item_view_per_group=true", "gfmfr.score_with=group",
                                                    "gfmfr.distill=false"],
