@@ -22,6 +22,8 @@ Changes from the reference code, each to make the mechanism carry information:
   item the group's preference is information the client lacks;
 - the KL term can train only the client's private parameters, or only the shared ones
   (``distill_into``), leaving the others to the base loss;
+- a client can rank with its group's fused vectors Q_g in place of the FedAvg item table
+  (``score_with = "group"``; plug-in hook ``item_tables``), the lead the teacher diagnostic gave;
 - spectral clustering is seeded and runs on standardised, PCA-reduced signatures;
 - the EMA ratio and the annealing are pure functions of their inputs and the round.
 
