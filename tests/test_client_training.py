@@ -92,3 +92,25 @@ def test_decay_factor_out_of_range_is_rejected():
 
     with pytest.raises(ValueError, match="lr \\* weight_decay"):
         ParamSpec((4,), shared=True, lr=100.0, weight_decay=0.01)
+
+
+def test_prefetched_chunks_train_exactly_as_built_in_place(planted):
+    """Data built ahead in a background thread (next chunk, next round) is the data built in place."""
+    states = {}
+    for prefetch in (False, True):
+        cfg = small_config("fedrap", local_epochs=2)
+        cfg = replace(cfg, federation=replace(cfg.federation, prefetch=prefetch, client_chunk=7, client_fraction=0.8,
+                                              rounds=3))
+        model = build_model(planted.n_items, cfg.model)
+        fed = Federation(planted, model, cfg)
+        for t in range(3):
+            fed.train_round(t)
+            if prefetch and t < 2:  # the first chunk of the next round is already under way
+                assert fed._ahead is not None and fed._ahead[0] == (t + 1, 0)
+        states[prefetch] = fed.state
+    for n, value in states[False].shared.items():
+        assert torch.equal(states[True].shared[n], value)
+    for n, value in states[False].private.items():
+        assert torch.equal(states[True].private[n], value)
+    users = np.arange(planted.n_users)
+    assert torch.equal(states[True].score(users), states[False].score(users))

@@ -104,6 +104,9 @@ class FederationConfig:
     """Clients trained together in one batched pass; bounds memory on large federations."""
     client_block: int = 256
     """Clients per autograd block within one local step; bounds the step's working memory."""
+    prefetch: bool = True
+    """Build the next chunk's examples and minibatch schedule (NumPy: negative sampling, shuffles)
+    in a background thread while this chunk trains; the data is the same either way."""
 
 
 @dataclass(frozen=True)

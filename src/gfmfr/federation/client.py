@@ -277,11 +277,16 @@ def train_clients(
     plugins: tuple[LossPlugin, ...] = (),
     train_keys: np.ndarray | None = None,
     block_clients: int = 256,
+    data: LocalData | None = None,
 ) -> LocalUpdate:
-    """Local training of ``users`` for one round; private parameters are written back to ``state``."""
+    """Local training of ``users`` for one round; private parameters are written back to ``state``.
+
+    ``data``, if given, is ``LocalData(dataset, users, cfg, seed, round_, train_keys)`` built ahead.
+    """
     keep_freed_memory()
     specs = model.param_specs()
-    data = LocalData(dataset, users, cfg, seed, round_, train_keys)
+    if data is None:
+        data = LocalData(dataset, users, cfg, seed, round_, train_keys)
     users = data.users
     C = len(users)
 

@@ -4,12 +4,15 @@ Each round: sample clients (seeded), train them locally in chunks with the one c
 routine, FedAvg their shared parameters, let plug-ins do their server work, and validate every
 ``eval_every`` rounds. The best round is chosen on the validation metric only; the test score
 reported is the one at that round. Early stopping counts validations without improvement.
+While a chunk of clients trains, a background thread builds the next chunk's examples and
+minibatch schedule (``federation.prefetch``), which depend only on the seed and the round.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +24,7 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.aggregation import FedAvg
-from gfmfr.federation.client import LocalUpdate, LossPlugin, train_clients
+from gfmfr.federation.client import LocalData, LocalUpdate, LossPlugin, train_clients
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender, Params
 
@@ -81,19 +84,24 @@ class Federation:
         self.evaluator = Evaluator(dataset, cfg.eval, cfg.seed)
         self.train_keys = train_keys(dataset)
         self.history: list[RoundLog] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if cfg.federation.prefetch else None
+        self._ahead: tuple[tuple[int, int], Future[LocalData]] | None = None
 
     def train_round(self, round_: int) -> RoundLog:
         """Local training, aggregation and plug-in server work of one round."""
         fed = self.cfg.federation
-        users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_)
+        chunks = self.chunks(round_)
+        users = np.concatenate(chunks)
         seconds = {"train": 0.0, "aggregate": 0.0}
         agg = FedAvg(fed.weighted_aggregation)
         losses = []
         # chunks bound memory: each chunk's uploads are folded into the aggregate, then dropped
-        for start in range(0, len(users), fed.client_chunk):
+        for k, chunk in enumerate(chunks):
             t0 = time.perf_counter()
-            update = train_clients(self.model, self.state, users[start : start + fed.client_chunk], self.dataset,
-                                   fed, self.cfg.seed, round_, self.plugins, self.train_keys, fed.client_block)
+            data = self.local_data(round_, k, chunk)
+            self.prefetch(*((round_, k + 1) if k + 1 < len(chunks) else (round_ + 1, 0)))
+            update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_,
+                                   self.plugins, self.train_keys, fed.client_block, data)
             t1 = time.perf_counter()
             agg.add(update, self.state.shared)
             for plugin in self.plugins:
@@ -116,6 +124,29 @@ class Federation:
         up = size + extra.pop("bytes_up_extra", 0)
         down = size + extra.pop("bytes_down_extra", 0)
         return RoundLog(round_, len(users), loss, seconds, up, down, extra=extra)
+
+    def chunks(self, round_: int) -> list[np.ndarray]:
+        """The clients of ``round_`` (seeded sample), in chunks of ``client_chunk``."""
+        fed = self.cfg.federation
+        users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_)
+        return [users[start : start + fed.client_chunk] for start in range(0, len(users), fed.client_chunk)]
+
+    def local_data(self, round_: int, k: int, chunk: np.ndarray) -> LocalData:
+        """Examples and minibatch schedule of chunk ``k`` of ``round_``: prefetched if it was, else built now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (round_, k):
+            return ahead[1].result()
+        return LocalData(self.dataset, chunk, self.cfg.federation, self.cfg.seed, round_, self.train_keys)
+
+    def prefetch(self, round_: int, k: int) -> None:
+        """Start building chunk ``k`` of ``round_`` in the background (NumPy releases the GIL in its
+        sorts and array arithmetic, so it overlaps with the current chunk's training)."""
+        if self._pool is None or round_ >= self.cfg.federation.rounds:
+            return
+        chunks = self.chunks(round_)
+        if k < len(chunks):
+            self._ahead = ((round_, k), self._pool.submit(
+                LocalData, self.dataset, chunks[k], self.cfg.federation, self.cfg.seed, round_, self.train_keys))
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         """Logits [U, n_items] of ``users``: the global and private parameters, with any item tables
