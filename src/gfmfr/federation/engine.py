@@ -125,6 +125,15 @@ class Federation:
         down = size + extra.pop("bytes_down_extra", 0)
         return RoundLog(round_, len(users), loss, seconds, up, down, extra=extra)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the background thread and any data it is building behind."""
+        return {**self.__dict__, "_pool": None, "_ahead": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.cfg.federation.prefetch:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+
     def chunks(self, round_: int) -> list[np.ndarray]:
         """The clients of ``round_`` (seeded sample), in chunks of ``client_chunk``."""
         fed = self.cfg.federation
