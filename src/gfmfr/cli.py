@@ -15,6 +15,11 @@ log = logging.getLogger("gfmfr")
 
 
 def _config(args: argparse.Namespace) -> Any:
+    return from_dict(_config_values(args))
+
+
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config as nested dicts: the TOML file, then the flags, then ``--set`` overrides."""
     values = load_toml(args.config) if getattr(args, "config", None) else {}
     overrides = list(getattr(args, "set", None) or [])
     if getattr(args, "dataset", None):
@@ -27,10 +32,13 @@ def _config(args: argparse.Namespace) -> Any:
         overrides.append(f"plugin={args.plugin}")
     if getattr(args, "centralised", False):
         overrides.append("training=centralised")
+    if getattr(args, "threads", None) is not None:
+        overrides.append(f"runtime.threads={args.threads}")
     values = apply_overrides(values, overrides)
     if getattr(args, "seed", None) is not None:
         values["seed"] = args.seed
-    return from_dict(values)
+    from_dict(values)  # every key and value checked before anything runs
+    return values
 
 
 def format_table(rows: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
@@ -58,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gfmfr.run import run
 
     cfg = _config(args)
-    results = run(cfg, args.out)
+    results = run(cfg, args.out, progress=not (args.verbose or args.no_progress))
     sys.stdout.write(
         f"\n{cfg.model.name}{'+' + cfg.plugin if cfg.plugin != 'none' else ''}"
         f"{' (centralised)' if cfg.training == 'centralised' else ''} on {cfg.data.dataset} "
@@ -69,6 +77,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.write(format_table({"valid": results["valid"], "test": results["test"]}, cfg.eval.ks) + "\n")
     if args.out:
         sys.stdout.write(f"results: {args.out}/results.json\n")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from gfmfr.tune import load_space, tune
+
+    values = _config_values(args)
+    space = load_space(args.space) if args.space else None
+    result = tune(values, args.out, space, trials=args.trials, budget_s=args.budget,
+                  progress=not (args.verbose or args.no_progress))
+    sys.stdout.write(
+        f"best of {result['complete']} finished trials ({result['trials']} started): validation "
+        f"{result['value']:.4f} with {result['params']}\nconfig: {args.out}/best.toml (gfmfr run --config), "
+        f"trials: {args.out}/trials.csv\n"
+    )
     return 0
 
 
@@ -107,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML config file")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config field")
         p.add_argument("--seed", type=int, help="random seed")
+        p.add_argument("--threads", type=int, help="torch threads (runtime.threads; 0: one per core)")
 
     p = sub.add_parser("data", help="print the data report")
     common(p)
@@ -121,7 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centralised", action="store_true",
                    help="train the base model on all data in one place (the upper bound), no federation")
     p.add_argument("--out", help="output folder for results.json")
+    p.add_argument("--no-progress", action="store_true", help="log a line per round instead of a progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tune", help="search learning rates, local epochs and plug-in knobs on validation (Optuna)")
+    common(p)
+    p.add_argument("--model", help="fcf, fedncf, pfedrec or fedrap")
+    p.add_argument("--plugin", choices=["none", "gfmfr", "mmx", "fedvlr"], help="plug-in whose knobs are searched too")
+    p.add_argument("--space", help="TOML file declaring the search space (default: see gfmfr.tune.default_space)")
+    p.add_argument("--trials", type=int, default=50, help="most trials")
+    p.add_argument("--budget", type=float, default=3600, help="wall-time budget in seconds")
+    p.add_argument("--out", required=True, help="folder for best.toml and trials.csv")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("compare", help="run every method x seed of a plan and write a report (resumable)")
     p.add_argument("--config", required=True, help="plan TOML (see gfmfr.compare)")

@@ -96,6 +96,18 @@ class FederationConfig:
     """Sampled non-interacted items per positive, resampled every round."""
     weighted_aggregation: bool = False
     """FedAvg weighted by local sample count instead of a plain mean over participants."""
+    server_optimizer: str = "fedavg"
+    """How the server turns the participants' average into the next global parameters (Reddi et al.,
+    ICLR 2021): ``fedavg`` (the average itself, at ``server_lr = 1``), ``fedavgm`` (server momentum),
+    ``fedadam`` or ``fedyogi``. Item tables are stepped row-wise: untrained rows keep their state."""
+    server_lr: float = 1.0
+    """Server learning rate eta on the pseudo-gradient (average - current)."""
+    server_momentum: float = 0.9
+    """FedAvgM's momentum beta, and beta1 of FedAdam / FedYogi."""
+    server_beta2: float = 0.99
+    """beta2 of FedAdam / FedYogi."""
+    server_tau: float = 1e-3
+    """Adaptivity tau of FedAdam / FedYogi (added to sqrt(v); v starts at tau^2)."""
     eval_every: int = 1
     """Validate every N rounds (the last round is always validated)."""
     early_stop_patience: int = 10
@@ -222,6 +234,15 @@ class CentralisedConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """How the process runs, not what it computes (left out of :func:`bearing_dict`)."""
+
+    threads: int = 1
+    """Torch intra-op threads (0: one per core). One is as fast as two on a quiet 2-core machine and
+    stays fast when another job holds a core (``benchmarks/threads.py``, docs/results.md)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one run; ``seed`` makes it reproducible."""
 
@@ -245,6 +266,8 @@ class RunConfig:
     """MM-X and FedVLR section."""
     centralised: CentralisedConfig = field(default_factory=CentralisedConfig)
     """Centralised upper-bound section."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Threads."""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -347,6 +370,7 @@ def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
     is not on, the centralised section of a federated run. Two runs whose bearing dicts are equal
     compute the same thing (a changed GFMFR default does not make a plain FCF run stale)."""
     values = to_dict(cfg)
+    del values["runtime"]
     if cfg.plugin != "gfmfr":
         del values["gfmfr"]
     if cfg.plugin not in ("mmx", "fedvlr"):

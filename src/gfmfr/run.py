@@ -17,6 +17,7 @@ from gfmfr.baselines.content import CONTENT_PLUGINS, content_tables, wrap
 from gfmfr.config import RunConfig, to_dict
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.eval.evaluator import Evaluator
+from gfmfr.runtime import use_threads
 from gfmfr.models import BASELINES, FederatedRecommender, build_model
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommen
     return model, ()
 
 
-def run_federated(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
+def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False) -> dict[str, Any]:
     """Train a federated base model and report the test score at the best validation round."""
     from dataclasses import asdict
 
@@ -79,7 +80,7 @@ def run_federated(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
 
     model, plugins = build_run_model(dataset, cfg)
     fed = Federation(dataset, model, cfg, plugins)
-    best = fed.fit()
+    best = fed.fit(progress=progress)
     train_seconds = [sum(v for k, v in h.seconds.items() if k != "evaluate") for h in fed.history]
     results = {
         "best_round": best["round"], "valid": best["valid"], "test": best["test"],
@@ -101,8 +102,11 @@ def run_centralised(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     return train_centralised(dataset, model, cfg)
 
 
-def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
-    """Run ``cfg``; write ``out/results.json`` if ``out`` is given; return the results dict."""
+def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None = None,
+        progress: bool = False) -> dict[str, Any]:
+    """Run ``cfg``; write ``out/results.json`` if ``out`` is given; return the results dict.
+    ``progress`` shows a bar over the federated rounds."""
+    use_threads(cfg.runtime.threads)
     torch.manual_seed(cfg.seed)
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     log.info("data: %d users, %d items, %d training pairs", dataset.n_users, dataset.n_items, len(dataset.train_items))
@@ -111,7 +115,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None =
     elif cfg.training == "centralised":
         body = run_centralised(dataset, cfg)
     elif cfg.training == "federated":
-        body = run_federated(dataset, cfg)
+        body = run_federated(dataset, cfg, progress)
     else:
         raise ValueError(f"training must be 'federated' or 'centralised', got {cfg.training!r}")
     results = {"config": to_dict(cfg), "data": dataset.report, **body, "peak_rss_mb": peak_rss_mb()}

@@ -47,6 +47,8 @@ class FedAvg:
         self.weighted = weighted
         self.sums: Params = {}
         self.total = 0.0
+        self.trained_rows: dict[str, torch.Tensor] = {}
+        """Per shared item table, bool [n_items]: rows some participant trained (for row-wise server optimisers)."""
 
     def client_weights(self, update: LocalUpdate) -> torch.Tensor:
         if self.weighted:
@@ -59,6 +61,10 @@ class FedAvg:
         for name, value in sums.items():
             self.sums[name] = self.sums[name] + value[0] if name in self.sums else value[0]
         self.total += float(w.sum())
+        used = torch.from_numpy(update.row_item)
+        for name in update.rows:
+            rows = self.trained_rows.setdefault(name, torch.zeros(len(global_shared[name]), dtype=torch.bool))
+            rows[used] = True
 
     def result(self, global_shared: Params) -> Params:
         """The new global parameters (unchanged where nobody participated, and for constants)."""

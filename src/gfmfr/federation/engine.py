@@ -14,10 +14,12 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
@@ -25,6 +27,7 @@ from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.client import LocalData, LocalUpdate, LossPlugin, train_clients
+from gfmfr.federation.server_optim import build_server_optimizer
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender, Params
 
@@ -84,6 +87,7 @@ class Federation:
         self.evaluator = Evaluator(dataset, cfg.eval, cfg.seed)
         self.train_keys = train_keys(dataset)
         self.history: list[RoundLog] = []
+        self.server_opt = build_server_optimizer(cfg.federation)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if cfg.federation.prefetch else None
         self._ahead: tuple[tuple[int, int], Future[LocalData]] | None = None
 
@@ -110,7 +114,7 @@ class Federation:
             del update
             seconds["train"] += t1 - t0
             seconds["aggregate"] += time.perf_counter() - t1
-        self.state.shared = agg.result(self.state.shared)
+        self.state.shared = self.server_opt.step(self.state.shared, agg.result(self.state.shared), agg.trained_rows)
         extra: dict[str, Any] = {}
         for plugin in self.plugins:
             extra.update(plugin.server_round(self, round_) or {})
@@ -165,33 +169,51 @@ class Federation:
             tables.update(plugin.item_tables(self, users))
         return self.state.score(users, tables)
 
-    def fit(self) -> dict[str, Any]:
-        """Run every round; returns the selection summary (best round, valid and test metrics)."""
+    def fit(self, progress: bool = False, on_validation: Callable[[int, dict[str, float]], None] | None = None,
+            evaluate_test: bool = True) -> dict[str, Any]:
+        """Run every round; returns the selection summary (best round, valid and test metrics).
+
+        ``progress`` shows a bar over rounds with the ETA and the latest validation score (the
+        per-round lines are then logged at DEBUG). ``on_validation(round, metrics)`` sees every
+        validation (a tuner prunes from it by raising). ``evaluate_test = False`` never reads the
+        test split (the summary's ``test`` is then empty).
+        """
         fed, ev = self.cfg.federation, self.cfg.eval
         best: dict[str, Any] = {"round": -1, "score": -np.inf, "valid": {}, "test": {}}
         stale = 0
-        for t in range(fed.rounds):
-            entry = self.train_round(t)
-            if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
-                t0 = time.perf_counter()
-                entry.valid = self.evaluator.evaluate(self.score, "valid")
-                entry.seconds["evaluate"] = time.perf_counter() - t0
-                score = entry.valid[ev.select_metric]
-                if score > best["score"]:
-                    best = {"round": t, "score": score, "valid": entry.valid,
-                            "test": self.evaluator.evaluate(self.score, "test")}
-                    stale = 0
+        bar = tqdm(total=fed.rounds, desc="rounds", unit="round", disable=not progress, leave=True,
+                   dynamic_ncols=True)
+        line = log.debug if progress else log.info
+        try:
+            for t in range(fed.rounds):
+                entry = self.train_round(t)
+                if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
+                    t0 = time.perf_counter()
+                    entry.valid = self.evaluator.evaluate(self.score, "valid")
+                    entry.seconds["evaluate"] = time.perf_counter() - t0
+                    score = entry.valid[ev.select_metric]
+                    if score > best["score"]:
+                        test = self.evaluator.evaluate(self.score, "test") if evaluate_test else {}
+                        best = {"round": t, "score": score, "valid": entry.valid, "test": test}
+                        stale = 0
+                    else:
+                        stale += 1
+                    line(
+                        "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
+                        t, entry.loss, entry.valid.get("HR@10", float("nan")),
+                        entry.valid.get("NDCG@10", float("nan")), entry.seconds["train"],
+                    )
+                    bar.set_postfix_str(f"valid {ev.select_metric} {score:.4f}, best {best['score']:.4f} "
+                                        f"@ {best['round']}", refresh=False)
                 else:
-                    stale += 1
-                log.info(
-                    "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
-                    t, entry.loss, entry.valid.get("HR@10", float("nan")), entry.valid.get("NDCG@10", float("nan")),
-                    entry.seconds["train"],
-                )
-            else:
-                log.info("round %3d  loss %.4f  (%.2fs train)", t, entry.loss, entry.seconds["train"])
-            self.history.append(entry)
-            if fed.early_stop_patience and stale >= fed.early_stop_patience:
-                log.info("early stop after round %d: no improvement in %d validations", t, stale)
-                break
+                    line("round %3d  loss %.4f  (%.2fs train)", t, entry.loss, entry.seconds["train"])
+                self.history.append(entry)
+                bar.update(1)
+                if on_validation is not None and entry.valid is not None:
+                    on_validation(t, entry.valid)
+                if fed.early_stop_patience and stale >= fed.early_stop_patience:
+                    log.info("early stop after round %d: no improvement in %d validations", t, stale)
+                    break
+        finally:
+            bar.close()
         return best

@@ -1,0 +1,36 @@
+"""Process-wide threading, chosen before torch starts so that a run stays fast on a shared machine.
+
+Two settings matter on a small CPU machine that other jobs share:
+
+- OpenMP's wait policy. With the default, torch's worker threads spin after each parallel
+  region; when another process holds a core, a spinning worker takes the time slice the thread
+  doing the work needed, and rounds ran 5-40x slower (docs/results.md, "Threads"). ``PASSIVE``
+  makes idle workers sleep. OpenMP reads the policy once, when torch loads, so
+  :mod:`gfmfr` sets it on import (``OMP_WAIT_POLICY``, unless the user set it).
+- The thread count (``runtime.threads``): the per-client tensors of a round are small, so one
+  thread is as fast as two on a quiet machine and far faster on a busy one.
+"""
+
+from __future__ import annotations
+
+import os
+
+WAIT_POLICY = "PASSIVE"
+"""OpenMP wait policy gfmfr asks for unless ``OMP_WAIT_POLICY`` is already set."""
+
+
+def prefer_passive_wait() -> None:
+    """Ask OpenMP to let idle threads sleep; effective only if torch is not loaded yet."""
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+
+
+def use_threads(threads: int) -> int:
+    """Set torch's intra-op thread count: ``threads``, or one per core when 0. Returns the count."""
+    import torch
+
+    if threads < 0:
+        raise ValueError(f"runtime.threads must be >= 0 (0: one per core), got {threads}")
+    n = threads if threads > 0 else (os.cpu_count() or 1)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
