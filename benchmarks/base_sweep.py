@@ -37,7 +37,7 @@ def point(model: str, fu: float, fi: float, seed: int, extra: list[str], out: Pa
     folder = out / name
     if not (folder / "results.json").exists():
         cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--model", model, "--seed", str(seed), "--out", str(folder),
-               "--no-progress", "--set", "runtime.threads=1"]
+               "--no-progress", "--no-reference", "--set", "runtime.threads=1"]
         for s in sets:
             cmd += ["--set", s]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -21,7 +21,7 @@ def test_run_writes_results(planted_folder, tmp_path, capsys, model):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[federation]\nrounds = 3\nlocal_epochs = 1\nbatch_size = 32\n[model]\ndim = 8\n")
     assert main(["run", "--dataset", str(planted_folder), "--model", model, "--out", str(out),
-                 "--config", str(cfg), "--seed", "2", "--set", "eval.ks=5,10"]) == 0
+                 "--config", str(cfg), "--seed", "2", "--set", "eval.ks=5,10", "--no-reference"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["seed"] == 2 and res["config"]["model"]["name"] == model
     assert set(res["test"]) == {f"{m}@{k}" for m in ("HR", "NDCG", "Recall", "MRR") for k in (5, 10)}
@@ -46,3 +46,24 @@ def test_run_centralised(planted_folder, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["training"] == "centralised" and len(res["history"]) == 2
     assert "fcf (centralised)" in capsys.readouterr().out
+
+
+def test_run_states_where_it_stands_and_caches_the_bound(planted_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GFMFR_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--dataset", str(planted_folder), "--model", "fcf", "--no-progress",
+            "--set", "federation.rounds=3", "--set", "centralised.epochs=2", "--set", "model.dim=8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "x popularity" in out and "% of centralised fcf" in out
+    bounds = list((tmp_path / "cache" / "bounds").glob("fcf-*.json"))
+    assert len(bounds) == 1
+    # a run that differs only in federated learning rates reuses the cached bound
+    assert main(args + ["--set", "model.item_lr=50"]) == 0
+    assert list((tmp_path / "cache" / "bounds").glob("fcf-*.json")) == bounds
+
+
+def test_run_shows_a_progress_bar_with_the_validation_score(planted_folder, tmp_path, capsys):
+    assert main(["run", "--dataset", str(planted_folder), "--model", "fcf", "--no-reference",
+                 "--set", "federation.rounds=3", "--set", "model.dim=8"]) == 0
+    err = capsys.readouterr().err
+    assert "rounds" in err and "3/3" in err and "valid NDCG@10" in err and "best" in err

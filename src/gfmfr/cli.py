@@ -74,7 +74,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"by validation {cfg.eval.select_metric}; {results['seconds_per_round']:.2f} s/round, "
         f"peak RSS {results['peak_rss_mb']:.0f} MB\n"
     )
-    sys.stdout.write(format_table({"valid": results["valid"], "test": results["test"]}, cfg.eval.ks) + "\n")
+    rows = {"valid": results["valid"], "test": results["test"]}
+    if cfg.training == "federated" and cfg.model.name not in ("popularity", "random") and not args.no_reference:
+        from gfmfr.data.dataset import load_dataset
+        from gfmfr.standing import references, standing_line
+
+        refs = references(load_dataset(cfg.data), cfg)
+        rows.update({"pop": refs["popularity"]["test"], "central": refs["centralised"]["test"]})
+        sys.stdout.write(format_table(rows, cfg.eval.ks) + "\n")
+        sys.stdout.write(standing_line(results, refs, cfg.eval.select_metric, cfg.model.name) + "\n")
+    else:
+        sys.stdout.write(format_table(rows, cfg.eval.ks) + "\n")
     if args.out:
         sys.stdout.write(f"results: {args.out}/results.json\n")
     return 0
@@ -146,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the base model on all data in one place (the upper bound), no federation")
     p.add_argument("--out", help="output folder for results.json")
     p.add_argument("--no-progress", action="store_true", help="log a line per round instead of a progress bar")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the popularity and centralised-bound (cached) test rows after a federated run")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tune", help="search learning rates, local epochs and plug-in knobs on validation (Optuna)")

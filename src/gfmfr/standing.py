@@ -1,0 +1,61 @@
+"""Where a run stands: its test score against popularity and against its model's centralised bound.
+
+Both references use the run's data, evaluation and seed. The centralised bound is a run of
+its own (tens of seconds on ML-100K), so it is cached under the user cache directory, keyed by
+the bearing configuration; popularity is computed each time (it costs one evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from typing import Any
+
+from gfmfr.config import RunConfig, bearing_dict
+from gfmfr.data.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def centralised_config(cfg: RunConfig) -> RunConfig:
+    """The centralised bound of ``cfg``'s base model (no plug-in: GFMFR is a federated method)."""
+    plugin = cfg.plugin if cfg.plugin in ("mmx", "fedvlr") else "none"
+    return dataclasses.replace(cfg, training="centralised", plugin=plugin)
+
+
+def references(dataset: Dataset, cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Test and validation metrics of popularity and of the centralised bound, for ``cfg``'s data and seed."""
+    from gfmfr.data.ml100k import cache_dir
+    from gfmfr.run import run
+
+    pop = run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="popularity"),
+                                  training="federated", plugin="none"), dataset=dataset)
+    bound_cfg = centralised_config(cfg)
+    bearing = bearing_dict(bound_cfg)
+    # centralised training reads neither the federated learning rates nor the rounds: runs that
+    # differ only there share one bound
+    bearing["federation"] = {"num_negatives": cfg.federation.num_negatives}
+    for name in ("lr", "item_lr", "private_item_lr"):
+        bearing["model"].pop(name)
+    key = hashlib.sha256(json.dumps(bearing, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir() / "bounds" / f"{cfg.model.name}-{key}.json"
+    if path.exists():
+        bound = json.loads(path.read_text())
+    else:
+        log.info("centralised bound of %s (cached in %s once computed)", cfg.model.name, path)
+        res = run(bound_cfg, dataset=dataset)
+        bound = {"valid": res["valid"], "test": res["test"]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(bound))
+    return {"popularity": {"valid": pop["valid"], "test": pop["test"]}, "centralised": bound}
+
+
+def standing_line(results: dict[str, Any], refs: dict[str, dict[str, Any]], metric: str, model: str) -> str:
+    """One line: the run's test ``metric`` as a multiple of popularity's and a share of the bound's."""
+    ours = results["test"][metric]
+    pop = refs["popularity"]["test"][metric]
+    bound = refs["centralised"]["test"][metric]
+    return (f"test {metric} {ours:.4f}: {ours / pop:.2f}x popularity ({pop:.4f}), "
+            f"{100 * ours / bound:.0f}% of centralised {model} ({bound:.4f})")
