@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from runner import run_point
 
 
 def default_lrs(model: str) -> dict[str, float]:
@@ -32,20 +32,13 @@ def point(model: str, fu: float, fi: float, seed: int, extra: list[str], out: Pa
     sets = [f"model.lr={lrs['lr'] * fu:g}", f"model.item_lr={lrs['item_lr'] * fi:g}"]
     if model == "fedrap":
         sets.append(f"model.private_item_lr={lrs['private_item_lr'] * fu:g}")
-    sets += extra
     name = f"{model}_u{fu:g}_i{fi:g}_s{seed}"
-    folder = out / name
-    if not (folder / "results.json").exists():
-        cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--model", model, "--seed", str(seed), "--out", str(folder),
-               "--no-progress", "--no-reference", "--set", "runtime.threads=1"]
-        for s in sets:
-            cmd += ["--set", s]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return {"name": name, "model": model, "fu": fu, "fi": fi, "seed": seed, "error": proc.stderr.strip().splitlines()[-1]}
-    res = json.loads((folder / "results.json").read_text())
+    head = {"name": name, "model": model, "fu": fu, "fi": fi, "seed": seed}
+    res = run_point(out / name, model, sets + extra, seed)
+    if "error" in res:
+        return {**head, **res}
     hist = res["history"]
-    return {"name": name, "model": model, "fu": fu, "fi": fi, "seed": seed, "best_round": res["best_round"],
+    return {**head, "best_round": res["best_round"],
             "rounds": len(hist), "valid": res["valid"]["NDCG@10"], "test": res["test"]["NDCG@10"],
             "test_hr50": res["test"]["HR@50"], "test_ndcg50": res["test"]["NDCG@50"],
             "s_per_round": res["seconds_per_round"],

@@ -237,9 +237,10 @@ class CentralisedConfig:
 class RuntimeConfig:
     """How the process runs, not what it computes (left out of :func:`bearing_dict`)."""
 
-    threads: int = 1
-    """Torch intra-op threads (0: one per core). One is as fast as two on a quiet 2-core machine and
-    stays fast when another job holds a core (``benchmarks/threads.py``, docs/results.md)."""
+    threads: int = 0
+    """Torch intra-op threads (0: one per core). With OpenMP's passive wait (set on import), one per
+    core keeps a quiet machine's speed and loses at most about a third when another job holds a core
+    (``benchmarks/threads.py``, docs/results.md); parallel sweeps should give each run 1."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,44 @@
+"""Threading chosen before torch starts: passive OpenMP wait on import, thread count from the config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gfmfr.runtime import use_threads
+
+
+def _child(code: str, **env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_importing_gfmfr_asks_for_passive_wait_before_torch_loads():
+    assert _child("import os, gfmfr, torch; print(os.environ['OMP_WAIT_POLICY'])") == "PASSIVE"
+
+
+def test_a_users_wait_policy_is_kept():
+    assert _child("import os, gfmfr; print(os.environ['OMP_WAIT_POLICY'])", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+
+
+def test_use_threads_sets_torch_and_zero_means_one_per_core():
+    before = torch.get_num_threads()
+    try:
+        assert use_threads(1) == 1 and torch.get_num_threads() == 1
+        assert use_threads(0) == (os.cpu_count() or 1) == torch.get_num_threads()
+        with pytest.raises(ValueError, match="runtime.threads"):
+            use_threads(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_flag_reaches_the_config():
+    from gfmfr.cli import _config, build_parser
+
+    args = build_parser().parse_args(["run", "--threads", "3"])
+    assert _config(args).runtime.threads == 3
