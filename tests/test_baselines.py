@@ -133,7 +133,6 @@ models = ["fcf"]
 plugins = ["none", "mmx", "fedvlr", "gfmfr"]
 centralised = ["fcf"]
 baselines = ["popularity", "random"]
-reference = "fcf"
 
 [config]
 data.dataset = "{data}"
@@ -153,14 +152,16 @@ set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
     text = (out / "report.md").read_text()
     labels = ["Popularity", "Random", "FCF", "MM-FCF", "FedVLR-FCF", "GFMFR-FCF", "FCF (centralised)",
               "GFMFR-FCF k-means"]
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "±" in line]
+    rows = [line for line in text.split("## Against")[0].splitlines() if line.startswith("| ") and "±" in line]
     assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(labels)
     assert all(r.split(" | ")[1] == "2" for r in rows)  # every method ran both seeds
     assert "Incomplete" not in text and "gap closed" in text
     for png in ("convergence.png", "groups.png", "time.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in text
     summary = json.loads((out / "report.json").read_text())
-    assert summary["table"]["FCF"]["seeds"] == 2 and len(summary["gaps"]) == 4
+    assert summary["table"]["FCF"]["seeds"] == 2 and len(summary["gaps"]) == 5
+    gfmfr_row = next(g for g in summary["gaps"] if g["method"] == "GFMFR-FCF")
+    assert gfmfr_row["base"] == "FCF" and gfmfr_row["paired seeds"] == 2 and len(gfmfr_row["paired test diffs"]) == 2
 
     # a second run reuses every finished run; a run whose configuration changed runs again
     results = out / "runs" / "fcf" / "seed1" / "results.json"
@@ -194,3 +195,12 @@ def test_compare_plan_errors_name_the_file(tmp_path, caplog):
     plan.write_text('seeds = [0]\nmodels = ["fcf"]\n[config]\nfederation.rounds = "many"\n')
     assert main(["compare", "--config", str(plan), "--out", str(tmp_path / "r")]) == 2
     assert "federation.rounds: cannot read 'many'" in caplog.text
+
+
+def test_gap_closed_keeps_its_sign_when_the_bound_is_not_above_the_base():
+    from gfmfr.compare import gap_closed
+
+    assert gap_closed(0.06, 0.04, 0.08) == pytest.approx(0.5)
+    assert gap_closed(0.03, 0.04, 0.08) == pytest.approx(-0.25)
+    assert gap_closed(0.09, 0.04, 0.08) == pytest.approx(1.25)
+    assert gap_closed(0.07, 0.06, 0.05) is None  # the federated base beats its bound: no gap to close
