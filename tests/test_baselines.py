@@ -204,3 +204,24 @@ def test_gap_closed_keeps_its_sign_when_the_bound_is_not_above_the_base():
     assert gap_closed(0.03, 0.04, 0.08) == pytest.approx(-0.25)
     assert gap_closed(0.09, 0.04, 0.08) == pytest.approx(1.25)
     assert gap_closed(0.07, 0.06, 0.05) is None  # the federated base beats its bound: no gap to close
+
+
+def test_compare_jobs_run_in_child_processes_with_the_same_results(tmp_path, planted_folder):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f"""
+seeds = [0, 1]
+models = ["fcf"]
+baselines = ["popularity"]
+[config]
+data.dataset = "{planted_folder}"
+model = {{ dim = 8 }}
+federation = {{ rounds = 3, local_epochs = 1, batch_size = 32 }}
+""")
+    for jobs, name in ((2, "a"), (1, "b")):
+        assert main(["compare", "--config", str(plan), "--out", str(tmp_path / name), "--no-progress",
+                     "--jobs", str(jobs)]) == 0
+    for seed in (0, 1):
+        a = json.loads((tmp_path / "a" / "runs" / "fcf" / f"seed{seed}" / "results.json").read_text())
+        b = json.loads((tmp_path / "b" / "runs" / "fcf" / f"seed{seed}" / "results.json").read_text())
+        assert a["config"]["runtime"]["threads"] == 1
+        assert a["test"] == pytest.approx(b["test"], rel=1e-5) and a["best_round"] == b["best_round"]

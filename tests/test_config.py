@@ -35,3 +35,13 @@ def test_config_is_frozen():
     cfg = RunConfig()
     with pytest.raises(AttributeError):
         cfg.seed = 1  # type: ignore[misc]
+
+
+def test_to_toml_round_trips(tmp_path):
+    from gfmfr.config import from_dict, load_toml, to_toml
+
+    cfg = from_dict({"seed": 3, "model": {"name": "fcf", "lr": 0.5, "hidden": [16, 8]}, "plugin": "gfmfr",
+                     "gfmfr": {"modalities": ["text"], "content_dim": None}, "federation": {"server_optimizer": "fedadam"}})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert from_dict(load_toml(path)) == cfg

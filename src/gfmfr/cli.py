@@ -123,7 +123,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.report_only:
         report = render_report(plan, args.out)
     else:
-        report = compare(plan, args.out, progress=not args.no_progress)
+        report = compare(plan, args.out, progress=not args.no_progress, jobs=args.jobs)
     sys.stdout.write(report.read_text())
     sys.stdout.write(f"\nreport: {report}\n")
     return 0
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="plan TOML (see gfmfr.compare)")
     p.add_argument("--out", required=True, help="report folder; finished runs in it are reused")
     p.add_argument("--report-only", action="store_true", help="render the report from the runs already there")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each a child process with one thread")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
 

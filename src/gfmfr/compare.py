@@ -25,9 +25,12 @@ files alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from gfmfr.config import ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, load_toml, to_dict
+from gfmfr.config import (ConfigError, RunConfig, RuntimeConfig, apply_overrides, bearing_dict, from_dict, load_toml,
+                          to_dict, to_toml)
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +151,25 @@ def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return results if same else None
 
 
-def compare(plan: Plan, out: str | Path, progress: bool = True) -> Path:
-    """Run (or reuse) every method x seed of ``plan``, then render the report; returns ``report.md``."""
+def _run_in_subprocess(cfg: RunConfig, folder: Path) -> str | None:
+    """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(to_toml(dataclasses.replace(cfg, runtime=RuntimeConfig(threads=1))))
+    proc = subprocess.run([sys.executable, "-m", "gfmfr.cli", "run", "--config", str(folder / "config.toml"),
+                           "--out", str(folder), "--no-progress", "--no-reference"], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
+    """Run (or reuse) every method x seed of ``plan``, then render the report; returns ``report.md``.
+
+    ``jobs > 1`` runs that many at once, each a ``gfmfr run`` child process with one thread (on a
+    small machine, two one-thread runs finish sooner than two runs one after the other)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -156,24 +177,44 @@ def compare(plan: Plan, out: str | Path, progress: bool = True) -> Path:
     from gfmfr.run import run
 
     out = Path(out)
-    jobs = [(m, s) for m in plan.methods for s in plan.seeds]
-    datasets: dict[str, Any] = {}
-    with logging_redirect_tqdm(), tqdm(total=len(jobs), disable=not progress, unit="run") as bar:
-        for method, seed in jobs:
-            cfg = plan.run_config(method, seed)
-            path = run_path(out, method, seed)
-            bar.set_description(f"{method.label} seed {seed}")
+    todo = []
+    for method in plan.methods:
+        for seed in plan.seeds:
+            cfg, path = plan.run_config(method, seed), run_path(out, method, seed)
             if finished(path, cfg) is None and finished(path.with_name("failed.json"), cfg) is None:
+                todo.append((method, seed, cfg, path))
+
+    def failed(method: Method, seed: int, cfg: RunConfig, path: Path, error: str) -> None:
+        # a diverged run is a result too; the others go on
+        log.warning("%s seed %d failed: %s", method.label, seed, error)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_name("failed.json").write_text(json.dumps({"config": to_dict(cfg), "error": error}))
+
+    with logging_redirect_tqdm(), tqdm(total=len(todo), disable=not progress, unit="run") as bar:
+        if jobs > 1:
+            with ThreadPoolExecutor(jobs) as pool:
+                futures = {pool.submit(_run_in_subprocess, cfg, path.parent): (m, s, cfg, path)
+                           for m, s, cfg, path in todo}
+                for future in as_completed(futures):
+                    error = future.result()
+                    if error is not None and error.startswith("FloatingPointError"):
+                        failed(*futures[future], error)
+                    elif error is not None:
+                        method, seed = futures[future][:2]
+                        raise RuntimeError(f"{method.label} seed {seed}: {error}")
+                    bar.update(1)
+        else:
+            datasets: dict[str, Any] = {}
+            for method, seed, cfg, path in todo:
+                bar.set_description(f"{method.label} seed {seed}")
                 key = json.dumps(to_dict(cfg)["data"], sort_keys=True)
                 if key not in datasets:
                     datasets[key] = load_dataset(cfg.data)
                 try:
                     run(cfg, path.parent, dataset=datasets[key])
-                except FloatingPointError as exc:  # a diverged run is a result too; the others go on
-                    log.warning("%s seed %d diverged: %s", method.label, seed, exc)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.with_name("failed.json").write_text(json.dumps({"config": to_dict(cfg), "error": str(exc)}))
-            bar.update(1)
+                except FloatingPointError as exc:
+                    failed(method, seed, cfg, path, str(exc))
+                bar.update(1)
     return render_report(plan, out)
 
 

@@ -366,6 +366,24 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as a TOML document that :func:`load_toml` and ``gfmfr run --config`` read
+    back to the same config (TOML has no null: ``None`` is written as the string ``"none"``, which an
+    optional field reads back as ``None``)."""
+    import tomli_w
+
+    def ready(values: Any) -> Any:
+        if isinstance(values, dict):
+            return {k: ready(v) for k, v in values.items()}
+        if values is None:
+            return "none"
+        if isinstance(values, tuple):
+            return [ready(v) for v in values]
+        return values
+
+    return tomli_w.dumps(ready(to_dict(cfg)))
+
+
 def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
     """:func:`to_dict` less the sections the run never reads: a plug-in's section when that plug-in
     is not on, the centralised section of a federated run. Two runs whose bearing dicts are equal

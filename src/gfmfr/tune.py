@@ -36,9 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from gfmfr.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, to_dict
+from gfmfr.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, to_toml
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +122,6 @@ def load_space(path: str | Path) -> list[Dimension]:
     return space
 
 
-def _toml_ready(values: Any) -> Any:
-    """Config dict as TOML can hold it: tuples as lists, ``None`` fields dropped (they are defaults)."""
-    if isinstance(values, dict):
-        return {k: _toml_ready(v) for k, v in values.items() if v is not None}
-    if isinstance(values, tuple):
-        return [_toml_ready(v) for v in values]
-    return values
-
-
 class _OutOfTime(Exception):
     """The wall-time budget ran out while a trial was training."""
 
@@ -205,7 +194,7 @@ def tune(base: dict[str, Any], out: str | Path, space: list[Dimension] | None = 
         raise RuntimeError(f"no trial finished within the budget of {budget_s:.0f} s; raise --budget")
     best = study.best_trial
     best_cfg = from_dict(apply_overrides(base, [f"{k}={v}" for k, v in best.params.items()]))
-    body = tomli_w.dumps(_toml_ready(to_dict(best_cfg)))
+    body = to_toml(best_cfg)
     header = (f"# gfmfr tune: best of {len(complete)} finished trials ({len(study.trials)} started), "
               f"validation {metric} {best.value:.4f} at round {best.user_attrs.get('best_round')}\n")
     (out / "best.toml").write_text(header + body)
