@@ -102,3 +102,17 @@ def test_recbole_atomic_layout(tmp_path):
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(DataError, match="nope"):
         load_dataset(DataConfig(dataset=str(tmp_path / "nope")))
+
+
+def test_max_train_per_user_keeps_the_first_k_and_the_same_held_out_items(planted_folder):
+    from gfmfr.config import DataConfig
+    from gfmfr.data.dataset import load_dataset
+
+    full = load_dataset(DataConfig(dataset=str(planted_folder)))
+    sparse = load_dataset(DataConfig(dataset=str(planted_folder), max_train_per_user=5))
+    assert (sparse.valid_items == full.valid_items).all() and (sparse.test_items == full.test_items).all()
+    assert (sparse.train_counts == np.minimum(full.train_counts, 5)).all()
+    for u in range(full.n_users):
+        assert (sparse.user_train(u) == full.user_train(u)[:5]).all()
+    assert sparse.report["dropped"]["train_interactions_beyond_max_train_per_user"] == int(
+        (full.train_counts - np.minimum(full.train_counts, 5)).sum())

@@ -59,3 +59,24 @@ def test_oracle_and_sampled_protocol(planted):
 def test_nan_scores_rank_last():
     scores = torch.tensor([[float("nan"), 0.1, 0.2], [float("nan")] * 3])
     assert pessimistic_ranks(scores, torch.tensor([0, 1])).tolist() == [3, 3]
+
+
+def test_tail_slice_covers_exactly_the_users_whose_held_out_item_is_rare(planted):
+    import numpy as np
+
+    from gfmfr.config import EvalConfig
+    from gfmfr.eval.evaluator import Evaluator
+    from gfmfr.eval.metrics import metrics_from_ranks
+
+    ev = Evaluator(planted, EvalConfig(tail_max_count=16, ks=(10,)))
+    counts = np.bincount(planted.train_items, minlength=planted.n_items)
+    tail = counts[planted.test_items] <= 16
+    assert tail.any() and not tail.all()
+    rng = np.random.default_rng(0)
+    table = torch.from_numpy(rng.normal(size=(planted.n_users, planted.n_items)))
+    score = lambda users: table[users]  # noqa: E731
+    out = ev.evaluate(score, "test")
+    ranks = ev.ranks(score, "test")
+    assert out["tail users"] == tail.sum()
+    assert out["tail NDCG@10"] == metrics_from_ranks(ranks[torch.from_numpy(tail)], (10,))["NDCG@10"]
+    assert "tail users" not in Evaluator(planted, EvalConfig(tail_max_count=0)).evaluate(score, "test")

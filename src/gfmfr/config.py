@@ -41,6 +41,9 @@ class DataConfig:
     """Iteratively keep users and items with at least this many positives (0: off)."""
     duplicates: str = "first"
     """Repeated (user, item) pairs: ``first`` keeps the earliest and counts the rest, ``error`` raises."""
+    max_train_per_user: int = 0
+    """Keep only each user's first k training interactions, by time (0: all). The sparse-user regime:
+    validation and test items are those of the full data, so scores compare across k."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,9 @@ class EvalConfig:
     """Validation metric that selects the best round; test is reported at that round."""
     user_batch: int = 256
     """Users scored at once during evaluation."""
+    tail_max_count: int = 10
+    """Also report every metric over the users whose held-out item is long-tail, with at most this many
+    training interactions, as ``tail NDCG@10`` etc. (and ``tail users``); 0: no tail slice."""
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,16 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
     in_train = np.ones(len(seq), dtype=bool)
     in_train[ends - 1] = False
     in_train[ends - 2] = False
+    n_train = counts - 2
+    if cfg.max_train_per_user:
+        # sparse-user regime: only each user's first k training interactions (chronologically);
+        # validation and test items stay the same
+        position = np.arange(len(seq)) - np.repeat(ends - counts, counts)
+        in_train &= position < cfg.max_train_per_user
+        n_train = np.minimum(n_train, cfg.max_train_per_user)
+        dropped["train_interactions_beyond_max_train_per_user"] = int((counts - 2 - n_train).sum())
     train_items = seq[in_train].astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(counts - 2)]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(n_train)]).astype(np.int64)
 
     dataset = Dataset(
         name=name or raw.source,

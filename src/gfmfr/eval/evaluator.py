@@ -66,4 +66,18 @@ class Evaluator:
         """HR/NDCG/Recall/MRR at every K of the config on ``split`` (``valid`` or ``test``)."""
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        return metrics_from_ranks(self.ranks(score_fn, split), self.cfg.ks)
+        ranks = self.ranks(score_fn, split)
+        out = metrics_from_ranks(ranks, self.cfg.ks)
+        if self.cfg.tail_max_count:
+            tail = torch.from_numpy(self.tail_users(split))
+            out["tail users"] = float(tail.sum())
+            if tail.any():
+                out.update({f"tail {k}": v for k, v in metrics_from_ranks(ranks[tail], self.cfg.ks).items()})
+        return out
+
+    def tail_users(self, split: str) -> np.ndarray:
+        """[n_users] bool: the user's held-out item has at most ``tail_max_count`` training interactions."""
+        d = self.dataset
+        counts = np.bincount(d.train_items, minlength=d.n_items)
+        targets = d.valid_items if split == "valid" else d.test_items
+        return counts[targets] <= self.cfg.tail_max_count
