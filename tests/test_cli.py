@@ -51,11 +51,11 @@ def test_run_centralised(planted_folder, tmp_path, capsys):
 
 def test_run_states_where_it_stands_and_caches_the_bound(planted_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GFMFR_CACHE", str(tmp_path / "cache"))
-    args = ["run", "--dataset", str(planted_folder), "--model", "fcf", "--no-progress",
+    args = ["run", "--dataset", str(planted_folder), "--model", "pfedrec", "--no-progress",
             "--set", "federation.rounds=3", "--set", "centralised.epochs=2", "--set", "model.dim=8"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "x popularity" in out and "% of centralised fcf" in out
+    assert "x popularity" in out and "% of centralised FCF" in out
     bounds = list((tmp_path / "cache" / "bounds").glob("fcf-*.json"))
     assert len(bounds) == 1
     # a run that differs only in federated learning rates reuses the cached bound

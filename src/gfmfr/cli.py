@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         refs = references(load_dataset(cfg.data), cfg)
         rows.update({"pop": refs["popularity"]["test"], "central": refs["centralised"]["test"]})
         sys.stdout.write(format_table(rows, cfg.eval.ks) + "\n")
-        sys.stdout.write(standing_line(results, refs, cfg.eval.select_metric, cfg.model.name) + "\n")
+        sys.stdout.write(standing_line(results, refs, cfg.eval.select_metric) + "\n")
     else:
         sys.stdout.write(format_table(rows, cfg.eval.ks) + "\n")
     if args.out:
