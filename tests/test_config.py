@@ -6,7 +6,7 @@ from gfmfr.config import ConfigError, RunConfig, apply_overrides, from_dict, loa
 def test_defaults_round_trip():
     cfg = RunConfig()
     assert from_dict(to_dict(cfg)) == cfg
-    assert cfg.federation.local_epochs == 5 and cfg.federation.num_negatives == 4
+    assert cfg.federation.local_epochs == 1 and cfg.federation.num_negatives == 4
     assert cfg.eval.ks == (10, 20, 50)
 
 
