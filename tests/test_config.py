@@ -45,3 +45,17 @@ def test_to_toml_round_trips(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
     assert from_dict(load_toml(path)) == cfg
+
+
+@pytest.mark.parametrize("key, bad", [("gfmfr.fusion", "mpl"), ("plugin", "gfmrf"), ("model.name", "fmc"),
+                                      ("gfmfr.modalities", "text,audio"), ("federation.server_optimizer", "adam")])
+def test_a_bad_choice_fails_on_load_naming_key_and_allowed_values(key, bad):
+    with pytest.raises(ConfigError, match=rf"{key.split('.')[-1]}: must be one of .*got '{bad.split(',')[-1]}'"):
+        from_dict(apply_overrides({}, [f"{key}={bad}"]))
+
+
+def test_a_bad_choice_on_the_command_line_is_one_line_and_exit_2(capsys, caplog):
+    from gfmfr.cli import main
+
+    assert main(["run", "--set", "gfmfr.fusion=mpl"]) == 2
+    assert "gfmfr.fusion: must be one of 'sum', 'mlp'" in caplog.text

@@ -20,7 +20,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,7 @@ class DataConfig:
     """Ratings ``>= threshold`` are positives; ``None`` makes every rating a positive."""
     kcore: int = 0
     """Iteratively keep users and items with at least this many positives (0: off)."""
-    duplicates: str = "first"
+    duplicates: Literal["first", "error"] = "first"
     """Repeated (user, item) pairs: ``first`` keeps the earliest and counts the rest, ``error`` raises."""
     max_train_per_user: int = 0
     """Keep only each user's first k training interactions, by time (0: all). The sparse-user regime:
@@ -50,7 +50,7 @@ class DataConfig:
 class ModelConfig:
     """The base recommender and its optimiser settings (METHOD.md, 'Base models')."""
 
-    name: str = "fedrap"
+    name: Literal["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "random"] = "fedrap"
     """One of ``popularity``, ``random``, ``fcf``, ``fedncf``, ``pfedrec``, ``fedrap``."""
     dim: int = 64
     """Latent size d of user and item vectors."""
@@ -65,7 +65,7 @@ class ModelConfig:
     """SGD learning rate of private item tables, FedRAP's D_u (None: the model's tuned default)."""
     weight_decay: float = 1e-4
     """L2 weight decay on every parameter (SGD-style, applied each local step)."""
-    fedrap_head: str = "mlp"
+    fedrap_head: Literal["mlp", "dot"] = "mlp"
     """FedRAP head: ``mlp`` (the GFMFR reference variant) or ``dot`` (the FedRAP paper)."""
     fedrap_lambda: float = 0.1
     """FedRAP v1: weight of the -||D_u - C||^2 term once ramped up (lambda_t = v1 tanh(t/10))."""
@@ -90,7 +90,7 @@ class FederationConfig:
     popularity (FCF test NDCG@10 .039 against .063 with one; docs/results.md)."""
     batch_size: int = 256
     """Local minibatch size."""
-    loss_average: str = "batch"
+    loss_average: Literal["batch", "nominal"] = "batch"
     """How a minibatch's base loss is averaged: ``batch``, over the pairs the batch holds (the usual
     mean, as in the base models' code; the learning rates were tuned with it), or ``nominal``, summed
     and divided by ``batch_size``, so that every pair weighs the same. With ``batch`` a client's nearly
@@ -102,7 +102,7 @@ class FederationConfig:
     """Sampled non-interacted items per positive, resampled every round."""
     weighted_aggregation: bool = False
     """FedAvg weighted by local sample count instead of a plain mean over participants."""
-    server_optimizer: str = "fedavg"
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
     """How the server turns the participants' average into the next global parameters (Reddi et al.,
     ICLR 2021): ``fedavg`` (the average itself, at ``server_lr = 1``), ``fedavgm`` (server momentum),
     ``fedadam`` or ``fedyogi``. Item tables are stepped row-wise: untrained rows keep their state."""
@@ -132,7 +132,7 @@ class FederationConfig:
 class EvalConfig:
     """Evaluation protocol (METHOD.md, 'Evaluation protocol')."""
 
-    protocol: str = "full"
+    protocol: Literal["full", "sampled"] = "full"
     """``full``: rank against every item not in the user's training data; ``sampled``: against 99 negatives."""
     ks: tuple[int, ...] = (10, 20, 50)
     """Cut-offs K for HR@K, NDCG@K, Recall@K and MRR@K."""
@@ -153,13 +153,13 @@ class GFMFRConfig:
 
     groups: int = 5
     """Number of client groups G."""
-    grouping: str = "spectral"
+    grouping: Literal["spectral", "kmeans"] = "spectral"
     """``spectral`` (RBF affinity, median-distance bandwidth) or ``kmeans``."""
     pca_variance: float | None = 0.95
     """Variance kept by PCA of the standardised signatures; ``None`` skips PCA."""
-    modalities: tuple[str, ...] = ("text", "image")
+    modalities: tuple[Literal["text", "image"], ...] = ("text", "image")
     """Content modalities fused (any non-empty subset of those the dataset has)."""
-    fusion: str = "mlp"
+    fusion: Literal["sum", "mlp", "gate", "attention", "mixture"] = "mlp"
     """Fusion expert: ``sum``, ``mlp``, ``gate``, ``attention`` or ``mixture``."""
     item_view: bool = True
     """Add a learnable server-side item embedding as a fusion view (False: content and group views only)."""
@@ -176,38 +176,38 @@ class GFMFRConfig:
     """Continue the fusion model from the last round (False: retrain from scratch every round)."""
     distill: bool = True
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
-    distill_on: str = "all"
+    distill_on: Literal["all", "negatives"] = "all"
     """Training pairs the KL term covers: ``all``, every training pair (METHOD.md), or ``negatives``,
     only the sampled unobserved items, where the group's preference is information the client lacks.
     On ML-100K ``negatives`` has the higher validation NDCG@10 (FCF, PFedRec; level on FedNCF) but
     diverged GFMFR-FedRAP on 2 of 3 seeds unless ``federation.loss_average = "nominal"``
     (docs/results.md), so the default stays METHOD.md's."""
-    distill_into: str = "all"
+    distill_into: Literal["all", "private", "shared"] = "all"
     """Parameters the KL term trains: ``all`` that the logits depend on (METHOD.md); ``private`` only
     (the client's own head, user vector, private item rows), so that no group signal enters the
     FedAvg average; or ``shared`` only (the item table and shared layers), so that the client's
     personal head learns from its own data alone."""
-    kl_average: str = "nominal"
+    kl_average: Literal["nominal", "batch"] = "nominal"
     """``nominal``: the KL term is summed over a batch's pairs and divided by ``federation.batch_size``;
     ``batch``: divided by the pairs the batch holds (a nearly empty last batch then weighs each pair
     up to B times more, which diverged GFMFR-FedRAP with seed 0)."""
     kl_scale: float = 1.0
     """Multiplier on the distillation weight w_t (1: the term starts at the scale of the base loss)."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
     """Round factor on the distillation weight: ``cosine`` anneals it as cos(pi t / (2T)) (METHOD.md),
     ``constant`` keeps it, ``linear`` anneals it as 1 - t / T."""
     ema_decay: float = 0.9
     """Decay of the moving average r_t of L_base / L_KL."""
-    teacher: str = "members"
+    teacher: Literal["members", "mean_head"] = "members"
     """Group preference p_g(i): ``members`` averages the members' predicted probabilities on Q_g(i);
     ``mean_head`` scores Q_g(i) with the members' averaged head parameters (METHOD.md step 7)."""
     max_ratio: float = 1.0
     """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
     content_dim: int | None = 128
     """Server-side PCA of each modality's frozen features to this many dimensions (None: keep all)."""
-    send: str = "items"
+    send: Literal["items", "all"] = "items"
     """What a client receives: ``items`` (its group's preferences for the items it trains on) or ``all``."""
-    score_with: str = "global"
+    score_with: Literal["global", "group"] = "global"
     """Item vectors a client ranks with: ``global``, the FedAvg item table (METHOD.md); ``group``, its
     group's fused vectors Q_g(i) of the last server round in place of the shared item table (its own
     head, user vector and private rows unchanged). A client without a group, or whose group had no
@@ -219,7 +219,7 @@ class GFMFRConfig:
 class MultimodalConfig:
     """The content baselines MM-X (``plugin = "mmx"``) and FedVLR (``plugin = "fedvlr"``)."""
 
-    modalities: tuple[str, ...] = ("text", "image")
+    modalities: tuple[Literal["text", "image"], ...] = ("text", "image")
     """Content modalities used (any non-empty subset of those the dataset has)."""
     content_dim: int | None = 64
     """PCA of each modality's frozen features to this many dimensions (None: keep all)."""
@@ -227,7 +227,7 @@ class MultimodalConfig:
     """SGD learning rate of the shared content projections and fusion layers (0.3 diverges FCF on ML-100K)."""
     router_lr: float = 0.1
     """SGD learning rate of FedVLR's private per-client router."""
-    views: tuple[str, ...] = ("sum", "mlp", "gate")
+    views: tuple[Literal["sum", "mlp", "gate", "attention", "mixture"], ...] = ("sum", "mlp", "gate")
     """FedVLR's server-side fusion views, mixed per user by the router."""
 
 
@@ -267,9 +267,9 @@ class RunConfig:
     """Federation section."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation section."""
-    training: str = "federated"
+    training: Literal["federated", "centralised"] = "federated"
     """``federated``, or ``centralised``: the same model trained on all data in one place (the upper bound)."""
-    plugin: str = "none"
+    plugin: Literal["none", "gfmfr", "mmx", "fedvlr"] = "none"
     """Plug-in on the base model: ``none``, ``gfmfr``, or the content baselines ``mmx`` and ``fedvlr``."""
     gfmfr: GFMFRConfig = field(default_factory=GFMFRConfig)
     """GFMFR plug-in section."""
@@ -285,6 +285,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a TOML or CLI value to the annotated field type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        kind = type(args[0])
+        value = _coerce(value, kind, where)
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
