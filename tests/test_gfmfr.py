@@ -139,14 +139,13 @@ def test_distilling_into_one_side_leaves_the_other_alone(name, into):
 
 
 def test_bad_plugin_settings_fail_before_training(planted):
-    from gfmfr.gfmfr.plugin import GFMFR
+    from gfmfr.config import ConfigError
 
     for field, value in (("distill_into", "head"), ("schedule", "step"), ("kl_average", "mean"),
                          ("distill_on", "positives"), ("teacher", "best"), ("send", "some"),
                          ("score_with", "teacher")):
-        cfg = gfmfr_config("fcf", **{field: value})
-        with pytest.raises(ValueError, match=f"gfmfr.{field}"):
-            GFMFR(with_features(planted), build_model(planted.n_items, cfg.model), cfg)
+        with pytest.raises(ConfigError, match=f"gfmfr.{field}: must be one of"):  # on load, before any training
+            gfmfr_config("fcf", **{field: value})
 
 
 def test_per_group_item_view_fits_what_is_particular_to_each_group():
