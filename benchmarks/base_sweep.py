@@ -27,13 +27,15 @@ def default_lrs(model: str) -> dict[str, float]:
     return dict(FEDERATED_MODELS[model].default_lrs)
 
 
-def point(model: str, fu: float, fi: float, seed: int, extra: list[str], out: Path) -> dict:
+def point(model: str, fu: float, fi: float, seed: int, extra: list[str], out: Path, report_only: bool = False) -> dict:
     lrs = default_lrs(model)
     sets = [f"model.lr={lrs['lr'] * fu:g}", f"model.item_lr={lrs['item_lr'] * fi:g}"]
     if model == "fedrap":
         sets.append(f"model.private_item_lr={lrs['private_item_lr'] * fu:g}")
     name = f"{model}_u{fu:g}_i{fi:g}_s{seed}"
     head = {"name": name, "model": model, "fu": fu, "fi": fi, "seed": seed}
+    if report_only and not (out / name / "results.json").exists():
+        return {**head, "error": "not run"}
     res = run_point(out / name, model, sets + extra, seed)
     if "error" in res:
         return {**head, **res}
@@ -54,11 +56,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra override for every point")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--report-only", action="store_true", help="print the points already run, run nothing")
     args = parser.parse_args()
     out = Path(args.out)
     grid = list(itertools.product(args.models, args.user_factors, args.item_factors, args.seeds))
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda g: point(*g, args.set, out), grid))
+        rows = list(pool.map(lambda g: point(*g, args.set, out, args.report_only), grid))
     sys.stdout.write("| model | lr x | item_lr x | seed | rounds | best round | valid NDCG@10 | test NDCG@10 | test HR@50 | test NDCG@50 | s/round | eval s |\n")
     sys.stdout.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:

@@ -20,7 +20,7 @@ class FedNCF(FederatedRecommender):
     """Federated NeuMF."""
 
     name = "fedncf"
-    default_lrs = {"lr": 0.3, "item_lr": 30.0}
+    default_lrs = {"lr": 0.9, "item_lr": 30.0}
 
     def __init__(self, n_items, cfg):
         super().__init__(n_items, cfg)
