@@ -178,8 +178,13 @@ set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
     stale = json.loads(mm.read_text())
     stale["config"]["federation"]["rounds"] = 99
     mm.write_text(json.dumps(stale))
+    lrs = out / "runs" / "fedvlr-fcf" / "seed1" / "results.json"
+    moved = json.loads(lrs.read_text())
+    moved["resolved"]["lr"] = 123.0  # as if the model's default learning rate had changed since: runs again
+    lrs.write_text(json.dumps(moved))
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     assert results.stat().st_mtime_ns == stamp
+    assert json.loads(lrs.read_text())["resolved"]["lr"] != 123.0
     assert json.loads(grouped.read_text())["config"]["gfmfr"]["server_epochs"] == 5
     assert json.loads(mm.read_text())["config"]["federation"]["rounds"] == 3
 

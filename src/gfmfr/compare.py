@@ -146,6 +146,10 @@ def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     except ConfigError:
         stored = None
     same = stored == bearing_dict(cfg)
+    if same and "resolved" in results:  # a default the config leaves to the code (a learning rate) changed
+        from gfmfr.run import resolved_settings
+
+        same = results["resolved"] == resolved_settings(cfg)
     if not same:
         log.info("%s ran with another configuration; running it again", path)
     return results if same else None

@@ -102,6 +102,15 @@ def run_centralised(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     return train_centralised(dataset, model, cfg)
 
 
+def resolved_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Settings the config leaves to the code (the model's default learning rates): stored with the
+    results, so that a run made before a default changed is recognisably different."""
+    if cfg.model.name in BASELINES:
+        return {}
+    model = build_model(1, cfg.model)
+    return {"lr": model.lr, "item_lr": model.item_lr, "private_item_lr": model.private_item_lr}
+
+
 def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None = None,
         progress: bool = False) -> dict[str, Any]:
     """Run ``cfg``; write ``out/results.json`` if ``out`` is given; return the results dict.
@@ -118,7 +127,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None =
         body = run_federated(dataset, cfg, progress)
     else:
         raise ValueError(f"training must be 'federated' or 'centralised', got {cfg.training!r}")
-    results = {"config": to_dict(cfg), "data": dataset.report, **body, "peak_rss_mb": peak_rss_mb()}
+    results = {"config": to_dict(cfg), "resolved": resolved_settings(cfg), "data": dataset.report, **body,
+               "peak_rss_mb": peak_rss_mb()}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
