@@ -274,11 +274,14 @@ def gaps(plan: Plan, results: dict[str, list[dict[str, Any]]], table: dict[str, 
     base_of = {m.model: m.label for m in plan.methods if m.kind == "federated" and m.plugin == "none"
                and m.settings == {"model": {"name": m.model}, "plugin": "none"}}
     bound_of = {m.model: m.label for m in plan.methods if m.kind == "centralised" and m.plugin == "none"}
+    popularity = next((m.label for m in plan.methods if m.kind == "baseline" and m.model == "popularity"), None)
     out = []
     for m in plan.methods:
         if m.kind != "federated" or m.label not in table:
             continue
         row: dict[str, Any] = {"method": m.label, "NDCG@10": table[m.label]["NDCG@10"][0]}
+        if popularity in table:
+            row["x_popularity"] = row["NDCG@10"] / table[popularity]["NDCG@10"][0]
         base = base_of.get(m.model)
         if base in table and base != m.label:
             by_seed = {r["config"]["seed"]: r for r in results[base]}
@@ -326,19 +329,20 @@ def render_report(plan: Plan, out: str | Path) -> Path:
         lines += ["", f"Incomplete (fewer seeds than planned): {', '.join(missing)}."]
     if summary["gaps"]:
         lines += ["", "## Against the base model and the centralised bound", "",
-                  "Test NDCG@10 of each federated method; the paired difference with its base model (same "
+                  "Test NDCG@10 of each federated method and its multiple of popularity's; the paired difference with its base model (same "
                   "model, no plug-in) over the seeds both finished, test and valid (mean ± std); the share of "
                   "the centralised bound reached (its model's, else centralised FCF's); and the share of the "
                   "base-to-bound gap closed "
                   "(\"—\" where the bound is not above the base).", "",
-                  "| method | NDCG@10 | paired test diff | paired valid diff | bound | of bound | gap closed |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | NDCG@10 | x popularity | paired test diff | paired valid diff | bound | of bound | gap closed |",
+                  "|---|---|---|---|---|---|---|---|"]
         for g in summary["gaps"]:
             diff = {k: (f"{g[k][0]:+.4f} ± {g[k][1]:.4f}" if k in g else "—")
                     for k in ("paired test diff", "paired valid diff")}
             of = f"{g['of_bound']:.0%}" if "of_bound" in g else "—"
             closed = f"{g['gap_closed']:+.0%}" if g.get("gap_closed") is not None else "—"
-            lines.append(f"| {g['method']} | {g['NDCG@10']:.4f} | {diff['paired test diff']} | "
+            pop = f"{g['x_popularity']:.2f}" if "x_popularity" in g else "—"
+            lines.append(f"| {g['method']} | {g['NDCG@10']:.4f} | {pop} | {diff['paired test diff']} | "
                          f"{diff['paired valid diff']} | {g.get('centralised', '—')} | {of} | {closed} |")
     titles = {"convergence": "Validation NDCG@10 per round", "groups": "GFMFR client groups over rounds",
               "time": "Seconds per round"}
