@@ -165,7 +165,7 @@ def tune(base: dict[str, Any], out: str | Path, space: list[Dimension] | None = 
 
         t0 = time.perf_counter()
         try:
-            best = fed.fit(on_validation=report, evaluate_test=False)
+            best = fed.fit(on_validation=report, evaluate_test=False, log_rounds=False)
         except _OutOfTime:
             trial.set_user_attr("stopped", "budget")
             raise optuna.TrialPruned from None
@@ -176,6 +176,8 @@ def tune(base: dict[str, Any], out: str | Path, space: list[Dimension] | None = 
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("rounds", len(fed.history))
         trial.set_user_attr("best_round", best["round"])
+        log.info("trial %d: validation %s %.4f at round %d with %s", trial.number, metric, best["score"],
+                 best["round"], values)
         return float(best["score"])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

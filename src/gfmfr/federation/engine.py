@@ -170,20 +170,21 @@ class Federation:
         return self.state.score(users, tables)
 
     def fit(self, progress: bool = False, on_validation: Callable[[int, dict[str, float]], None] | None = None,
-            evaluate_test: bool = True) -> dict[str, Any]:
+            evaluate_test: bool = True, log_rounds: bool = True) -> dict[str, Any]:
         """Run every round; returns the selection summary (best round, valid and test metrics).
 
         ``progress`` shows a bar over rounds with the ETA and the latest validation score (the
         per-round lines are then logged at DEBUG). ``on_validation(round, metrics)`` sees every
         validation (a tuner prunes from it by raising). ``evaluate_test = False`` never reads the
-        test split (the summary's ``test`` is then empty).
+        test split (the summary's ``test`` is then empty). ``log_rounds = False`` logs the per-round
+        lines at DEBUG even without a bar (a tuner's trials).
         """
         fed, ev = self.cfg.federation, self.cfg.eval
         best: dict[str, Any] = {"round": -1, "score": -np.inf, "valid": {}, "test": {}}
         stale = 0
         bar = tqdm(total=fed.rounds, desc="rounds", unit="round", disable=not progress, leave=True,
                    dynamic_ncols=True)
-        line = log.debug if progress else log.info
+        line = log.debug if progress or not log_rounds else log.info
         try:
             for t in range(fed.rounds):
                 entry = self.train_round(t)
