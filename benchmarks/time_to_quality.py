@@ -6,6 +6,9 @@ centralised FCF with the same seed (run once, in ``--out``). Seconds are the run
 time per round, training, server work and validation included, summed until the round that
 first reaches the target; "never" when the run stopped (budget or early stopping) before.
 
+``--from-report DIR`` runs nothing: it reads the runs of a ``gfmfr compare`` report instead
+(``DIR/runs/<method>/seed<k>/results.json``, the bound from ``DIR/runs/fcf-centralised``).
+
 A variant is a label and overrides, ``plugin=...`` choosing the plug-in:
 
     python benchmarks/time_to_quality.py --models fcf fedrap --seeds 0 \
@@ -37,7 +40,11 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.9, help="share of the centralised bound to reach")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/ttq")
+    parser.add_argument("--from-report", help="read the runs of a gfmfr compare report instead of running")
     args = parser.parse_args()
+    if args.from_report:
+        from_report(Path(args.from_report), args.fraction)
+        return
     out = Path(args.out)
     variants = args.variant or [["defaults"]]
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -66,6 +73,29 @@ def main() -> None:
         cells = (f"{reach[0]} | {reach[1]:.1f}" if reach else "never | never")
         sys.stdout.write(f"| {model} | {label} | {seed} | {cells} | {len(hist)} | {res['valid']['NDCG@10']:.4f} | "
                          f"{res['test']['NDCG@10']:.4f} | {per_round:.2f} |\n")
+
+
+def from_report(report: Path, fraction: float) -> None:
+    """The table over every federated method of a compare report, one row per method (seed mean)."""
+    import json
+
+    def load(folder: Path) -> dict[int, dict]:
+        return {int(p.parent.name[4:]): json.loads(p.read_text()) for p in sorted(folder.glob("seed*/results.json"))}
+
+    bounds = load(report / "runs" / "fcf-centralised")
+    sys.stdout.write(f"target: {fraction:.0%} of centralised FCF's validation NDCG@10 per seed "
+                     + ", ".join(f"{s}: {fraction * b['valid']['NDCG@10']:.4f}" for s, b in bounds.items()) + "\n\n")
+    sys.stdout.write("| method | seeds | reached | rounds to target | seconds to target | s/round (all phases) |\n")
+    sys.stdout.write("|---|---|---|---|---|---|\n")
+    for folder in sorted((report / "runs").iterdir()):
+        runs = load(folder)
+        if not runs or folder.name in ("fcf-centralised", "popularity", "random") or "centralised" in folder.name:
+            continue
+        reach = [first_reach(r, fraction * bounds[s]["valid"]["NDCG@10"]) for s, r in runs.items() if s in bounds]
+        hit = [x for x in reach if x]
+        per_round = np.mean([np.mean([sum(h["seconds"].values()) for h in r["history"]]) for r in runs.values()])
+        cells = (f"{np.mean([x[0] for x in hit]):.0f} | {np.mean([x[1] for x in hit]):.0f}" if hit else "never | never")
+        sys.stdout.write(f"| {folder.name} | {len(runs)} | {len(hit)}/{len(reach)} | {cells} | {per_round:.2f} |\n")
 
 
 if __name__ == "__main__":
