@@ -60,7 +60,7 @@ class FedRAP(FederatedRecommender):
     """Additive personalisation: shared C plus private D_u."""
 
     name = "fedrap"
-    default_lrs = {"lr": 1.0, "item_lr": 30.0, "private_item_lr": 0.5}
+    default_lrs = {"lr": 0.3, "item_lr": 30.0, "private_item_lr": 0.15}
     item_table = "C"
 
     def __init__(self, n_items, cfg):
