@@ -197,8 +197,9 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
     with logging_redirect_tqdm(), tqdm(total=len(todo), disable=not progress, unit="run") as bar:
         if jobs > 1:
             with ThreadPoolExecutor(jobs) as pool:
-                futures = {pool.submit(_run_in_subprocess, cfg, path.parent): (m, s, cfg, path)
-                           for m, s, cfg, path in todo}
+                # a run another compare on the same folder finished meanwhile is not run again
+                futures = {pool.submit(lambda c, p: None if finished(p, c) else _run_in_subprocess(c, p.parent),
+                                       cfg, path): (m, s, cfg, path) for m, s, cfg, path in todo}
                 for future in as_completed(futures):
                     error = future.result()
                     if error is not None and error.startswith("FloatingPointError"):
@@ -211,6 +212,9 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
             datasets: dict[str, Any] = {}
             for method, seed, cfg, path in todo:
                 bar.set_description(f"{method.label} seed {seed}")
+                if finished(path, cfg) is not None:
+                    bar.update(1)
+                    continue
                 key = json.dumps(to_dict(cfg)["data"], sort_keys=True)
                 if key not in datasets:
                     datasets[key] = load_dataset(cfg.data)
