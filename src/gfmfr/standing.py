@@ -49,8 +49,14 @@ def references(dataset: Dataset, cfg: RunConfig) -> dict[str, dict[str, Any]]:
     if path.exists():
         bound = json.loads(path.read_text())
     else:
-        log.info("training the centralised %s bound (cached in %s)", BOUND_MODEL, path)
-        res = run(bound_cfg, dataset=dataset)
+        log.info("training the centralised %s bound once (about a minute; cached in %s)", BOUND_MODEL, path)
+        quiet = logging.getLogger("gfmfr.baselines.centralised")
+        level = quiet.level
+        quiet.setLevel(max(logging.WARNING, quiet.getEffectiveLevel()))  # its per-epoch lines stay with -v
+        try:
+            res = run(bound_cfg, dataset=dataset)
+        finally:
+            quiet.setLevel(level)
         bound = {"valid": res["valid"], "test": res["test"]}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(bound))
