@@ -52,7 +52,7 @@ def references(dataset: Dataset, cfg: RunConfig) -> dict[str, dict[str, Any]]:
         log.info("training the centralised %s bound once (about a minute; cached in %s)", BOUND_MODEL, path)
         quiet = logging.getLogger("gfmfr.baselines.centralised")
         level = quiet.level
-        quiet.setLevel(max(logging.WARNING, quiet.getEffectiveLevel()))  # its per-epoch lines stay with -v
+        quiet.setLevel(logging.DEBUG if quiet.getEffectiveLevel() <= logging.DEBUG else logging.WARNING)  # lines with -v
         try:
             res = run(bound_cfg, dataset=dataset)
         finally:
