@@ -27,7 +27,7 @@ from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.client import LocalData, LocalUpdate, LossPlugin, train_clients
-from gfmfr.federation.server_optim import build_server_optimizer
+from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender, Params
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gfmfr.config import from_dict
-from gfmfr.federation.server_optim import FedAdam, FedAvgM, FedAvgOpt, FedYogi, build_server_optimizer
+from gfmfr.federation.server_steps import FedAdam, FedAvgM, FedAvgOpt, FedYogi, build_server_optimizer
 
 
 def two_rounds(opt, rows=None):
