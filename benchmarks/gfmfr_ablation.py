@@ -39,7 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "mean-head-teacher": ["gfmfr.teacher=mean_head"],
     "no-item-view": ["gfmfr.item_view=false"],
     "kl-scale=0.1": ["gfmfr.kl_scale=0.1"],
-    "server-epochs=50": ["gfmfr.server_epochs=50"],
+    "server-steps=50": ["gfmfr.server_steps=50"],
     "kl-average=batch": ["gfmfr.kl_average=batch"],
     "distill-negatives": ["gfmfr.distill_on=negatives"],
     "nominal-loss": ["federation.loss_average=nominal"],

@@ -139,7 +139,7 @@ data.dataset = "{data}"
 model = {{ dim = 8, lr = 0.5, item_lr = 5.0 }}
 federation = {{ rounds = 3, local_epochs = 1, batch_size = 32 }}
 eval.ks = [10, 50]
-gfmfr = {{ groups = 3, server_epochs = 5 }}
+gfmfr = {{ groups = 3, server_steps = 5 }}
 multimodal = {{ content_dim = 8, content_lr = 0.05 }}
 centralised = {{ epochs = 3, batch_size = 128, lr = 0.01 }}
 
@@ -167,12 +167,12 @@ set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
     results = out / "runs" / "fcf" / "seed1" / "results.json"
     older = json.loads(results.read_text())
     del older["config"]["gfmfr"]["distill_on"]  # as written before that field existed: still the same run
-    older["config"]["gfmfr"]["server_epochs"] = 77  # a section plain FCF never reads: still the same run
+    older["config"]["gfmfr"]["server_steps"] = 77  # a section plain FCF never reads: still the same run
     results.write_text(json.dumps(older))
     stamp = results.stat().st_mtime_ns
     grouped = out / "runs" / "gfmfr-fcf" / "seed0" / "results.json"
     changed = json.loads(grouped.read_text())
-    changed["config"]["gfmfr"]["server_epochs"] = 77  # the same change does bear on a GFMFR run
+    changed["config"]["gfmfr"]["server_steps"] = 77  # the same change does bear on a GFMFR run
     grouped.write_text(json.dumps(changed))
     mm = out / "runs" / "mm-fcf" / "seed0" / "results.json"
     stale = json.loads(mm.read_text())
@@ -185,7 +185,7 @@ set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     assert results.stat().st_mtime_ns == stamp
     assert json.loads(lrs.read_text())["resolved"]["lr"] != 123.0
-    assert json.loads(grouped.read_text())["config"]["gfmfr"]["server_epochs"] == 5
+    assert json.loads(grouped.read_text())["config"]["gfmfr"]["server_steps"] == 5
     assert json.loads(mm.read_text())["config"]["federation"]["rounds"] == 3
 
 

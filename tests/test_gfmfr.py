@@ -101,7 +101,7 @@ def test_fusion_experts_fit_and_mask(expert, n_modalities):
     shared = feats[0] @ torch.randn(5, d, generator=gen)  # a content map shared by the groups, plus a group offset
     target = torch.stack([shared + torch.randn(d, generator=gen) for _ in range(2)])
     before = ((fusion(torch.arange(2)) - target) ** 2).sum(-1).mean().item()
-    after = fit_fusion(fusion, torch.arange(2), target, epochs=200, lr=0.05)
+    after = fit_fusion(fusion, torch.arange(2), target, steps=200, lr=0.05)
     assert after < 0.5 * before
     # a missing modality does not reach the output: its features can change freely
     out = fusion(torch.arange(2)).detach()
@@ -157,12 +157,12 @@ def test_per_group_item_view_fits_what_is_particular_to_each_group():
     losses = {}
     for per_group in (False, True):
         fusion = GroupFusion(G, d, feats, masks, "sum", seed=0, item_view=True, item_view_per_group=per_group)
-        losses[per_group] = fit_fusion(fusion, torch.arange(G), target, epochs=400, lr=0.05)
+        losses[per_group] = fit_fusion(fusion, torch.arange(G), target, steps=400, lr=0.05)
     assert losses[True] < 0.05 < 0.3 * losses[False]
     # only the groups fitted move: rows of an absent group keep their initial values
     fusion = GroupFusion(G, d, feats, masks, "sum", seed=0, item_view=True, item_view_per_group=True)
     before = fusion.item_emb.weight[2 * n:].detach().clone()
-    fit_fusion(fusion, torch.arange(2), target[:2], epochs=5, lr=0.05)
+    fit_fusion(fusion, torch.arange(2), target[:2], steps=5, lr=0.05)
     torch.testing.assert_close(fusion.item_emb.weight[2 * n:].detach(), before)
     with pytest.raises(ValueError, match="item_view_per_group"):
         GroupFusion(G, d, feats, masks, "sum", item_view=False, item_view_per_group=True)
@@ -183,7 +183,7 @@ def gfmfr_config(name, **gfmfr):
         "model": {"name": name, "dim": 16, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
         "federation": {"rounds": 6, "local_epochs": 2, "batch_size": 32, "early_stop_patience": 0},
         "eval": {"ks": [10]}, "plugin": "gfmfr",
-        "gfmfr": {"groups": 4, "server_epochs": 20, **gfmfr},
+        "gfmfr": {"groups": 4, "server_steps": 20, **gfmfr},
     })
 
 
@@ -283,3 +283,52 @@ def test_scoring_with_group_tables(planted, name):
     with pytest.raises(ValueError, match="shared item table"):
         fed.state.score(users[:2], {next(iter(model.private_names())): torch.zeros(2)})
 
+
+
+def test_server_work_every_k_rounds_keeps_the_last_preferences(planted):
+    """``server_every = 3``: grouping, fusion and teacher run in rounds 0, 3, ...; in between the
+    clients distil towards the last preferences, and upload no signatures."""
+    from gfmfr.federation.engine import Federation
+    from gfmfr.gfmfr.plugin import GFMFR
+
+    cfg = gfmfr_config("fcf", server_every=3)
+    data = with_features(planted)
+    model = build_model(data.n_items, cfg.model)
+    plugin = GFMFR(data, model, cfg)
+    fed = Federation(data, model, cfg, (plugin,))
+    kept = []
+    for t in range(5):
+        log = fed.train_round(t)
+        kept.append(plugin.preferences.clone())
+        assert ("fusion" in log.seconds) == (t % 3 == 0)
+        assert log.bytes_up_per_client == model.upload_bytes() + (4 * model.dim if t % 3 == 0 else 0)
+        assert log.bytes_down_per_client > model.upload_bytes()  # the teacher for this round's items
+    torch.testing.assert_close(kept[1], kept[0])
+    torch.testing.assert_close(kept[2], kept[0])
+    assert not torch.allclose(kept[3], kept[0])
+    assert len(plugin.snapshots) == 2
+
+
+def test_regrouping_every_k_server_rounds_keeps_groups_between(planted):
+    from gfmfr.federation.engine import Federation
+    from gfmfr.gfmfr.plugin import GFMFR
+
+    cfg = gfmfr_config("fcf", regroup_every=2)
+    cfg = replace(cfg, federation=replace(cfg.federation, client_fraction=0.5))
+    data = with_features(planted)
+    model = build_model(data.n_items, cfg.model)
+    plugin = GFMFR(data, model, cfg)
+    fed = Federation(data, model, cfg, (plugin,))
+    groups = []
+    for t in range(3):
+        fed.train_round(t)
+        groups.append(plugin.grouping.group.copy())
+    np.testing.assert_array_equal(groups[1], groups[0])  # round 1: no clustering, nobody new gets a group
+    assert (groups[0] >= 0).sum() == len(fed.chunks(0)[0])
+    assert (groups[2] >= 0).sum() > (groups[0] >= 0).sum()  # round 2 clusters its participants
+    assert [s["round"] for s in plugin.snapshots] == [0, 2]
+    # round 1's targets average only members that had a group: participants of round 1 never grouped
+    # are left out, so the group sizes sum to the grouped participants of that round
+    log = fed.train_round(3)
+    sampled = fed.chunks(3)[0]
+    assert sum(log.extra["group_sizes"]) == int((groups[2][sampled] >= 0).sum())

@@ -167,9 +167,16 @@ class GFMFRConfig:
     """The item-ID view is one table per group, [G, n_items, d], instead of one shared by every group:
     the fused Q_g(i) can then reproduce the group-specific part of the target C_g(i), which neither
     the content nor a shared item view explains (needs ``item_view``)."""
-    server_epochs: int = 10
-    """Epochs of fusion training per round (warm-started, so they add up over rounds; 50 cost as much
-    as the clients' training on ML-100K and were no better in the ablation)."""
+    server_steps: int = 10
+    """Adam steps of fusion training per server round, each on a minibatch of 2,048 items (all of
+    ML-100K's 1,682: one step is one epoch there). Warm-started, so they add up over rounds; 50 cost
+    as much as the clients' training on ML-100K and were no better in the ablation."""
+    server_every: int = 1
+    """Run the server work (grouping, group targets, fusion, teacher) every N rounds, from round 0;
+    in between, clients distil towards the last preferences and upload no signatures."""
+    regroup_every: int = 1
+    """Re-cluster the clients every N server rounds; in between, participants keep their groups
+    (one never grouped has no teacher until the next clustering)."""
     server_lr: float = 0.01
     """Adam learning rate of the fusion model."""
     warm_start: bool = True

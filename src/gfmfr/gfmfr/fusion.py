@@ -125,18 +125,24 @@ class GroupFusion(nn.Module):
         return (F.softmax(self.router(flat), -1)[..., None] * experts).sum(2)
 
 
-def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, epochs: int, lr: float,
+def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
                batch_items: int = 2048, seed: int = 0) -> float:
-    """Minimise mean ||Q_g(i) - C_g(i)||^2 over ``groups`` x items with Adam; returns the final loss."""
+    """Minimise mean ||Q_g(i) - C_g(i)||^2 over ``groups`` x items with ``steps`` Adam steps, each on
+    the next ``batch_items`` items of a seeded shuffle (reshuffled when it runs out); returns the last
+    step's loss."""
     opt = torch.optim.Adam(fusion.parameters(), lr=lr)
     n_items = targets.shape[1]
     gen = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
-    for _ in range(epochs):
-        for idx in torch.randperm(n_items, generator=gen).split(batch_items):
-            opt.zero_grad()
-            q = fusion(groups, idx)
-            loss = ((q - targets[:, idx]) ** 2).sum(-1).mean()
-            loss.backward()
-            opt.step()
+    order, pos = torch.randperm(n_items, generator=gen), 0
+    for _ in range(steps):
+        if pos >= n_items:
+            order, pos = torch.randperm(n_items, generator=gen), 0
+        idx = order[pos : pos + batch_items]
+        pos += batch_items
+        opt.zero_grad()
+        q = fusion(groups, idx)
+        loss = ((q - targets[:, idx]) ** 2).sum(-1).mean()
+        loss.backward()
+        opt.step()
     return float(loss.detach())

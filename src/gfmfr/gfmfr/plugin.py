@@ -142,6 +142,9 @@ class GFMFR:
         for name, allowed in CHOICES.items():  # a bad value fails here, not in round 1
             if getattr(self.cfg, name) not in allowed:
                 raise ValueError(f"gfmfr.{name} must be one of {allowed}, got {getattr(self.cfg, name)!r}")
+        for name in ("server_steps", "server_every", "regroup_every"):
+            if getattr(self.cfg, name) < 1:
+                raise ValueError(f"gfmfr.{name} must be at least 1, got {getattr(self.cfg, name)}")
         self.seed = cfg.seed
         self.total_rounds = cfg.federation.rounds
         self.batch_size = cfg.federation.batch_size
@@ -165,6 +168,7 @@ class GFMFR:
         self.present = torch.zeros(self.cfg.groups, dtype=torch.bool)  # groups with members in the last round
         self.ratio = torch.full((dataset.n_users,), float("nan"))  # EMA of L_base / L_KL per client
         self._chunks: list[dict[str, Any]] = []
+        self._bytes_down = 0  # teacher bytes a client downloads per round (set by the server rounds)
         self._stats = torch.zeros(3)  # this round's sums of distillation weight and KL, and their count
         self.snapshots: list[dict[str, Any]] = []  # per round: participants, 2-D view of signatures, groups
 
@@ -213,7 +217,13 @@ class GFMFR:
         return {table: out}
 
     # ---- server side ----------------------------------------------------------------------
+    def server_work(self, round_: int) -> bool:
+        """Whether ``round_`` runs the server work (every ``server_every`` rounds, from round 0)."""
+        return round_ % self.cfg.server_every == 0
+
     def collect(self, federation, update: LocalUpdate, round_: int) -> None:
+        if not self.server_work(round_):
+            return
         table = federation.model.item_table
         self._chunks.append({
             "update": LocalUpdate(update.users, {}, {table: update.rows[table]}, update.row_client, update.row_item,
@@ -227,12 +237,19 @@ class GFMFR:
         model = federation.model
         table = model.item_table
         chunks, self._chunks = self._chunks, []
+        if not chunks:  # not a server round (server_every): clients keep the last preferences, but
+            # still download those of the items they train on this round
+            return {"bytes_down_extra": self._bytes_down}
         t0 = time.perf_counter()
         users = np.concatenate([c["update"].users for c in chunks])
         signatures = torch.cat([c["signatures"] for c in chunks])
-        labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
-        self.snapshots.append({"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32),
-                               "group": labels})
+        if round_ % (self.cfg.regroup_every * self.cfg.server_every) == 0:
+            labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
+            self.snapshots.append({"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32),
+                                   "group": labels})
+        else:  # participants keep their groups; one never grouped waits for the next regrouping
+            labels = self.grouping.group[users]
+        grouped = torch.from_numpy(labels >= 0)
         t1 = time.perf_counter()
 
         G = self.cfg.groups
@@ -240,11 +257,14 @@ class GFMFR:
         start = 0
         for c in chunks:
             n = len(c["update"].users)
+            lab = torch.from_numpy(labels[start : start + n])
             onehot = torch.zeros(G, n)
-            onehot[torch.from_numpy(labels[start : start + n]), torch.arange(n)] = 1.0
+            onehot[lab.clamp_min(0), torch.arange(n)] = (lab >= 0).float()
             sums += weighted_sums(c["update"], {table: c["broadcast"]}, onehot)[table]
             start += n
-        counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
+        counts = torch.from_numpy(np.bincount(labels[labels >= 0], minlength=G)).float()
+        if not grouped.any():
+            return {"bytes_down_extra": self._bytes_down}
         present = torch.nonzero(counts > 0).flatten()
         targets = sums[present] / counts[present, None, None]
         t2 = time.perf_counter()
@@ -252,7 +272,7 @@ class GFMFR:
         if self.fusion is None or not self.cfg.warm_start:
             self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_,
                                       self.cfg.item_view, self.cfg.item_view_per_group)
-        fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_epochs, self.cfg.server_lr,
+        fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_steps, self.cfg.server_lr,
                                  seed=self.seed + round_)
         t3 = time.perf_counter()
         with torch.no_grad():
@@ -260,11 +280,12 @@ class GFMFR:
             # rows of `fused` follow `present`; map each member's group to its row
             row_of = torch.full((G,), -1, dtype=torch.long)
             row_of[present] = torch.arange(len(present))
-            member_rows = row_of[torch.from_numpy(labels)]
+            member_rows = row_of[torch.from_numpy(labels)[grouped]]
+            members = signatures[grouped]
             if self.cfg.teacher == "members":
-                prefs = teacher_members(model, signatures, member_rows, fused)
+                prefs = teacher_members(model, members, member_rows, fused)
             else:  # mean_head
-                head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
+                head_sums = torch.zeros(len(present), members.shape[1]).index_add_(0, member_rows, members)
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
         self.preferences = torch.full((G, self.n_items), 0.5)
@@ -280,6 +301,7 @@ class GFMFR:
         items_bytes = int(4 * rows.mean())
         all_bytes = 4 * self.n_items
         fused_bytes = 4 * self.n_items * model.dim if self.cfg.score_with == "group" else 0
+        self._bytes_down = (items_bytes if self.cfg.send == "items" else all_bytes) + fused_bytes
         return {
             "seconds": {"grouping": t1 - t0, "group_targets": t2 - t1, "fusion": t3 - t2, "teacher": t4 - t3},
             "group_sizes": counts.int().tolist(),
@@ -287,6 +309,6 @@ class GFMFR:
             "distill_weight_mean": w_sum / n if n else 0.0, "distill_kl_mean": kl_sum / n if n else 0.0,
             "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
             "bytes_down_teacher_items": items_bytes, "bytes_down_teacher_all": all_bytes,
-            "bytes_down_extra": (items_bytes if self.cfg.send == "items" else all_bytes) + fused_bytes,
+            "bytes_down_extra": self._bytes_down,
             "bytes_up_extra": signature_upload_bytes(model),
         }

@@ -1,0 +1,81 @@
+"""Seconds per round of X and GFMFR-X, phase by phase, in one process (ML-100K, shared content).
+
+For each model, runs a few rounds of the base model and of GFMFR on it (each ``--variant``'s
+overrides on top of the defaults), validating every round as ``gfmfr run`` does, and prints the
+median seconds of every phase over the rounds after the first: client training, aggregation,
+GFMFR's grouping, group targets, fusion and teacher, and validation. The last column is GFMFR-X's
+total over X's, measured in the same run (the machine is noisy: compare ratios, not seconds).
+
+    python benchmarks/gfmfr_server_cost.py --models fcf fedrap --threads 1 \
+        --variant defaults --variant every5 gfmfr.server_every=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import numpy as np
+
+PHASES = ("train", "aggregate", "grouping", "group_targets", "fusion", "teacher", "evaluate")
+
+
+def measure(dataset, cfg, rounds: int) -> dict[str, float]:
+    """Median seconds per phase over rounds 1..rounds-1 (a phase a round skipped counts as 0)."""
+    from gfmfr.federation.engine import Federation
+    from gfmfr.run import build_run_model
+
+    model, plugins = build_run_model(dataset, cfg)
+    fed = Federation(dataset, model, cfg, plugins)
+    per_round = []
+    for t in range(rounds):
+        entry = fed.train_round(t)
+        t0 = time.perf_counter()
+        fed.evaluator.evaluate(fed.score, "valid")
+        entry.seconds["evaluate"] = time.perf_counter() - t0
+        per_round.append(entry.seconds)
+    keep = per_round[1:] if rounds > 1 else per_round
+    # means, not medians: a phase run every k rounds must count at 1/k of its cost
+    return {p: float(np.mean([s.get(p, 0.0) for s in keep])) for p in PHASES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["fcf", "fedrap"])
+    parser.add_argument("--variant", nargs="+", action="append", metavar="LABEL [KEY=VALUE ...]",
+                        help="a label and GFMFR-run overrides; repeatable (default: the defaults)")
+    parser.add_argument("--rounds", type=int, default=11, help="rounds per run; the mean is over all but the first")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--content", default="../shared/datasets/ml-100k-content")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from gfmfr.config import apply_overrides, from_dict
+    from gfmfr.data.dataset import load_dataset
+    from gfmfr.runtime import use_threads
+
+    use_threads(args.threads)
+    variants = args.variant or [["defaults"]]
+    sys.stdout.write(f"mean seconds per round over rounds 1-{args.rounds - 1}, {args.threads} thread(s)\n\n")
+    sys.stdout.write("| method | " + " | ".join(PHASES) + " | total | / base |\n")
+    sys.stdout.write("|---|" + "---|" * (len(PHASES) + 2) + "\n")
+    dataset = None
+    for name in args.models:
+        base = None
+        for label, *sets in [["base", "plugin=none"], *[[f"gfmfr {v[0]}", "plugin=gfmfr", *v[1:]] for v in variants]]:
+            values = apply_overrides({"model": {"name": name}, "data": {"content": args.content}}, sets)
+            cfg = from_dict(values)
+            if dataset is None:
+                dataset = load_dataset(cfg.data)
+            secs = measure(dataset, cfg, args.rounds)
+            total = sum(secs.values())
+            base = total if base is None else base
+            sys.stdout.write(f"| {name} {label} | " + " | ".join(f"{secs[p]:.3f}" for p in PHASES)
+                             + f" | {total:.3f} | {total / base:.2f} |\n")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
