@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from gfmfr.federation.aggregation import FedAvg, weighted_sums
+from gfmfr.federation.aggregation import FedAvg, group_sums, weighted_sums
 from gfmfr.federation.client import LocalUpdate
 
 
@@ -33,3 +33,9 @@ def test_sparse_rows_aggregate_like_dense_fedavg():
     groups = weighted_sums(update, {"t": g}, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     torch.testing.assert_close(groups["t"][0], dense0)
     torch.testing.assert_close(groups["t"][1], dense1)
+    # the one-pass group sums agree, and a client without a group (-1) is in none
+    one_pass = group_sums(update, {"t": g}, np.array([1, 0]), 3)
+    torch.testing.assert_close(one_pass["t"], torch.stack([dense1, dense0, torch.zeros_like(g)]))
+    torch.testing.assert_close(one_pass["w"], torch.tensor([[3.0], [1.0], [0.0]]))
+    alone = group_sums(update, {"t": g}, np.array([-1, 0]), 2)
+    torch.testing.assert_close(alone["t"], torch.stack([dense1, torch.zeros_like(g)]))

@@ -114,3 +114,7 @@ def test_rowdot_matches_einsum_and_its_gradient():
     # a non-contiguous weight (FedNCF passes a column slice of its output layer)
     wide = torch.randn(3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v, w: rowdot(v, w[:, 3:]), (vectors, wide))
+    # one table broadcast to every client (evaluation's scoring): the matrix-product path
+    table = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(rowdot(table.expand(3, 5, 4), weight), torch.einsum("bd,ad->ab", table, weight))
+    assert torch.autograd.gradcheck(lambda t, w: rowdot(t.expand(3, 5, 4), w), (table, weight))

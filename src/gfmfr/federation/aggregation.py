@@ -40,6 +40,32 @@ def weighted_sums(update: LocalUpdate, global_shared: Params, weights: torch.Ten
     return out
 
 
+def group_sums(update: LocalUpdate, global_shared: Params, labels: np.ndarray, n_groups: int) -> Params:
+    """Per-group sums of the uploads, [G, ...] per shared parameter: :func:`weighted_sums` with one-hot
+    weights (``labels[c]`` the group of client c, -1 for none), in one pass over the rows instead of G."""
+    lab = torch.from_numpy(np.asarray(labels, np.int64))
+    grouped = torch.nonzero(lab >= 0).flatten()
+    onehot = torch.zeros(n_groups, len(lab))
+    onehot[lab[grouped], grouped] = 1.0
+    out: Params = {name: torch.einsum("kc,c...->k...", onehot, stacked) for name, stacked in update.shared.items()}
+    owner = torch.from_numpy(update.row_client)
+    row_group = lab[owner]
+    keep = row_group >= 0
+    owner = owner[keep]
+    for name, rows in update.rows.items():
+        g = global_shared[name]
+        n = len(g)
+        decay = update.decay[name]
+        slot = row_group[keep] * n + torch.from_numpy(update.row_item)[keep]  # row (group, item) of [G * n, ...]
+        held = torch.bincount(slot, weights=decay[owner], minlength=n_groups * n).to(g.dtype).view(n_groups, n)
+        # as in weighted_sums: the broadcast part is a per-(group, item) scalar times the global row
+        total = (onehot @ decay.to(torch.float32)).to(g.dtype)
+        sums = g[None] * (total[:, None] - held).view(n_groups, n, *([1] * (g.dim() - 1)))
+        scatter_rows(sums.view(n_groups * n, *g.shape[1:]), slot, rows[keep])
+        out[name] = sums
+    return out
+
+
 class FedAvg:
     """Plain or sample-weighted mean of the participants' shared parameters, over client chunks."""
 

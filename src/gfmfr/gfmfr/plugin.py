@@ -44,7 +44,7 @@ import torch
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.encoders import reduce_features
-from gfmfr.federation.aggregation import weighted_sums
+from gfmfr.federation.aggregation import group_sums
 from gfmfr.federation.client import Batch, LocalUpdate
 from gfmfr.gfmfr.distill import SCHEDULES, bernoulli_kl, distill_weight, ema
 from gfmfr.gfmfr.fusion import GroupFusion, fit_fusion
@@ -66,14 +66,17 @@ def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, label
     ``signatures`` [C, k] are the members' heads, ``labels`` [C] index rows of ``fused``.
     Averaging predictions rather than parameters keeps the group's preference: personal heads
     (FCF's user vectors, say) average to nearly zero, which makes p_g(i) about 0.5 everywhere.
+    Members are scored group by group, in blocks, against their group's table broadcast (not copied).
     """
-    sums = torch.zeros(fused.shape[0], fused.shape[1])
-    for lo in range(0, len(signatures), block):
-        lab = labels[lo : lo + block]
-        heads = model.head_from_signature(signatures[lo : lo + block])
-        sums.index_add_(0, lab, torch.sigmoid(model.head_score(heads, fused[lab])))
-    counts = torch.bincount(labels, minlength=fused.shape[0]).clamp_min(1)
-    return sums / counts[:, None]
+    out = torch.zeros(fused.shape[0], fused.shape[1])
+    for g in range(fused.shape[0]):
+        members = torch.nonzero(labels == g).flatten()
+        for lo in range(0, len(members), block):
+            heads = model.head_from_signature(signatures[members[lo : lo + block]])
+            n = len(members[lo : lo + block])
+            out[g] += torch.sigmoid(model.head_score(heads, fused[g].expand(n, *fused[g].shape))).sum(0)
+        out[g] /= max(len(members), 1)
+    return out
 
 
 def distill_mask(batch: Batch, on: str) -> torch.Tensor:
@@ -257,10 +260,7 @@ class GFMFR:
         start = 0
         for c in chunks:
             n = len(c["update"].users)
-            lab = torch.from_numpy(labels[start : start + n])
-            onehot = torch.zeros(G, n)
-            onehot[lab.clamp_min(0), torch.arange(n)] = (lab >= 0).float()
-            sums += weighted_sums(c["update"], {table: c["broadcast"]}, onehot)[table]
+            sums += group_sums(c["update"], {table: c["broadcast"]}, labels[start : start + n], G)[table]
             start += n
         counts = torch.from_numpy(np.bincount(labels[labels >= 0], minlength=G)).float()
         if not grouped.any():

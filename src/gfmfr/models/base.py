@@ -104,6 +104,10 @@ class _RowDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vectors, weight):  # type: ignore[override]
         ctx.save_for_backward(vectors, weight)
+        if vectors.dim() == 3 and vectors.stride(0) == 0:
+            # one table broadcast to every client (scoring with the global item table): one matrix
+            # product, about 10x faster than the elementwise form at evaluation's shapes
+            return weight @ vectors[0].T
         return torch.linalg.vecdot(vectors, weight.unsqueeze(1))
 
     @staticmethod
