@@ -114,3 +114,17 @@ def test_prefetched_chunks_train_exactly_as_built_in_place(planted):
         assert torch.equal(states[True].private[n], value)
     users = np.arange(planted.n_users)
     assert torch.equal(states[True].score(users), states[False].score(users))
+
+
+def test_early_stopping_counts_rounds_whatever_the_validation_cadence(planted):
+    """Patience is in rounds: with validation every 3 rounds and patience 6, the run stops at the
+    first validation 6 or more rounds after the best one, and never between validations."""
+    cfg = small_config("fcf")
+    cfg = replace(cfg, federation=replace(cfg.federation, rounds=60, eval_every=3, early_stop_patience=6))
+    fed = Federation(planted, build_model(planted.n_items, cfg.model), cfg)
+    best = fed.fit()
+    validated = [h.round for h in fed.history if h.valid is not None]
+    assert validated == list(range(2, len(fed.history), 3))  # rounds 2, 5, 8, ...
+    last = fed.history[-1].round
+    assert last in validated and last < 59
+    assert last - best["round"] >= 6 and last - 3 - best["round"] < 6

@@ -181,7 +181,6 @@ class Federation:
         """
         fed, ev = self.cfg.federation, self.cfg.eval
         best: dict[str, Any] = {"round": -1, "score": -np.inf, "valid": {}, "test": {}}
-        stale = 0
         bar = tqdm(total=fed.rounds, desc="rounds", unit="round", disable=not progress, leave=True,
                    dynamic_ncols=True)
         line = log.debug if progress or not log_rounds else log.info
@@ -196,9 +195,6 @@ class Federation:
                     if score > best["score"]:
                         test = self.evaluator.evaluate(self.score, "test") if evaluate_test else {}
                         best = {"round": t, "score": score, "valid": entry.valid, "test": test}
-                        stale = 0
-                    else:
-                        stale += 1
                     line(
                         "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
                         t, entry.loss, entry.valid.get("HR@10", float("nan")),
@@ -212,8 +208,9 @@ class Federation:
                 bar.update(1)
                 if on_validation is not None and entry.valid is not None:
                     on_validation(t, entry.valid)
-                if fed.early_stop_patience and stale >= fed.early_stop_patience:
-                    log.info("early stop after round %d: no improvement in %d validations", t, stale)
+                stale = t - best["round"]  # rounds since the best validation
+                if fed.early_stop_patience and entry.valid is not None and stale >= fed.early_stop_patience:
+                    log.info("early stop after round %d: no improvement in %d rounds", t, stale)
                     break
         finally:
             bar.close()
