@@ -22,6 +22,7 @@ def test_metrics_by_hand():
     assert m["HR@10"] == pytest.approx(2 / 3)
     assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
     assert m["MRR@10"] == pytest.approx((1 + 1 / 3) / 3)
+    assert m["MRR"] == pytest.approx((1 + 1 / 3 + 1 / 11) / 3)  # no cut-off: rank 11 counts
     assert m["Recall@10"] == m["HR@10"]
 
 

@@ -26,7 +26,8 @@ def pessimistic_ranks(scores: torch.Tensor, target: torch.Tensor, candidates: to
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """HR@K, NDCG@K, Recall@K and MRR@K averaged over users (one relevant item each)."""
+    """HR@K, NDCG@K, Recall@K and MRR@K averaged over users (one relevant item each), and MRR over
+    the whole ranking."""
     r = ranks.to(torch.float64)
     out: dict[str, float] = {}
     for k in ks:
@@ -35,4 +36,7 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, fl
         out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 1.0), 0.0).mean().item()
         out[f"Recall@{k}"] = out[f"HR@{k}"]
         out[f"MRR@{k}"] = torch.where(hit, 1.0 / r, 0.0).mean().item()
+    # without a cut-off every user counts, however deep the target sits: what tells methods apart on
+    # a slice too small for any of them to place many targets in the top K (the long tail)
+    out["MRR"] = (1.0 / r).mean().item()
     return out
