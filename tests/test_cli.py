@@ -24,7 +24,7 @@ def test_run_writes_results(planted_folder, tmp_path, capsys, model):
                  "--config", str(cfg), "--seed", "2", "--set", "eval.ks=5,10", "--no-reference"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["seed"] == 2 and res["config"]["model"]["name"] == model
-    overall = {f"{m}@{k}" for m in ("HR", "NDCG", "Recall", "MRR") for k in (5, 10)}
+    overall = {f"{m}@{k}" for m in ("HR", "NDCG", "Recall", "MRR") for k in (5, 10)} | {"MRR"}
     assert {k for k in res["test"] if not k.startswith("tail ")} == overall
     assert res["best_round"] >= 0 and res["history"] and res["peak_rss_mb"] > 0 and res["seconds_per_round"] >= 0
     if model == "fedrap":
@@ -68,3 +68,15 @@ def test_run_shows_a_progress_bar_with_the_validation_score(planted_folder, tmp_
                  "--set", "federation.rounds=3", "--set", "model.dim=8"]) == 0
     err = capsys.readouterr().err
     assert "rounds" in err and "3/3" in err and "valid NDCG@10" in err and "best" in err
+
+
+def test_config_prints_the_resolved_config_that_run_reads_back(tmp_path, capsys):
+    from gfmfr.config import RunConfig, from_dict, load_toml
+
+    assert main(["config", "--model", "fcf", "--plugin", "gfmfr", "--set", "gfmfr.groups=3"]) == 0
+    path = tmp_path / "resolved.toml"
+    path.write_text(capsys.readouterr().out)
+    cfg = from_dict(load_toml(path))
+    assert cfg.model.name == "fcf" and cfg.plugin == "gfmfr" and cfg.gfmfr.groups == 3
+    assert cfg.federation == RunConfig().federation  # every default written out
+    assert main(["config", "--set", "gfmfr.fusion=nope"]) == 2

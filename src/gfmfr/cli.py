@@ -1,4 +1,5 @@
-"""Command line: ``gfmfr data``, ``gfmfr run``, ``gfmfr compare``, ``gfmfr encode``."""
+"""Command line: ``gfmfr config``, ``gfmfr data``, ``gfmfr run``, ``gfmfr tune``, ``gfmfr compare``,
+``gfmfr encode``."""
 
 from __future__ import annotations
 
@@ -48,6 +49,15 @@ def format_table(rows: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
     for name, metrics in rows.items():
         lines.append(f"{name:<8}" + "".join(f"{metrics.get(c, float('nan')):>10.4f}" for c in cols))
     return "\n".join(lines)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved configuration (defaults, then ``--config``, flags and ``--set``) as TOML
+    that ``gfmfr run --config`` reads back."""
+    from gfmfr.config import to_toml
+
+    sys.stdout.write(to_toml(_config(args)))
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -141,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config field")
         p.add_argument("--seed", type=int, help="random seed")
         p.add_argument("--threads", type=int, help="torch threads (runtime.threads; 0: one per core)")
+
+    p = sub.add_parser("config", help="print the resolved configuration as TOML (every default included)")
+    common(p)
+    p.add_argument("--model", help="fcf, fedncf, pfedrec, fedrap, popularity or random")
+    p.add_argument("--plugin", choices=["none", "gfmfr", "mmx", "fedvlr"], help="plug-in on the base model")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="print the data report")
     common(p)
