@@ -2,7 +2,7 @@
 
 Variants: G in {1, 3, 5, 8}; text only, image only, both; each fusion expert; without
 distillation; spectral vs k-means; fusion warm-started vs trained from scratch each round;
-the METHOD.md mean-head teacher vs the members' mean prediction; without the item-ID view, or
+the docs/method.md mean-head teacher vs the members' mean prediction; without the item-ID view, or
 with one item-ID view per group; the KL term training every parameter vs only the private or only the shared ones;
 the KL term on every training pair vs on the sampled negatives only; the KL term and the base loss
 averaged over the nominal batch size vs over the pairs a batch holds. Finished runs are reused.

@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The base recommender and its optimiser settings (METHOD.md, 'Base models')."""
+    """The base recommender and its optimiser settings (docs/method.md, 'Base models')."""
 
     name: Literal["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "random"] = "fedrap"
     """One of ``popularity``, ``random``, ``fcf``, ``fedncf``, ``pfedrec``, ``fedrap``."""
@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """Rounds, client sampling, local training and aggregation (METHOD.md, 'One round')."""
+    """Rounds, client sampling, local training and aggregation (docs/method.md, 'One round t')."""
 
     rounds: int = 400
     """Maximum number of communication rounds T (early stopping ends most runs first: on ML-100K the
@@ -131,7 +131,7 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation protocol (METHOD.md, 'Evaluation protocol')."""
+    """Evaluation protocol (docs/method.md, 'Evaluation')."""
 
     protocol: Literal["full", "sampled"] = "full"
     """``full``: rank against every item not in the user's training data; ``sampled``: against 99 negatives."""
@@ -150,7 +150,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class GFMFRConfig:
-    """The GFMFR plug-in (METHOD.md, steps 4-8), used when ``plugin = "gfmfr"``."""
+    """The GFMFR plug-in (docs/method.md, steps 4-8), used when ``plugin = "gfmfr"``."""
 
     groups: int = 5
     """Number of client groups G."""
@@ -185,13 +185,13 @@ class GFMFRConfig:
     distill: bool = True
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
     distill_on: Literal["all", "negatives"] = "all"
-    """Training pairs the KL term covers: ``all``, every training pair (METHOD.md), or ``negatives``,
+    """Training pairs the KL term covers: ``all``, every training pair (docs/method.md), or ``negatives``,
     only the sampled unobserved items, where the group's preference is information the client lacks.
     On ML-100K ``negatives`` has the higher validation NDCG@10 (FCF, PFedRec; level on FedNCF) but
     diverged GFMFR-FedRAP on 2 of 3 seeds unless ``federation.loss_average = "nominal"``
-    (docs/results.md), so the default stays METHOD.md's."""
+    (docs/results.md), so the default stays the paper's."""
     distill_into: Literal["all", "private", "shared"] = "all"
-    """Parameters the KL term trains: ``all`` that the logits depend on (METHOD.md); ``private`` only
+    """Parameters the KL term trains: ``all`` that the logits depend on (docs/method.md); ``private`` only
     (the client's own head, user vector, private item rows), so that no group signal enters the
     FedAvg average; or ``shared`` only (the item table and shared layers), so that the client's
     personal head learns from its own data alone."""
@@ -202,13 +202,13 @@ class GFMFRConfig:
     kl_scale: float = 1.0
     """Multiplier on the distillation weight w_t (1: the term starts at the scale of the base loss)."""
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    """Round factor on the distillation weight: ``cosine`` anneals it as cos(pi t / (2T)) (METHOD.md),
+    """Round factor on the distillation weight: ``cosine`` anneals it as cos(pi t / (2T)) (docs/method.md),
     ``constant`` keeps it, ``linear`` anneals it as 1 - t / T."""
     ema_decay: float = 0.9
     """Decay of the moving average r_t of L_base / L_KL."""
     teacher: Literal["members", "mean_head"] = "members"
     """Group preference p_g(i): ``members`` averages the members' predicted probabilities on Q_g(i);
-    ``mean_head`` scores Q_g(i) with the members' averaged head parameters (METHOD.md step 7)."""
+    ``mean_head`` scores Q_g(i) with the members' averaged head parameters (docs/method.md step 7)."""
     max_ratio: float = 1.0
     """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
     content_dim: int | None = 128
@@ -216,7 +216,7 @@ class GFMFRConfig:
     send: Literal["items", "all"] = "items"
     """What a client receives: ``items`` (its group's preferences for the items it trains on) or ``all``."""
     score_with: Literal["global", "group"] = "global"
-    """Item vectors a client ranks with: ``global``, the FedAvg item table (METHOD.md); ``group``, its
+    """Item vectors a client ranks with: ``global``, the FedAvg item table (docs/method.md); ``group``, its
     group's fused vectors Q_g(i) of the last server round in place of the shared item table (its own
     head, user vector and private rows unchanged). A client without a group, or whose group had no
     participant in the last round, ranks with the global table. ``group`` costs one more

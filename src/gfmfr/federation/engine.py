@@ -1,4 +1,4 @@
-"""Federated rounds in one process (METHOD.md, 'One round'), with validation-based selection.
+"""Federated rounds in one process (docs/method.md, 'One round t'), with validation-based selection.
 
 Each round: sample clients (seeded), train them locally in chunks with the one client-training
 routine, FedAvg their shared parameters, let plug-ins do their server work, and validate every

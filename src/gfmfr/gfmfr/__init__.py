@@ -1,1 +1,1 @@
-"""GFMFR plug-in: grouping, group fusion, teacher preferences and distillation (METHOD.md, steps 4-8)."""
+"""GFMFR plug-in: grouping, group fusion, teacher preferences and distillation (docs/method.md, steps 4-8)."""

@@ -1,4 +1,4 @@
-"""Client-side preference-guided distillation (METHOD.md, step 8): pure functions.
+"""Client-side preference-guided distillation (docs/method.md, step 8): pure functions.
 
 For a training pair (u, i) of a client in group g, the term is
 KL(Bernoulli(p_g(i)) || Bernoulli(yhat_ui)), weighted by w_t = r_t * cos(pi t / (2T)), where
@@ -40,7 +40,7 @@ SCHEDULES = ("cosine", "constant", "linear")
 def schedule_factor(schedule: str, round_: int, total_rounds: int) -> float:
     """The round's factor on the distillation weight.
 
-    ``cosine``: cos(pi t / (2T)) (METHOD.md, step 8); ``constant``: 1 (no annealing);
+    ``cosine``: cos(pi t / (2T)) (docs/method.md, step 8); ``constant``: 1 (no annealing);
     ``linear``: 1 - t / T.
     """
     if schedule == "cosine":

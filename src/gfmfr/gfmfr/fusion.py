@@ -1,4 +1,4 @@
-"""Group-aware multimodal fusion, trained on the server (METHOD.md, step 6).
+"""Group-aware multimodal fusion, trained on the server (docs/method.md, step 6).
 
 Q_g(i) = Fuse(W_id e_g, W_1 x_1(i), ..., W_M x_M(i)): a learnable group embedding e_g and the
 item's frozen content features x_m(i) (any number of modalities, each projected from its own

@@ -1,4 +1,4 @@
-"""Server-side grouping of clients by their prediction heads (METHOD.md, step 4).
+"""Server-side grouping of clients by their prediction heads (docs/method.md, step 4).
 
 Signatures are standardised per feature, optionally reduced by PCA (95% variance kept), and
 clustered into G groups: spectral clustering on an RBF affinity with

@@ -1,4 +1,4 @@
-"""GFMFR as a plug-in for any base model (METHOD.md, steps 4-8).
+"""GFMFR as a plug-in for any base model (docs/method.md, steps 4-8).
 
 Server, after FedAvg in round t: group the participants by their prediction heads
 (:mod:`.grouping`), average each group's uploaded shared item tables into the targets C_g,
