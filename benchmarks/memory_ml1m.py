@@ -2,7 +2,7 @@
 
 The interactions are synthetic with ML-1M's shape (about 1,000,209 positives, at least 20 per
 user, long-tailed item popularity), so the figure needs no download. Clients train in
-chunks of ``federation.client_chunk``; private D_u rows are stored only where trained.
+chunks of ``runtime.client_chunk``; private D_u rows are stored only where trained.
 
     python benchmarks/memory_ml1m.py [--rounds 2] [--chunk 1024]
 """
@@ -50,7 +50,7 @@ def main() -> None:
     from gfmfr.run import peak_rss_mb
 
     data = build_dataset(RawData(synthetic_ml1m(), "synthetic-ml1m"), DataConfig(), "synthetic-ml1m")
-    cfg = from_dict({"model": {"name": "fedrap", "dim": 64}, "federation": {"client_chunk": args.chunk}})
+    cfg = from_dict({"model": {"name": "fedrap", "dim": 64}, "runtime": {"client_chunk": args.chunk}})
     fed = Federation(data, build_model(data.n_items, cfg.model), cfg)
     sys.stdout.write(f"{data.n_users} clients x {data.n_items} items, {len(data.train_items)} training positives; "
                      f"rss before training {peak_rss_mb():.0f} MB\n")

@@ -99,8 +99,8 @@ def test_prefetched_chunks_train_exactly_as_built_in_place(planted):
     states = {}
     for prefetch in (False, True):
         cfg = small_config("fedrap", local_epochs=2)
-        cfg = replace(cfg, federation=replace(cfg.federation, prefetch=prefetch, client_chunk=7, client_fraction=0.8,
-                                              rounds=3))
+        cfg = replace(cfg, federation=replace(cfg.federation, client_fraction=0.8, rounds=3),
+                      runtime=replace(cfg.runtime, prefetch=prefetch, client_chunk=7))
         model = build_model(planted.n_items, cfg.model)
         fed = Federation(planted, model, cfg)
         for t in range(3):

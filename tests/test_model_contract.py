@@ -76,7 +76,7 @@ def test_reproducible_with_seed(planted, name):
 
 def assert_batched_equals_one_client_at_a_time(data, model, cfg):
     """Round 1 trained batched (in chunks and blocks) and one client at a time gives the same state."""
-    cfg = replace(cfg, federation=replace(cfg.federation, client_chunk=50, client_block=7))
+    cfg = replace(cfg, runtime=replace(cfg.runtime, client_chunk=50, client_block=7))
     fed = Federation(data, model, cfg)
     fed.train_round(0)  # give FedRAP some private rows first
     one = copy.deepcopy(fed)

@@ -120,13 +120,6 @@ class FederationConfig:
     """Stop at a validation this many rounds after the best one (0: never stop early); with
     ``eval_every = 1``, 30 validations without improvement. Validation NDCG@10 on 943 users is noisy
     from round to round; 10 stopped runs on a plateau they later left."""
-    client_chunk: int = 1024
-    """Clients trained together in one batched pass; bounds memory on large federations."""
-    client_block: int = 256
-    """Clients per autograd block within one local step; bounds the step's working memory."""
-    prefetch: bool = True
-    """Build the next chunk's examples and minibatch schedule (NumPy: negative sampling, shuffles)
-    in a background thread while this chunk trains; the data is the same either way."""
 
 
 @dataclass(frozen=True)
@@ -141,8 +134,6 @@ class EvalConfig:
     """Negatives per user in the sampled protocol (separate draws for validation and test)."""
     select_metric: str = "NDCG@10"
     """Validation metric that selects the best round; test is reported at that round."""
-    user_batch: int = 256
-    """Users scored at once during evaluation."""
     tail_max_count: int = 10
     """Also report every metric over the users whose held-out item is long-tail, with at most this many
     training interactions, as ``tail NDCG@10`` etc. (and ``tail users``); 0: no tail slice."""
@@ -255,6 +246,16 @@ class CentralisedConfig:
 class RuntimeConfig:
     """How the process runs, not what it computes (left out of :func:`bearing_dict`)."""
 
+    client_chunk: int = 1024
+    """Clients trained together in one batched pass; bounds memory on large federations."""
+    client_block: int = 256
+    """Clients per autograd block within one local step; bounds the step's working memory."""
+    prefetch: bool = True
+    """Build the next chunk's examples and minibatch schedule (NumPy: negative sampling, shuffles)
+    in a background thread while this chunk trains; the data is the same either way."""
+    eval_batch: int = 256
+    """Users scored at once during evaluation; bounds its memory (users x items scores)."""
+
     threads: int = 0
     """Torch intra-op threads (0: one per core). With OpenMP's passive wait (set on import), one per
     core keeps a quiet machine's speed and loses at most about a third when another job holds a core
@@ -286,7 +287,7 @@ class RunConfig:
     centralised: CentralisedConfig = field(default_factory=CentralisedConfig)
     """Centralised upper-bound section."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    """Threads."""
+    """Engine internals: threads, client chunks and blocks, prefetching, evaluation batch."""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -34,7 +34,7 @@ def run_baseline(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     cls = BASELINES[cfg.model.name]
     model = cls(dataset) if cfg.model.name == "popularity" else cls(dataset, cfg.seed)
-    evaluator = Evaluator(dataset, cfg.eval, cfg.seed)
+    evaluator = Evaluator(dataset, cfg.eval, cfg.seed, cfg.runtime.eval_batch)
     valid = evaluator.evaluate(model.score, "valid")
     test = evaluator.evaluate(model.score, "test")
     seconds = time.perf_counter() - t0

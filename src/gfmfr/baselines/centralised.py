@@ -112,7 +112,7 @@ def train_centralised(dataset: Dataset, model: FederatedRecommender, cfg: RunCon
         optimisers.append(torch.optim.Adam(list(params.dense.values()), lr=cc.lr))
     if params.rows:
         optimisers.append(torch.optim.SparseAdam(list(params.rows.values()), lr=cc.lr))
-    evaluator = Evaluator(dataset, cfg.eval, cfg.seed)
+    evaluator = Evaluator(dataset, cfg.eval, cfg.seed, cfg.runtime.eval_batch)
     keys = train_keys(dataset)
     all_users = np.arange(dataset.n_users)
     gen = torch.Generator().manual_seed(cfg.seed)

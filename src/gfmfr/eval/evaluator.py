@@ -25,11 +25,12 @@ class Evaluator:
     separately for validation and test.
     """
 
-    def __init__(self, dataset: Dataset, cfg: EvalConfig, seed: int = 0):
+    def __init__(self, dataset: Dataset, cfg: EvalConfig, seed: int = 0, user_batch: int = 256):
         if cfg.protocol not in ("full", "sampled"):
             raise ValueError(f"eval.protocol must be 'full' or 'sampled', got {cfg.protocol!r}")
         self.dataset = dataset
         self.cfg = cfg
+        self.user_batch = user_batch
         self.negatives: dict[str, np.ndarray] = {}
         if cfg.protocol == "sampled":
             for split in ("valid", "test"):
@@ -50,8 +51,8 @@ class Evaluator:
         d = self.dataset
         targets = d.valid_items if split == "valid" else d.test_items
         out = []
-        for start in range(0, d.n_users, self.cfg.user_batch):
-            users = np.arange(start, min(start + self.cfg.user_batch, d.n_users))
+        for start in range(0, d.n_users, self.user_batch):
+            users = np.arange(start, min(start + self.user_batch, d.n_users))
             with torch.no_grad():
                 scores = score_fn(users).float()
             target = torch.from_numpy(targets[users])

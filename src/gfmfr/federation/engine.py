@@ -5,7 +5,7 @@ routine, FedAvg their shared parameters, let plug-ins do their server work, and 
 ``eval_every`` rounds. The best round is chosen on the validation metric only; the test score
 reported is the one at that round. Early stopping counts validations without improvement.
 While a chunk of clients trains, a background thread builds the next chunk's examples and
-minibatch schedule (``federation.prefetch``), which depend only on the seed and the round.
+minibatch schedule (``runtime.prefetch``), which depend only on the seed and the round.
 """
 
 from __future__ import annotations
@@ -84,11 +84,11 @@ class Federation:
         self.cfg = cfg
         self.plugins = plugins
         self.state = FederationState(model, dataset.n_users, cfg.seed)
-        self.evaluator = Evaluator(dataset, cfg.eval, cfg.seed)
+        self.evaluator = Evaluator(dataset, cfg.eval, cfg.seed, cfg.runtime.eval_batch)
         self.train_keys = train_keys(dataset)
         self.history: list[RoundLog] = []
         self.server_opt = build_server_optimizer(cfg.federation)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if cfg.federation.prefetch else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if cfg.runtime.prefetch else None
         self._ahead: tuple[tuple[int, int], Future[LocalData]] | None = None
 
     def train_round(self, round_: int) -> RoundLog:
@@ -105,7 +105,7 @@ class Federation:
             data = self.local_data(round_, k, chunk)
             self.prefetch(*((round_, k + 1) if k + 1 < len(chunks) else (round_ + 1, 0)))
             update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_,
-                                   self.plugins, self.train_keys, fed.client_block, data)
+                                   self.plugins, self.train_keys, self.cfg.runtime.client_block, data)
             t1 = time.perf_counter()
             agg.add(update, self.state.shared)
             for plugin in self.plugins:
@@ -135,14 +135,15 @@ class Federation:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if self.cfg.federation.prefetch:
+        if self.cfg.runtime.prefetch:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
 
     def chunks(self, round_: int) -> list[np.ndarray]:
         """The clients of ``round_`` (seeded sample), in chunks of ``client_chunk``."""
         fed = self.cfg.federation
         users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_)
-        return [users[start : start + fed.client_chunk] for start in range(0, len(users), fed.client_chunk)]
+        size = self.cfg.runtime.client_chunk
+        return [users[start : start + size] for start in range(0, len(users), size)]
 
     def local_data(self, round_: int, k: int, chunk: np.ndarray) -> LocalData:
         """Examples and minibatch schedule of chunk ``k`` of ``round_``: prefetched if it was, else built now."""
