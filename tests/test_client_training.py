@@ -128,3 +128,15 @@ def test_early_stopping_counts_rounds_whatever_the_validation_cadence(planted):
     last = fed.history[-1].round
     assert last in validated and last < 59
     assert last - best["round"] >= 6 and last - 3 - best["round"] < 6
+
+
+def test_best_round_selection_reads_test_only_at_a_new_best():
+    from gfmfr.eval.selection import BestRound
+
+    best = BestRound("NDCG@10", patience=3)
+    reads = []
+    for t, score in enumerate([0.1, 0.3, 0.2, 0.3, 0.25]):
+        best.update(t, {"NDCG@10": score}, lambda t=t: reads.append(t) or {"NDCG@10": t})
+    assert reads == [0, 1] and best.round == 1 and best.test == {"NDCG@10": 1}  # a tie is not a new best
+    assert not best.stop(3) and best.stop(4)
+    assert not BestRound("NDCG@10", patience=0).stop(10**6)

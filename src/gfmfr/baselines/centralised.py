@@ -28,6 +28,7 @@ from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import train_keys, training_negatives
 from gfmfr.eval.evaluator import Evaluator
+from gfmfr.eval.selection import BestRound
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender, Params
 
@@ -116,9 +117,8 @@ def train_centralised(dataset: Dataset, model: FederatedRecommender, cfg: RunCon
     keys = train_keys(dataset)
     all_users = np.arange(dataset.n_users)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best: dict[str, Any] = {"round": -1, "score": -np.inf, "valid": {}, "test": {}}
+    best = BestRound(ev.select_metric, fed.early_stop_patience)
     history: list[dict[str, Any]] = []
-    stale = 0
     for epoch in range(cc.epochs):
         t0 = time.perf_counter()
         neg_users, neg_items = training_negatives(dataset, all_users, fed.num_negatives, cfg.seed, epoch, keys)
@@ -143,20 +143,14 @@ def train_centralised(dataset: Dataset, model: FederatedRecommender, cfg: RunCon
         entry = {"round": epoch, "loss": float(np.mean(losses)), "valid": valid,
                  "seconds": {"train": t1 - t0, "evaluate": time.perf_counter() - t1}}
         history.append(entry)
-        score = valid[ev.select_metric]
         if not np.isfinite(entry["loss"]):
             raise FloatingPointError(f"centralised training diverged in epoch {epoch}; lower centralised.lr")
-        if score > best["score"]:
-            best = {"round": epoch, "score": score, "valid": valid, "test": evaluator.evaluate(params.score, "test")}
-            stale = 0
-        else:
-            stale += 1
+        best.update(epoch, valid, lambda: evaluator.evaluate(params.score, "test"))
         log.info("epoch %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)", epoch, entry["loss"],
                  valid.get("HR@10", float("nan")), valid.get("NDCG@10", float("nan")), t1 - t0)
-        if fed.early_stop_patience and stale >= fed.early_stop_patience:
-            log.info("early stop after epoch %d: no improvement in %d validations", epoch, stale)
+        if best.stop(epoch, "epoch"):
             break
     return {
-        "best_round": best["round"], "valid": best["valid"], "test": best["test"], "history": history,
+        "best_round": best.round, "valid": best.valid, "test": best.test, "history": history,
         "seconds_per_round": float(np.mean([h["seconds"]["train"] for h in history])),
     }

@@ -25,6 +25,7 @@ from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
+from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.client import LocalData, LocalUpdate, LossPlugin, train_clients
 from gfmfr.federation.server_steps import build_server_optimizer
@@ -181,7 +182,7 @@ class Federation:
         lines at DEBUG even without a bar (a tuner's trials).
         """
         fed, ev = self.cfg.federation, self.cfg.eval
-        best: dict[str, Any] = {"round": -1, "score": -np.inf, "valid": {}, "test": {}}
+        best = BestRound(ev.select_metric, fed.early_stop_patience)
         bar = tqdm(total=fed.rounds, desc="rounds", unit="round", disable=not progress, leave=True,
                    dynamic_ncols=True)
         line = log.debug if progress or not log_rounds else log.info
@@ -192,27 +193,23 @@ class Federation:
                     t0 = time.perf_counter()
                     entry.valid = self.evaluator.evaluate(self.score, "valid")
                     entry.seconds["evaluate"] = time.perf_counter() - t0
-                    score = entry.valid[ev.select_metric]
-                    if score > best["score"]:
-                        test = self.evaluator.evaluate(self.score, "test") if evaluate_test else {}
-                        best = {"round": t, "score": score, "valid": entry.valid, "test": test}
+                    best.update(t, entry.valid,
+                                lambda: self.evaluator.evaluate(self.score, "test") if evaluate_test else {})
                     line(
                         "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
                         t, entry.loss, entry.valid.get("HR@10", float("nan")),
                         entry.valid.get("NDCG@10", float("nan")), entry.seconds["train"],
                     )
-                    bar.set_postfix_str(f"valid {ev.select_metric} {score:.4f}, best {best['score']:.4f} "
-                                        f"@ {best['round']}", refresh=False)
+                    bar.set_postfix_str(f"valid {ev.select_metric} {entry.valid[ev.select_metric]:.4f}, "
+                                        f"best {best.score:.4f} @ {best.round}", refresh=False)
                 else:
                     line("round %3d  loss %.4f  (%.2fs train)", t, entry.loss, entry.seconds["train"])
                 self.history.append(entry)
                 bar.update(1)
                 if on_validation is not None and entry.valid is not None:
                     on_validation(t, entry.valid)
-                stale = t - best["round"]  # rounds since the best validation
-                if fed.early_stop_patience and entry.valid is not None and stale >= fed.early_stop_patience:
-                    log.info("early stop after round %d: no improvement in %d rounds", t, stale)
+                if entry.valid is not None and best.stop(t):
                     break
         finally:
             bar.close()
-        return best
+        return best.summary()
