@@ -332,3 +332,19 @@ def test_regrouping_every_k_server_rounds_keeps_groups_between(planted):
     log = fed.train_round(3)
     sampled = fed.chunks(3)[0]
     assert sum(log.extra["group_sizes"]) == int((groups[2][sampled] >= 0).sum())
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_mlp_expert_by_view_blocks_equals_the_mlp_on_the_concatenation(per_group):
+    """The MLP expert's fast form (first layer applied view by view, broadcast over groups and
+    items) is the reference's MLP over the concatenated views."""
+    gen = torch.Generator().manual_seed(1)
+    n, d = 30, 8
+    feats = [torch.randn(n, 6, generator=gen), torch.randn(n, 9, generator=gen)]
+    masks = [torch.ones(n, dtype=torch.bool), torch.rand(n, generator=gen) > 0.3]
+    fusion = GroupFusion(3, d, feats, masks, "mlp", item_view=True, item_view_per_group=per_group)
+    groups, items = torch.tensor([0, 2]), torch.tensor([4, 0, 17, 29])
+    for sel in (None, items):
+        views, present = fusion.views(groups, sel)
+        reference = fusion.mlp((views * present[..., None]).flatten(2))
+        torch.testing.assert_close(fusion(groups, sel), reference)

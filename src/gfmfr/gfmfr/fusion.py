@@ -74,22 +74,41 @@ class GroupFusion(nn.Module):
         if expert == "mixture":
             self.router = nn.Linear(n_views * dim, 4)
 
-    def views(self, groups: torch.Tensor, items: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected views [G, N, V, d] and their presence mask [1, N, V] (the group view is always present)."""
+    def view_parts(self, groups: torch.Tensor, items: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The projected views before broadcasting, and each one's presence [N] (1: the item has it).
+
+        The group view is [G, 1, d] (the same for every item), each modality's [1, N, d] (the same
+        for every group; zero where the item lacks the modality), the item-ID view [1, N, d], or
+        [G, N, d] with one table per group.
+        """
         g = self.w_id(self.group_emb(groups))  # [G, d]
         xs = [getattr(self, f"x{m}") for m in range(self.n_modalities)]
         ms = [getattr(self, f"m{m}") for m in range(self.n_modalities)]
         if items is not None:
             xs, ms = [x[items] for x in xs], [m[items] for m in ms]
         n_items = len(ms[0])
-        mods = [self.w_mod[m](x) * mask[:, None] for m, (x, mask) in enumerate(zip(xs, ms))]
+        parts = [g[:, None, :]] + [(self.w_mod[m](x) * mask[:, None])[None] for m, (x, mask) in enumerate(zip(xs, ms))]
         if self.item_emb is not None:
             ids = items if items is not None else torch.arange(n_items)
-            mods.append(self.item_emb(groups[:, None] * self.n_items + ids if self.per_group else ids))
+            parts.append(self.item_emb(groups[:, None] * self.n_items + ids if self.per_group else ids[None]))
             ms = ms + [torch.ones(n_items)]
-        views = torch.stack([g[:, None, :].expand(-1, n_items, -1)] + [v.expand(len(groups), -1, -1) for v in mods], 2)
-        present = torch.stack([torch.ones(n_items)] + ms, 1)
-        return views, present[None]
+        return parts, [torch.ones(n_items)] + ms
+
+    def views(self, groups: torch.Tensor, items: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected views [G, N, V, d] and their presence mask [1, N, V] (the group view is always present)."""
+        parts, present = self.view_parts(groups, items)
+        shape = (len(groups), len(present[0]), self.dim)
+        return torch.stack([p.expand(shape) for p in parts], 2), torch.stack(present, 1)[None]
+
+    def _mlp_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The MLP expert without materialising its [G, N, V * d] input: the first layer on a
+        concatenation is the sum of its column blocks applied to each view, so the group view is
+        projected once per group and the item views once per item (the same function as ``_mlp``)."""
+        first, d = self.mlp[0], self.dim
+        hidden = first.bias
+        for v, x in enumerate(parts):
+            hidden = hidden + x @ first.weight[:, v * d : (v + 1) * d].T
+        return self.mlp[2](torch.relu(hidden))
 
     def _sum(self, views, present):
         return (views * present[..., None]).sum(2)
@@ -110,6 +129,8 @@ class GroupFusion(nn.Module):
 
     def forward(self, groups: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Q_g(i) for ``groups`` x ``items`` (all items by default): [G, N, d]."""
+        if self.expert == "mlp":
+            return self._mlp_parts(self.view_parts(groups, items)[0])
         views, present = self.views(groups, items)
         flat = (views * present[..., None]).flatten(2)
         if self.expert == "sum":
