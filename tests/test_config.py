@@ -59,3 +59,12 @@ def test_a_bad_choice_on_the_command_line_is_one_line_and_exit_2(capsys, caplog)
 
     assert main(["run", "--set", "gfmfr.fusion=mpl"]) == 2
     assert "gfmfr.fusion: must be one of 'sum', 'mlp'" in caplog.text
+
+
+def test_moved_keys_still_load():
+    from gfmfr.config import from_dict
+
+    cfg = from_dict({"federation": {"client_chunk": 7, "prefetch": False}, "eval": {"user_batch": 9},
+                     "gfmfr": {"server_epochs": 3}})
+    assert (cfg.runtime.client_chunk, cfg.runtime.prefetch, cfg.runtime.eval_batch) == (7, False, 9)
+    assert cfg.gfmfr.server_steps == 3

@@ -352,9 +352,28 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+MOVED = {("federation", "client_chunk"): ("runtime", "client_chunk"),
+         ("federation", "client_block"): ("runtime", "client_block"),
+         ("federation", "prefetch"): ("runtime", "prefetch"),
+         ("eval", "user_batch"): ("runtime", "eval_batch"),
+         ("gfmfr", "server_epochs"): ("gfmfr", "server_steps")}
+"""Keys renamed or moved since earlier versions: old configs and stored results still load (on
+ML-100K one fusion step is one epoch, so ``server_epochs`` reads as ``server_steps``)."""
+
+
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for (section, key), (new_section, new_key) in MOVED.items():
+        if isinstance(out.get(section), dict) and key in out[section]:
+            value = out[section].pop(key)
+            out.setdefault(new_section, {}).setdefault(new_key, value)
+    return out
+
+
 def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
-    """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults)."""
-    return _build(RunConfig, values, where)
+    """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults; keys that
+    moved, :data:`MOVED`, are read at their new place)."""
+    return _build(RunConfig, _migrate(values), where)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
