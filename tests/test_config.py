@@ -68,3 +68,14 @@ def test_moved_keys_still_load():
                      "gfmfr": {"server_epochs": 3}})
     assert (cfg.runtime.client_chunk, cfg.runtime.prefetch, cfg.runtime.eval_batch) == (7, False, 9)
     assert cfg.gfmfr.server_steps == 3
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    from gfmfr.config import from_dict, load_toml
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        from_dict(load_toml(path), where=str(path))
