@@ -42,3 +42,9 @@ def test_threads_flag_reaches_the_config():
 
     args = build_parser().parse_args(["run", "--threads", "3"])
     assert _config(args).runtime.threads == 3
+
+
+def test_use_threads_also_limits_numpy_and_scipy_blas():
+    code = ("import numpy, scipy.linalg, threadpoolctl; from gfmfr.runtime import use_threads; use_threads(1); "
+            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))")
+    assert _child(code) == "[1]"

@@ -10,6 +10,8 @@ Two settings matter on a small CPU machine that other jobs share:
 - The thread count (``runtime.threads``, default one per core): with the passive wait, two
   threads on 2 cores kept FCF's quiet speed and lost 25-34% when another job held a core,
   against 2.3-3.8x with OpenMP's default spinning; one thread was 15-50% slower when quiet.
+  The same count applies to NumPy's and SciPy's BLAS (OpenBLAS keeps its own pool, one thread per
+  core, whose idle threads also spin): GFMFR's grouping (distances, eigenvectors) runs there.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ def prefer_passive_wait() -> None:
 
 
 def use_threads(threads: int) -> int:
-    """Set torch's intra-op thread count: ``threads``, or one per core when 0. Returns the count."""
+    """Set torch's intra-op thread count, and the BLAS and OpenMP pools of NumPy, SciPy and
+    scikit-learn (threadpoolctl): ``threads``, or one per core when 0. Returns the count."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     if threads < 0:
         raise ValueError(f"runtime.threads must be >= 0 (0: one per core), got {threads}")
     n = threads if threads > 0 else (os.cpu_count() or 1)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    threadpool_limits(limits=n)  # process-wide until changed again
     return n
