@@ -348,3 +348,14 @@ def test_mlp_expert_by_view_blocks_equals_the_mlp_on_the_concatenation(per_group
         views, present = fusion.views(groups, sel)
         reference = fusion.mlp((views * present[..., None]).flatten(2))
         torch.testing.assert_close(fusion(groups, sel), reference)
+
+
+def test_rbf_affinity_matches_pairwise_distances():
+    from scipy.spatial.distance import pdist, squareform
+
+    from gfmfr.gfmfr.grouping import rbf_affinity
+
+    x = np.random.default_rng(0).normal(size=(30, 50))
+    d = pdist(x)
+    expected = np.exp(-squareform(d) ** 2 / (2 * np.median(d) ** 2))
+    np.testing.assert_allclose(rbf_affinity(x), expected, rtol=1e-9, atol=1e-12)

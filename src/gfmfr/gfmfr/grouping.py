@@ -14,9 +14,9 @@ import logging
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.spatial.distance import pdist, squareform
 from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.decomposition import PCA, KernelPCA
+from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.preprocessing import StandardScaler
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,16 @@ def prepare(signatures: np.ndarray, pca_variance: float | None = 0.95) -> np.nda
 
 
 def rbf_affinity(x: np.ndarray) -> np.ndarray:
-    """exp(-gamma * d^2) with gamma = 1 / (2 * median pairwise distance^2)."""
-    d = pdist(x)
-    med = np.median(d) if len(d) else 1.0
+    """exp(-gamma * d^2) with gamma = 1 / (2 * median pairwise distance^2).
+
+    Distances come from one matrix product (|a|^2 + |b|^2 - 2 a.b, scikit-learn's form), several
+    times faster than pairwise loops on FedRAP's and FedNCF's wide signatures.
+    """
+    d = euclidean_distances(x)
+    upper = d[np.triu_indices(len(x), 1)]
+    med = np.median(upper) if len(upper) else 1.0
     gamma = 1.0 / (2.0 * max(med, 1e-12) ** 2)
-    return np.exp(-gamma * squareform(d) ** 2)
+    return np.exp(-gamma * d**2)
 
 
 def cluster(x: np.ndarray, n_groups: int, method: str, seed: int) -> np.ndarray:
