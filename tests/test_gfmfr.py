@@ -187,6 +187,17 @@ def gfmfr_config(name, **gfmfr):
     })
 
 
+def gfmfr_federation(planted, cfg):
+    """A federation of the planted data with synthetic content, GFMFR on; returns (fed, plugin)."""
+    from gfmfr.federation.engine import Federation
+    from gfmfr.gfmfr.plugin import GFMFR
+
+    data = with_features(planted)
+    model = build_model(data.n_items, cfg.model)
+    plugin = GFMFR(data, model, cfg)
+    return Federation(data, model, cfg, (plugin,)), plugin
+
+
 @pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
 def test_end_to_end_smoke_every_base_model(planted, name):
     res = run(gfmfr_config(name), dataset=with_features(planted))
@@ -288,14 +299,8 @@ def test_scoring_with_group_tables(planted, name):
 def test_server_work_every_k_rounds_keeps_the_last_preferences(planted):
     """``server_every = 3``: grouping, fusion and teacher run in rounds 0, 3, ...; in between the
     clients distil towards the last preferences, and upload no signatures."""
-    from gfmfr.federation.engine import Federation
-    from gfmfr.gfmfr.plugin import GFMFR
-
-    cfg = gfmfr_config("fcf", server_every=3)
-    data = with_features(planted)
-    model = build_model(data.n_items, cfg.model)
-    plugin = GFMFR(data, model, cfg)
-    fed = Federation(data, model, cfg, (plugin,))
+    fed, plugin = gfmfr_federation(planted, gfmfr_config("fcf", server_every=3))
+    model = fed.model
     kept = []
     for t in range(5):
         log = fed.train_round(t)
@@ -310,15 +315,8 @@ def test_server_work_every_k_rounds_keeps_the_last_preferences(planted):
 
 
 def test_regrouping_every_k_server_rounds_keeps_groups_between(planted):
-    from gfmfr.federation.engine import Federation
-    from gfmfr.gfmfr.plugin import GFMFR
-
     cfg = gfmfr_config("fcf", regroup_every=2)
-    cfg = replace(cfg, federation=replace(cfg.federation, client_fraction=0.5))
-    data = with_features(planted)
-    model = build_model(data.n_items, cfg.model)
-    plugin = GFMFR(data, model, cfg)
-    fed = Federation(data, model, cfg, (plugin,))
+    fed, plugin = gfmfr_federation(planted, replace(cfg, federation=replace(cfg.federation, client_fraction=0.5)))
     groups = []
     for t in range(3):
         fed.train_round(t)
