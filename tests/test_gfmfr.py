@@ -314,24 +314,6 @@ def test_server_work_every_k_rounds_keeps_the_last_preferences(planted):
     assert len(plugin.snapshots) == 2
 
 
-def test_regrouping_every_k_server_rounds_keeps_groups_between(planted):
-    cfg = gfmfr_config("fcf", regroup_every=2)
-    fed, plugin = gfmfr_federation(planted, replace(cfg, federation=replace(cfg.federation, client_fraction=0.5)))
-    groups = []
-    for t in range(3):
-        fed.train_round(t)
-        groups.append(plugin.grouping.group.copy())
-    np.testing.assert_array_equal(groups[1], groups[0])  # round 1: no clustering, nobody new gets a group
-    assert (groups[0] >= 0).sum() == len(fed.chunks(0)[0])
-    assert (groups[2] >= 0).sum() > (groups[0] >= 0).sum()  # round 2 clusters its participants
-    assert [s["round"] for s in plugin.snapshots] == [0, 2]
-    # round 1's targets average only members that had a group: participants of round 1 never grouped
-    # are left out, so the group sizes sum to the grouped participants of that round
-    log = fed.train_round(3)
-    sampled = fed.chunks(3)[0]
-    assert sum(log.extra["group_sizes"]) == int((groups[2][sampled] >= 0).sum())
-
-
 @pytest.mark.parametrize("per_group", [False, True])
 def test_mlp_expert_by_view_blocks_equals_the_mlp_on_the_concatenation(per_group):
     """The MLP expert's fast form (first layer applied view by view, broadcast over groups and

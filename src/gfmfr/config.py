@@ -166,9 +166,6 @@ class GFMFRConfig:
     server_every: int = 1
     """Run the server work (grouping, group targets, fusion, teacher) every N rounds, from round 0;
     in between, clients distil towards the last preferences and upload no signatures."""
-    regroup_every: int = 1
-    """Re-cluster the clients every N server rounds; in between, participants keep their groups
-    (one never grouped has no teacher until the next clustering)."""
     server_lr: float = 0.01
     """Adam learning rate of the fusion model."""
     warm_start: bool = True

@@ -145,7 +145,7 @@ class GFMFR:
         for name, allowed in CHOICES.items():  # a bad value fails here, not in round 1
             if getattr(self.cfg, name) not in allowed:
                 raise ValueError(f"gfmfr.{name} must be one of {allowed}, got {getattr(self.cfg, name)!r}")
-        for name in ("server_steps", "server_every", "regroup_every"):
+        for name in ("server_steps", "server_every"):
             if getattr(self.cfg, name) < 1:
                 raise ValueError(f"gfmfr.{name} must be at least 1, got {getattr(self.cfg, name)}")
         self.seed = cfg.seed
@@ -246,13 +246,9 @@ class GFMFR:
         t0 = time.perf_counter()
         users = np.concatenate([c["update"].users for c in chunks])
         signatures = torch.cat([c["signatures"] for c in chunks])
-        if round_ % (self.cfg.regroup_every * self.cfg.server_every) == 0:
-            labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
-            self.snapshots.append({"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32),
-                                   "group": labels})
-        else:  # participants keep their groups; one never grouped waits for the next regrouping
-            labels = self.grouping.group[users]
-        grouped = torch.from_numpy(labels >= 0)
+        labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
+        self.snapshots.append({"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32),
+                               "group": labels})
         t1 = time.perf_counter()
 
         G = self.cfg.groups
@@ -262,9 +258,7 @@ class GFMFR:
             n = len(c["update"].users)
             sums += group_sums(c["update"], {table: c["broadcast"]}, labels[start : start + n], G)[table]
             start += n
-        counts = torch.from_numpy(np.bincount(labels[labels >= 0], minlength=G)).float()
-        if not grouped.any():
-            return {"bytes_down_extra": self._bytes_down}
+        counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
         present = torch.nonzero(counts > 0).flatten()
         targets = sums[present] / counts[present, None, None]
         t2 = time.perf_counter()
@@ -280,12 +274,11 @@ class GFMFR:
             # rows of `fused` follow `present`; map each member's group to its row
             row_of = torch.full((G,), -1, dtype=torch.long)
             row_of[present] = torch.arange(len(present))
-            member_rows = row_of[torch.from_numpy(labels)[grouped]]
-            members = signatures[grouped]
+            member_rows = row_of[torch.from_numpy(labels)]
             if self.cfg.teacher == "members":
-                prefs = teacher_members(model, members, member_rows, fused)
+                prefs = teacher_members(model, signatures, member_rows, fused)
             else:  # mean_head
-                head_sums = torch.zeros(len(present), members.shape[1]).index_add_(0, member_rows, members)
+                head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
         self.preferences = torch.full((G, self.n_items), 0.5)
