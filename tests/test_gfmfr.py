@@ -183,7 +183,7 @@ def gfmfr_config(name, **gfmfr):
         "model": {"name": name, "dim": 16, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
         "federation": {"rounds": 6, "local_epochs": 2, "batch_size": 32, "early_stop_patience": 0},
         "eval": {"ks": [10]}, "plugin": "gfmfr",
-        "gfmfr": {"groups": 4, "server_steps": 20, **gfmfr},
+        "gfmfr": {"groups": 4, "server_steps": 20, "server_every": 1, **gfmfr},
     })
 
 

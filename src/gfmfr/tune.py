@@ -93,7 +93,8 @@ def default_space(cfg: RunConfig) -> list[Dimension]:
               Dimension("model.weight_decay", "log", 1e-6, 1e-4)]
     if cfg.plugin == "gfmfr":
         space += [Dimension("gfmfr.kl_scale", "log", 0.1, 10.0), Dimension("gfmfr.groups", "int", 2, 10),
-                  Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives"))]
+                  Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives")),
+                  Dimension("gfmfr.server_every", "int", 1, 10)]
     elif cfg.plugin in ("mmx", "fedvlr"):
         space += [Dimension("multimodal.content_lr", "log", 1e-3, 1e-1)]
         if cfg.plugin == "fedvlr":
