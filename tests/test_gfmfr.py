@@ -339,3 +339,17 @@ def test_rbf_affinity_matches_pairwise_distances():
     d = pdist(x)
     expected = np.exp(-squareform(d) ** 2 / (2 * np.median(d) ** 2))
     np.testing.assert_allclose(rbf_affinity(x), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_default_gfmfr_settings_run_end_to_end(planted):
+    """The shipped defaults (KL on the negatives, server work every 5 rounds) on a small federation."""
+    from gfmfr.config import GFMFRConfig
+
+    cfg = gfmfr_config("fcf", server_every=GFMFRConfig.server_every, distill_on=GFMFRConfig.distill_on)
+    assert (cfg.gfmfr.server_every, cfg.gfmfr.distill_on) == (5, "negatives")
+    cfg = replace(cfg, federation=replace(cfg.federation, rounds=7))
+    res = run(cfg, dataset=with_features(planted))
+    hist = res["history"]
+    assert all(np.isfinite(h["loss"]) for h in hist)
+    assert [h["round"] for h in hist if "fusion" in h["seconds"]] == [0, 5]
+    assert hist[6]["extra"] == {} and hist[5]["extra"]["distill_weight_mean"] > 0
