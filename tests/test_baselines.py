@@ -230,3 +230,25 @@ federation = {{ rounds = 3, local_epochs = 1, batch_size = 32 }}
         b = json.loads((tmp_path / "b" / "runs" / "fcf" / f"seed{seed}" / "results.json").read_text())
         assert a["config"]["runtime"]["threads"] == 1
         assert a["test"] == pytest.approx(b["test"], rel=1e-5) and a["best_round"] == b["best_round"]
+
+
+@pytest.mark.parametrize("plugin", ["mmx", "fedvlr"])
+@pytest.mark.parametrize("name", ["fcf", "fedrap"])
+def test_scoring_with_broadcast_tables_computes_the_content_vectors_once(planted, name, plugin):
+    """Scoring passes one table and one set of shared parameters broadcast to every client; the
+    wrapper then builds each item's content vectors once. Same scores as the per-client path."""
+    data = with_features(planted)
+    cfg, model = wrapped(data, name, plugin)
+    fed = Federation(data, model, cfg)
+    for t in range(2):
+        fed.train_round(t)
+    users = np.arange(12)
+    p = fed.state.client_params(users)
+    items = {n: fed.state.shared[n].expand(len(users), *fed.state.shared[n].shape)
+             for n, s in model.param_specs().items() if s.item_table and s.shared}
+    items.update({n: fed.state.private_rows[n].dense(users)
+                  for n, s in model.param_specs().items() if s.item_table and not s.shared})
+    fast = model.forward(p, items)
+    copies = lambda d: {n: t.contiguous().clone() for n, t in d.items()}  # noqa: E731 - no stride-0 rows
+    torch.testing.assert_close(fast, model.forward(copies(p), copies(items)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, fed.state.score(users))

@@ -113,6 +113,18 @@ class ContentAugmented(FederatedRecommender):
         return [torch.matmul(x, p[f"proj.{m}"]) for m, x in zip(self.modalities, content)]
 
 
+def broadcast(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is one value broadcast over the clients (stride 0 on dim 0): scoring with
+    the global tables and shared parameters, where a per-item result can be computed once."""
+    return all(t.stride(0) == 0 for t in tensors)
+
+
+def once(fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn`` on the first client's rows of broadcast ``args``, broadcast back over the A clients."""
+    out = fn(*(a[:1] for a in args))
+    return out.expand(args[0].shape[0], *out.shape[1:])
+
+
 class MMX(ContentAugmented):
     """MM-X: projected content added to X's shared item table, ``v_i = e_i + sum_m x_m(i) W_m``."""
 
@@ -122,6 +134,10 @@ class MMX(ContentAugmented):
         return self._projection_specs()
 
     def fuse(self, p: Params, ids: torch.Tensor, content: list[torch.Tensor]) -> torch.Tensor:
+        projections = [p[f"proj.{m}"] for m in self.modalities]
+        if broadcast(ids, *content, *projections):  # scoring: one table for every client, computed once
+            return once(lambda e, *xw: e + sum(torch.matmul(x, w) for x, w in zip(xw[:len(content)], xw[len(content):])),
+                        ids, *content, *projections)
         return ids + sum(self._project(p, content))
 
 
@@ -177,7 +193,14 @@ class FedVLR(ContentAugmented):
         return torch.softmax(logits, -1)
 
     def fuse(self, p: Params, ids: torch.Tensor, content: list[torch.Tensor]) -> torch.Tensor:
-        views = self.view_vectors(p, ids, content)
+        shared = {n: t for n, t in p.items() if n.startswith(("proj.", "mlp.", "gate."))}
+        if broadcast(ids, *content, *shared.values()):  # scoring: the server-side views computed once
+            names = list(shared)
+            views = once(lambda e, *rest: self.view_vectors(dict(zip(names, rest[len(content):])), e,
+                                                            list(rest[:len(content)])),
+                         ids, *content, *shared.values())
+        else:
+            views = self.view_vectors(p, ids, content)
         return torch.einsum("abk,abkd->abd", self.router_weights(p, views), views)
 
 
