@@ -68,6 +68,10 @@ def test_moved_keys_still_load():
                      "gfmfr": {"server_epochs": 3}})
     assert (cfg.runtime.client_chunk, cfg.runtime.prefetch, cfg.runtime.eval_batch) == (7, False, 9)
     assert cfg.gfmfr.server_steps == 3
+    # a deleted option loads where its stored value is what the code now does, and fails otherwise
+    assert from_dict({"gfmfr": {"regroup_every": 1}}).gfmfr == from_dict({}).gfmfr
+    with pytest.raises(ConfigError, match="regroup_every"):
+        from_dict({"gfmfr": {"regroup_every": 5}})
 
 
 def test_example_configs_load():

@@ -361,8 +361,16 @@ MOVED = {("federation", "client_chunk"): ("runtime", "client_chunk"),
 ML-100K one fusion step is one epoch, so ``server_epochs`` reads as ``server_steps``)."""
 
 
+REMOVED = {("gfmfr", "regroup_every"): 1}
+"""Options deleted since earlier versions, with the value that meant what the code does now: a stored
+config that has that value still loads (the key is dropped); any other value is an error."""
+
+
 def _migrate(values: dict[str, Any]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for (section, key), same in REMOVED.items():
+        if isinstance(out.get(section), dict) and key in out[section] and out[section][key] == same:
+            del out[section][key]
     for (section, key), (new_section, new_key) in MOVED.items():
         if isinstance(out.get(section), dict) and key in out[section]:
             value = out[section].pop(key)
