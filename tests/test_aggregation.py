@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from gfmfr.federation.aggregation import FedAvg, group_sums, weighted_sums
+from gfmfr.federation.aggregation import FedAvg, group_sums
 from gfmfr.federation.client import LocalUpdate
 
 
@@ -29,8 +29,8 @@ def test_sparse_rows_aggregate_like_dense_fedavg():
     weighted = FedAvg(weighted=True)
     weighted.add(update, {"t": g, "w": torch.zeros(1)})
     torch.testing.assert_close(weighted.result({"t": g, "w": torch.zeros(1)})["t"], (dense0 * 1 + dense1 * 3) / 4)
-    # group sums: one row of weights per group
-    groups = weighted_sums(update, {"t": g}, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # group sums: each client in its group
+    groups = group_sums(update, {"t": g}, np.array([0, 1]), 2)
     torch.testing.assert_close(groups["t"][0], dense0)
     torch.testing.assert_close(groups["t"][1], dense1)
     # the one-pass group sums agree, and a client without a group (-1) is in none

@@ -112,17 +112,16 @@ class ContentAugmented(FederatedRecommender):
         """p_m = x_m W_m per modality, [A, B, d]."""
         return [torch.matmul(x, p[f"proj.{m}"]) for m, x in zip(self.modalities, content)]
 
-
-def broadcast(*tensors: torch.Tensor) -> bool:
-    """Whether every tensor is one value broadcast over the clients (stride 0 on dim 0): scoring with
-    the global tables and shared parameters, where a per-item result can be computed once."""
-    return all(t.stride(0) == 0 for t in tensors)
-
-
-def once(fn, *args: torch.Tensor) -> torch.Tensor:
-    """``fn`` on the first client's rows of broadcast ``args``, broadcast back over the A clients."""
-    out = fn(*(a[:1] for a in args))
-    return out.expand(args[0].shape[0], *out.shape[1:])
+    def _per_item(self, fn, p: Params, ids: torch.Tensor, content: list[torch.Tensor]) -> torch.Tensor:
+        """``fn(p, ids, content)`` -> [A, B, ...], where ``fn`` reads only shared parameters. When the item
+        rows and the shared parameters are one value broadcast over the clients (stride 0: scoring with
+        the global tables), it runs once, on the first client's slices, and is broadcast back."""
+        specs = self.param_specs() if ids.stride(0) == 0 else {}  # training gathers each client's own rows
+        shared = [t for n, t in p.items() if n in specs and specs[n].shared]
+        if not specs or not all(t.stride(0) == 0 for t in [*content, *shared]):
+            return fn(p, ids, content)
+        out = fn({n: t[:1] for n, t in p.items()}, ids[:1], [x[:1] for x in content])
+        return out.expand(ids.shape[0], *out.shape[1:])
 
 
 class MMX(ContentAugmented):
@@ -134,11 +133,7 @@ class MMX(ContentAugmented):
         return self._projection_specs()
 
     def fuse(self, p: Params, ids: torch.Tensor, content: list[torch.Tensor]) -> torch.Tensor:
-        projections = [p[f"proj.{m}"] for m in self.modalities]
-        if broadcast(ids, *content, *projections):  # scoring: one table for every client, computed once
-            return once(lambda e, *xw: e + sum(torch.matmul(x, w) for x, w in zip(xw[:len(content)], xw[len(content):])),
-                        ids, *content, *projections)
-        return ids + sum(self._project(p, content))
+        return self._per_item(lambda p, ids, content: ids + sum(self._project(p, content)), p, ids, content)
 
 
 class FedVLR(ContentAugmented):
@@ -193,14 +188,7 @@ class FedVLR(ContentAugmented):
         return torch.softmax(logits, -1)
 
     def fuse(self, p: Params, ids: torch.Tensor, content: list[torch.Tensor]) -> torch.Tensor:
-        shared = {n: t for n, t in p.items() if n.startswith(("proj.", "mlp.", "gate."))}
-        if broadcast(ids, *content, *shared.values()):  # scoring: the server-side views computed once
-            names = list(shared)
-            views = once(lambda e, *rest: self.view_vectors(dict(zip(names, rest[len(content):])), e,
-                                                            list(rest[:len(content)])),
-                         ids, *content, *shared.values())
-        else:
-            views = self.view_vectors(p, ids, content)
+        views = self._per_item(self.view_vectors, p, ids, content)  # the server-side views: shared only
         return torch.einsum("abk,abkd->abd", self.router_weights(p, views), views)
 
 

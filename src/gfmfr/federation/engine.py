@@ -3,7 +3,8 @@
 Each round: sample clients (seeded), train them locally in chunks with the one client-training
 routine, FedAvg their shared parameters, let plug-ins do their server work, and validate every
 ``eval_every`` rounds. The best round is chosen on the validation metric only; the test score
-reported is the one at that round. Early stopping counts validations without improvement.
+reported is the one at that round (:mod:`gfmfr.eval.selection`). Early stopping counts rounds
+since the best validation.
 While a chunk of clients trains, a background thread builds the next chunk's examples and
 minibatch schedule (``runtime.prefetch``), which depend only on the seed and the round.
 """

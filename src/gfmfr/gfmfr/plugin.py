@@ -71,10 +71,9 @@ def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, label
     out = torch.zeros(fused.shape[0], fused.shape[1])
     for g in range(fused.shape[0]):
         members = torch.nonzero(labels == g).flatten()
-        for lo in range(0, len(members), block):
-            heads = model.head_from_signature(signatures[members[lo : lo + block]])
-            n = len(members[lo : lo + block])
-            out[g] += torch.sigmoid(model.head_score(heads, fused[g].expand(n, *fused[g].shape))).sum(0)
+        for part in members.split(block):
+            heads = model.head_from_signature(signatures[part])
+            out[g] += torch.sigmoid(model.head_score(heads, fused[g].expand(len(part), *fused[g].shape))).sum(0)
         out[g] /= max(len(members), 1)
     return out
 
@@ -239,10 +238,9 @@ class GFMFR:
     def server_round(self, federation, round_: int) -> dict[str, Any]:
         model = federation.model
         table = model.item_table
+        if not self.server_work(round_):  # clients keep the last preferences, but still download
+            return {"bytes_down_extra": self._bytes_down}  # those of the items they train on this round
         chunks, self._chunks = self._chunks, []
-        if not chunks:  # not a server round (server_every): clients keep the last preferences, but
-            # still download those of the items they train on this round
-            return {"bytes_down_extra": self._bytes_down}
         t0 = time.perf_counter()
         users = np.concatenate([c["update"].users for c in chunks])
         signatures = torch.cat([c["signatures"] for c in chunks])
