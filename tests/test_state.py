@@ -40,3 +40,25 @@ def test_sparse_rows_lazy_decay_matches_eager_over_many_rounds():
         torch.testing.assert_close(store.dense(np.arange(4)), eager, rtol=1e-5, atol=1e-30)
     got = store.gather(np.array([2, 0]), np.array([0 * 6 + 5, 1 * 6 + 0, 1 * 6 + 3]))
     torch.testing.assert_close(got, torch.stack([eager[2, 5], eager[0, 0], eager[0, 3]]), rtol=1e-5, atol=1e-30)
+
+
+def test_client_init_depends_only_on_seed_client_and_name():
+    """A client's initial private values do not depend on the federation's size or who else is in it."""
+    from gfmfr.federation.state import FederationState, client_init
+    from gfmfr.config import ModelConfig
+    from gfmfr.models import build_model
+    from gfmfr.models.base import ParamSpec
+
+    spec = ParamSpec((8,), shared=False, lr=0.1, weight_decay=0.0, same_init=False)
+    alone = client_init(spec, "user", np.array([41]), 0.1, seed=3)
+    among = client_init(spec, "user", np.arange(100), 0.1, seed=3)
+    torch.testing.assert_close(alone[0], among[41], rtol=0, atol=0)
+    assert not torch.equal(among[41], client_init(spec, "user", np.array([41]), 0.1, seed=4)[0])
+    assert not torch.equal(among[41], client_init(spec, "other", np.array([41]), 0.1, seed=3)[0])
+    big = client_init(spec, "user", np.arange(20_000), 1.0, seed=0).flatten()
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1) < 0.01  # standard normal draws
+
+    model = build_model(30, ModelConfig(name="fcf", dim=8))
+    small, large = FederationState(model, 5, seed=1), FederationState(model, 50, seed=1)
+    torch.testing.assert_close(small.private["user"], large.private["user"][:5], rtol=0, atol=0)
+    torch.testing.assert_close(small.shared["item"], large.shared["item"], rtol=0, atol=0)

@@ -19,6 +19,7 @@ STREAM_NEGATIVES = 1
 STREAM_SHUFFLE = 2
 STREAM_EVAL_VALID = 3
 STREAM_EVAL_TEST = 4
+STREAM_INIT = 5
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -6,10 +6,37 @@ zero: only trained rows are stored, per client as sorted item ids pointing into 
 
 from __future__ import annotations
 
+import math
+import zlib
+
 import numpy as np
 import torch
 
-from gfmfr.models.base import FederatedRecommender, Params, init_tensor
+from gfmfr.data.sampling import STREAM_INIT, uniform
+from gfmfr.models.base import FederatedRecommender, ParamSpec, Params, init_tensor
+
+
+def client_init(spec: ParamSpec, name: str, clients: np.ndarray, std: float, seed: int) -> torch.Tensor:
+    """Initial value of private parameter ``name`` for each of ``clients``, [C, *spec.shape].
+
+    A pure function of (seed, client id, parameter name), counter-based like every other draw
+    (:mod:`gfmfr.data.sampling`): a client starts the same whether it is alone on a device, one of
+    a node's thousands, or one of a federation of any size.
+    """
+    clients = np.asarray(clients, np.int64)
+    shape = (len(clients), *spec.shape)
+    if spec.init in ("zeros", "ones"):
+        return torch.zeros(shape) if spec.init == "zeros" else torch.ones(shape)
+    n = math.prod(spec.shape)
+    key = zlib.crc32(name.encode())
+    u = uniform(seed, STREAM_INIT, clients[:, None], key, np.arange(2 * n)[None, :])
+    if spec.init == "normal":  # Box-Muller on two independent uniforms per value
+        value = np.sqrt(-2 * np.log1p(-u[:, :n])) * np.cos(2 * np.pi * u[:, n:]) * std
+    elif spec.init == "xavier":
+        value = (u[:, :n] * 2 - 1) * math.sqrt(6.0 / (spec.shape[-2] + spec.shape[-1]))
+    else:
+        raise ValueError(f"unknown init {spec.init!r}")
+    return torch.from_numpy(value.astype(np.float32)).reshape(shape)
 
 
 class SparseRows:
@@ -139,7 +166,7 @@ class FederationState:
     def __init__(self, model: FederatedRecommender, n_clients: int, seed: int):
         self.model = model
         self.n_clients = n_clients
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # shared parameters and same-init private ones
         std = model.cfg.init_std
         self.shared: Params = {}
         self.private: Params = {}
@@ -157,7 +184,7 @@ class FederationState:
             elif spec.same_init:
                 self.private[name] = init_tensor(spec, (), std, gen).expand(n_clients, *spec.shape).clone()
             else:
-                self.private[name] = init_tensor(spec, (n_clients,), std, gen)
+                self.private[name] = client_init(spec, name, np.arange(n_clients), std, seed)
 
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""
