@@ -1,10 +1,10 @@
 """Seconds per round, peak RSS, batched-vs-naive ratio and evaluation speed on ML-100K.
 
 Setting (issue 3): 943 clients, 5 local epochs, 4 negatives, batch 256, d = 64.
-The naive round trains one client after another in a Python loop with plain dense PyTorch
-(full item-table copies, autograd, torch.optim.SGD: how the reference code trains); the
-"1-by-1" round calls our own routine with one client at a time (what a Flower ClientApp
-runs); the batched round trains all clients at once. All three compute the same parameters.
+The naive round trains one client after another with the one-client step (plain dense PyTorch:
+full item-table copies, autograd, torch.optim.SGD, as the reference code trains; what a device
+runs); the "1-by-1" round calls the batched engine with one client at a time; the batched round
+trains all clients at once. All three compute the same parameters.
 Each model runs in its own subprocess so that its peak RSS is its own.
 
     python benchmarks/engine_speed.py [--models fcf fedrap] [--rounds 3] [--naive-clients 943]
@@ -26,9 +26,8 @@ def measure(model_name: str, rounds: int, naive_clients: int) -> dict:
     from gfmfr.config import from_dict
     from gfmfr.data.dataset import load_dataset
     from gfmfr.federation.aggregation import FedAvg
-    from gfmfr.federation.client import train_clients
+    from gfmfr.federation.batched import train_clients
     from gfmfr.federation.engine import Federation
-    from gfmfr.federation.reference import dense_train_client
     from gfmfr.models import build_model
     from gfmfr.run import peak_rss_mb
 
@@ -45,16 +44,15 @@ def measure(model_name: str, rounds: int, naive_clients: int) -> dict:
     fed.evaluator.evaluate(fed.state.score, "valid")
     eval_s = time.perf_counter() - t0
 
-    # naive: the same round, one client after another, (a) plain dense PyTorch per client,
-    # (b) our own routine called with one client (what a Flower ClientApp runs)
+    # naive: the same round, one client after another, (a) the one-client step (dense PyTorch),
+    # (b) the batched engine called with one client at a time
     # a seeded random sample of clients (the first clients of ML-100K are heavier than average)
     users = np.arange(data.n_users)
     if naive_clients < data.n_users:
         users = np.sort(np.random.default_rng(0).choice(data.n_users, size=naive_clients, replace=False))
     scale = data.n_users / len(users)
     t0 = time.perf_counter()
-    for u in users:
-        dense_train_client(fed.model, fed.state, int(u), data, cfg.federation, cfg.seed, rounds, fed.train_keys)
+    fed.train_one_by_one(users, rounds)
     naive = (time.perf_counter() - t0) * scale
     agg = FedAvg()
     t0 = time.perf_counter()

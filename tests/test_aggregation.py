@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from gfmfr.federation.aggregation import FedAvg, group_sums
-from gfmfr.federation.client import LocalUpdate
+from gfmfr.federation.messages import LocalUpdate
 
 
 def test_sparse_rows_aggregate_like_dense_fedavg():

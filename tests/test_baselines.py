@@ -10,7 +10,7 @@ import torch
 from gfmfr.baselines.content import FedVLR, content_tables, wrap
 from gfmfr.cli import main
 from gfmfr.config import CentralisedConfig, MultimodalConfig
-from gfmfr.federation.client import train_clients
+from gfmfr.federation.batched import train_clients
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
 from gfmfr.run import build_run_model, run

@@ -1,5 +1,6 @@
-"""The sparse, batched client routine equals plain dense SGD with torch.optim on one client."""
+"""The batched engine equals the one-client step (plain dense SGD with torch.optim, one client)."""
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -7,39 +8,67 @@ import pytest
 import torch
 
 from gfmfr.federation.aggregation import FedAvg
-from gfmfr.federation.client import train_clients
-from gfmfr.federation.reference import dense_train_client
+from gfmfr.federation.batched import train_clients
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
 from tests.test_model_contract import small_config
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def assert_same_states(a, b, users):
+    """Two federations hold the same private state for ``users`` (and the same shared parameters)."""
+    for n, value in a.state.shared.items():
+        torch.testing.assert_close(b.state.shared[n], value, **TOL)
+    for u in users:
+        x, y = a.state.load(int(u)), b.state.load(int(u))
+        for n, value in x.params.items():
+            torch.testing.assert_close(y.params[n], value, **TOL)
+        for n, (items, rows) in x.rows.items():
+            dense = torch.zeros(a.model.n_items, *rows.shape[1:])
+            dense[torch.from_numpy(items)] = rows
+            other = torch.zeros_like(dense)
+            other[torch.from_numpy(y.rows[n][0])] = y.rows[n][1]
+            torch.testing.assert_close(other, dense, **TOL)
+        assert x.scalars.keys() == y.scalars.keys()
+        for k, v in x.scalars.items():
+            assert v == pytest.approx(y.scalars[k], rel=1e-5, nan_ok=True)
+
+
+def assert_uploads_agree(batched, one, shared):
+    """The same uploads: FedAvg of either gives the same global parameters, per-client figures agree."""
+    means = []
+    for update in (batched, one):
+        agg = FedAvg()
+        agg.add(update, shared)
+        means.append(agg.result(shared))
+    for n, value in means[0].items():
+        torch.testing.assert_close(means[1][n], value, **TOL)
+    order = np.argsort(batched.users)
+    assert (np.sort(one.users) == batched.users[order]).all()
+    np.testing.assert_allclose(one.loss[np.argsort(one.users)], batched.loss[order], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(one.num_samples[np.argsort(one.users)], batched.num_samples[order])
+    for k, v in batched.metrics.items():
+        np.testing.assert_allclose(one.metrics[k][np.argsort(one.users)], v[order], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
 @pytest.mark.parametrize("round_", [0, 3])
 @pytest.mark.parametrize("loss_average", ["batch", "nominal"])
-def test_matches_dense_torch_sgd(planted, name, round_, loss_average):
+def test_batched_matches_the_one_client_step(planted, name, round_, loss_average):
     cfg = small_config(name, local_epochs=2, loss_average=loss_average)
-    model = build_model(planted.n_items, cfg.model)
-    fed = Federation(planted, model, cfg)
-    user = np.array([5])
-    specs = model.param_specs()
-    if round_:  # the client already holds private rows from an earlier round
-        train_clients(model, fed.state, user, planted, cfg.federation, cfg.seed, round_ - 1)
-
-    ref_all = dense_train_client(model, fed.state, 5, planted, cfg.federation, cfg.seed, round_)
-    update = train_clients(model, fed.state, user, planted, cfg.federation, cfg.seed, round_)
-    agg = FedAvg()
-    old = dict(fed.state.shared)
-    agg.add(update, old)
-    new = agg.result(old)
-    for n, s in specs.items():
-        ref = ref_all[n]
-        if s.shared:
-            torch.testing.assert_close(new[n], ref if s.item_table else ref[0], rtol=1e-4, atol=1e-6)
-        elif s.item_table:
-            torch.testing.assert_close(fed.state.private_rows[n].dense(user)[0], ref, rtol=1e-4, atol=1e-6)
-        else:
-            torch.testing.assert_close(fed.state.private[n][5], ref[0], rtol=1e-4, atol=1e-6)
+    fed = Federation(planted, build_model(planted.n_items, cfg.model), cfg)
+    users = np.array([5, 11, 2])
+    if round_:  # the clients already hold private rows from an earlier round
+        train_clients(fed.model, fed.state, users, planted, cfg.federation, cfg.seed, round_ - 1)
+    one = copy.deepcopy(fed)
+    update = train_clients(fed.model, fed.state, users, planted, cfg.federation, cfg.seed, round_,
+                           want_signatures=True)
+    uploads = one.train_one_by_one(users, round_, want_signatures=True)
+    assert_uploads_agree(update, uploads, fed.state.shared)
+    assert_same_states(fed, one, users)
+    torch.testing.assert_close(uploads.signatures[np.argsort(uploads.users)],
+                               update.signatures[np.argsort(update.users)], **TOL)
 
 
 @pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
@@ -47,26 +76,23 @@ def test_lazy_weight_decay_matches_dense_sgd_when_it_settles_mid_round(planted, 
     """Strong decay (k = 1 - lr * wd = 0.5 on the item table) makes LazyDecay settle within the round."""
     cfg = small_config(name, local_epochs=15, batch_size=16)
     cfg = replace(cfg, model=replace(cfg.model, weight_decay=0.1))
-    model = build_model(planted.n_items, cfg.model)
-    fed = Federation(planted, model, cfg)
+    fed = Federation(planted, build_model(planted.n_items, cfg.model), cfg)
     user = np.array([5])
-    from gfmfr.federation.client import LocalData
+    from gfmfr.federation.batched import LocalData
 
     assert LocalData(planted, user, cfg.federation, cfg.seed, 0).steps[0] > 25  # 0.5 ** 21 < 1e-6: settles
-    ref_all = dense_train_client(model, fed.state, 5, planted, cfg.federation, cfg.seed, 0)
-    update = train_clients(model, fed.state, user, planted, cfg.federation, cfg.seed, 0)
-    table = model.item_table
-    rows = torch.from_numpy(update.row_item)
-    torch.testing.assert_close(update.rows[table], ref_all[table][rows], rtol=1e-4, atol=1e-6)
-    for n, s in model.param_specs().items():
-        if not s.item_table:
-            got = update.shared[n][0] if s.shared else fed.state.private[n][5]
-            torch.testing.assert_close(got, ref_all[n][0], rtol=1e-4, atol=1e-6)
+    one = copy.deepcopy(fed)
+    update = train_clients(fed.model, fed.state, user, planted, cfg.federation, cfg.seed, 0)
+    uploads = one.train_one_by_one(user, 0)
+    table = fed.model.item_table
+    np.testing.assert_array_equal(update.row_item, uploads.row_item)
+    torch.testing.assert_close(update.rows[table], uploads.rows[table], rtol=1e-4, atol=1e-6)
+    assert_same_states(fed, one, user)
 
 
 def test_nominal_loss_average_weighs_a_partial_batch_by_its_fill(planted):
     """Client 5's last batch of an epoch is partial: 'nominal' shrinks that step, so parameters differ."""
-    from gfmfr.federation.client import LocalData, batch_weight
+    from gfmfr.federation.batched import LocalData, batch_weight
 
     cfg = small_config("fcf", local_epochs=2)
     data = LocalData(planted, np.array([5]), cfg.federation, cfg.seed, 0)

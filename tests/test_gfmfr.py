@@ -10,10 +10,11 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from gfmfr.config import ModelConfig, from_dict
-from gfmfr.gfmfr.distill import bernoulli_kl, cosine_anneal, distill_weight, ema
-from gfmfr.gfmfr.fusion import EXPERTS, GroupFusion, fit_fusion
-from gfmfr.gfmfr.grouping import Grouping, align, cluster, prepare
-from gfmfr.gfmfr.plugin import teacher_mean_head, teacher_members
+from gfmfr.plugins import group_fusion
+from gfmfr.plugins.group_fusion.distill import bernoulli_kl, cosine_anneal, distill_weight, ema
+from gfmfr.plugins.group_fusion.fusion import EXPERTS, GroupFusion, fit_fusion
+from gfmfr.plugins.group_fusion.grouping import Grouping, align, cluster, prepare
+from gfmfr.plugins.group_fusion.server import teacher_mean_head, teacher_members
 from gfmfr.models import FEDERATED_MODELS, build_model
 from gfmfr.run import run
 
@@ -56,15 +57,11 @@ def test_distillation_functions_by_hand():
     expected = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
     torch.testing.assert_close(kl, torch.tensor([expected, 0.0]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)]))
-    torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100, "constant"), torch.tensor([2.0]))
-    torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 25, 100, "linear"), torch.tensor([1.5]))
-    with pytest.raises(ValueError, match="gfmfr.schedule"):
-        distill_weight(torch.tensor([2.0]), 1, 100, "step")
 
 
 def test_distillation_mask_by_hand():
-    from gfmfr.federation.client import Batch
-    from gfmfr.gfmfr.plugin import distill_mask, masked_mean
+    from gfmfr.federation.client_step import Batch
+    from gfmfr.plugins.group_fusion.client import distill_mask, masked_mean
 
     batch = Batch(np.array([0, 1]), torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1.0, 0, 0], [1, 1, 0]]),
                   torch.tensor([[1.0, 1, 1], [1, 1, 0]]))
@@ -109,63 +106,13 @@ def test_fusion_experts_fit_and_mask(expert, n_modalities):
     torch.testing.assert_close(fusion(torch.arange(2))[:, :5].detach(), out[:, :5])
 
 
-@pytest.mark.parametrize("into", ["private", "shared"])
-@pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
-def test_distilling_into_one_side_leaves_the_other_alone(name, into):
-    """``distill_into``: no gradient reaches the other side; the trained side gets the same as with ``all``."""
-    from gfmfr.gfmfr.plugin import logits_training
-
-    model = build_model(20, ModelConfig(name=name, dim=8, hidden=(4,)))
-    specs = model.param_specs()
-    gen = torch.Generator().manual_seed(0)
-    A, B = 3, 5
-    p = {n: torch.randn(A, *s.shape, generator=gen).requires_grad_()
-         for n, s in specs.items() if not s.item_table}
-    items = {n: torch.randn(A, B, *s.shape, generator=gen).requires_grad_()
-             for n, s in specs.items() if s.item_table and s.trainable}
-    leaves = {**p, **items}
-    weights = torch.randn(A, B, generator=gen)
-    full = torch.autograd.grad((model.forward(p, items) * weights).sum(), list(leaves.values()), allow_unused=True)
-    one_side = logits_training(model, p, items, into)
-    torch.testing.assert_close(one_side, model.forward(p, items))
-    grads = torch.autograd.grad((one_side * weights).sum(), list(leaves.values()), allow_unused=True)
-    trained = [n for n in leaves if specs[n].shared == (into == "shared")]
-    assert trained and len(trained) < len(leaves)
-    for n, g_full, g in zip(leaves, full, grads):
-        if n not in trained:
-            assert g is None
-        elif g_full is not None:
-            torch.testing.assert_close(g, g_full)
-
-
 def test_bad_plugin_settings_fail_before_training(planted):
     from gfmfr.config import ConfigError
 
-    for field, value in (("distill_into", "head"), ("schedule", "step"), ("kl_average", "mean"),
-                         ("distill_on", "positives"), ("teacher", "best"), ("send", "some"),
-                         ("score_with", "teacher")):
+    for field, value in (("distill_on", "positives"), ("teacher", "best"), ("grouping", "dbscan"),
+                         ("fusion", "concat")):
         with pytest.raises(ConfigError, match=f"gfmfr.{field}: must be one of"):  # on load, before any training
             gfmfr_config("fcf", **{field: value})
-
-
-def test_per_group_item_view_fits_what_is_particular_to_each_group():
-    """Targets differ per group item by item (no content explains it): only a per-group view can fit them."""
-    gen = torch.Generator().manual_seed(0)
-    n, d, G = 30, 4, 3
-    feats, masks = [torch.randn(n, 6, generator=gen)], [torch.ones(n, dtype=torch.bool)]
-    target = torch.randn(G, n, d, generator=gen)
-    losses = {}
-    for per_group in (False, True):
-        fusion = GroupFusion(G, d, feats, masks, "sum", seed=0, item_view=True, item_view_per_group=per_group)
-        losses[per_group] = fit_fusion(fusion, torch.arange(G), target, steps=400, lr=0.05)
-    assert losses[True] < 0.05 < 0.3 * losses[False]
-    # only the groups fitted move: rows of an absent group keep their initial values
-    fusion = GroupFusion(G, d, feats, masks, "sum", seed=0, item_view=True, item_view_per_group=True)
-    before = fusion.item_emb.weight[2 * n:].detach().clone()
-    fit_fusion(fusion, torch.arange(2), target[:2], steps=5, lr=0.05)
-    torch.testing.assert_close(fusion.item_emb.weight[2 * n:].detach(), before)
-    with pytest.raises(ValueError, match="item_view_per_group"):
-        GroupFusion(G, d, feats, masks, "sum", item_view=False, item_view_per_group=True)
 
 
 def with_features(dataset, seed=0):
@@ -190,12 +137,11 @@ def gfmfr_config(name, **gfmfr):
 def gfmfr_federation(planted, cfg):
     """A federation of the planted data with synthetic content, GFMFR on; returns (fed, plugin)."""
     from gfmfr.federation.engine import Federation
-    from gfmfr.gfmfr.plugin import GFMFR
 
     data = with_features(planted)
     model = build_model(data.n_items, cfg.model)
-    plugin = GFMFR(data, model, cfg)
-    return Federation(data, model, cfg, (plugin,)), plugin
+    plugin = group_fusion.build(data, model, cfg)
+    return Federation(data, model, cfg, (plugin,)), plugin.server
 
 
 @pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
@@ -208,22 +154,18 @@ def test_end_to_end_smoke_every_base_model(planted, name):
     assert 0 < extra["teacher_mean"] < 1 and extra["teacher_std_over_items"] > 0
     for phase in ("grouping", "fusion", "teacher"):
         assert phase in hist[-1]["seconds"]
-    assert hist[1]["bytes_down_per_client"] == build_model(planted.n_items, gfmfr_config(name).model).upload_bytes() \
-        + hist[1]["extra"]["bytes_down_teacher_items"]
+    size = build_model(planted.n_items, gfmfr_config(name).model).upload_bytes()
+    assert hist[0]["bytes_down_per_client"] == size  # no preferences yet
+    assert hist[1]["bytes_down_per_client"] == size + 4 * planted.n_items  # its group's preference row
     base = run(replace(gfmfr_config(name), plugin="none"), dataset=planted)
     assert base["valid"]["HR@10"] > 0  # the base model still runs without the plug-in
 
 
 def test_grouping_recovers_planted_communities_in_a_federation(planted):
-    from gfmfr.federation.engine import Federation
-    from gfmfr.gfmfr.plugin import GFMFR
-
     cfg = gfmfr_config("fcf", grouping="kmeans")
     cfg = replace(cfg, federation=replace(cfg.federation, rounds=12))
-    data = with_features(planted)
-    model = build_model(data.n_items, cfg.model)
-    plugin = GFMFR(data, model, cfg)
-    fed = Federation(data, model, cfg, (plugin,))
+    fed, plugin = gfmfr_federation(planted, cfg)
+    data, model = fed.dataset, fed.model
     fed.fit()
     truth = np.array([int(u[1:]) % 4 for u in data.user_ids])
     assert adjusted_rand_score(truth, plugin.grouping.group) > 0.6
@@ -251,49 +193,12 @@ def test_prepare_wide_signatures_match_plain_pca():
 
 
 def test_signature_upload_counts_only_what_is_not_uploaded_anyway():
-    from gfmfr.gfmfr.plugin import signature_upload_bytes
+    from gfmfr.plugins.group_fusion.server import signature_upload_bytes
 
     fcf = build_model(10, ModelConfig(name="fcf", dim=8))
     assert signature_upload_bytes(fcf) == 4 * 8  # the private user vector
     ncf = build_model(10, ModelConfig(name="fedncf", dim=8, hidden=(4,)))
     assert signature_upload_bytes(ncf) == 4 * (8 + 8)  # user_gmf + user_mlp; the tower is shared
-
-
-@pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
-def test_scoring_with_group_tables(planted, name):
-    """``score_with = "group"``: a grouped client ranks with its group's Q_g in place of the shared
-    item table, everything else its own; a client with no group (or an absent group) with the global table."""
-    from gfmfr.federation.engine import Federation
-    from gfmfr.gfmfr.plugin import GFMFR
-
-    cfg = gfmfr_config(name, score_with="group")
-    cfg = replace(cfg, federation=replace(cfg.federation, rounds=2))
-    data = with_features(planted)
-    model = build_model(data.n_items, cfg.model)
-    plugin = GFMFR(data, model, cfg)
-    fed = Federation(data, model, cfg, (plugin,))
-    users = np.arange(data.n_users)
-    torch.testing.assert_close(fed.score(users), fed.state.score(users))  # nothing fused yet
-    log = fed.train_round(0)
-    assert log.bytes_down_per_client == model.upload_bytes() + log.extra["bytes_down_teacher_items"] \
-        + 4 * data.n_items * model.dim
-    group = plugin.grouping.group.copy()
-    plugin.grouping.group[0] = -1  # user 0: no group
-    absent = int(group[1])
-    plugin.present[absent] = False  # user 1's group: no participant in the last round
-    scores = fed.score(users)
-    for u in users:
-        if u == 0 or group[u] == absent:
-            expected = fed.state.score(users[u : u + 1])
-        else:
-            expected = fed.state.score(users[u : u + 1], {model.item_table: plugin.fused[group[u]][None]})
-        torch.testing.assert_close(scores[u : u + 1], expected)
-    # the group tables are not the global one, so the grouped clients' scores differ from the base scoring
-    grouped = (np.arange(data.n_users) > 0) & (group != absent)
-    assert grouped.any() and not torch.allclose(scores[grouped], fed.state.score(users)[grouped])
-    with pytest.raises(ValueError, match="shared item table"):
-        fed.state.score(users[:2], {next(iter(model.private_names())): torch.zeros(2)})
-
 
 
 def test_server_work_every_k_rounds_keeps_the_last_preferences(planted):
@@ -307,22 +212,21 @@ def test_server_work_every_k_rounds_keeps_the_last_preferences(planted):
         kept.append(plugin.preferences.clone())
         assert ("fusion" in log.seconds) == (t % 3 == 0)
         assert log.bytes_up_per_client == model.upload_bytes() + (4 * model.dim if t % 3 == 0 else 0)
-        assert log.bytes_down_per_client > model.upload_bytes()  # the teacher for this round's items
+        assert log.bytes_down_per_client == model.upload_bytes() + (4 * fed.dataset.n_items if t else 0)
     torch.testing.assert_close(kept[1], kept[0])
     torch.testing.assert_close(kept[2], kept[0])
     assert not torch.allclose(kept[3], kept[0])
     assert len(plugin.snapshots) == 2
 
 
-@pytest.mark.parametrize("per_group", [False, True])
-def test_mlp_expert_by_view_blocks_equals_the_mlp_on_the_concatenation(per_group):
+def test_mlp_expert_by_view_blocks_equals_the_mlp_on_the_concatenation():
     """The MLP expert's fast form (first layer applied view by view, broadcast over groups and
     items) is the reference's MLP over the concatenated views."""
     gen = torch.Generator().manual_seed(1)
     n, d = 30, 8
     feats = [torch.randn(n, 6, generator=gen), torch.randn(n, 9, generator=gen)]
     masks = [torch.ones(n, dtype=torch.bool), torch.rand(n, generator=gen) > 0.3]
-    fusion = GroupFusion(3, d, feats, masks, "mlp", item_view=True, item_view_per_group=per_group)
+    fusion = GroupFusion(3, d, feats, masks, "mlp", item_view=True)
     groups, items = torch.tensor([0, 2]), torch.tensor([4, 0, 17, 29])
     for sel in (None, items):
         views, present = fusion.views(groups, sel)
@@ -333,7 +237,7 @@ def test_mlp_expert_by_view_blocks_equals_the_mlp_on_the_concatenation(per_group
 def test_rbf_affinity_matches_pairwise_distances():
     from scipy.spatial.distance import pdist, squareform
 
-    from gfmfr.gfmfr.grouping import rbf_affinity
+    from gfmfr.plugins.group_fusion.grouping import rbf_affinity
 
     x = np.random.default_rng(0).normal(size=(30, 50))
     d = pdist(x)
@@ -353,3 +257,15 @@ def test_default_gfmfr_settings_run_end_to_end(planted):
     assert all(np.isfinite(h["loss"]) for h in hist)
     assert [h["round"] for h in hist if "fusion" in h["seconds"]] == [0, 5]
     assert hist[6]["extra"] == {} and hist[5]["extra"]["distill_weight_mean"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
+def test_batched_equals_one_client_step_with_gfmfr(planted, name):
+    """With the plug-in on (hints, the EMA ratio in each client's state, signatures in server rounds),
+    the batched engine and the one-client step, one client after another, agree over 4 rounds."""
+    from tests.test_model_contract import assert_batched_equals_one_client_at_a_time
+
+    cfg = gfmfr_config(name, server_every=2)
+    data = with_features(planted)
+    model = build_model(data.n_items, cfg.model)
+    assert_batched_equals_one_client_at_a_time(data, model, cfg, (group_fusion.build(data, model, cfg),), rounds=4)

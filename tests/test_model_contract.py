@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gfmfr.config import from_dict
-from gfmfr.federation.client import train_clients
+from gfmfr.federation.batched import train_clients
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
 from gfmfr.run import run
@@ -74,26 +74,28 @@ def test_reproducible_with_seed(planted, name):
     assert [h["loss"] for h in c["history"]] != [h["loss"] for h in a["history"]]
 
 
-def assert_batched_equals_one_client_at_a_time(data, model, cfg):
-    """Round 1 trained batched (in chunks and blocks) and one client at a time gives the same state."""
+def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rounds=2):
+    """Rounds trained batched (in chunks and blocks) and with the one-client step, one client after
+    another, give the same global parameters and client states (1e-5)."""
+    from gfmfr.federation.aggregation import FedAvg
+    from tests.test_client_training import assert_same_states
+
     cfg = replace(cfg, runtime=replace(cfg.runtime, client_chunk=50, client_block=7))
-    fed = Federation(data, model, cfg)
-    fed.train_round(0)  # give FedRAP some private rows first
+    fed = Federation(data, model, cfg, plugins)
+    fed.train_round(0)  # give FedRAP some private rows first, GFMFR its first preferences
     one = copy.deepcopy(fed)
     users = np.arange(data.n_users)
-    fed.train_round(1)
-    from gfmfr.federation.aggregation import FedAvg
-
-    agg = FedAvg()
-    for u in users:
-        agg.add(train_clients(model, one.state, np.array([u]), data, cfg.federation, cfg.seed, 1), one.state.shared)
-    one.state.shared = agg.result(one.state.shared)
-    for name_, value in fed.state.shared.items():
-        torch.testing.assert_close(one.state.shared[name_], value, rtol=1e-4, atol=1e-5)
-    for name_, value in fed.state.private.items():
-        torch.testing.assert_close(one.state.private[name_], value, rtol=1e-4, atol=1e-5)
-    for name_, rows in fed.state.private_rows.items():
-        torch.testing.assert_close(one.state.private_rows[name_].dense(users), rows.dense(users), rtol=1e-4, atol=1e-5)
+    for t in range(1, rounds):
+        fed.train_round(t)
+        update = one.train_one_by_one(users, t)
+        agg = FedAvg()
+        agg.add(update, one.state.shared)
+        for plugin in one.plugins:
+            plugin.server.observe(update, one.state.shared, t)
+        one.state.shared = agg.result(one.state.shared)
+        for plugin in one.plugins:
+            plugin.server.end_round(one.model, t)
+    assert_same_states(fed, one, users)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -155,10 +155,6 @@ class GFMFRConfig:
     """Fusion expert: ``sum``, ``mlp``, ``gate``, ``attention`` or ``mixture``."""
     item_view: bool = True
     """Add a learnable server-side item embedding as a fusion view (False: content and group views only)."""
-    item_view_per_group: bool = False
-    """The item-ID view is one table per group, [G, n_items, d], instead of one shared by every group:
-    the fused Q_g(i) can then reproduce the group-specific part of the target C_g(i), which neither
-    the content nor a shared item view explains (needs ``item_view``)."""
     server_steps: int = 10
     """Adam steps of fusion training per server round, each on a minibatch of 2,048 items (all of
     ML-100K's 1,682: one step is one epoch there). Warm-started, so they add up over rounds; 50 cost
@@ -171,8 +167,6 @@ class GFMFRConfig:
     round), and it cuts GFMFR-FCF's round from 2.8x to 1.3x FCF's (docs/results.md, session 9)."""
     server_lr: float = 0.01
     """Adam learning rate of the fusion model."""
-    warm_start: bool = True
-    """Continue the fusion model from the last round (False: retrain from scratch every round)."""
     distill: bool = True
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
     distill_on: Literal["all", "negatives"] = "negatives"
@@ -181,20 +175,6 @@ class GFMFRConfig:
     paper's). On well-trained bases (ML-100K, 3 seeds, docs/results.md session 9) ``all`` lowers FCF's
     test NDCG@10 by 0.0030 and validation by 0.0065; ``negatives`` with ``server_every = 5`` raises
     them by 0.0048 and 0.0062 on every seed."""
-    distill_into: Literal["all", "private", "shared"] = "all"
-    """Parameters the KL term trains: ``all`` that the logits depend on (docs/method.md); ``private`` only
-    (the client's own head, user vector, private item rows), so that no group signal enters the
-    FedAvg average; or ``shared`` only (the item table and shared layers), so that the client's
-    personal head learns from its own data alone."""
-    kl_average: Literal["nominal", "batch"] = "nominal"
-    """``nominal``: the KL term is summed over a batch's pairs and divided by ``federation.batch_size``;
-    ``batch``: divided by the pairs the batch holds (a nearly empty last batch then weighs each pair
-    up to B times more, which diverged GFMFR-FedRAP with seed 0)."""
-    kl_scale: float = 1.0
-    """Multiplier on the distillation weight w_t (1: the term starts at the scale of the base loss)."""
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    """Round factor on the distillation weight: ``cosine`` anneals it as cos(pi t / (2T)) (docs/method.md),
-    ``constant`` keeps it, ``linear`` anneals it as 1 - t / T."""
     ema_decay: float = 0.9
     """Decay of the moving average r_t of L_base / L_KL."""
     teacher: Literal["members", "mean_head"] = "members"
@@ -204,14 +184,6 @@ class GFMFRConfig:
     """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
     content_dim: int | None = 128
     """Server-side PCA of each modality's frozen features to this many dimensions (None: keep all)."""
-    send: Literal["items", "all"] = "items"
-    """What a client receives: ``items`` (its group's preferences for the items it trains on) or ``all``."""
-    score_with: Literal["global", "group"] = "global"
-    """Item vectors a client ranks with: ``global``, the FedAvg item table (docs/method.md); ``group``, its
-    group's fused vectors Q_g(i) of the last server round in place of the shared item table (its own
-    head, user vector and private rows unchanged). A client without a group, or whose group had no
-    participant in the last round, ranks with the global table. ``group`` costs one more
-    n_items x d download per client and round."""
 
 
 @dataclass(frozen=True)
@@ -361,15 +333,21 @@ MOVED = {("federation", "client_chunk"): ("runtime", "client_chunk"),
 ML-100K one fusion step is one epoch, so ``server_epochs`` reads as ``server_steps``)."""
 
 
-REMOVED = {("gfmfr", "regroup_every"): 1}
-"""Options deleted since earlier versions, with the value that meant what the code does now: a stored
-config that has that value still loads (the key is dropped); any other value is an error."""
+REMOVED = {("gfmfr", "regroup_every"): (1,), ("gfmfr", "item_view_per_group"): (False,),
+           ("gfmfr", "warm_start"): (True,), ("gfmfr", "distill_into"): ("all",),
+           ("gfmfr", "kl_average"): ("nominal",), ("gfmfr", "kl_scale"): (1.0,),
+           ("gfmfr", "schedule"): ("cosine",), ("gfmfr", "send"): ("items", "all"),
+           ("gfmfr", "score_with"): ("global",)}
+"""Options deleted since earlier versions, with the values that meant what the code does now: a stored
+config that has one of them still loads (the key is dropped); any other value is an error. Each
+deletion and the ablation that decided it: docs/results.md, 'Pruned options'. (``send`` changed only
+the bytes counted; a client now receives its group's whole preference row.)"""
 
 
 def _migrate(values: dict[str, Any]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     for (section, key), same in REMOVED.items():
-        if isinstance(out.get(section), dict) and key in out[section] and out[section][key] == same:
+        if isinstance(out.get(section), dict) and key in out[section] and out[section][key] in same:
             del out[section][key]
     for (section, key), (new_section, new_key) in MOVED.items():
         if isinstance(out.get(section), dict) and key in out[section]:

@@ -66,9 +66,9 @@ def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommen
     if cfg.plugin in CONTENT_PLUGINS:
         return content_model(dataset, model, cfg), ()
     if cfg.plugin == "gfmfr":
-        from gfmfr.gfmfr.plugin import GFMFR
+        from gfmfr.plugins import group_fusion
 
-        return model, (GFMFR(dataset, model, cfg),)
+        return model, (group_fusion.build(dataset, model, cfg),)
     return model, ()
 
 
@@ -88,7 +88,7 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False) -> d
         "seconds_per_round": float(np.mean(train_seconds)),
     }
     for plugin in plugins:
-        results.update(plugin.summary())
+        results.update(plugin.server.summary())
     return results
 
 

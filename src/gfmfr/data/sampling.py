@@ -106,6 +106,21 @@ def training_negatives(
     return owner, items
 
 
+def client_negatives(positives: np.ndarray, n_items: int, num_negatives: int, seed: int, client: int,
+                     round_: int) -> np.ndarray:
+    """One client's ``num_negatives`` per training positive in ``round_``, from its own positives only:
+    the same items :func:`training_negatives` draws for it among every client."""
+    keys = np.sort(client * n_items + np.asarray(positives, np.int64))
+    n = len(positives) * num_negatives
+    return sample_excluding(np.full(n, client, np.int64), np.arange(n), n_items, keys, seed, STREAM_NEGATIVES, round_)
+
+
+def epoch_order(seed: int, client: int, round_: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which a client visits its ``n`` examples in one local epoch: a seeded permutation."""
+    keys = to_unit(hash_fold(hash_u64(seed, STREAM_SHUFFLE, round_, np.uint64(client)), epoch, np.arange(n)))
+    return np.argsort(keys)
+
+
 def eval_negatives(dataset: Dataset, split: str, n: int, seed: int) -> np.ndarray:
     """``n`` distinct sampled negatives per user for the sampled protocol: [n_users, n].
 

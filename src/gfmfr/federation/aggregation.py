@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gfmfr.federation.client import LocalUpdate, scatter_rows
+from gfmfr.federation.fast import scatter_rows
+from gfmfr.federation.messages import LocalUpdate
 from gfmfr.models.base import Params
 
 

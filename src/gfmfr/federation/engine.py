@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,28 +28,15 @@ from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import FedAvg
-from gfmfr.federation.client import LocalData, LocalUpdate, LossPlugin, train_clients
+from gfmfr.federation.batched import LocalData, train_clients
+from gfmfr.federation.client_step import client_step
+from gfmfr.federation.messages import LocalUpdate, TrainInstruction
+from gfmfr.federation.plugin import Plugin
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
-from gfmfr.models.base import FederatedRecommender, Params
+from gfmfr.models.base import FederatedRecommender
 
 log = logging.getLogger(__name__)
-
-
-class Plugin(LossPlugin, Protocol):
-    """A loss plug-in that also does server work after aggregation (GFMFR is one)."""
-
-    def collect(self, federation: "Federation", update: LocalUpdate, round_: int) -> None:
-        """See one chunk of client uploads before it is discarded (e.g. to sum them per group)."""
-
-    def server_round(self, federation: "Federation", round_: int) -> dict[str, Any]:
-        """Server-side work after aggregation; returns figures for the round log."""
-
-    def summary(self) -> dict[str, Any]:
-        """Figures for ``results.json`` once training ends (GFMFR: its client groups over rounds)."""
-
-    def item_tables(self, federation: "Federation", users: np.ndarray) -> Params:
-        """Per-user item tables [U, n_items, ...] that ``users`` rank with instead of shared ones ({}: none)."""
 
 
 @dataclass
@@ -64,6 +51,7 @@ class RoundLog:
     bytes_down_per_client: int
     valid: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """Plug-ins' figures (:attr:`gfmfr.federation.messages.PluginReport.figures`)."""
 
 
 def sample_clients(n_clients: int, fraction: float, seed: int, round_: int) -> np.ndarray:
@@ -86,6 +74,8 @@ class Federation:
         self.cfg = cfg
         self.plugins = plugins
         self.state = FederationState(model, dataset.n_users, cfg.seed)
+        for plugin in plugins:
+            self.state.add_scalars(plugin.client.state_init)
         self.evaluator = Evaluator(dataset, cfg.eval, cfg.seed, cfg.runtime.eval_batch)
         self.train_keys = train_keys(dataset)
         self.history: list[RoundLog] = []
@@ -101,35 +91,56 @@ class Federation:
         seconds = {"train": 0.0, "aggregate": 0.0}
         agg = FedAvg(fed.weighted_aggregation)
         losses = []
+        terms = tuple(p.client for p in self.plugins)
+        want = any(p.server.wants_signatures(round_) for p in self.plugins)
         # chunks bound memory: each chunk's uploads are folded into the aggregate, then dropped
         for k, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             data = self.local_data(round_, k, chunk)
             self.prefetch(*((round_, k + 1) if k + 1 < len(chunks) else (round_ + 1, 0)))
-            update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_,
-                                   self.plugins, self.train_keys, self.cfg.runtime.client_block, data)
+            hints = tuple(p.server.hints(chunk, round_) for p in self.plugins)
+            update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, terms,
+                                   hints, want, self.train_keys, self.cfg.runtime.client_block, data)
             t1 = time.perf_counter()
             agg.add(update, self.state.shared)
             for plugin in self.plugins:
-                plugin.collect(self, update, round_)
+                plugin.server.observe(update, self.state.shared, round_)
             losses.append(update.loss)
             del update
             seconds["train"] += t1 - t0
             seconds["aggregate"] += time.perf_counter() - t1
         self.state.shared = self.server_opt.step(self.state.shared, agg.result(self.state.shared), agg.trained_rows)
+        size = self.model.upload_bytes()
+        up = down = size
         extra: dict[str, Any] = {}
         for plugin in self.plugins:
-            extra.update(plugin.server_round(self, round_) or {})
-            seconds.update(extra.pop("seconds", {}))
-        size = self.model.upload_bytes()
+            report = plugin.server.end_round(self.model, round_)
+            seconds.update(report.seconds)
+            up, down = up + report.bytes_up, down + report.bytes_down
+            extra.update(report.figures)
         loss = float(np.mean(np.concatenate(losses)))
         if not np.isfinite(loss):
             raise FloatingPointError(
                 f"training diverged in round {round_} (mean local loss {loss}); lower model.lr / model.item_lr"
             )
-        up = size + extra.pop("bytes_up_extra", 0)
-        down = size + extra.pop("bytes_down_extra", 0)
         return RoundLog(round_, len(users), loss, seconds, up, down, extra=extra)
+
+    def train_one_by_one(self, users: np.ndarray, round_: int, want_signatures: bool | None = None) -> LocalUpdate:
+        """Local training of ``users`` in ``round_`` through the one-client step, one client after
+        another, as separate devices would run it (the batched engine must give the same).
+        Signatures are uploaded if a plug-in wants them (or as ``want_signatures`` says)."""
+        terms = tuple(p.client for p in self.plugins)
+        want = any(p.server.wants_signatures(round_) for p in self.plugins) if want_signatures is None \
+            else want_signatures
+        hints = [p.server.hints(users, round_) for p in self.plugins]
+        uploads = []
+        for i, u in enumerate(users):
+            instruction = TrainInstruction(round_, self.state.shared, tuple(h.of(i) for h in hints), want)
+            new, upload = client_step(self.model, self.cfg.federation, self.cfg.seed, int(u),
+                                      self.dataset.user_train(int(u)), self.state.load(int(u)), instruction, terms)
+            self.state.save(int(u), new)
+            uploads.append(upload)
+        return LocalUpdate.stack(uploads)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the background thread and any data it is building behind."""
@@ -165,12 +176,8 @@ class Federation:
                 LocalData, self.dataset, chunks[k], self.cfg.federation, self.cfg.seed, round_, self.train_keys))
 
     def score(self, users: np.ndarray) -> torch.Tensor:
-        """Logits [U, n_items] of ``users``: the global and private parameters, with any item tables
-        a plug-in has the clients rank with instead (GFMFR's ``score_with = "group"``)."""
-        tables: Params = {}
-        for plugin in self.plugins:
-            tables.update(plugin.item_tables(self, users))
-        return self.state.score(users, tables)
+        """Logits [U, n_items] of ``users`` with the global and their private parameters."""
+        return self.state.score(users)
 
     def fit(self, progress: bool = False, on_validation: Callable[[int, dict[str, float]], None] | None = None,
             evaluate_test: bool = True, log_rounds: bool = True) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""Server and client state: the global shared parameters and every client's private ones.
+"""Server and client state: the global shared parameters, and stores of the clients' private state.
+
+A :class:`ClientStore` holds each client's :class:`~gfmfr.federation.messages.ClientState` by
+client id. :class:`FederationState` is the in-process store (every client's private tensors
+stacked, for the batched engine) together with the global shared parameters; :class:`FileStore`
+keeps one safetensors file per client in a directory, written atomically, for a node that must
+survive a restart. A client's initial state depends only on (seed, client id).
 
 Private item tables (FedRAP's D_u) start at zero, so a row a client never trained is exactly
 zero: only trained rows are stored, per client as sorted item ids pointing into a row pool.
@@ -7,12 +13,18 @@ zero: only trained rows are stored, per client as sorted item ids pointing into 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from gfmfr.data.sampling import STREAM_INIT, uniform
+from gfmfr.federation.messages import ClientState
 from gfmfr.models.base import FederatedRecommender, ParamSpec, Params, init_tensor
 
 
@@ -144,6 +156,21 @@ class SparseRows:
                 items, slots = np.insert(old_items, at, items), np.insert(old_slots, at, slots)
             self.items[c], self.slots[c] = items, slots
 
+    def rows_of(self, client: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The sorted item ids client ``client`` holds and their rows."""
+        if client not in self.items:
+            return np.empty(0, np.int64), torch.empty(0, *self.row_shape)
+        return self.items[client].copy(), self.pool[torch.from_numpy(self.slots[client])] * self.scale[client]
+
+    def set(self, client: int, items: np.ndarray, values: torch.Tensor) -> None:
+        """Replace every row client ``client`` holds by ``values`` at the sorted ``items``."""
+        self._grow(len(items))
+        self.items[client] = np.asarray(items, np.int64).copy()
+        self.slots[client] = self.used + np.arange(len(items))
+        self.scale[client] = 1.0
+        self.pool[self.used : self.used + len(items)] = values
+        self.used += len(items)
+
     def dense(self, clients: np.ndarray) -> torch.Tensor:
         """[len(clients), n_items, *row_shape] dense tables of ``clients``."""
         out = torch.zeros((len(clients), self.n_items, *self.row_shape))
@@ -160,8 +187,18 @@ class SparseRows:
         return self.pool.numel() * self.pool.element_size() + index
 
 
+class ClientStore(Protocol):
+    """Private state of clients, by client id."""
+
+    def load(self, client: int) -> ClientState:
+        """Client ``client``'s state (its initial state if it has never trained)."""
+
+    def save(self, client: int, state: ClientState) -> None:
+        """Keep ``state`` as client ``client``'s state."""
+
+
 class FederationState:
-    """Global shared parameters plus the private parameters of every client."""
+    """Global shared parameters plus the private state of every client (the in-process :class:`ClientStore`)."""
 
     def __init__(self, model: FederatedRecommender, n_clients: int, seed: int):
         self.model = model
@@ -171,6 +208,12 @@ class FederationState:
         self.shared: Params = {}
         self.private: Params = {}
         self.private_rows: dict[str, SparseRows] = {}
+        self.scalars: dict[str, torch.Tensor] = {}
+        """Plug-ins' per-client scalars (GFMFR's EMA ratio), [n_clients] each (:meth:`add_scalars`)."""
+        self.scalar_init: dict[str, float] = {}
+        self.same_init: Params = {}
+        """The value every client starts from, for private parameters declared ``same_init``."""
+        self.seed = seed
         for name, spec in model.param_specs().items():
             if spec.constant:
                 self.shared[name] = model.constant_table(name).float()
@@ -182,9 +225,44 @@ class FederationState:
                     raise ValueError(f"private item table {name!r} must start at zero (stored sparsely)")
                 self.private_rows[name] = SparseRows(model.n_items, spec.shape)
             elif spec.same_init:
-                self.private[name] = init_tensor(spec, (), std, gen).expand(n_clients, *spec.shape).clone()
+                self.same_init[name] = init_tensor(spec, (), std, gen)
+                self.private[name] = self.same_init[name].expand(n_clients, *spec.shape).clone()
             else:
                 self.private[name] = client_init(spec, name, np.arange(n_clients), std, seed)
+
+    def add_scalars(self, init: dict[str, float]) -> None:
+        """Keep a plug-in's per-client scalars, every client starting at ``init[name]``."""
+        for name, value in init.items():
+            if name in self.scalars:
+                raise ValueError(f"two plug-ins keep a per-client scalar named {name!r}")
+            self.scalars[name] = torch.full((self.n_clients,), float(value))
+            self.scalar_init[name] = float(value)
+
+    def initial_state(self, client: int) -> ClientState:
+        """Client ``client``'s state before it first trains: a function of (seed, client id) only."""
+        params: Params = {}
+        for name, spec in self.model.param_specs().items():
+            if spec.shared or spec.item_table:
+                continue
+            params[name] = self.same_init[name].clone() if spec.same_init else \
+                client_init(spec, name, np.array([client]), self.model.cfg.init_std, self.seed)[0]
+        rows = {n: (np.empty(0, np.int64), torch.empty(0, *r.row_shape)) for n, r in self.private_rows.items()}
+        return ClientState(params, rows, dict(self.scalar_init))
+
+    def load(self, client: int) -> ClientState:
+        return ClientState(
+            params={n: t[client].clone() for n, t in self.private.items()},
+            rows={n: r.rows_of(client) for n, r in self.private_rows.items()},
+            scalars={k: float(v[client]) for k, v in self.scalars.items()},
+        )
+
+    def save(self, client: int, state: ClientState) -> None:
+        for n, t in state.params.items():
+            self.private[n][client] = t
+        for n, (items, values) in state.rows.items():
+            self.private_rows[n].set(client, items, values)
+        for k, v in state.scalars.items():
+            self.scalars[k][client] = v
 
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""
@@ -199,20 +277,12 @@ class FederationState:
                 out[name] = self.private[name][idx]
         return out
 
-    def score(self, users: np.ndarray, tables: Params | None = None) -> torch.Tensor:
-        """Logits [U, n_items] of every item for ``users`` with the current global and private parameters.
-
-        ``tables`` may replace shared item tables with per-user ones, [U, n_items, ...] each.
-        """
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        """Logits [U, n_items] of every item for ``users`` with the current global and private parameters."""
         p = self.client_params(users)
         items: Params = {}
-        tables = tables or {}
         for name, spec in self.model.param_specs().items():
-            if name in tables:
-                if not (spec.shared and spec.item_table):
-                    raise ValueError(f"only a shared item table can be replaced when scoring, not {name!r}")
-                items[name] = tables[name]
-            elif spec.item_table:
+            if spec.item_table:
                 if spec.shared:
                     items[name] = self.shared[name].expand(len(users), *self.shared[name].shape)
                 else:
@@ -223,3 +293,54 @@ class FederationState:
         """Memory held by all clients' private parameters."""
         dense = sum(t.numel() * t.element_size() for t in self.private.values())
         return dense + sum(r.nbytes for r in self.private_rows.values())
+
+
+class FileStore:
+    """Client states in a directory, one safetensors file per client, each written atomically
+    (a temporary file, then a rename): a node killed mid-write keeps the previous state.
+
+    A client with no file yet gets ``initial(client)``.
+    """
+
+    def __init__(self, directory: str | Path, initial: Callable[[int], ClientState]):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.initial = initial
+
+    def path(self, client: int) -> Path:
+        return self.directory / f"client-{client}.safetensors"
+
+    def load(self, client: int) -> ClientState:
+        from safetensors.torch import load_file
+
+        path = self.path(client)
+        if not path.exists():
+            return self.initial(client)
+        tensors = load_file(path)
+        state = ClientState({}, {}, {})
+        for key, value in tensors.items():
+            kind, name = key.split("/", 1)
+            if kind == "param":
+                state.params[name] = value
+            elif kind == "rows":
+                state.rows[name] = (tensors[f"items/{name}"].numpy(), value)
+            elif kind == "scalar":
+                state.scalars[name] = float(value)
+        return state
+
+    def save(self, client: int, state: ClientState) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"param/{n}": t.contiguous() for n, t in state.params.items()}
+        for n, (items, values) in state.rows.items():
+            tensors[f"rows/{n}"] = values.contiguous()
+            tensors[f"items/{n}"] = torch.from_numpy(np.asarray(items, np.int64))
+        tensors.update({f"scalar/{k}": torch.tensor(v, dtype=torch.float64) for k, v in state.scalars.items()})
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".client-{client}.", suffix=".part")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp)
+            os.replace(tmp, self.path(client))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

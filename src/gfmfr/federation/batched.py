@@ -1,13 +1,11 @@
-"""The one client-training routine (docs/method.md, step 2).
+"""The batched engine: :func:`gfmfr.federation.client_step.client_step` for many clients at once.
 
-It is written for one client and runs for any number of clients at once: every per-client
-tensor carries a leading client dimension, each client's minibatches follow its own seeded
-order, and clients never mix (the loss is a sum of per-client means, so each client's
-gradient is exactly its own). Called with one client it is what a Flower ClientApp runs;
-called with every sampled client it is the in-process batched simulation. Both give the
-same parameters (tests/test_model_contract.py::test_batched_equals_one_client_at_a_time).
+Every per-client tensor carries a leading client dimension, each client's minibatches follow its
+own seeded order (the one-client step's), and clients never mix (the loss is a sum of per-client
+means, so each client's gradient is exactly its own). For any set of clients it gives what calling
+the one-client step once per client gives (tests/test_client_training.py); it is only faster.
 
-Efficiency, with exactness kept:
+How, with exactness kept (the machinery itself lives in :mod:`gfmfr.federation.fast`):
 - clients are ordered by their number of local steps, so the clients still training at any
   step are a prefix; within a step, blocks of clients are cut to the width of their fullest
   batch, so little time goes to padding;
@@ -15,16 +13,12 @@ Efficiency, with exactness kept:
   and its negatives). A row it does not use changes only by weight decay, by the known factor
   ``(1 - lr * wd) ** steps``: the aggregator applies it to shared rows
   (:mod:`gfmfr.federation.aggregation`), the client's store to its private rows; within the
-  round, :class:`LazyDecay` applies it as one scalar per step instead of a pass over the rows.
+  round, :class:`~gfmfr.federation.fast.LazyDecay` applies it as one scalar per step.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,88 +26,12 @@ import torch
 from gfmfr.config import FederationConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import STREAM_SHUFFLE, hash_fold, hash_u64, to_unit, training_negatives
+from gfmfr.federation.client_step import Batch, batch_weight  # noqa: F401 (batch_weight re-exported)
+from gfmfr.federation.fast import LazyDecay, keep_freed_memory, ranges
+from gfmfr.federation.messages import Hints, LocalUpdate
+from gfmfr.federation.plugin import LossContext, LossTerm
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender, Params
-
-
-@dataclass
-class Batch:
-    """One local step of the clients still training (A of them)."""
-
-    users: np.ndarray
-    """User index of each of the A clients."""
-    items: torch.Tensor
-    """[A, B] global item index of each example."""
-    labels: torch.Tensor
-    """[A, B] 1 for a positive, 0 for a sampled negative."""
-    mask: torch.Tensor
-    """[A, B] 1 for a real example, 0 for padding."""
-
-
-class LossPlugin(Protocol):
-    """Adds a per-client term to the local loss (GFMFR's distillation is one)."""
-
-    def client_loss(
-        self, model: FederatedRecommender, p: Params, items: Params, logits: torch.Tensor,
-        base_loss: torch.Tensor, batch: Batch, round_: int,
-    ) -> torch.Tensor | None:
-        """[A] extra loss per client, or None."""
-
-
-@dataclass
-class LocalUpdate:
-    """What a set of clients sends back after local training, plus bookkeeping."""
-
-    users: np.ndarray
-    """The clients, in the order of every per-client array below."""
-    shared: Params
-    """Trained copies of the shared non-table parameters, [C, ...]."""
-    rows: Params
-    """Trained rows of each shared item table, [R, ...] (rows a client did not use are implicit)."""
-    row_client: np.ndarray
-    """Position in :attr:`users` of each row."""
-    row_item: np.ndarray
-    """Item index of each row."""
-    decay: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per shared table, [C] factor that weight decay applied to the rows a client did not use."""
-    num_samples: np.ndarray = field(default_factory=lambda: np.empty(0))
-    """Local examples (positives + negatives) per client."""
-    loss: np.ndarray = field(default_factory=lambda: np.empty(0))
-    """Mean local training loss per client."""
-    signatures: torch.Tensor | None = None
-    """Prediction-head parameters per client after training, [C, k] (for grouping)."""
-
-
-@functools.cache
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed blocks instead of unmapping them.
-
-    Local training allocates and frees tensors of tens of MB at every step; unmapped memory
-    comes back as fresh zeroed pages, which costs about a third of a round. No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
-
-
-def scatter_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
-    """``table[rows[k]] += alpha * values[k]``, repeats accumulating.
-
-    scatter_add is about twice as fast as index_add on CPU. ``values`` is not modified: autograd
-    may hand the same gradient tensor to two leaves (FedRAP's C and D enter as C + D).
-    """
-    index = rows.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
-    table.scatter_add_(0, index, values if alpha == 1.0 else values * alpha)
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + c)`` for every (s, c)."""
-    total = int(counts.sum())
-    offsets = np.repeat(starts - (np.cumsum(counts) - counts), counts)
-    return offsets + np.arange(total)
 
 
 class LocalData:
@@ -136,7 +54,7 @@ class LocalData:
         j = np.arange(len(owner)) - start[owner]
         is_pos = j < n_pos[owner]
         items = np.empty(len(owner), np.int64)
-        items[is_pos] = dataset.train_items[_ranges(dataset.train_indptr[users], n_pos)]
+        items[is_pos] = dataset.train_items[ranges(dataset.train_indptr[users], n_pos)]
         items[~is_pos] = training_negatives(dataset, users, cfg.num_negatives, seed, round_, train_keys)[1]
         labels = is_pos.astype(np.float32)
 
@@ -206,66 +124,6 @@ class LocalData:
                      self.batch_mask[blk])
 
 
-class LazyDecay:
-    """SGD weight decay of the item-table rows a round trains, applied lazily.
-
-    Every row a client holds shrinks by ``k = 1 - lr * wd`` at each of the client's local steps,
-    whether or not the step's batch uses it. Rescaling every held row at every step would cost
-    more than the step itself, so the table stores ``T / k ** (s - base)`` for the clients still
-    training at step s (all of them have taken exactly s steps): a gathered row is multiplied by
-    ``k ** (s - base)``, a gradient step divided by ``k ** (s + 1 - base)``. :meth:`settle`
-    writes the true rows back, each with the steps its own client took.
-    """
-
-    def __init__(self, table: torch.Tensor, k: float, row_steps: np.ndarray):
-        self.table, self.k, self.row_steps, self.base = table, k, row_steps, 0
-
-    def factor(self, s: int) -> float:
-        return self.k ** (s - self.base)
-
-    def gather(self, rows: torch.Tensor, s: int) -> torch.Tensor:
-        """True values of ``rows`` at step ``s`` (a new tensor)."""
-        out = self.table.index_select(0, rows)
-        f = self.factor(s)
-        return out if f == 1.0 else out.mul_(f)
-
-    def step_scale(self, lr: float, s: int) -> float:
-        """The factor on a gradient that :meth:`step` adds to the stored rows at step ``s``."""
-        return -lr / self.factor(s + 1)
-
-    def step(self, rows: torch.Tensor, grad: torch.Tensor, lr: float, s: int, grad_scale: float = 1.0) -> None:
-        """The gradient part of step ``s``: ``T[rows] -= lr * grad`` (repeats accumulate).
-
-        ``grad`` may come pre-multiplied by ``grad_scale``; when that is :meth:`step_scale`,
-        the rows are added as they are, with no pass to scale them.
-        """
-        scale = self.step_scale(lr, s)
-        scatter_rows(self.table, rows, grad, 1.0 if scale == grad_scale else scale / grad_scale)
-
-    def settle(self, s: int) -> None:
-        """Make the stored rows the true ones as of step ``s``."""
-        if self.k == 1.0 or s == self.base:
-            return
-        exponent = np.clip(np.minimum(self.row_steps, s) - self.base, 0, None)
-        factor = torch.from_numpy(self.k ** exponent.astype(np.float64)).float()
-        self.table.mul_(factor.view(-1, *([1] * (self.table.dim() - 1))))
-        self.base = s
-
-    def settle_if_small(self, s: int) -> None:
-        """Settle before the step scale ``1 / k ** (s + 1 - base)`` leaves the comfortable float range."""
-        if self.factor(s + 1) < 1e-6:
-            self.settle(s)
-
-
-def batch_weight(mask: torch.Tensor, cfg: FederationConfig) -> torch.Tensor | float:
-    """Factor on each client's per-batch mean base loss: 1, or its fill / ``batch_size`` (``loss_average``)."""
-    if cfg.loss_average == "batch":
-        return 1.0
-    if cfg.loss_average == "nominal":
-        return mask.sum(1) / cfg.batch_size
-    raise ValueError(f"federation.loss_average must be 'batch' or 'nominal', got {cfg.loss_average!r}")
-
-
 def train_clients(
     model: FederatedRecommender,
     state: FederationState,
@@ -274,23 +132,33 @@ def train_clients(
     cfg: FederationConfig,
     seed: int,
     round_: int,
-    plugins: tuple[LossPlugin, ...] = (),
+    terms: tuple[LossTerm, ...] = (),
+    hints: tuple[Hints, ...] = (),
+    want_signatures: bool = False,
     train_keys: np.ndarray | None = None,
     block_clients: int = 256,
     data: LocalData | None = None,
 ) -> LocalUpdate:
-    """Local training of ``users`` for one round; private parameters are written back to ``state``.
+    """Local training of ``users`` for one round; their private state is written back to ``state``.
 
-    ``data``, if given, is ``LocalData(dataset, users, cfg, seed, round_, train_keys)`` built ahead.
+    ``terms`` are the plug-ins' client halves, ``hints[k]`` term k's hint of each of ``users`` (in
+    the order given). ``data``, if given, is ``LocalData(dataset, users, cfg, seed, round_, train_keys)``
+    built ahead.
     """
     keep_freed_memory()
     specs = model.param_specs()
     if data is None:
         data = LocalData(dataset, users, cfg, seed, round_, train_keys)
+    given = np.argsort(users, kind="stable")
+    where = given[np.searchsorted(users[given], data.users)]  # position in `users` of each of data.users
+    hints = tuple(h.take(where) for h in hints) + tuple(
+        Hints(torch.zeros(0, 0), np.full(len(users), -1)) for _ in range(len(terms) - len(hints)))
     users = data.users
     C = len(users)
 
     dense = {n: t.clone() for n, t in state.client_params(users).items()}
+    scalars = [{k: state.scalars[k][torch.from_numpy(users)].clone() for k in t.state_init} for t in terms]
+    figures: dict[str, torch.Tensor] = {}
     tables: Params = {}
     row_keys = data.row_client * dataset.n_items + data.row_item
     for name, spec in specs.items():
@@ -319,8 +187,14 @@ def train_clients(
             logits = model.forward(p, items)
             loss = model.base_loss(p, items, logits, part.labels, part.mask, round_) * batch_weight(part.mask, cfg)
             base = loss.detach()
-            for plugin in plugins:
-                extra = plugin.client_loss(model, p, items, logits, base, part, round_)
+            for term, hint, own in zip(terms, hints, scalars):
+                ctx = LossContext(model, p, items, logits, base, part, hint.take(pos),
+                                  {k: v.index_select(0, idx) for k, v in own.items()}, {}, round_, cfg.batch_size)
+                extra = term.loss(ctx)
+                for k, v in ctx.state.items():
+                    own[k].index_copy_(0, idx, v.detach())
+                for k, v in ctx.figures.items():
+                    figures.setdefault(k, torch.zeros(C, dtype=torch.float64)).index_add_(0, idx, v.detach().double())
                 if extra is not None:
                     loss = loss + extra
             leaves = list(p.values()) + [items[n] for n in decayed]
@@ -342,7 +216,7 @@ def train_clients(
     for lazy in decayed.values():
         lazy.settle(len(data.active))
 
-    # private parameters stay on the client; held rows it did not use only decayed
+    # private state stays on the client; held rows it did not use only decayed
     steps = torch.from_numpy(data.steps).double()
     idx = torch.from_numpy(users)
     for name, spec in specs.items():
@@ -353,6 +227,9 @@ def train_clients(
             state.private_rows[name].update(users, row_keys, tables[name], decay)
         else:
             state.private[name][idx] = dense[name]
+    for own in scalars:
+        for k, v in own.items():
+            state.scalars[k][idx] = v
 
     return LocalUpdate(
         users=users,
@@ -364,5 +241,6 @@ def train_clients(
                for n, s in specs.items() if s.shared and s.item_table and s.trainable},
         num_samples=data.num_samples,
         loss=(loss_sum / torch.from_numpy(data.steps).clamp_min(1)).numpy(),
-        signatures=model.head_signature(dense).detach(),
+        signatures=model.head_signature(dense).detach() if want_signatures else None,
+        metrics={k: v.numpy() for k, v in figures.items()},
     )

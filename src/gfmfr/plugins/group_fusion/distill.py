@@ -34,24 +34,6 @@ def bernoulli_kl(teacher: torch.Tensor, student_logits: torch.Tensor) -> torch.T
     return F.binary_cross_entropy_with_logits(student_logits, p, reduction="none") - entropy
 
 
-SCHEDULES = ("cosine", "constant", "linear")
-
-
-def schedule_factor(schedule: str, round_: int, total_rounds: int) -> float:
-    """The round's factor on the distillation weight.
-
-    ``cosine``: cos(pi t / (2T)) (docs/method.md, step 8); ``constant``: 1 (no annealing);
-    ``linear``: 1 - t / T.
-    """
-    if schedule == "cosine":
-        return cosine_anneal(round_, total_rounds)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return 1.0 - min(round_, total_rounds) / total_rounds
-    raise ValueError(f"gfmfr.schedule must be one of {SCHEDULES}, got {schedule!r}")
-
-
-def distill_weight(ratio_ema: torch.Tensor, round_: int, total_rounds: int, schedule: str = "cosine") -> torch.Tensor:
-    """w_t = r_t * cos(pi t / (2T)) (or another ``schedule``'s factor)."""
-    return ratio_ema * schedule_factor(schedule, round_, total_rounds)
+def distill_weight(ratio_ema: torch.Tensor, round_: int, total_rounds: int) -> torch.Tensor:
+    """w_t = r_t * cos(pi t / (2T))."""
+    return ratio_ema * cosine_anneal(round_, total_rounds)

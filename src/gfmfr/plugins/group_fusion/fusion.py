@@ -5,10 +5,7 @@ item's frozen content features x_m(i) (any number of modalities, each projected 
 size, since text and image vectors live in different spaces) are fused by one expert. With
 ``item_view`` a learnable server-side item embedding joins as one more view (our addition:
 on ML-100K the content alone explains about 5% of the variance of the item tables, so a
-content-only Q_g(i) is nearly constant across items and so is the teacher built on it). With
-``item_view_per_group`` that view is one table per group, so that Q_g(i) can also carry what is
-particular to group g's target for item i (the content and the group embedding are shared by all
-items and all groups, and explain little of it).
+content-only Q_g(i) is nearly constant across items and so is the teacher built on it).
 The experts:
 
 - ``sum``: the sum of the views present;
@@ -39,7 +36,7 @@ class GroupFusion(nn.Module):
     """Fused item vectors per group: ``forward(groups) -> [len(groups), n_items, d]``."""
 
     def __init__(self, n_groups: int, dim: int, features: list[torch.Tensor], masks: list[torch.Tensor],
-                 expert: str = "mlp", seed: int = 0, item_view: bool = False, item_view_per_group: bool = False):
+                 expert: str = "mlp", seed: int = 0, item_view: bool = False):
         super().__init__()
         if expert not in EXPERTS:
             raise ValueError(f"gfmfr.fusion must be one of {EXPERTS}, got {expert!r}")
@@ -55,13 +52,10 @@ class GroupFusion(nn.Module):
         nn.init.normal_(self.group_emb.weight, std=0.1)
         self.w_id = nn.Linear(dim, dim)
         self.w_mod = nn.ModuleList([nn.Linear(x.shape[1], dim) for x in features])
-        if item_view_per_group and not item_view:
-            raise ValueError("gfmfr.item_view_per_group needs gfmfr.item_view = true")
         self.n_items = features[0].shape[0]
         self.item_emb = None
-        self.per_group = item_view_per_group
-        if item_view:  # a server-side item-ID view, learnt with the fusion model (row g * n_items + i if per group)
-            self.item_emb = nn.Embedding(self.n_items * (n_groups if item_view_per_group else 1), dim)
+        if item_view:  # a server-side item-ID view, learnt with the fusion model
+            self.item_emb = nn.Embedding(self.n_items, dim)
             nn.init.normal_(self.item_emb.weight, std=0.1)
         n_views = self.n_modalities + 1 + int(item_view)
         if expert in ("mlp", "mixture"):
@@ -78,8 +72,7 @@ class GroupFusion(nn.Module):
         """The projected views before broadcasting, and each one's presence [N] (1: the item has it).
 
         The group view is [G, 1, d] (the same for every item), each modality's [1, N, d] (the same
-        for every group; zero where the item lacks the modality), the item-ID view [1, N, d], or
-        [G, N, d] with one table per group.
+        for every group; zero where the item lacks the modality), the item-ID view [1, N, d].
         """
         g = self.w_id(self.group_emb(groups))  # [G, d]
         xs = [getattr(self, f"x{m}") for m in range(self.n_modalities)]
@@ -90,7 +83,7 @@ class GroupFusion(nn.Module):
         parts = [g[:, None, :]] + [(self.w_mod[m](x) * mask[:, None])[None] for m, (x, mask) in enumerate(zip(xs, ms))]
         if self.item_emb is not None:
             ids = items if items is not None else torch.arange(n_items)
-            parts.append(self.item_emb(groups[:, None] * self.n_items + ids if self.per_group else ids[None]))
+            parts.append(self.item_emb(ids[None]))
             ms = ms + [torch.ones(n_items)]
         return parts, [torch.ones(n_items)] + ms
 

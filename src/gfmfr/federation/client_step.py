@@ -1,0 +1,140 @@
+"""One client's local training for one round (docs/method.md, step 2): the algorithm, for one client.
+
+The client reads the model, its own state, what the server sent it (the shared parameters, the
+round, each plug-in's hint) and its own training positives. It samples its negatives from
+(seed, client id, round), trains with plain SGD through its minibatches, and returns its new
+state and its :class:`Upload`. It writes nothing else.
+
+A Flower ClientApp or a device runs this. The in-process engine runs
+:func:`gfmfr.federation.batched.train_clients`, a faster implementation of the same step for many
+clients at once, held to this one by tests/test_client_training.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gfmfr.config import FederationConfig
+from gfmfr.data.sampling import client_negatives, epoch_order
+from gfmfr.federation.messages import ClientState, Hints, Params, TrainInstruction, Upload
+from gfmfr.federation.plugin import LossContext, LossTerm
+from gfmfr.models.base import FederatedRecommender
+
+
+@dataclass
+class Batch:
+    """One local step of A clients (A = 1 here; the batched engine steps many at once)."""
+
+    users: np.ndarray
+    """Client id of each of the A clients."""
+    items: torch.Tensor
+    """[A, B] item id of each example."""
+    labels: torch.Tensor
+    """[A, B] 1 for a positive, 0 for a sampled negative."""
+    mask: torch.Tensor
+    """[A, B] 1 for a real example, 0 for padding."""
+
+
+def batch_weight(mask: torch.Tensor, cfg: FederationConfig) -> torch.Tensor | float:
+    """Factor on each client's per-batch mean base loss: 1, or its fill / ``batch_size`` (``loss_average``)."""
+    if cfg.loss_average == "batch":
+        return 1.0
+    if cfg.loss_average == "nominal":
+        return mask.sum(1) / cfg.batch_size
+    raise ValueError(f"federation.loss_average must be 'batch' or 'nominal', got {cfg.loss_average!r}")
+
+
+def client_step(
+    model: FederatedRecommender,
+    cfg: FederationConfig,
+    seed: int,
+    client: int,
+    positives: np.ndarray,
+    state: ClientState,
+    instruction: TrainInstruction,
+    terms: tuple[LossTerm, ...] = (),
+) -> tuple[ClientState, Upload]:
+    """Train ``client`` for round ``instruction.round``; returns its new state and its upload.
+
+    ``positives`` are the client's training items in its data's order; ``terms`` the plug-ins'
+    client halves, one per entry of ``instruction.hints``.
+    """
+    specs = model.param_specs()
+    round_ = instruction.round
+
+    # this round's examples: the positives, then num_negatives sampled negatives per positive
+    negatives = client_negatives(positives, model.n_items, cfg.num_negatives, seed, client, round_)
+    items = torch.from_numpy(np.concatenate([positives, negatives]).astype(np.int64))
+    labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
+
+    # local copies: shared parameters as the server sent them, private ones from the client's state
+    leaves: Params = {}
+    for name, spec in specs.items():
+        if spec.shared:
+            value = instruction.shared[name]
+        elif spec.item_table:
+            held, rows = state.rows.get(name, (np.empty(0, np.int64), torch.empty(0, *spec.shape)))
+            value = torch.zeros(model.n_items, *spec.shape)
+            value[torch.from_numpy(held)] = rows
+        else:
+            value = state.params[name]
+        leaves[name] = value.detach().clone().requires_grad_(spec.trainable)
+    opt = torch.optim.SGD([{"params": [leaves[n]], "lr": s.lr, "weight_decay": s.weight_decay}
+                           for n, s in specs.items() if s.trainable])
+    scalars = [{k: torch.tensor([state.scalars.get(k, init)]) for k, init in t.state_init.items()} for t in terms]
+    hints = [Hints.single(instruction.hints[k] if k < len(instruction.hints) else None) for k in range(len(terms))]
+    metrics: dict[str, float] = {}
+
+    # local epochs, each through the examples in a seeded order, in minibatches of batch_size
+    total_loss, steps = 0.0, 0
+    for epoch in range(cfg.local_epochs):
+        order = torch.from_numpy(epoch_order(seed, client, round_, epoch, len(items)))
+        for idx in order.split(cfg.batch_size):
+            batch = Batch(np.array([client]), items[idx][None], labels[idx][None], torch.ones(1, len(idx)))
+            p = {n: leaves[n][None] for n, s in specs.items() if not s.item_table}
+            rows = {n: leaves[n][batch.items] for n, s in specs.items() if s.item_table}
+            logits = model.forward(p, rows)
+            loss = model.base_loss(p, rows, logits, batch.labels, batch.mask, round_) * batch_weight(batch.mask, cfg)
+            base = loss.detach()
+            for term, hint, own in zip(terms, hints, scalars):
+                ctx = LossContext(model, p, rows, logits, base, batch, hint, own, {}, round_, cfg.batch_size)
+                extra = term.loss(ctx)
+                for k, v in ctx.figures.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v.sum())
+                if extra is not None:
+                    loss = loss + extra
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            total_loss += float(loss.detach().sum())
+            steps += 1
+
+    # the upload: shared parameters; of each item table only the rows this round used, with the
+    # factor by which weight decay shrank every other row (the server knows those rows already)
+    trained = {n: t.detach() for n, t in leaves.items()}
+    used = np.unique(items.numpy())
+    upload = Upload(
+        client=client,
+        shared={n: trained[n] for n, s in specs.items() if s.shared and not s.item_table},
+        rows={n: trained[n][torch.from_numpy(used)] for n, s in specs.items() if s.shared and s.item_table and s.trainable},
+        row_item=used,
+        decay={n: (1 - s.lr * s.weight_decay) ** steps for n, s in specs.items() if s.shared and s.item_table and s.trainable},
+        num_samples=len(items),
+        loss=total_loss / max(steps, 1),
+        signature=model.head_signature({n: trained[n][None] for n in model.head_params()})[0]
+        if instruction.want_signature else None,
+        metrics=metrics,
+    )
+    new_state = ClientState(
+        params={n: trained[n] for n, s in specs.items() if not s.shared and not s.item_table},
+        rows={},
+        scalars={k: float(v[0]) for own in scalars for k, v in own.items()},
+    )
+    for name, spec in specs.items():
+        if not spec.shared and spec.item_table:  # keep the non-zero rows only
+            held = torch.nonzero(trained[name].flatten(1).ne(0).any(1)).flatten()
+            new_state.rows[name] = (held.numpy(), trained[name][held])
+    return new_state, upload

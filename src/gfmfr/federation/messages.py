@@ -1,0 +1,171 @@
+"""What the server and a client say to each other in a round, as they would over a network.
+
+The server sends a client a :class:`TrainInstruction` (the global shared parameters, the round,
+a plug-in's :class:`Hints` row, and whether to upload a head signature). The client answers with
+an :class:`Upload`. Between rounds the client keeps its :class:`ClientState`; nothing else about
+a client crosses the boundary. The batched engine trains many clients at once and exchanges the
+same messages stacked: :class:`LocalUpdate` is many uploads, :class:`Hints` many hint rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Hints:
+    """A plug-in's hint for each of a set of clients: a row of ``table`` (GFMFR: its group's
+    preferences over every item), shared by the clients that get the same one."""
+
+    table: torch.Tensor
+    """[H, n_items] the distinct hint rows."""
+    row: np.ndarray
+    """[C] the row of each client, -1 where a client gets none."""
+
+    @staticmethod
+    def single(hint: torch.Tensor | None) -> Hints:
+        """The hints of one client: ``hint`` [n_items], or none."""
+        if hint is None:
+            return Hints(torch.zeros(0, 0), np.array([-1]))
+        return Hints(hint[None], np.array([0]))
+
+    def take(self, positions: np.ndarray) -> Hints:
+        """The hints of the clients at ``positions``."""
+        return Hints(self.table, self.row[positions])
+
+    def of(self, position: int) -> torch.Tensor | None:
+        """Client ``position``'s hint row [n_items], or None."""
+        r = int(self.row[position])
+        return None if r < 0 else self.table[r]
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What the server sends one client for one round of local training."""
+
+    round: int
+    """The round (it seeds the client's negatives and minibatch order)."""
+    shared: Params
+    """The global shared parameters, item tables whole: [n_items, ...] or [*shape]."""
+    hints: tuple[torch.Tensor | None, ...] = ()
+    """One hint row per plug-in, in the order of the plug-ins (None: none this round)."""
+    want_signature: bool = False
+    """Upload the prediction-head signature (a plug-in groups clients by it this round)."""
+
+
+@dataclass
+class ClientState:
+    """Everything a client keeps between rounds; it never leaves the client."""
+
+    params: Params
+    """Private parameters that are not item tables, [*shape] each (user vectors, personal heads)."""
+    rows: dict[str, tuple[np.ndarray, torch.Tensor]]
+    """Private item tables (FedRAP's D_u): the sorted item ids of the rows held, and the rows
+    [R, *shape]; a row not held is zero."""
+    scalars: dict[str, float] = field(default_factory=dict)
+    """Plug-ins' per-client state (GFMFR's moving average of L_base / L_KL, NaN before the first)."""
+
+
+@dataclass
+class Upload:
+    """What one client sends back after local training."""
+
+    client: int
+    """The client's id."""
+    shared: Params
+    """Its trained copies of the shared parameters that are not item tables, [*shape]."""
+    rows: Params
+    """Per shared item table, the rows it trained this round, [R, ...]; every other row of its copy
+    is the broadcast row times :attr:`decay`."""
+    row_item: np.ndarray
+    """[R] item id of each row."""
+    decay: dict[str, float]
+    """Per shared item table, the factor weight decay applied to the rows it did not use."""
+    num_samples: int
+    """Local examples (positives + negatives)."""
+    loss: float
+    """Mean local training loss over its steps."""
+    signature: torch.Tensor | None = None
+    """Prediction-head parameters after training, [k], when the server asked for them."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Plug-ins' per-client figures summed over the steps (GFMFR: distillation weight and KL)."""
+
+
+@dataclass
+class LocalUpdate:
+    """The uploads of a set of clients, stacked (the batched engine's form of :class:`Upload`)."""
+
+    users: np.ndarray
+    """The clients, in the order of every per-client array below."""
+    shared: Params
+    """Trained copies of the shared non-table parameters, [C, ...]."""
+    rows: Params
+    """Trained rows of each shared item table, [R, ...] (rows a client did not use are implicit)."""
+    row_client: np.ndarray
+    """Position in :attr:`users` of each row."""
+    row_item: np.ndarray
+    """Item index of each row."""
+    decay: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per shared table, [C] factor that weight decay applied to the rows a client did not use."""
+    num_samples: np.ndarray = field(default_factory=lambda: np.empty(0))
+    """Local examples (positives + negatives) per client."""
+    loss: np.ndarray = field(default_factory=lambda: np.empty(0))
+    """Mean local training loss per client."""
+    signatures: torch.Tensor | None = None
+    """Prediction-head parameters per client after training, [C, k], when the server asked for them."""
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    """Plug-ins' per-client figures, [C] each."""
+
+    @staticmethod
+    def stack(uploads: list[Upload]) -> LocalUpdate:
+        """Many clients' uploads as one update, clients in the order given."""
+        first = uploads[0]
+        counts = [len(u.row_item) for u in uploads]
+        return LocalUpdate(
+            users=np.array([u.client for u in uploads]),
+            shared={n: torch.stack([u.shared[n] for u in uploads]) for n in first.shared},
+            rows={n: torch.cat([u.rows[n] for u in uploads]) for n in first.rows},
+            row_client=np.repeat(np.arange(len(uploads)), counts),
+            row_item=np.concatenate([u.row_item for u in uploads]).astype(np.int64),
+            decay={n: torch.tensor([u.decay[n] for u in uploads]) for n in first.decay},
+            num_samples=np.array([u.num_samples for u in uploads]),
+            loss=np.array([u.loss for u in uploads]),
+            signatures=None if first.signature is None else torch.stack([u.signature for u in uploads]),
+            metrics={k: np.array([u.metrics[k] for u in uploads]) for k in first.metrics},
+        )
+
+    def upload(self, i: int) -> Upload:
+        """Client ``i``'s upload (position ``i`` in :attr:`users`)."""
+        sel = self.row_client == i
+        idx = torch.from_numpy(np.flatnonzero(sel))
+        return Upload(
+            client=int(self.users[i]),
+            shared={n: t[i] for n, t in self.shared.items()},
+            rows={n: t.index_select(0, idx) for n, t in self.rows.items()},
+            row_item=self.row_item[sel],
+            decay={n: float(t[i]) for n, t in self.decay.items()},
+            num_samples=int(self.num_samples[i]),
+            loss=float(self.loss[i]),
+            signature=None if self.signatures is None else self.signatures[i],
+            metrics={k: float(v[i]) for k, v in self.metrics.items()},
+        )
+
+
+@dataclass
+class PluginReport:
+    """A plug-in's server half's account of one round, for the round log."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of its phases (GFMFR: grouping, group targets, fusion, teacher)."""
+    bytes_up: int = 0
+    """Bytes a client uploads for it this round, beyond the shared parameters (a head signature)."""
+    bytes_down: int = 0
+    """Bytes a client downloads for it this round, beyond the shared parameters (a hint row)."""
+    figures: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth logging (group sizes, the fusion loss, the mean distillation weight)."""

@@ -1,0 +1,91 @@
+"""The plug-in contract (the FedProx shape): the server half ships a hint, the client half adds a
+loss term. GFMFR (:mod:`gfmfr.plugins.group_fusion`) is one plug-in.
+
+- The **client half** is a :class:`LossTerm`: given a batch, the model's logits and base loss,
+  the client's hint and its own per-client scalars, it returns a term to add to the local loss.
+  It never forks the training loop; the one-client step and the batched engine call it alike.
+- The **server half** (:class:`ServerHalf`) sees only what clients upload and what is public. It
+  says whether it wants head signatures this round, gives each sampled client its hint, observes
+  the uploads chunk by chunk, and does its own work once the round is aggregated.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+from gfmfr.federation.messages import Hints, LocalUpdate, Params, PluginReport
+
+if TYPE_CHECKING:
+    from gfmfr.federation.client_step import Batch
+    from gfmfr.models.base import FederatedRecommender
+
+
+@dataclass
+class LossContext:
+    """One local step of A clients, as a loss term sees it."""
+
+    model: FederatedRecommender
+    p: Params
+    """Per-client parameters [A, ...] (autograd leaves)."""
+    items: Params
+    """Item-table rows the batch scores, [A, B, ...]."""
+    logits: torch.Tensor
+    """[A, B] the model's logits."""
+    base_loss: torch.Tensor
+    """[A] the base loss of each client's batch (detached)."""
+    batch: Batch
+    hints: Hints
+    """This plug-in's hint of each of the A clients."""
+    state: dict[str, torch.Tensor]
+    """The term's per-client scalars, [A] each; a term that updates one assigns the new [A] tensor."""
+    figures: dict[str, torch.Tensor]
+    """Per-client figures to add up over the steps and upload, [A] each (start empty)."""
+    round: int
+    batch_size: int
+    """The configured batch size B (a term averaged over it weighs every pair the same)."""
+
+
+class LossTerm(Protocol):
+    """The client half of a plug-in."""
+
+    state_init: dict[str, float]
+    """Per-client scalars the term keeps in the client's state, with their initial values."""
+
+    def loss(self, ctx: LossContext) -> torch.Tensor | None:
+        """[A] term per client to add to the local loss, or None (no term this step)."""
+
+
+class ServerHalf(ABC):
+    """The server half of a plug-in."""
+
+    def wants_signatures(self, round_: int) -> bool:
+        """Whether clients upload their head signature in ``round_``."""
+        return False
+
+    def hints(self, users: np.ndarray, round_: int) -> Hints:
+        """The hint each of ``users`` receives with the shared parameters in ``round_`` (none by default)."""
+        return Hints(torch.zeros(0, 0), np.full(len(users), -1))
+
+    def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
+        """See one chunk of uploads (``broadcast``: the shared parameters the clients started from)."""
+
+    @abstractmethod
+    def end_round(self, model: FederatedRecommender, round_: int) -> PluginReport:
+        """Server work once the round's uploads are aggregated."""
+
+    def summary(self) -> dict[str, Any]:
+        """Figures for ``results.json`` once training ends."""
+        return {}
+
+
+@dataclass
+class Plugin:
+    """A plug-in: its server half and its client half."""
+
+    server: ServerHalf
+    client: LossTerm

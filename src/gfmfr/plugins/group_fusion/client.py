@@ -1,0 +1,66 @@
+"""GFMFR's client half: preference-guided distillation (docs/method.md, step 8).
+
+For a training pair (u, i) of a client whose hint is its group's preferences p_g, the term is
+KL(Bernoulli(p_g(i)) || Bernoulli(yhat_ui)) on the sampled negatives (or every pair,
+``distill_on``), summed over the batch and divided by the configured batch size, weighted by
+w_t = r_t * cos(pi t / (2T)). r_t, the client's moving average of L_base / L_KL capped at
+``max_ratio``, lives in the client's own state. A client without a hint trains on its base loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gfmfr.config import GFMFRConfig
+from gfmfr.federation.client_step import Batch
+from gfmfr.federation.plugin import LossContext
+from gfmfr.plugins.group_fusion.distill import bernoulli_kl, distill_weight, ema
+
+
+def distill_mask(batch: Batch, on: str) -> torch.Tensor:
+    """[A, B] 1 on the pairs the KL term covers: every real pair, or only the sampled negatives."""
+    if on == "all":
+        return batch.mask
+    if on == "negatives":
+        return batch.mask * (1 - batch.labels)
+    raise ValueError(f"gfmfr.distill_on must be 'all' or 'negatives', got {on!r}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, nominal: int | None = None) -> torch.Tensor:
+    """Per-row mean of ``values`` [A, B] over ``mask``, [A] (0 for an empty row).
+
+    With ``nominal`` the sum is divided by that fixed count instead (the configured batch size),
+    so that every pair weighs the same whatever the fill of its batch: a client's last, nearly
+    empty batch would otherwise weigh each pair up to B times more (it diverged GFMFR-FedRAP).
+    """
+    total = (values * mask).sum(1)
+    return total / nominal if nominal else total / mask.sum(1).clamp_min(1)
+
+
+class DistillTerm:
+    """The distillation term a client adds to its local loss (a :class:`~gfmfr.federation.plugin.LossTerm`)."""
+
+    state_init = {"gfmfr_ratio": float("nan")}
+    """The client's moving average r_t of L_base / L_KL (NaN: no history yet)."""
+
+    def __init__(self, cfg: GFMFRConfig, total_rounds: int):
+        self.cfg = cfg
+        self.total_rounds = total_rounds
+
+    def loss(self, ctx: LossContext) -> torch.Tensor | None:
+        row = torch.from_numpy(ctx.hints.row)
+        has = row >= 0
+        if not has.any():
+            return None
+        target = ctx.hints.table[row.clamp_min(0)[:, None], ctx.batch.items]
+        kl = masked_mean(bernoulli_kl(target, ctx.logits), distill_mask(ctx.batch, self.cfg.distill_on),
+                         ctx.batch_size)
+        # FedRAP's base loss can be negative (its -lambda ||D - C||^2 term): a negative ratio
+        # would turn the KL term into a reward for disagreeing, so the ratio is clamped at 0
+        raw = (ctx.base_loss / kl.detach().clamp_min(1e-6)).clamp(0.0, self.cfg.max_ratio)
+        previous = ctx.state["gfmfr_ratio"]
+        ratio = ema(previous, raw, self.cfg.ema_decay)
+        ctx.state["gfmfr_ratio"] = torch.where(has, ratio, previous)
+        weight = distill_weight(ratio, ctx.round, self.total_rounds)
+        ctx.figures.update(distill_weight=weight * has, distill_kl=kl.detach() * has, distill_steps=has.float())
+        return torch.where(has, weight * kl, torch.zeros_like(kl))

@@ -1,0 +1,202 @@
+"""GFMFR's server half (docs/method.md, steps 4-7).
+
+After FedAvg in a server round t (every ``server_every`` rounds, from round 0): group the
+participants by their uploaded head signatures (:mod:`.grouping`), average each group's
+uploaded shared item tables into the targets C_g, fit the group fusion model Q_g(i) to them and
+the public content (:mod:`.fusion`), and score every fused vector with the members' heads:
+p_g(i) = mean over members u of sigmoid(head_u(Q_g(i))) (:func:`teacher_members`; the paper's
+mean head, :func:`teacher_mean_head`, is ``teacher = "mean_head"``). From round t + 1 each client
+of group g receives p_g, its :class:`~gfmfr.federation.messages.Hints` row, with the shared
+parameters; the client half (:mod:`.client`) distils towards it.
+
+It sees only what clients upload (their trained item-table rows and, in server rounds, their
+head signatures) and the public content. It touches the base model only through its hooks:
+``item_table``, ``head_signature`` / ``head_from_signature`` and ``head_score``. Changes from the
+reference code, each with its reason and figure: docs/method.md, 'Deviations'.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from gfmfr.config import RunConfig
+from gfmfr.data.dataset import Dataset
+from gfmfr.data.encoders import reduce_features
+from gfmfr.federation.aggregation import group_sums
+from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
+from gfmfr.federation.plugin import ServerHalf
+from gfmfr.models.base import FederatedRecommender, Params
+from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion
+from gfmfr.plugins.group_fusion.grouping import Grouping
+
+log = logging.getLogger(__name__)
+
+
+def teacher_mean_head(model: FederatedRecommender, heads: Params, fused: torch.Tensor) -> torch.Tensor:
+    """p_g(i) = sigmoid(head_g(Q_g(i))) with group-mean heads [G, ...] and fused vectors [G, n_items, d]."""
+    return torch.sigmoid(model.head_score(heads, fused))
+
+
+def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, labels: torch.Tensor,
+                    fused: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """p_g(i) = mean over members u of g of sigmoid(head_u(Q_g(i))): [G, n_items].
+
+    ``signatures`` [C, k] are the members' heads, ``labels`` [C] index rows of ``fused``.
+    Averaging predictions rather than parameters keeps the group's preference: personal heads
+    (FCF's user vectors, say) average to nearly zero, which makes p_g(i) about 0.5 everywhere.
+    Members are scored group by group, in blocks, against their group's table broadcast (not copied).
+    """
+    out = torch.zeros(fused.shape[0], fused.shape[1])
+    for g in range(fused.shape[0]):
+        members = torch.nonzero(labels == g).flatten()
+        for part in members.split(block):
+            heads = model.head_from_signature(signatures[part])
+            out[g] += torch.sigmoid(model.head_score(heads, fused[g].expand(len(part), *fused[g].shape))).sum(0)
+        out[g] /= max(len(members), 1)
+    return out
+
+
+def signature_upload_bytes(model: FederatedRecommender) -> int:
+    """Bytes a client adds to its upload for grouping: the head parameters it does not upload anyway.
+
+    FedNCF's tower and output layer are shared (FedAvg already receives them); its user
+    embeddings are not. Float32, one signature per client per round.
+    """
+    specs = model.param_specs()
+    return sum(4 * math.prod(specs[n].shape) for n in model.head_params() if not specs[n].shared)
+
+
+class GFMFRServer(ServerHalf):
+    """Grouping, group fusion and the teacher's preferences, on the server."""
+
+    def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
+                 features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None):
+        self.cfg = cfg.gfmfr
+        for name in ("server_steps", "server_every"):
+            if getattr(self.cfg, name) < 1:
+                raise ValueError(f"gfmfr.{name} must be at least 1, got {getattr(self.cfg, name)}")
+        self.seed = cfg.seed
+        self.model = model
+        self.n_items = dataset.n_items
+        if features is None:
+            from gfmfr.data.encoders import dataset_features
+
+            content = dataset_features(dataset, self.cfg.modalities)
+            features, masks = content.features, content.mask
+        missing = [m for m in self.cfg.modalities if m not in features]
+        if missing:
+            raise ValueError(f"GFMFR needs {missing} features; the dataset has {sorted(features)} (use --content DIR)")
+        self.masks = [torch.from_numpy(np.asarray(masks[m], bool)) for m in self.cfg.modalities]
+        self.features = [reduce_features(features[m], self.masks[i].numpy(), self.cfg.content_dim, cfg.seed)
+                         for i, m in enumerate(self.cfg.modalities)]
+        self.grouping = Grouping(dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance)
+        self.fusion: GroupFusion | None = None
+        self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
+        self.targets: torch.Tensor | None = None  # [G, n_items, d]: C_g of the last server round (0 if empty)
+        self.fused: torch.Tensor | None = None  # [G, n_items, d]: Q_g of the last server round (0 if empty)
+        self._chunks: list[dict[str, Any]] = []
+        self._stats = np.zeros(3)  # sums of the clients' distillation weight, KL and steps since the last server round
+        self.snapshots: list[dict[str, Any]] = []  # per round: participants, 2-D view of signatures, groups
+
+    def server_work(self, round_: int) -> bool:
+        """Whether ``round_`` runs the server work (every ``server_every`` rounds, from round 0)."""
+        return round_ % self.cfg.server_every == 0
+
+    def wants_signatures(self, round_: int) -> bool:
+        return self.server_work(round_)
+
+    def hints(self, users: np.ndarray, round_: int) -> Hints:
+        """Each client's group preferences p_g of the last server round (none before its group has any)."""
+        if not self.cfg.distill or self.preferences is None:
+            return Hints(torch.zeros(0, 0), np.full(len(users), -1))
+        return Hints(self.preferences, self.grouping.group[users])
+
+    def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
+        if update.metrics:
+            self._stats += [update.metrics[k].sum() for k in ("distill_weight", "distill_kl", "distill_steps")]
+        if not self.server_work(round_):
+            return
+        table = self.model.item_table
+        self._chunks.append({
+            "update": LocalUpdate(update.users, {}, {table: update.rows[table]}, update.row_client, update.row_item,
+                                  {table: update.decay[table]}),
+            "signatures": update.signatures,
+            "broadcast": broadcast[table],
+        })
+
+    def end_round(self, model: FederatedRecommender, round_: int) -> PluginReport:
+        hint_bytes = 4 * self.n_items if self.cfg.distill and self.preferences is not None else 0
+        if not self.server_work(round_):  # clients keep distilling towards the last preferences
+            return PluginReport(bytes_down=hint_bytes)
+        table = model.item_table
+        chunks, self._chunks = self._chunks, []
+        t0 = time.perf_counter()
+        users = np.concatenate([c["update"].users for c in chunks])
+        signatures = torch.cat([c["signatures"] for c in chunks])
+        labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
+        self.snapshots.append({"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32),
+                               "group": labels})
+        t1 = time.perf_counter()
+
+        G = self.cfg.groups
+        sums = torch.zeros(G, self.n_items, model.dim)
+        start = 0
+        for c in chunks:
+            n = len(c["update"].users)
+            sums += group_sums(c["update"], {table: c["broadcast"]}, labels[start : start + n], G)[table]
+            start += n
+        counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
+        present = torch.nonzero(counts > 0).flatten()
+        targets = sums[present] / counts[present, None, None]
+        t2 = time.perf_counter()
+
+        if self.fusion is None:  # then warm-started: the steps add up over server rounds
+            self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_,
+                                      self.cfg.item_view)
+        fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_steps, self.cfg.server_lr,
+                                 seed=self.seed + round_)
+        t3 = time.perf_counter()
+        with torch.no_grad():
+            fused = self.fusion(present)
+            # rows of `fused` follow `present`; map each member's group to its row
+            row_of = torch.full((G,), -1, dtype=torch.long)
+            row_of[present] = torch.arange(len(present))
+            member_rows = row_of[torch.from_numpy(labels)]
+            if self.cfg.teacher == "members":
+                prefs = teacher_members(model, signatures, member_rows, fused)
+            else:  # mean_head
+                head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
+                heads = model.head_from_signature(head_sums / counts[present, None])
+                prefs = teacher_mean_head(model, heads, fused)
+        self.preferences = torch.full((G, self.n_items), 0.5)
+        self.preferences[present] = prefs
+        self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
+        self.fused = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, fused)
+        t4 = time.perf_counter()
+
+        w_sum, kl_sum, n = self._stats.tolist()
+        self._stats = np.zeros(3)
+        return PluginReport(
+            seconds={"grouping": t1 - t0, "group_targets": t2 - t1, "fusion": t3 - t2, "teacher": t4 - t3},
+            bytes_up=signature_upload_bytes(model),
+            bytes_down=hint_bytes,
+            figures={
+                "group_sizes": counts.int().tolist(), "fusion_loss": fusion_loss,
+                "distill_weight_mean": w_sum / n if n else 0.0, "distill_kl_mean": kl_sum / n if n else 0.0,
+                "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
+            },
+        )
+
+    def summary(self, max_snapshots: int = 6) -> dict[str, Any]:
+        """The client groups of up to ``max_snapshots`` evenly spaced rounds (2-D PCA of the signatures)."""
+        keep = np.unique(np.linspace(0, len(self.snapshots) - 1, max_snapshots).round().astype(int)) \
+            if self.snapshots else []
+        return {"gfmfr_groups": [
+            {"round": s["round"], "users": s["users"].tolist(), "group": s["group"].tolist(),
+             "xy": np.round(s["xy"], 4).tolist()} for s in (self.snapshots[k] for k in keep)]}
