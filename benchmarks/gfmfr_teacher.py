@@ -57,7 +57,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(cfg.data)
     model, plugins = build_run_model(dataset, cfg)
-    gfmfr = plugins[0]
+    gfmfr = plugins[0].server
     fed = Federation(dataset, model, cfg, plugins)
     table = model.item_table
 

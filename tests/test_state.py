@@ -62,3 +62,79 @@ def test_client_init_depends_only_on_seed_client_and_name():
     small, large = FederationState(model, 5, seed=1), FederationState(model, 50, seed=1)
     torch.testing.assert_close(small.private["user"], large.private["user"][:5], rtol=0, atol=0)
     torch.testing.assert_close(small.shared["item"], large.shared["item"], rtol=0, atol=0)
+
+
+def test_file_store_round_trips_and_starts_clients_as_the_federation_does(tmp_path):
+    """A client's state survives a save and a load from disk exactly; a client with no file starts
+    from the same state as in the in-process store; a write never leaves a partial file behind."""
+    from gfmfr.config import ModelConfig
+    from gfmfr.federation.messages import ClientState
+    from gfmfr.federation.state import FederationState, FileStore
+    from gfmfr.models import build_model
+
+    model = build_model(30, ModelConfig(name="fedrap", dim=8, hidden=(4,)))
+    memory = FederationState(model, 12, seed=2)
+    memory.add_scalars({"gfmfr_ratio": float("nan")})
+    template = FederationState(model, 0, seed=2)
+    template.add_scalars({"gfmfr_ratio": float("nan")})
+    store = FileStore(tmp_path / "node-0", template.initial_state)
+    fresh, expected = store.load(7), memory.load(7)
+    for n, t in expected.params.items():
+        assert torch.equal(fresh.params[n], t)
+    assert fresh.rows["D"][0].size == 0 and np.isnan(fresh.scalars["gfmfr_ratio"])
+
+    state = ClientState({n: t + 1 for n, t in expected.params.items()},
+                        {"D": (np.array([3, 17]), torch.arange(16.0).view(2, 8))}, {"gfmfr_ratio": 0.25})
+    store.save(7, state)
+    again = FileStore(tmp_path / "node-0", template.initial_state).load(7)  # a restarted node
+    for n, t in state.params.items():
+        assert torch.equal(again.params[n], t)
+    assert again.rows["D"][0].tolist() == [3, 17] and torch.equal(again.rows["D"][1], state.rows["D"][1])
+    assert again.scalars == {"gfmfr_ratio": 0.25}
+    assert sorted(p.name for p in (tmp_path / "node-0").iterdir()) == ["client-7.safetensors"]
+
+    memory.save(7, state)  # the in-process store keeps the same state
+    back = memory.load(7)
+    assert back.rows["D"][0].tolist() == [3, 17] and torch.equal(back.rows["D"][1], state.rows["D"][1])
+    assert back.scalars == {"gfmfr_ratio": 0.25}
+
+
+def test_clients_kept_on_disk_train_as_the_in_process_federation(planted, tmp_path):
+    """Three rounds of FedRAP where every client's state lives in a file (a node that could be
+    restarted between rounds) give the in-process batched federation's parameters."""
+    from dataclasses import replace
+
+    from gfmfr.federation.aggregation import FedAvg
+    from gfmfr.federation.client_step import client_step
+    from gfmfr.federation.engine import Federation, sample_clients
+    from gfmfr.federation.messages import LocalUpdate, TrainInstruction
+    from gfmfr.federation.state import FederationState, FileStore
+    from gfmfr.models import build_model
+    from tests.test_model_contract import small_config
+
+    cfg = small_config("fedrap")
+    cfg = replace(cfg, federation=replace(cfg.federation, client_fraction=0.5))
+    model = build_model(planted.n_items, cfg.model)
+    fed = Federation(planted, model, cfg)
+    shared = dict(fed.state.shared)
+    for t in range(3):
+        fed.train_round(t)
+        store = FileStore(tmp_path, FederationState(model, 0, cfg.seed).initial_state)  # a fresh process each round
+        uploads = []
+        for u in sample_clients(planted.n_users, 0.5, cfg.seed, t):
+            new, upload = client_step(model, cfg.federation, cfg.seed, int(u), planted.user_train(int(u)),
+                                      store.load(int(u)), TrainInstruction(t, shared))
+            store.save(int(u), new)
+            uploads.append(upload)
+        agg = FedAvg()
+        agg.add(LocalUpdate.stack(uploads), shared)
+        shared = agg.result(shared)
+    for n, value in fed.state.shared.items():
+        torch.testing.assert_close(shared[n], value, rtol=1e-5, atol=1e-5)
+    store = FileStore(tmp_path, FederationState(model, 0, cfg.seed).initial_state)
+    for u in range(planted.n_users):
+        disk, memory = store.load(u), fed.state.load(u)
+        for n, value in memory.params.items():
+            torch.testing.assert_close(disk.params[n], value, rtol=1e-5, atol=1e-5)
+        assert disk.rows["D"][0].tolist() == memory.rows["D"][0].tolist()
+        torch.testing.assert_close(disk.rows["D"][1], memory.rows["D"][1], rtol=1e-5, atol=1e-5)

@@ -85,4 +85,4 @@ def test_unknown_key_in_space_is_a_config_error(planted_folder, tmp_path):
 def test_default_space_covers_rates_epochs_decay_and_plugin_knobs():
     keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap"}, "plugin": "gfmfr"}))}
     assert {"model.lr", "model.item_lr", "model.private_item_lr", "federation.local_epochs",
-            "model.weight_decay", "gfmfr.kl_scale"} <= keys
+            "model.weight_decay", "gfmfr.groups"} <= keys

@@ -92,7 +92,7 @@ def default_space(cfg: RunConfig) -> list[Dimension]:
     space += [Dimension("federation.local_epochs", "int", 1, 5),
               Dimension("model.weight_decay", "log", 1e-6, 1e-4)]
     if cfg.plugin == "gfmfr":
-        space += [Dimension("gfmfr.kl_scale", "log", 0.1, 10.0), Dimension("gfmfr.groups", "int", 2, 10),
+        space += [Dimension("gfmfr.groups", "int", 2, 10),
                   Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives")),
                   Dimension("gfmfr.server_every", "int", 1, 10)]
     elif cfg.plugin in ("mmx", "fedvlr"):
