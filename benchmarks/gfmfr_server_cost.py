@@ -7,7 +7,7 @@ GFMFR's grouping, group targets, fusion and teacher, and validation. The last co
 total over X's, measured in the same run (the machine is noisy: compare ratios, not seconds).
 
     python benchmarks/gfmfr_server_cost.py --models fcf fedrap --threads 1 \
-        --variant gfmfr --variant every1 gfmfr.server_every=1 --variant mmx plugin=mmx
+        --variant gfmfr --variant every1 gfmfr.server_every=1 --variant mmx plugin=none wrapper=mmx
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
     dataset = None
     for name in args.models:
         base = None
-        # a variant runs GFMFR unless its overrides choose another plug-in (plugin=mmx, say)
+        # a variant runs GFMFR unless its overrides say otherwise (plugin=none wrapper=mmx, say)
         for label, *sets in [["base", "plugin=none"], *[[v[0], "plugin=gfmfr", *v[1:]] for v in variants]]:
             values = apply_overrides({"model": {"name": name}, "data": {"content": args.content}}, sets)
             cfg = from_dict(values)

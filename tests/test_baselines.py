@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gfmfr.baselines.content import FedVLR, content_tables, wrap
+from gfmfr.models.wrappers import FedVLR, content_tables, wrap
 from gfmfr.cli import main
 from gfmfr.config import CentralisedConfig, MultimodalConfig
 from gfmfr.federation.batched import train_clients
@@ -21,17 +21,17 @@ MODELS = sorted(FEDERATED_MODELS)
 MM = MultimodalConfig(content_dim=8, content_lr=0.05, router_lr=0.05)
 
 
-def wrapped(data, name, plugin):
-    cfg = replace(small_config(name), plugin=plugin, multimodal=MM)
+def wrapped(data, name, wrapper):
+    cfg = replace(small_config(name), wrapper=wrapper, multimodal=MM)
     model, _ = build_run_model(data, cfg)
     return cfg, model
 
 
-@pytest.mark.parametrize("plugin", ["mmx", "fedvlr"])
+@pytest.mark.parametrize("wrapper", ["mmx", "fedvlr"])
 @pytest.mark.parametrize("name", MODELS)
-def test_wrapper_starts_as_the_base_model_and_keeps_content_frozen(planted, name, plugin):
+def test_wrapper_starts_as_the_base_model_and_keeps_content_frozen(planted, name, wrapper):
     data = with_features(planted)
-    cfg, model = wrapped(data, name, plugin)
+    cfg, model = wrapped(data, name, wrapper)
     base = build_model(data.n_items, cfg.model)
     a, b = Federation(data, model, cfg), Federation(data, base, cfg)
     users = np.arange(9)
@@ -68,10 +68,10 @@ def test_fedvlr_router_is_private_and_personal(planted, name):
     torch.testing.assert_close(mix.sum(-1), torch.ones(4, 5))
 
 
-@pytest.mark.parametrize("plugin", ["mmx", "fedvlr"])
-def test_wrapper_batched_equals_one_client_at_a_time(planted, plugin):
+@pytest.mark.parametrize("wrapper", ["mmx", "fedvlr"])
+def test_wrapper_batched_equals_one_client_at_a_time(planted, wrapper):
     data = with_features(planted)
-    cfg, model = wrapped(data, "fedrap", plugin)
+    cfg, model = wrapped(data, "fedrap", wrapper)
     assert_batched_equals_one_client_at_a_time(data, model, cfg)
 
 
@@ -130,7 +130,7 @@ def test_compare_renders_a_complete_report_and_resumes(tmp_path, planted, capsys
     plan.write_text(f"""
 seeds = [0, 1]
 models = ["fcf"]
-plugins = ["none", "mmx", "fedvlr", "gfmfr"]
+variants = ["none", "mmx", "fedvlr", "gfmfr"]
 centralised = ["fcf"]
 baselines = ["popularity", "random"]
 
@@ -232,13 +232,13 @@ federation = {{ rounds = 3, local_epochs = 1, batch_size = 32 }}
         assert a["test"] == pytest.approx(b["test"], rel=1e-5) and a["best_round"] == b["best_round"]
 
 
-@pytest.mark.parametrize("plugin", ["mmx", "fedvlr"])
+@pytest.mark.parametrize("wrapper", ["mmx", "fedvlr"])
 @pytest.mark.parametrize("name", ["fcf", "fedrap"])
-def test_scoring_with_broadcast_tables_computes_the_content_vectors_once(planted, name, plugin):
+def test_scoring_with_broadcast_tables_computes_the_content_vectors_once(planted, name, wrapper):
     """Scoring passes one table and one set of shared parameters broadcast to every client; the
     wrapper then builds each item's content vectors once. Same scores as the per-client path."""
     data = with_features(planted)
-    cfg, model = wrapped(data, name, plugin)
+    cfg, model = wrapped(data, name, wrapper)
     fed = Federation(data, model, cfg)
     for t in range(2):
         fed.train_round(t)

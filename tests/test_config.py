@@ -83,3 +83,15 @@ def test_example_configs_load():
     assert examples
     for path in examples:
         from_dict(load_toml(path), where=str(path))
+
+
+def test_stored_configs_of_deleted_options_and_old_plugin_names_still_load():
+    """A config stored before MM-X / FedVLR became wrappers, or before GFMFR's pruned options were
+    deleted, loads when it asked for what the code now computes, and fails on a key otherwise."""
+    cfg = from_dict({"plugin": "mmx"})
+    assert (cfg.plugin, cfg.wrapper) == ("none", "mmx")
+    old = {"plugin": "gfmfr", "gfmfr": {"schedule": "cosine", "kl_scale": 1.0, "score_with": "global",
+                                        "distill_into": "all", "send": "items", "warm_start": True}}
+    assert from_dict(old).gfmfr == from_dict({"plugin": "gfmfr"}).gfmfr
+    with pytest.raises(ConfigError, match="score_with"):
+        from_dict({"gfmfr": {"score_with": "group"}})

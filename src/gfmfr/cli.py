@@ -29,6 +29,8 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"data.content={args.content}")
     if getattr(args, "model", None):
         overrides.append(f"model.name={args.model}")
+    if getattr(args, "wrapper", None):
+        overrides.append(f"wrapper={args.wrapper}")
     if getattr(args, "plugin", None):
         overrides.append(f"plugin={args.plugin}")
     if getattr(args, "centralised", False):
@@ -78,7 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     results = run(cfg, args.out, progress=not (args.verbose or args.no_progress))
     sys.stdout.write(
-        f"\n{cfg.model.name}{'+' + cfg.plugin if cfg.plugin != 'none' else ''}"
+        f"\n{cfg.wrapper + '(' if cfg.wrapper != 'none' else ''}{cfg.model.name}"
+        f"{')' if cfg.wrapper != 'none' else ''}{'+' + cfg.plugin if cfg.plugin != 'none' else ''}"
         f"{' (centralised)' if cfg.training == 'centralised' else ''} on {cfg.data.dataset} "
         f"({cfg.eval.protocol} ranking), best round {results['best_round']} "
         f"by validation {cfg.eval.select_metric}; {results['seconds_per_round']:.2f} s/round, "
@@ -155,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved configuration as TOML (every default included)")
     common(p)
     p.add_argument("--model", help="fcf, fedncf, pfedrec, fedrap, popularity or random")
-    p.add_argument("--plugin", choices=["none", "gfmfr", "mmx", "fedvlr"], help="plug-in on the base model")
+    p.add_argument("--plugin", choices=["none", "gfmfr"], help="plug-in on the federation (GFMFR)")
+    p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"],
+                   help="wrap the base model with item content: MM-X or FedVLR")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="print the data report")
@@ -166,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train and evaluate one model")
     common(p)
     p.add_argument("--model", help="fcf, fedncf, pfedrec, fedrap, popularity or random")
-    p.add_argument("--plugin", choices=["none", "gfmfr", "mmx", "fedvlr"],
-                   help="GFMFR, or the content baselines MM-X / FedVLR, on the base model")
+    p.add_argument("--plugin", choices=["none", "gfmfr"], help="GFMFR on the federation of the base model")
+    p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"],
+                   help="wrap the base model with item content: MM-X or FedVLR")
     p.add_argument("--centralised", action="store_true",
                    help="train the base model on all data in one place (the upper bound), no federation")
     p.add_argument("--out", help="output folder for results.json")
@@ -179,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search learning rates, local epochs and plug-in knobs on validation (Optuna)")
     common(p)
     p.add_argument("--model", help="fcf, fedncf, pfedrec or fedrap")
-    p.add_argument("--plugin", choices=["none", "gfmfr", "mmx", "fedvlr"], help="plug-in whose knobs are searched too")
+    p.add_argument("--plugin", choices=["none", "gfmfr"], help="plug-in whose knobs are searched too")
+    p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"], help="model wrapper whose knobs are searched too")
     p.add_argument("--space", help="TOML file declaring the search space (default: see gfmfr.tune.default_space)")
     p.add_argument("--trials", type=int, default=50, help="most trials")
     p.add_argument("--budget", type=float, default=3600, help="wall-time budget in seconds")

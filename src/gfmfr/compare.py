@@ -4,7 +4,7 @@ A plan is a TOML file::
 
     seeds = [0, 1, 2]
     models = ["fcf", "fedrap"]                     # federated base models X
-    plugins = ["none", "mmx", "fedvlr", "gfmfr"]   # each on every model: X, MM-X, FedVLR-X, GFMFR-X
+    variants = ["none", "mmx", "fedvlr", "gfmfr"]  # each on every model: X, MM-X, FedVLR-X (wrappers), GFMFR-X (plug-in)
     centralised = ["fedrap"]                       # the centralised upper bound of these models
     baselines = ["popularity", "random"]
 
@@ -15,6 +15,8 @@ A plan is a TOML file::
     [[methods]]                                    # optional extra methods, each with its own settings
     label = "GFMFR-FedRAP (k-means)"
     set = { plugin = "gfmfr", "model.name" = "fedrap", "gfmfr.grouping" = "kmeans" }
+
+(``plugins`` is read as ``variants``: its old name, from when MM-X and FedVLR were chosen as plug-ins.)
 
 Each run writes ``OUT/runs/<method>/seed<k>/results.json``. A run whose results file exists
 with the same resolved configuration is reused, so an interrupted comparison resumes where it
@@ -45,9 +47,11 @@ log = logging.getLogger(__name__)
 
 MODEL_LABELS = {"fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP",
                 "popularity": "Popularity", "random": "Random"}
-PLUGIN_PREFIX = {"none": "", "mmx": "MM-", "fedvlr": "FedVLR-", "gfmfr": "GFMFR-"}
+VARIANTS = {"none": ("", {}), "mmx": ("MM-", {"wrapper": "mmx"}), "fedvlr": ("FedVLR-", {"wrapper": "fedvlr"}),
+            "gfmfr": ("GFMFR-", {"plugin": "gfmfr"})}
+"""A variant of every plan model X: its label prefix and settings."""
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50")
-PLAN_KEYS = {"seeds", "models", "plugins", "centralised", "baselines", "config", "methods"}
+PLAN_KEYS = {"seeds", "models", "variants", "plugins", "centralised", "baselines", "config", "methods"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,8 @@ class Method:
     kind: str = "federated"
     """``federated``, ``centralised`` or ``baseline``."""
     model: str = ""
-    plugin: str = "none"
+    variant: str = "none"
+    """``none`` for X itself (what the report pairs other methods with), else how it differs from X."""
 
     @property
     def slug(self) -> str:
@@ -104,12 +109,14 @@ def load_plan(path: str | Path) -> Plan:
     for model in raw.get("centralised", []):
         methods.append(Method(f"{MODEL_LABELS.get(model, model)} (centralised)",
                               {"model": {"name": model}, "training": "centralised"}, "centralised", model))
+    key = "variants" if "variants" in raw or "plugins" not in raw else "plugins"
     for model in raw.get("models", []):
-        for plugin in raw.get("plugins", ["none"]):
-            if plugin not in PLUGIN_PREFIX:
-                raise ConfigError(f"{path}: plugins: unknown {plugin!r}; choose from {sorted(PLUGIN_PREFIX)}")
-            label = PLUGIN_PREFIX[plugin] + MODEL_LABELS.get(model, model)
-            methods.append(Method(label, {"model": {"name": model}, "plugin": plugin}, "federated", model, plugin))
+        for variant in raw.get(key, ["none"]):
+            if variant not in VARIANTS:
+                raise ConfigError(f"{path}: {key}: unknown {variant!r}; choose from {sorted(VARIANTS)}")
+            prefix, settings = VARIANTS[variant]
+            methods.append(Method(prefix + MODEL_LABELS.get(model, model), {"model": {"name": model}, **settings},
+                                  "federated", model, variant))
     for i, extra in enumerate(raw.get("methods", [])):
         if "label" not in extra or not isinstance(extra.get("set", {}), dict):
             raise ConfigError(f"{path}: methods[{i}] needs a label and a 'set' table")
@@ -117,7 +124,8 @@ def load_plan(path: str | Path) -> Plan:
         model = settings.get("model", {}).get("name", raw.get("config", {}).get("model", {}).get("name", ""))
         kind = "centralised" if settings.get("training") == "centralised" else "federated"
         kind = "baseline" if model in ("popularity", "random") else kind
-        methods.append(Method(extra["label"], settings, kind, model, settings.get("plugin", "none")))
+        plain = all(settings.get(k, "none") in ("none", None) for k in ("plugin", "wrapper"))
+        methods.append(Method(extra["label"], settings, kind, model, "none" if plain else "other"))
     labels = [m.label for m in methods]
     if len(set(m.slug for m in methods)) != len(methods):
         raise ConfigError(f"{path}: method labels must be distinct: {labels}")
@@ -275,9 +283,9 @@ def gaps(plan: Plan, results: dict[str, list[dict[str, Any]]], table: dict[str, 
     centralised bound (centralised FCF where the plan has none for that model): paired test and
     valid NDCG@10 differences over the seeds both finished, the share of the bound reached, and
     the gap closed."""
-    base_of = {m.model: m.label for m in plan.methods if m.kind == "federated" and m.plugin == "none"
-               and m.settings == {"model": {"name": m.model}, "plugin": "none"}}
-    bound_of = {m.model: m.label for m in plan.methods if m.kind == "centralised" and m.plugin == "none"}
+    base_of = {m.model: m.label for m in plan.methods if m.kind == "federated" and m.variant == "none"
+               and m.settings in ({"model": {"name": m.model}}, {"model": {"name": m.model}, "plugin": "none"})}
+    bound_of = {m.model: m.label for m in plan.methods if m.kind == "centralised" and m.variant == "none"}
     popularity = next((m.label for m in plan.methods if m.kind == "baseline" and m.model == "popularity"), None)
     out = []
     for m in plan.methods:

@@ -188,7 +188,7 @@ class GFMFRConfig:
 
 @dataclass(frozen=True)
 class MultimodalConfig:
-    """The content baselines MM-X (``plugin = "mmx"``) and FedVLR (``plugin = "fedvlr"``)."""
+    """The content baselines MM-X (``wrapper = "mmx"``) and FedVLR (``wrapper = "fedvlr"``)."""
 
     modalities: tuple[Literal["text", "image"], ...] = ("text", "image")
     """Content modalities used (any non-empty subset of those the dataset has)."""
@@ -250,8 +250,10 @@ class RunConfig:
     """Evaluation section."""
     training: Literal["federated", "centralised"] = "federated"
     """``federated``, or ``centralised``: the same model trained on all data in one place (the upper bound)."""
-    plugin: Literal["none", "gfmfr", "mmx", "fedvlr"] = "none"
-    """Plug-in on the base model: ``none``, ``gfmfr``, or the content baselines ``mmx`` and ``fedvlr``."""
+    wrapper: Literal["none", "mmx", "fedvlr"] = "none"
+    """Model wrapper that adds item content to the base model X: ``mmx`` (MM-X) or ``fedvlr`` (FedVLR-X)."""
+    plugin: Literal["none", "gfmfr"] = "none"
+    """Plug-in on the federation: ``gfmfr`` (a server half that ships hints, a client half that adds a loss term)."""
     gfmfr: GFMFRConfig = field(default_factory=GFMFRConfig)
     """GFMFR plug-in section."""
     multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
@@ -344,8 +346,15 @@ deletion and the ablation that decided it: docs/results.md, 'Pruned options'. (`
 the bytes counted; a client now receives its group's whole preference row.)"""
 
 
+WRAPPERS_ONCE_PLUGINS = ("mmx", "fedvlr")
+"""MM-X and FedVLR were chosen as ``plugin`` before they became model wrappers: ``plugin = "mmx"``
+still reads as ``wrapper = "mmx"``."""
+
+
 def _migrate(values: dict[str, Any]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    if out.get("plugin") in WRAPPERS_ONCE_PLUGINS:
+        out["wrapper"], out["plugin"] = out["plugin"], "none"
     for (section, key), same in REMOVED.items():
         if isinstance(out.get(section), dict) and key in out[section] and out[section][key] in same:
             del out[section][key]
@@ -422,7 +431,7 @@ def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
     del values["runtime"]
     if cfg.plugin != "gfmfr":
         del values["gfmfr"]
-    if cfg.plugin not in ("mmx", "fedvlr"):
+    if cfg.wrapper == "none":
         del values["multimodal"]
     if cfg.training != "centralised":
         del values["centralised"]

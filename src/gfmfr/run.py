@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gfmfr.baselines.content import CONTENT_PLUGINS, content_tables, wrap
+from gfmfr.models.wrappers import CONTENT_WRAPPERS, content_tables, wrap
+from gfmfr.federation.plugin import Plugin
 from gfmfr.config import RunConfig, to_dict
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.eval.evaluator import Evaluator
@@ -45,26 +46,21 @@ def run_baseline(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-PLUGINS = ("none", "gfmfr", *CONTENT_PLUGINS)
-
-
 def content_model(dataset: Dataset, model: FederatedRecommender, cfg: RunConfig) -> FederatedRecommender:
-    """``model`` wrapped as MM-X or FedVLR (``cfg.plugin``), with the dataset's content features."""
+    """``model`` wrapped as MM-X or FedVLR (``cfg.wrapper``), with the dataset's content features."""
     from gfmfr.data.encoders import dataset_features
 
     mm = cfg.multimodal
     features = dataset_features(dataset, mm.modalities)
     content = content_tables(features.features, features.mask, mm.modalities, mm.content_dim, cfg.seed)
-    return wrap(model, cfg.plugin, content, mm)
+    return wrap(model, cfg.wrapper, content, mm)
 
 
-def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommender, tuple]:
-    """The base model of ``cfg`` (wrapped for MM-X / FedVLR) and the loss plug-ins (GFMFR)."""
-    if cfg.plugin not in PLUGINS:
-        raise ValueError(f"unknown plugin {cfg.plugin!r}; choose from {PLUGINS}")
+def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommender, tuple[Plugin, ...]]:
+    """The base model of ``cfg`` (wrapped for MM-X / FedVLR) and the plug-ins on the federation (GFMFR)."""
     model = build_model(dataset.n_items, cfg.model)
-    if cfg.plugin in CONTENT_PLUGINS:
-        return content_model(dataset, model, cfg), ()
+    if cfg.wrapper in CONTENT_WRAPPERS:
+        model = content_model(dataset, model, cfg)
     if cfg.plugin == "gfmfr":
         from gfmfr.plugins import group_fusion
 
@@ -97,7 +93,7 @@ def run_centralised(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     from gfmfr.baselines.centralised import train_centralised
 
     if cfg.plugin == "gfmfr":
-        raise ValueError("GFMFR is a federated method; training=centralised takes plugin none, mmx or fedvlr")
+        raise ValueError("GFMFR is a federated method; training=centralised takes plugin = none (any wrapper)")
     model, _ = build_run_model(dataset, cfg)
     return train_centralised(dataset, model, cfg)
 

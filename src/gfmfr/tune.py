@@ -95,9 +95,9 @@ def default_space(cfg: RunConfig) -> list[Dimension]:
         space += [Dimension("gfmfr.groups", "int", 2, 10),
                   Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives")),
                   Dimension("gfmfr.server_every", "int", 1, 10)]
-    elif cfg.plugin in ("mmx", "fedvlr"):
+    if cfg.wrapper != "none":
         space += [Dimension("multimodal.content_lr", "log", 1e-3, 1e-1)]
-        if cfg.plugin == "fedvlr":
+        if cfg.wrapper == "fedvlr":
             space += [Dimension("multimodal.router_lr", "log", 1e-2, 1.0)]
     return space
 

@@ -192,12 +192,12 @@ class FedVLR(ContentAugmented):
         return torch.einsum("abk,abkd->abd", self.router_weights(p, views), views)
 
 
-CONTENT_PLUGINS: dict[str, type[ContentAugmented]] = {"mmx": MMX, "fedvlr": FedVLR}
+CONTENT_WRAPPERS: dict[str, type[ContentAugmented]] = {"mmx": MMX, "fedvlr": FedVLR}
 
 
 def wrap(base: FederatedRecommender, plugin: str, content: dict[str, torch.Tensor],
          cfg: MultimodalConfig) -> ContentAugmented:
     """X wrapped as MM-X or FedVLR."""
-    return CONTENT_PLUGINS[plugin](base, content, cfg)
+    return CONTENT_WRAPPERS[plugin](base, content, cfg)
 
 
