@@ -41,28 +41,23 @@ class CentralParams:
     def __init__(self, model: FederatedRecommender, n_users: int, seed: int):
         self.model = model
         self.n_users, self.n_items = n_users, model.n_items
-        self.specs = model.param_specs()
+        self.kinds = k = model.kinds
+        self.specs = k.specs
         init = FederationState(model, n_users, seed)
-        self.dense: dict[str, torch.Tensor] = {}  # shared, not per item: [*shape]
-        self.rows: dict[str, torch.Tensor] = {}  # per user, per item or per (user, item): [rows, k]
-        self.constants: dict[str, torch.Tensor] = {}
-        for name, spec in self.specs.items():
-            if spec.constant:
-                self.constants[name] = init.shared[name]
-            elif spec.shared and not spec.item_table:
-                self.dense[name] = init.shared[name].clone().requires_grad_()
-            elif spec.shared:
-                self.rows[name] = init.shared[name].reshape(self.n_items, -1).clone().requires_grad_()
-            elif spec.item_table:  # private per (user, item), zero-initialised like the federation's
-                self.rows[name] = torch.zeros(n_users * self.n_items, int(np.prod(spec.shape)), requires_grad=True)
-            else:
-                self.rows[name] = init.private[name].reshape(n_users, -1).clone().requires_grad_()
+        # shared, not per item: [*shape]; public content: [n_items, *shape]
+        self.dense = {n: init.shared[n].clone().requires_grad_() for n in k.shared_dense}
+        self.constants = {n: init.shared[n] for n in k.constant_tables}
+        # per item, per user, or per (user, item) (zero-initialised like the federation's): [rows, k]
+        self.rows: dict[str, torch.Tensor] = {}
+        self.rows.update({n: init.shared[n].reshape(self.n_items, -1).clone().requires_grad_() for n in k.shared_tables})
+        self.rows.update({n: init.private[n].reshape(n_users, -1).clone().requires_grad_() for n in k.private_dense})
+        self.rows.update({n: torch.zeros(n_users * self.n_items, int(np.prod(self.specs[n].shape)), requires_grad=True)
+                          for n in k.private_tables})
 
     def _row_index(self, name: str, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        spec = self.specs[name]
-        if spec.shared:
+        if name in self.kinds.shared_tables:
             return items
-        return users * self.n_items + items if spec.item_table else users
+        return users * self.n_items + items if name in self.kinds.private_tables else users
 
     def batch(self, users: torch.Tensor, items: torch.Tensor) -> tuple[Params, Params]:
         """Per-pair parameters [A, ...] and item rows [A, 1, ...] for the pairs (users[a], items[a])."""
@@ -70,13 +65,13 @@ class CentralParams:
         rows: Params = {}
         A = len(users)
         for name, spec in self.specs.items():
-            if spec.constant:
+            if name in self.constants:
                 rows[name] = self.constants[name][items].view(A, 1, *spec.shape)
             elif name in self.dense:
                 p[name] = self.dense[name].expand(A, *spec.shape)
             else:
                 value = F.embedding(self._row_index(name, users, items), self.rows[name], sparse=True)
-                if spec.item_table:
+                if name in self.kinds.tables:
                     rows[name] = value.view(A, 1, *spec.shape)
                 else:
                     p[name] = value.view(A, *spec.shape)
@@ -90,14 +85,14 @@ class CentralParams:
         p: Params = {}
         items: Params = {}
         for name, spec in self.specs.items():
-            if spec.constant:
+            if name in self.constants:
                 items[name] = self.constants[name].expand(U, *self.constants[name].shape)
             elif name in self.dense:
                 p[name] = self.dense[name].expand(U, *spec.shape)
-            elif spec.shared:
+            elif name in self.kinds.shared_tables:
                 table = self.rows[name].view(self.n_items, *spec.shape)
                 items[name] = table.expand(U, *table.shape)
-            elif spec.item_table:
+            elif name in self.kinds.private_tables:
                 items[name] = self.rows[name].view(self.n_users, self.n_items, *spec.shape)[idx]
             else:
                 p[name] = self.rows[name][idx].view(U, *spec.shape)

@@ -146,7 +146,7 @@ def train_clients(
     built ahead.
     """
     keep_freed_memory()
-    specs = model.param_specs()
+    kinds, specs = model.kinds, model.kinds.specs
     if data is None:
         data = LocalData(dataset, users, cfg, seed, round_, train_keys)
     given = np.argsort(users, kind="stable")
@@ -161,15 +161,14 @@ def train_clients(
     figures: dict[str, torch.Tensor] = {}
     tables: Params = {}
     row_keys = data.row_client * dataset.n_items + data.row_item
-    for name, spec in specs.items():
-        if spec.item_table:
-            if spec.shared:
-                tables[name] = state.shared[name][torch.from_numpy(data.row_item)].clone()
-            else:
-                tables[name] = state.private_rows[name].gather(users, row_keys)
+    for name in kinds.tables:
+        if name in kinds.private_tables:
+            tables[name] = state.private_rows[name].gather(users, row_keys)
+        else:
+            tables[name] = state.shared[name][torch.from_numpy(data.row_item)].clone()
 
     decayed = {n: LazyDecay(tables[n], 1 - specs[n].lr * specs[n].weight_decay, data.steps[data.row_client])
-               for n in tables if specs[n].trainable}
+               for n in tables if n in kinds.trainable}
     # gradients come scaled as the first table's update needs them, which saves a pass over its
     # [A, B, d] gradient; the dense updates divide the scale out for free
     lead = next(iter(decayed), None)
@@ -219,26 +218,22 @@ def train_clients(
     # private state stays on the client; held rows it did not use only decayed
     steps = torch.from_numpy(data.steps).double()
     idx = torch.from_numpy(users)
-    for name, spec in specs.items():
-        if spec.shared:
-            continue
-        if spec.item_table:
-            decay = ((1 - spec.lr * spec.weight_decay) ** steps).float()
-            state.private_rows[name].update(users, row_keys, tables[name], decay)
-        else:
-            state.private[name][idx] = dense[name]
+    for name in kinds.private_tables:
+        decay = ((1 - specs[name].lr * specs[name].weight_decay) ** steps).float()
+        state.private_rows[name].update(users, row_keys, tables[name], decay)
+    for name in kinds.private_dense:
+        state.private[name][idx] = dense[name]
     for own in scalars:
         for k, v in own.items():
             state.scalars[k][idx] = v
 
     return LocalUpdate(
         users=users,
-        shared={n: dense[n] for n, s in specs.items() if s.shared and not s.item_table},
-        rows={n: tables[n] for n, s in specs.items() if s.shared and s.item_table and s.trainable},
+        shared={n: dense[n] for n in kinds.shared_dense},
+        rows={n: tables[n] for n in kinds.shared_tables},
         row_client=data.row_client,
         row_item=data.row_item,
-        decay={n: ((1 - s.lr * s.weight_decay) ** steps).float()
-               for n, s in specs.items() if s.shared and s.item_table and s.trainable},
+        decay={n: ((1 - specs[n].lr * specs[n].weight_decay) ** steps).float() for n in kinds.shared_tables},
         num_samples=data.num_samples,
         loss=(loss_sum / torch.from_numpy(data.steps).clamp_min(1)).numpy(),
         signatures=model.head_signature(dense).detach() if want_signatures else None,

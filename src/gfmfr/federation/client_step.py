@@ -62,7 +62,7 @@ def client_step(
     ``positives`` are the client's training items in its data's order; ``terms`` the plug-ins'
     client halves, one per entry of ``instruction.hints``.
     """
-    specs = model.param_specs()
+    kinds, specs = model.kinds, model.kinds.specs
     round_ = instruction.round
 
     # this round's examples: the positives, then num_negatives sampled negatives per positive
@@ -71,19 +71,14 @@ def client_step(
     labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
 
     # local copies: shared parameters as the server sent them, private ones from the client's state
-    leaves: Params = {}
-    for name, spec in specs.items():
-        if spec.shared:
-            value = instruction.shared[name]
-        elif spec.item_table:
-            held, rows = state.rows.get(name, (np.empty(0, np.int64), torch.empty(0, *spec.shape)))
-            value = torch.zeros(model.n_items, *spec.shape)
-            value[torch.from_numpy(held)] = rows
-        else:
-            value = state.params[name]
-        leaves[name] = value.detach().clone().requires_grad_(spec.trainable)
-    opt = torch.optim.SGD([{"params": [leaves[n]], "lr": s.lr, "weight_decay": s.weight_decay}
-                           for n, s in specs.items() if s.trainable])
+    start = {n: instruction.shared[n] for n in kinds.shared}
+    start.update({n: state.params[n] for n in kinds.private_dense})
+    for name in kinds.private_tables:  # held rows; every other row is zero
+        held, rows = state.rows.get(name, (np.empty(0, np.int64), torch.empty(0, *specs[name].shape)))
+        start[name] = torch.zeros(model.n_items, *specs[name].shape).index_copy_(0, torch.from_numpy(held), rows)
+    leaves = {n: start[n].detach().clone().requires_grad_(n in kinds.trainable) for n in specs}
+    opt = torch.optim.SGD([{"params": [leaves[n]], "lr": specs[n].lr, "weight_decay": specs[n].weight_decay}
+                           for n in kinds.trainable])
     scalars = [{k: torch.tensor([state.scalars.get(k, init)]) for k, init in t.state_init.items()} for t in terms]
     hints = [Hints.single(instruction.hints[k] if k < len(instruction.hints) else None) for k in range(len(terms))]
     metrics: dict[str, float] = {}
@@ -94,8 +89,8 @@ def client_step(
         order = torch.from_numpy(epoch_order(seed, client, round_, epoch, len(items)))
         for idx in order.split(cfg.batch_size):
             batch = Batch(np.array([client]), items[idx][None], labels[idx][None], torch.ones(1, len(idx)))
-            p = {n: leaves[n][None] for n, s in specs.items() if not s.item_table}
-            rows = {n: leaves[n][batch.items] for n, s in specs.items() if s.item_table}
+            p = {n: leaves[n][None] for n in kinds.dense}
+            rows = {n: leaves[n][batch.items] for n in kinds.tables}
             logits = model.forward(p, rows)
             loss = model.base_loss(p, rows, logits, batch.labels, batch.mask, round_) * batch_weight(batch.mask, cfg)
             base = loss.detach()
@@ -118,10 +113,10 @@ def client_step(
     used = np.unique(items.numpy())
     upload = Upload(
         client=client,
-        shared={n: trained[n] for n, s in specs.items() if s.shared and not s.item_table},
-        rows={n: trained[n][torch.from_numpy(used)] for n, s in specs.items() if s.shared and s.item_table and s.trainable},
+        shared={n: trained[n] for n in kinds.shared_dense},
+        rows={n: trained[n][torch.from_numpy(used)] for n in kinds.shared_tables},
         row_item=used,
-        decay={n: (1 - s.lr * s.weight_decay) ** steps for n, s in specs.items() if s.shared and s.item_table and s.trainable},
+        decay={n: (1 - specs[n].lr * specs[n].weight_decay) ** steps for n in kinds.shared_tables},
         num_samples=len(items),
         loss=total_loss / max(steps, 1),
         signature=model.head_signature({n: trained[n][None] for n in model.head_params()})[0]
@@ -129,12 +124,11 @@ def client_step(
         metrics=metrics,
     )
     new_state = ClientState(
-        params={n: trained[n] for n, s in specs.items() if not s.shared and not s.item_table},
+        params={n: trained[n] for n in kinds.private_dense},
         rows={},
         scalars={k: float(v[0]) for own in scalars for k, v in own.items()},
     )
-    for name, spec in specs.items():
-        if not spec.shared and spec.item_table:  # keep the non-zero rows only
-            held = torch.nonzero(trained[name].flatten(1).ne(0).any(1)).flatten()
-            new_state.rows[name] = (held.numpy(), trained[name][held])
+    for name in kinds.private_tables:  # keep the non-zero rows only
+        held = torch.nonzero(trained[name].flatten(1).ne(0).any(1)).flatten()
+        new_state.rows[name] = (held.numpy(), trained[name][held])
     return new_state, upload

@@ -214,13 +214,14 @@ class FederationState:
         self.same_init: Params = {}
         """The value every client starts from, for private parameters declared ``same_init``."""
         self.seed = seed
-        for name, spec in model.param_specs().items():
-            if spec.constant:
+        kinds = model.kinds
+        for name, spec in kinds.specs.items():  # in the specs' order: the shared draws come in sequence
+            if name in kinds.constant_tables:
                 self.shared[name] = model.constant_table(name).float()
-            elif spec.shared:
-                lead = (model.n_items,) if spec.item_table else ()
+            elif name in kinds.shared:
+                lead = (model.n_items,) if name in kinds.shared_tables else ()
                 self.shared[name] = init_tensor(spec, lead, std, gen)
-            elif spec.item_table:
+            elif name in kinds.private_tables:
                 if spec.init != "zeros":
                     raise ValueError(f"private item table {name!r} must start at zero (stored sparsely)")
                 self.private_rows[name] = SparseRows(model.n_items, spec.shape)
@@ -240,12 +241,11 @@ class FederationState:
 
     def initial_state(self, client: int) -> ClientState:
         """Client ``client``'s state before it first trains: a function of (seed, client id) only."""
+        kinds = self.model.kinds
         params: Params = {}
-        for name, spec in self.model.param_specs().items():
-            if spec.shared or spec.item_table:
-                continue
-            params[name] = self.same_init[name].clone() if spec.same_init else \
-                client_init(spec, name, np.array([client]), self.model.cfg.init_std, self.seed)[0]
+        for name in kinds.private_dense:
+            params[name] = self.same_init[name].clone() if kinds.specs[name].same_init else \
+                client_init(kinds.specs[name], name, np.array([client]), self.model.cfg.init_std, self.seed)[0]
         rows = {n: (np.empty(0, np.int64), torch.empty(0, *r.row_shape)) for n, r in self.private_rows.items()}
         return ClientState(params, rows, dict(self.scalar_init))
 
@@ -267,27 +267,15 @@ class FederationState:
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""
         idx = torch.from_numpy(clients)
-        out: Params = {}
-        for name, spec in self.model.param_specs().items():
-            if spec.item_table:
-                continue
-            if spec.shared:
-                out[name] = self.shared[name].expand(len(clients), *spec.shape)
-            else:
-                out[name] = self.private[name][idx]
-        return out
+        kinds = self.model.kinds
+        return {n: self.shared[n].expand(len(clients), *kinds.specs[n].shape) if n in kinds.shared_dense
+                else self.private[n][idx] for n in kinds.dense}
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         """Logits [U, n_items] of every item for ``users`` with the current global and private parameters."""
-        p = self.client_params(users)
-        items: Params = {}
-        for name, spec in self.model.param_specs().items():
-            if spec.item_table:
-                if spec.shared:
-                    items[name] = self.shared[name].expand(len(users), *self.shared[name].shape)
-                else:
-                    items[name] = self.private_rows[name].dense(users)
-        return self.model.forward(p, items)
+        items = {n: self.private_rows[n].dense(users) if n in self.model.kinds.private_tables
+                 else self.shared[n].expand(len(users), *self.shared[n].shape) for n in self.model.kinds.tables}
+        return self.model.forward(self.client_params(users), items)
 
     def private_nbytes(self) -> int:
         """Memory held by all clients' private parameters."""

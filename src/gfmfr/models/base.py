@@ -20,6 +20,7 @@ grouping) and :meth:`head_score` (the score of an arbitrary item vector under a 
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -66,6 +67,73 @@ class ParamSpec:
     def trainable(self) -> bool:
         """Trained by the clients (everything but constants)."""
         return not self.constant
+
+
+@dataclass(frozen=True)
+class ParamKinds:
+    """A model's parameters sorted by kind, built once from its specs (:attr:`FederatedRecommender.kinds`);
+    every name list keeps the specs' order. The engine, the client step, the stores and the
+    centralised bound read these lists instead of branching on the spec flags."""
+
+    specs: dict[str, ParamSpec]
+    shared_dense: tuple[str, ...]
+    """Shared, not an item table (FedNCF's tower): uploaded whole and averaged."""
+    shared_tables: tuple[str, ...]
+    """Shared, trainable item tables: a client uploads the rows it trained."""
+    constant_tables: tuple[str, ...]
+    """Public content tables: gathered like any table, never trained, uploaded or averaged."""
+    private_dense: tuple[str, ...]
+    """Private, not an item table (user vectors, personal heads): never leave the client."""
+    private_tables: tuple[str, ...]
+    """Private item tables (FedRAP's D_u): start at zero, kept as the rows a client trained."""
+
+    @staticmethod
+    def from_specs(specs: dict[str, ParamSpec]) -> ParamKinds:
+        def names(keep) -> tuple[str, ...]:
+            return tuple(n for n, s in specs.items() if keep(s))
+
+        return ParamKinds(
+            specs=dict(specs),
+            shared_dense=names(lambda s: s.shared and not s.item_table),
+            shared_tables=names(lambda s: s.shared and s.item_table and not s.constant),
+            constant_tables=names(lambda s: s.constant),
+            private_dense=names(lambda s: not s.shared and not s.item_table),
+            private_tables=names(lambda s: not s.shared and s.item_table),
+        )
+
+    def _ordered(self, *groups: tuple[str, ...]) -> tuple[str, ...]:
+        members = set().union(*groups)
+        return tuple(n for n in self.specs if n in members)
+
+    @property
+    def dense(self) -> tuple[str, ...]:
+        """One value per client, [A, *shape] in a batch: shared or private."""
+        return self._ordered(self.shared_dense, self.private_dense)
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """One row per item, gathered for the items a batch scores, [A, B, *shape]."""
+        return self._ordered(self.shared_tables, self.constant_tables, self.private_tables)
+
+    @property
+    def shared(self) -> tuple[str, ...]:
+        """Held by the server and broadcast (constants included)."""
+        return self._ordered(self.shared_dense, self.shared_tables, self.constant_tables)
+
+    @property
+    def uploaded(self) -> tuple[str, ...]:
+        """Sent back by clients and averaged."""
+        return self._ordered(self.shared_dense, self.shared_tables)
+
+    @property
+    def private(self) -> tuple[str, ...]:
+        """Never leave the client."""
+        return self._ordered(self.private_dense, self.private_tables)
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """Trained by the clients: everything but the constants."""
+        return self._ordered(self.uploaded, self.private)
 
 
 def init_tensor(spec: ParamSpec, leading: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
@@ -209,18 +277,20 @@ class FederatedRecommender(ABC):
         """Logits [A, B] of item vectors [A, B, d] (standing in for the item table's rows) under each head."""
 
     # ---- derived ------------------------------------------------------------------------------
+    @functools.cached_property
+    def kinds(self) -> ParamKinds:
+        """The parameters sorted by kind, built once from :meth:`param_specs`."""
+        return ParamKinds.from_specs(self.param_specs())
+
     def shared_names(self) -> list[str]:
         """Parameters uploaded to and averaged by the server."""
-        return [n for n, s in self.param_specs().items() if s.shared and s.trainable]
+        return list(self.kinds.uploaded)
 
     def private_names(self) -> list[str]:
         """Parameters that never leave the client."""
-        return [n for n, s in self.param_specs().items() if not s.shared]
+        return list(self.kinds.private)
 
     def upload_bytes(self) -> int:
         """Bytes of one client's shared parameters (float32, dense item tables)."""
-        total = 0
-        for spec in self.param_specs().values():
-            if spec.shared and spec.trainable:
-                total += 4 * math.prod(spec.shape) * (self.n_items if spec.item_table else 1)
-        return total
+        k = self.kinds
+        return sum(4 * math.prod(k.specs[n].shape) * (self.n_items if n in k.shared_tables else 1) for n in k.uploaded)

@@ -116,9 +116,10 @@ class ContentAugmented(FederatedRecommender):
         """``fn(p, ids, content)`` -> [A, B, ...], where ``fn`` reads only shared parameters. When the item
         rows and the shared parameters are one value broadcast over the clients (stride 0: scoring with
         the global tables), it runs once, on the first client's slices, and is broadcast back."""
-        specs = self.param_specs() if ids.stride(0) == 0 else {}  # training gathers each client's own rows
-        shared = [t for n, t in p.items() if n in specs and specs[n].shared]
-        if not specs or not all(t.stride(0) == 0 for t in [*content, *shared]):
+        if ids.stride(0) != 0:  # training gathers each client's own rows
+            return fn(p, ids, content)
+        shared = [t for n, t in p.items() if n in self.kinds.shared_dense]
+        if not all(t.stride(0) == 0 for t in [*content, *shared]):
             return fn(p, ids, content)
         out = fn({n: t[:1] for n, t in p.items()}, ids[:1], [x[:1] for x in content])
         return out.expand(ids.shape[0], *out.shape[1:])
