@@ -35,6 +35,10 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"plugin={args.plugin}")
     if getattr(args, "centralised", False):
         overrides.append("training=centralised")
+    if getattr(args, "backend", None):
+        overrides.append(f"runtime.backend={args.backend}")
+    if getattr(args, "nodes", None) is not None:
+        overrides.append(f"runtime.nodes={args.nodes}")
     if getattr(args, "threads", None) is not None:
         overrides.append(f"runtime.threads={args.threads}")
     values = apply_overrides(values, overrides)
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the base model with item content: MM-X or FedVLR")
     p.add_argument("--centralised", action="store_true",
                    help="train the base model on all data in one place (the upper bound), no federation")
+    p.add_argument("--backend", choices=["in-process", "flower"],
+                   help="in-process batched engine (default) or Flower's simulation engine")
+    p.add_argument("--nodes", type=int, help="simulated Flower nodes, each hosting a partition of the users")
     p.add_argument("--out", help="output folder for results.json")
     p.add_argument("--no-progress", action="store_true", help="log a line per round instead of a progress bar")
     p.add_argument("--no-reference", action="store_true",

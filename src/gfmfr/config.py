@@ -228,6 +228,12 @@ class RuntimeConfig:
     eval_batch: int = 256
     """Users scored at once during evaluation; bounds its memory (users x items scores)."""
 
+    backend: Literal["in-process", "flower"] = "in-process"
+    """``in-process``: the batched engine in this process; ``flower``: Flower's simulation engine, one
+    ClientApp per node, each hosting a partition of the users (the same numbers, issue 16)."""
+    nodes: int = 2
+    """Simulated Flower nodes (``backend = "flower"``); the users are split into this many partitions."""
+
     threads: int = 0
     """Torch intra-op threads (0: one per core). With OpenMP's passive wait (set on import), one per
     core keeps a quiet machine's speed and loses at most about a third when another job holds a core

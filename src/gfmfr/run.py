@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gfmfr.models.wrappers import CONTENT_WRAPPERS, content_tables, wrap
-from gfmfr.federation.plugin import Plugin
+from gfmfr.federation.plugin import LossTerm, Plugin
 from gfmfr.config import RunConfig, to_dict
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.eval.evaluator import Evaluator
@@ -56,11 +56,24 @@ def content_model(dataset: Dataset, model: FederatedRecommender, cfg: RunConfig)
     return wrap(model, cfg.wrapper, content, mm)
 
 
+def build_client_model(dataset: Dataset, cfg: RunConfig) -> FederatedRecommender:
+    """The base model of ``cfg``, wrapped for MM-X / FedVLR (content features from ``dataset``)."""
+    model = build_model(dataset.n_items, cfg.model)
+    return content_model(dataset, model, cfg) if cfg.wrapper in CONTENT_WRAPPERS else model
+
+
+def build_client_terms(cfg: RunConfig) -> tuple[LossTerm, ...]:
+    """The client halves of ``cfg``'s plug-ins alone (what a node needs, without any server work)."""
+    if cfg.plugin == "gfmfr":
+        from gfmfr.plugins import group_fusion
+
+        return (group_fusion.client_half(cfg),)
+    return ()
+
+
 def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommender, tuple[Plugin, ...]]:
     """The base model of ``cfg`` (wrapped for MM-X / FedVLR) and the plug-ins on the federation (GFMFR)."""
-    model = build_model(dataset.n_items, cfg.model)
-    if cfg.wrapper in CONTENT_WRAPPERS:
-        model = content_model(dataset, model, cfg)
+    model = build_client_model(dataset, cfg)
     if cfg.plugin == "gfmfr":
         from gfmfr.plugins import group_fusion
 
@@ -70,17 +83,27 @@ def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommen
 
 def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False) -> dict[str, Any]:
     """Train a federated base model and report the test score at the best validation round."""
-    from dataclasses import asdict
-
     from gfmfr.federation.engine import Federation
+
+    if cfg.runtime.backend == "flower":
+        from gfmfr.flower.simulation import run_simulated
+
+        return run_simulated(dataset, cfg)
 
     model, plugins = build_run_model(dataset, cfg)
     fed = Federation(dataset, model, cfg, plugins)
     best = fed.fit(progress=progress)
-    train_seconds = [sum(v for k, v in h.seconds.items() if k != "evaluate") for h in fed.history]
+    return federated_results(best, fed.history, plugins)
+
+
+def federated_results(best: dict[str, Any], history: list, plugins: tuple[Plugin, ...]) -> dict[str, Any]:
+    """The body of ``results.json`` of a federated run (either backend): selection, per-round log, plug-ins."""
+    from dataclasses import asdict
+
+    train_seconds = [sum(v for k, v in h.seconds.items() if k != "evaluate") for h in history]
     results = {
         "best_round": best["round"], "valid": best["valid"], "test": best["test"],
-        "history": [asdict(h) for h in fed.history],
+        "history": [asdict(h) for h in history],
         "seconds_per_round": float(np.mean(train_seconds)),
     }
     for plugin in plugins:
@@ -123,6 +146,12 @@ def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None =
         body = run_federated(dataset, cfg, progress)
     else:
         raise ValueError(f"training must be 'federated' or 'centralised', got {cfg.training!r}")
+    return write_results(cfg, dataset, body, out)
+
+
+def write_results(cfg: RunConfig, dataset: Dataset, body: dict[str, Any], out: str | Path | None) -> dict[str, Any]:
+    """The whole results dict (config, resolved defaults, data report, ``body``, peak RSS), written
+    atomically to ``out/results.json`` if ``out`` is given."""
     results = {"config": to_dict(cfg), "resolved": resolved_settings(cfg), "data": dataset.report, **body,
                "peak_rss_mb": peak_rss_mb()}
     if out is not None:

@@ -8,6 +8,7 @@ Duplicate policy: a (user, item) pair seen more than once keeps its earliest int
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,20 @@ class Dataset:
     def train_counts(self) -> np.ndarray:
         """Training positives per user."""
         return np.diff(self.train_indptr)
+
+    def only_users(self, users: np.ndarray) -> Dataset:
+        """What a node hosting ``users`` holds: their interactions only. Ids and sizes are unchanged;
+        every other user has no training positives and no held-out items (-1)."""
+        keep = np.zeros(self.n_users, bool)
+        keep[np.asarray(users, np.int64)] = True
+        counts = np.where(keep, self.train_counts, 0)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        items = self.train_items[np.repeat(keep, self.train_counts)]
+        out = copy.copy(self)
+        out.train_indptr, out.train_items = indptr, items
+        out.valid_items = np.where(keep, self.valid_items, -1)
+        out.test_items = np.where(keep, self.test_items, -1)
+        return out
 
     def user_train(self, user: int) -> np.ndarray:
         """Training positives of one user."""

@@ -25,12 +25,17 @@ class Evaluator:
     separately for validation and test.
     """
 
-    def __init__(self, dataset: Dataset, cfg: EvalConfig, seed: int = 0, user_batch: int = 256):
+    def __init__(self, dataset: Dataset, cfg: EvalConfig, seed: int = 0, user_batch: int = 256,
+                 item_counts: np.ndarray | None = None):
         if cfg.protocol not in ("full", "sampled"):
             raise ValueError(f"eval.protocol must be 'full' or 'sampled', got {cfg.protocol!r}")
         self.dataset = dataset
         self.cfg = cfg
         self.user_batch = user_batch
+        self.item_counts = np.bincount(dataset.train_items, minlength=dataset.n_items) if item_counts is None \
+            else item_counts
+        """Training interactions per item over the whole federation (the long-tail slice's definition,
+        part of the protocol: a node that holds only its users' data is given it)."""
         self.negatives: dict[str, np.ndarray] = {}
         if cfg.protocol == "sampled":
             for split in ("valid", "test"):
@@ -46,13 +51,14 @@ class Evaluator:
         mask[torch.from_numpy(rows), torch.from_numpy(cols)] = True
         return mask
 
-    def ranks(self, score_fn: ScoreFn, split: str) -> torch.Tensor:
-        """Rank of the held-out item of every user, [n_users]."""
+    def ranks(self, score_fn: ScoreFn, split: str, users: np.ndarray | None = None) -> torch.Tensor:
+        """Rank of the held-out item of every user (or of ``users``), [n_users]."""
         d = self.dataset
         targets = d.valid_items if split == "valid" else d.test_items
-        out = []
-        for start in range(0, d.n_users, self.user_batch):
-            users = np.arange(start, min(start + self.user_batch, d.n_users))
+        everyone = np.arange(d.n_users) if users is None else np.asarray(users, np.int64)
+        out = [torch.zeros(0, dtype=torch.long)]
+        for start in range(0, len(everyone), self.user_batch):
+            users = everyone[start : start + self.user_batch]
             with torch.no_grad():
                 scores = score_fn(users).float()
             target = torch.from_numpy(targets[users])
@@ -76,9 +82,33 @@ class Evaluator:
                 out.update({f"tail {k}": v for k, v in metrics_from_ranks(ranks[tail], self.cfg.ks).items()})
         return out
 
+    def sums(self, score_fn: ScoreFn, split: str, users: np.ndarray) -> dict[str, float]:
+        """The metrics of ``users`` as sums over them, with their count ``users`` (and ``tail users``):
+        what a node reports, so that the server's :func:`metrics_from_sums` over every node's sums is
+        :meth:`evaluate` over every user (full ranking is per user)."""
+        ranks = self.ranks(score_fn, split, users)
+        out = {k: v * len(users) for k, v in metrics_from_ranks(ranks, self.cfg.ks).items()} if len(users) else {}
+        out["users"] = float(len(users))
+        if self.cfg.tail_max_count:
+            tail = torch.from_numpy(self.tail_users(split)[users])
+            out["tail users"] = float(tail.sum())
+            if tail.any():
+                out.update({f"tail {k}": v * float(tail.sum())
+                            for k, v in metrics_from_ranks(ranks[tail], self.cfg.ks).items()})
+        return out
+
     def tail_users(self, split: str) -> np.ndarray:
         """[n_users] bool: the user's held-out item has at most ``tail_max_count`` training interactions."""
         d = self.dataset
-        counts = np.bincount(d.train_items, minlength=d.n_items)
         targets = d.valid_items if split == "valid" else d.test_items
-        return counts[targets] <= self.cfg.tail_max_count
+        return self.item_counts[targets] <= self.cfg.tail_max_count
+
+
+def metrics_from_sums(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Means over every user from per-node :meth:`Evaluator.sums` (the keys of :meth:`Evaluator.evaluate`)."""
+    total: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    n, tail = total.pop("users"), total.get("tail users", 0.0)
+    return {k: v if k == "tail users" else v / (tail if k.startswith("tail ") else n) for k, v in total.items()}

@@ -264,6 +264,38 @@ class FederationState:
         for k, v in state.scalars.items():
             self.scalars[k][client] = v
 
+    def export(self, clients: np.ndarray) -> dict[str, torch.Tensor]:
+        """The private state of ``clients`` as named tensors (one file for a node: :func:`save_tensors`)."""
+        clients = np.asarray(clients, np.int64)
+        idx = torch.from_numpy(clients)
+        out = {"clients": idx.clone()}
+        out.update({f"param/{n}": t[idx].contiguous() for n, t in self.private.items()})
+        out.update({f"scalar/{k}": v[idx].contiguous() for k, v in self.scalars.items()})
+        for n, rows in self.private_rows.items():
+            held = [rows.rows_of(int(c)) for c in clients]
+            out[f"count/{n}"] = torch.tensor([len(h[0]) for h in held], dtype=torch.int64)
+            out[f"items/{n}"] = torch.from_numpy(np.concatenate([h[0] for h in held]).astype(np.int64)) \
+                if held else torch.zeros(0, dtype=torch.int64)
+            out[f"rows/{n}"] = torch.cat([h[1] for h in held]) if held else torch.zeros(0, *rows.row_shape)
+        return out
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what :meth:`export` gave."""
+        clients = tensors["clients"].numpy()
+        idx = torch.from_numpy(clients)
+        for key, value in tensors.items():
+            kind, _, name = key.partition("/")
+            if kind == "param":
+                self.private[name][idx] = value
+            elif kind == "scalar":
+                self.scalars[name][idx] = value
+        for n, rows in self.private_rows.items():
+            counts = tensors[f"count/{n}"].numpy()
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            for i, c in enumerate(clients):
+                rows.set(int(c), tensors[f"items/{n}"].numpy()[starts[i]:starts[i + 1]],
+                         tensors[f"rows/{n}"][starts[i]:starts[i + 1]])
+
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""
         idx = torch.from_numpy(clients)
@@ -317,18 +349,25 @@ class FileStore:
         return state
 
     def save(self, client: int, state: ClientState) -> None:
-        from safetensors.torch import save_file
-
         tensors = {f"param/{n}": t.contiguous() for n, t in state.params.items()}
         for n, (items, values) in state.rows.items():
             tensors[f"rows/{n}"] = values.contiguous()
             tensors[f"items/{n}"] = torch.from_numpy(np.asarray(items, np.int64))
         tensors.update({f"scalar/{k}": torch.tensor(v, dtype=torch.float64) for k, v in state.scalars.items()})
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".client-{client}.", suffix=".part")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, self.path(client))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_tensors(tensors, self.path(client))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``tensors`` to ``path`` (safetensors) atomically: to a temporary file beside it, then a
+    rename, so that a process killed mid-write leaves the previous file whole."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

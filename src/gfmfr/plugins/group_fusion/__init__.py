@@ -19,7 +19,12 @@ from gfmfr.plugins.group_fusion.client import DistillTerm
 from gfmfr.plugins.group_fusion.server import GFMFRServer
 
 
+def client_half(cfg: RunConfig) -> DistillTerm:
+    """GFMFR's client half alone: all a node needs."""
+    return DistillTerm(cfg.gfmfr, cfg.federation.rounds)
+
+
 def build(dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
           features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None) -> Plugin:
     """GFMFR's two halves for ``model`` on ``dataset`` (content features from the dataset unless given)."""
-    return Plugin(GFMFRServer(dataset, model, cfg, features, masks), DistillTerm(cfg.gfmfr, cfg.federation.rounds))
+    return Plugin(GFMFRServer(dataset, model, cfg, features, masks), client_half(cfg))

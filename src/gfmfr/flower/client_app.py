@@ -1,0 +1,81 @@
+"""The ClientApp: what a SuperNode runs (``gfmfr.flower.client_app:app``).
+
+Three message types: ``query`` (which partition are you?), ``train`` (train these of your users
+for round t, from these shared parameters and hints; reply with their uploads) and ``evaluate``
+(rank every one of your users' held-out items; reply with metric sums). The node's partition
+comes from its node config (``partition-id``, ``num-partitions``, and ``state-dir`` where its
+users' private state is kept); the run's configuration from the run config (``config`` as TOML
+text, or ``config-file``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from gfmfr.flower import wire
+from gfmfr.flower.node import Node, run_config_of
+from gfmfr.runtime import use_threads
+
+_NODES: dict[tuple[int, int], Node] = {}
+"""The nodes this process serves, by (run id, partition)."""
+
+
+def node_of(context: Context, overrides: dict[str, Any] | None = None) -> Node:
+    """This process's copy of the node ``context`` names, built on first use and brought to the
+    generation the context records."""
+    settings = {**context.run_config, **(overrides or {})}
+    partition = int(context.node_config["partition-id"])
+    partitions = int(context.node_config["num-partitions"])
+    key = (context.run_id, partition)
+    if key not in _NODES:
+        cfg = run_config_of(settings)
+        use_threads(cfg.runtime.threads)
+        state_dir = context.node_config.get("state-dir") or settings.get("state-root")
+        if state_dir and "state-dir" not in context.node_config:
+            state_dir = f"{state_dir}/node-{partition}"
+        if state_dir:
+            state_dir = f"{state_dir}/run-{context.run_id}"
+        _NODES[key] = Node.build(cfg, partition, partitions, state_dir)
+    node = _NODES[key]
+    record = context.state.get("gfmfr")
+    node.sync(int(record["generation"]) if record is not None else 0)
+    return node
+
+
+def query(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
+    partition = int(context.node_config["partition-id"])
+    partitions = int(context.node_config["num-partitions"])
+    return Message(RecordDict({"node": MetricRecord({"partition-id": partition, "num-partitions": partitions})}),
+                   reply_to=message)
+
+
+def train(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
+    node = node_of(context, overrides)
+    round_, shared, users, hints, want = wire.decode_train(message.content)
+    node.set_shared(shared)
+    update = node.train(round_, users, hints, want)
+    context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
+    return Message(wire.encode_update(update), reply_to=message)
+
+
+def evaluate(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
+    node = node_of(context, overrides)
+    node.set_shared({k.split("/", 1)[1]: v for k, v in wire.unpack(message.content["arrays"]).items()})
+    sums = node.evaluate(str(message.content["config"]["split"]))
+    return Message(RecordDict({"sums": MetricRecord(sums)}), reply_to=message)
+
+
+def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` stand in for run-config entries (the simulation passes the config so)."""
+    client = ClientApp()
+    client.query()(lambda message, context: query(message, context, overrides))
+    client.train()(lambda message, context: train(message, context, overrides))
+    client.evaluate()(lambda message, context: evaluate(message, context, overrides))
+    return client
+
+
+app = make_client_app()

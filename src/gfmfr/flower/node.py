@@ -1,0 +1,142 @@
+"""A SuperNode's side of the federation: its users, their data and private state, and the two
+things the server asks of it (train these users, evaluate all of yours).
+
+A node hosts partition ``p`` of ``P``: the users ``np.array_split(range(n_users), P)[p]``. It
+holds those users' interactions only (:meth:`gfmfr.data.dataset.Dataset.only_users`), never
+another node's. Their private state lives in an in-process store and, when the node has a
+state directory, in one safetensors file there, rewritten atomically after every round it
+trains: a restarted node reads it back and its users carry on where they were.
+
+Which process serves a node can change between messages (Flower's simulation hands a node's
+messages to any of its workers; a SuperNode can restart), so every reply bumps a generation
+counter kept in the node's Flower context; a process whose copy is of another generation reloads
+the state file first.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gfmfr.config import RunConfig, from_dict, load_toml
+from gfmfr.data.dataset import Dataset, load_dataset
+from gfmfr.data.sampling import train_keys
+from gfmfr.eval.evaluator import Evaluator
+from gfmfr.federation.batched import train_clients
+from gfmfr.federation.messages import Hints, LocalUpdate
+from gfmfr.federation.plugin import LossTerm
+from gfmfr.federation.state import FederationState, save_tensors
+from gfmfr.flower.wire import concat_updates
+from gfmfr.models.base import FederatedRecommender, Params
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "clients.safetensors"
+
+
+def partition_users(n_users: int, partition: int, partitions: int) -> np.ndarray:
+    """The users node ``partition`` of ``partitions`` hosts: a contiguous block."""
+    if not 0 <= partition < partitions:
+        raise ValueError(f"partition-id must be in [0, {partitions}), got {partition}")
+    return np.array_split(np.arange(n_users), partitions)[partition]
+
+
+def run_config_of(values: dict) -> RunConfig:
+    """The RunConfig an app's run config carries: ``config`` (TOML text) or ``config-file`` (a path)."""
+    if values.get("config"):
+        return from_dict(tomllib.loads(str(values["config"])), where="run config 'config'")
+    if values.get("config-file"):
+        return from_dict(load_toml(str(values["config-file"])), where=str(values["config-file"]))
+    return from_dict({})
+
+
+@dataclass
+class Node:
+    """One node's users, data, model and private state."""
+
+    cfg: RunConfig
+    users: np.ndarray
+    """The users this node hosts (global ids)."""
+    dataset: Dataset
+    """Their interactions only."""
+    model: FederatedRecommender
+    terms: tuple[LossTerm, ...]
+    state: FederationState
+    evaluator: Evaluator
+    train_keys: np.ndarray
+    state_file: Path | None
+    generation: int = -1
+    """Generation of the state this process holds (-1: none read yet)."""
+
+    @staticmethod
+    def build(cfg: RunConfig, partition: int, partitions: int, state_dir: str | None) -> Node:
+        from gfmfr.run import build_client_model, build_client_terms
+
+        full = load_dataset(cfg.data)
+        users = partition_users(full.n_users, partition, partitions)
+        dataset = full.only_users(users)
+        model = build_client_model(dataset, cfg)
+        terms = build_client_terms(cfg)
+        state = FederationState(model, dataset.n_users, cfg.seed)
+        for term in terms:
+            state.add_scalars(term.state_init)
+        state_file = None
+        if state_dir:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            state_file = Path(state_dir) / STATE_FILE
+        log.info("node %d/%d: %d users, %d training pairs", partition, partitions, len(users),
+                 int(dataset.train_counts.sum()))
+        item_counts = np.bincount(full.train_items, minlength=full.n_items)  # the protocol's long-tail slice
+        evaluator = Evaluator(dataset, cfg.eval, cfg.seed, cfg.runtime.eval_batch, item_counts)
+        return Node(cfg, users, dataset, model, terms, state, evaluator, train_keys(dataset), state_file)
+
+    def sync(self, generation: int) -> None:
+        """Make sure this process holds generation ``generation`` of the users' state."""
+        if generation == self.generation:
+            return
+        if self.state_file is not None and self.state_file.exists():
+            from safetensors.torch import load_file
+
+            self.state.restore(load_file(self.state_file))
+            log.info("node state read back from %s", self.state_file)
+        elif generation > 0:
+            raise RuntimeError(f"this node's state is at generation {generation}, but it has no state file "
+                               "to read it from (give the node a state-dir)")
+        self.generation = generation
+
+    def set_shared(self, shared: Params) -> None:
+        """Take the server's shared parameters (a node computes the public content tables itself)."""
+        self.state.shared.update(shared)
+
+    def train(self, round_: int, users: np.ndarray, hints: tuple[Hints, ...], want_signatures: bool) -> LocalUpdate:
+        """Train ``users`` (this node's sampled users) for one round, in chunks, with the batched step."""
+        if not np.isin(users, self.users).all():
+            raise ValueError("the server sent this node users it does not host")
+        size = self.cfg.runtime.client_chunk
+        position = {int(u): i for i, u in enumerate(users)}
+        parts = []
+        for start in range(0, len(users), size):
+            chunk = users[start : start + size]
+            at = np.array([position[int(u)] for u in chunk])
+            parts.append(train_clients(
+                self.model, self.state, chunk, self.dataset, self.cfg.federation, self.cfg.seed, round_,
+                self.terms, tuple(h.take(at) for h in hints), want_signatures, self.train_keys,
+                self.cfg.runtime.client_block))
+        return parts[0] if len(parts) == 1 else concat_updates(parts)
+
+    def persist(self) -> int:
+        """Write the users' state to the state file (atomically); the new generation."""
+        self.generation += 1
+        if self.state_file is not None:
+            save_tensors(self.state.export(self.users), self.state_file)
+        return self.generation
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metric sums of this node's users on ``split``."""
+        with torch.no_grad():
+            return self.evaluator.sums(self.state.score, split, self.users)

@@ -1,0 +1,54 @@
+"""The ServerApp (``gfmfr.flower.server_app:app``): runs :class:`~gfmfr.flower.strategy.FedRecStrategy`.
+
+The run config names the configuration (``config`` as TOML text, or ``config-file``) and, with
+``out``, the folder for ``results.json`` (the in-process engine's schema). The server reads the
+data folder for the number of users and items and the items' public content (GFMFR's fusion,
+MM-X's and FedVLR's features); it never uses the interactions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from gfmfr.data.dataset import Dataset, load_dataset
+from gfmfr.flower.node import run_config_of
+from gfmfr.flower.strategy import FedRecStrategy
+from gfmfr.runtime import use_threads
+
+log = logging.getLogger(__name__)
+
+
+def main(grid: Grid, context: Context, overrides: dict[str, Any] | None = None, dataset: Dataset | None = None,
+         result: dict[str, Any] | None = None) -> None:
+    """Train and select as the in-process engine does; write ``out/results.json`` if the run config says where."""
+    from gfmfr.run import build_run_model, federated_results, write_results
+
+    settings = {**context.run_config, **(overrides or {})}
+    cfg = run_config_of(settings)
+    use_threads(cfg.runtime.threads)
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    model, plugins = build_run_model(dataset, cfg)
+    strategy = FedRecStrategy(dataset, model, cfg, plugins, timeout=float(settings.get("timeout", 3600)),
+                              node_wait=float(settings.get("node-wait", 600)))
+    best = strategy.fit(grid)
+    body = federated_results(best, strategy.history, plugins)
+    body["flower"] = {"partitions": strategy.partitions, "wire_bytes_per_client": strategy.wire_bytes_per_client()}
+    results = write_results(cfg, dataset, body, settings.get("out") or None)
+    if result is not None:
+        result.update(results)
+
+
+def make_server_app(overrides: dict[str, Any] | None = None, dataset: Dataset | None = None,
+                    result: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``overrides`` stand in for run-config entries, ``result`` receives the results."""
+    server = ServerApp()
+    server.main()(lambda grid, context: main(grid, context, overrides, dataset, result))
+    return server
+
+
+app = make_server_app()

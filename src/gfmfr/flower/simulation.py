@@ -1,0 +1,42 @@
+"""``gfmfr run --backend flower --nodes N``: the run in Flower's simulation engine, in this process.
+
+The ServerApp runs in a thread of this process, the ClientApps in Ray workers, one CPU each; each
+of the N nodes hosts a partition of the users and keeps their state in a directory of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from typing import Any
+
+import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
+from gfmfr.config import RunConfig, to_toml
+from gfmfr.data.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def run_simulated(dataset: Dataset, cfg: RunConfig, state_root: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` on ``cfg.runtime.nodes`` simulated Flower nodes; the body of ``results.json``."""
+    from flwr.simulation import run_simulation
+
+    from gfmfr.flower.client_app import make_client_app
+    from gfmfr.flower.server_app import make_server_app
+
+    nodes = cfg.runtime.nodes
+    if nodes < 1:
+        raise ValueError(f"runtime.nodes must be at least 1, got {nodes}")
+    # every node is one worker with one CPU and one torch thread
+    node_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gfmfr-flower-") as tmp:
+        server = make_server_app({"config": to_toml(cfg)}, dataset, result)
+        client = make_client_app({"config": to_toml(node_cfg), "state-root": state_root or tmp})
+        run_simulation(server, client, num_supernodes=nodes,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"log_to_driver": False}})
+    if not result:
+        raise RuntimeError("the Flower simulation ended without results; its log above says why")
+    return {k: v for k, v in result.items() if k not in ("config", "resolved", "data", "peak_rss_mb")}

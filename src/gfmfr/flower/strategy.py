@@ -1,0 +1,226 @@
+"""The server's strategy on Flower: the in-process round, over messages (docs/method.md, 'One round t').
+
+Flower's :class:`~flwr.serverapp.strategy.Strategy` hooks, each doing what the in-process engine
+does (:mod:`gfmfr.federation.engine`):
+
+- :meth:`FedRecStrategy.configure_train`: sample users (not nodes) with the in-process seeded draw,
+  and send each node hosting sampled users the shared parameters, those users, and each
+  plug-in's hint for them (GFMFR: their groups' preference rows);
+- :meth:`FedRecStrategy.aggregate_train`: put the nodes' uploads in the engine's chunk order, fold
+  them into the project's FedAvg, step the server optimiser, run the plug-ins' server half;
+- :meth:`FedRecStrategy.configure_evaluate` / :meth:`FedRecStrategy.aggregate_evaluate`: every node
+  ranks its own users' held-out items and returns metric sums; the server adds them up.
+
+:meth:`FedRecStrategy.fit` runs the rounds with best-round selection on validation and early
+stopping, as :meth:`gfmfr.federation.engine.Federation.fit` does; test metrics are asked for only
+at a new best validation round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from gfmfr.config import RunConfig
+from gfmfr.data.dataset import Dataset
+from gfmfr.eval.evaluator import metrics_from_sums
+from gfmfr.eval.selection import BestRound
+from gfmfr.federation.aggregation import FedAvg
+from gfmfr.federation.engine import RoundLog, sample_clients
+from gfmfr.federation.messages import LocalUpdate
+from gfmfr.federation.plugin import Plugin
+from gfmfr.federation.server_steps import build_server_optimizer
+from gfmfr.federation.state import FederationState
+from gfmfr.flower import wire
+from gfmfr.flower.node import partition_users
+from gfmfr.models.base import FederatedRecommender
+
+log = logging.getLogger(__name__)
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of the tensors a message carries (what dominates its size on the wire)."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
+
+
+class FedRecStrategy(Strategy):
+    """Federated recommendation with plug-ins, over Flower messages (see the module docstring)."""
+
+    def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig, plugins: tuple[Plugin, ...] = (),
+                 timeout: float = 3600.0, node_wait: float = 600.0):
+        self.cfg, self.model, self.plugins = cfg, model, plugins
+        self.n_users = dataset.n_users
+        self.timeout, self.node_wait = timeout, node_wait
+        self.shared = FederationState(model, 0, cfg.seed).shared  # the global initialisation
+        self.server_opt = build_server_optimizer(cfg.federation)
+        self.partition_of: dict[int, int] = {}
+        """Node id -> the partition it hosts."""
+        self.partitions = 0
+        self.history: list[RoundLog] = []
+        self.bytes = {"down": 0, "up": 0, "clients": 0}
+
+    # ---- nodes ---------------------------------------------------------------------------------
+    def discover(self, grid: Grid) -> None:
+        """Wait until a node serves every partition; learn which node serves which."""
+        deadline = time.monotonic() + self.node_wait
+        while True:
+            nodes = set(grid.get_node_ids())
+            new = [n for n in nodes if n not in self.partition_of]
+            if new:
+                messages = [Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n, message_type="query",
+                                    group_id="setup") for n in new]
+                for reply in grid.send_and_receive(messages, timeout=self.timeout):
+                    if reply.has_error():
+                        raise RuntimeError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}")
+                    info = reply.content["node"]
+                    self.partition_of[reply.metadata.src_node_id] = int(info["partition-id"])
+                    self.partitions = int(info["num-partitions"])
+            self.partition_of = {n: p for n, p in self.partition_of.items() if n in nodes}
+            if self.partitions and set(self.partition_of.values()) == set(range(self.partitions)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only partitions {sorted(set(self.partition_of.values()))} of "
+                                   f"{self.partitions or '?'} have a node after {self.node_wait:.0f} s")
+            time.sleep(0.2)
+
+    def node_users(self) -> dict[int, np.ndarray]:
+        """Node id -> the users it hosts (one node per partition)."""
+        out, seen = {}, set()
+        for node, p in sorted(self.partition_of.items()):
+            if p not in seen:
+                seen.add(p)
+                out[node] = partition_users(self.n_users, p, self.partitions)
+        return out
+
+    # ---- Flower's hooks --------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        round_ = server_round - 1
+        users = sample_clients(self.n_users, self.cfg.federation.client_fraction, self.cfg.seed, round_)
+        want = any(p.server.wants_signatures(round_) for p in self.plugins)
+        shared = {n: self.shared[n] for n in self.model.kinds.uploaded}
+        messages = []
+        for node, hosted in self.node_users().items():
+            mine = users[np.isin(users, hosted)]
+            if not len(mine):
+                continue
+            hints = tuple(p.server.hints(mine, round_) for p in self.plugins)
+            content = wire.encode_train(round_, shared, mine, hints, want)
+            self.bytes["down"] += record_bytes(content)
+            self.bytes["clients"] += len(mine)
+            messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round)))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                        MetricRecord | None]:
+        round_ = server_round - 1
+        updates = []
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed in round {round_}: {reply.error.reason}")
+            self.bytes["up"] += record_bytes(reply.content)
+            updates.append(wire.decode_update(reply.content))
+        fed = self.cfg.federation
+        agg = FedAvg(fed.weighted_aggregation)
+        losses = []
+        for chunk in self.chunks(updates):  # the in-process engine's chunks, in its client order
+            agg.add(chunk, self.shared)
+            for plugin in self.plugins:
+                plugin.server.observe(chunk, self.shared, round_)
+            losses.append(chunk.loss)
+        self.shared = self.server_opt.step(self.shared, agg.result(self.shared), agg.trained_rows)
+        loss = float(np.mean(np.concatenate(losses)))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training diverged in round {round_} (mean local loss {loss})")
+        return None, MetricRecord({"loss": loss})
+
+    def chunks(self, updates: list[LocalUpdate]) -> list[LocalUpdate]:
+        """The uploads regrouped as the in-process engine trains them: sampled users in chunks of
+        ``runtime.client_chunk`` by id, each ordered by local steps (most first), then by id."""
+        merged = wire.concat_updates(updates)
+        by_id = np.argsort(merged.users)
+        fed, size = self.cfg.federation, self.cfg.runtime.client_chunk
+        out = []
+        for start in range(0, len(by_id), size):
+            part = by_id[start : start + size]
+            steps = fed.local_epochs * -(-merged.num_samples[part] // fed.batch_size)
+            out.append(wire.concat_updates([merged], part[np.lexsort((merged.users[part], -steps))]))
+        return out
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        shared = {f"shared/{n}": self.shared[n] for n in self.model.kinds.uploaded}
+        return [Message(RecordDict({"arrays": wire.pack(shared), "config": config}), dst_node_id=node,
+                        message_type="evaluate", group_id=f"{server_round}-{config['split']}")
+                for node in self.node_users()]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        parts = []
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to evaluate: {reply.error.reason}")
+            parts.append(dict(reply.content["sums"]))
+        return MetricRecord(metrics_from_sums(parts))
+
+    def summary(self) -> None:
+        log.info("FedRecStrategy: %s%s, %d rounds, client fraction %s, %d partitions", self.cfg.model.name,
+                 f" + {self.cfg.plugin}" if self.cfg.plugin != "none" else "", self.cfg.federation.rounds,
+                 self.cfg.federation.client_fraction, self.partitions)
+
+    # ---- the run -----------------------------------------------------------------------------
+    def evaluate(self, grid: Grid, server_round: int, split: str) -> dict[str, float]:
+        replies = grid.send_and_receive(self.configure_evaluate(server_round, ArrayRecord(),
+                                                                ConfigRecord({"split": split}), grid),
+                                        timeout=self.timeout)
+        return dict(self.aggregate_evaluate(server_round, replies))
+
+    def fit(self, grid: Grid) -> dict[str, Any]:
+        """Every round with selection on validation; returns the summary and the per-round log."""
+        fed, ev = self.cfg.federation, self.cfg.eval
+        self.discover(grid)
+        self.summary()
+        best = BestRound(ev.select_metric, fed.early_stop_patience)
+        for t in range(fed.rounds):
+            self.discover(grid)  # a node that restarted comes back under a new id
+            t0 = time.perf_counter()
+            messages = list(self.configure_train(t + 1, ArrayRecord(), ConfigRecord(), grid))
+            replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+            if len(replies) != len(messages):
+                raise RuntimeError(f"round {t}: {len(replies)} of {len(messages)} nodes replied")
+            t1 = time.perf_counter()
+            _, metrics = self.aggregate_train(t + 1, replies)
+            seconds = {"train": t1 - t0, "aggregate": time.perf_counter() - t1}
+            size = self.model.upload_bytes()
+            up = down = size
+            extra: dict[str, Any] = {}
+            for plugin in self.plugins:
+                report = plugin.server.end_round(self.model, t)
+                seconds.update(report.seconds)
+                up, down = up + report.bytes_up, down + report.bytes_down
+                extra.update(report.figures)
+            entry = RoundLog(t, sum(len(m.content["arrays"]["users"].numpy()) for m in messages),
+                             float(metrics["loss"]), seconds, up, down, extra=extra)
+            if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
+                t2 = time.perf_counter()
+                entry.valid = self.evaluate(grid, t + 1, "valid")
+                entry.seconds["evaluate"] = time.perf_counter() - t2
+                best.update(t, entry.valid, lambda: self.evaluate(grid, t + 1, "test"))
+                log.info("round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)", t, entry.loss,
+                         entry.valid.get("NDCG@10", float("nan")), seconds["train"])
+            self.history.append(entry)
+            if entry.valid is not None and best.stop(t):
+                break
+        return best.summary()
+
+    def wire_bytes_per_client(self) -> dict[str, float]:
+        """Mean bytes of tensors per trained client per round, each way, as sent over Flower."""
+        n = max(self.bytes["clients"], 1)
+        return {"down": self.bytes["down"] / n, "up": self.bytes["up"] / n}

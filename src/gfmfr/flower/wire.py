@@ -1,0 +1,105 @@
+"""The project's typed messages as Flower records (:mod:`gfmfr.federation.messages` on the wire).
+
+Tensors travel as :class:`flwr.app.ArrayRecord` entries, named ``kind/name``; scalars as
+:class:`flwr.app.ConfigRecord` or :class:`flwr.app.MetricRecord` values. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from gfmfr.federation.messages import Hints, LocalUpdate, Params
+
+
+def pack(values: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    """Named tensors (or NumPy arrays) as one record."""
+    return ArrayRecord({k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray)
+                            else v.detach().contiguous()) for k, v in values.items()})
+
+
+def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return record.to_torch_state_dict()
+
+
+def encode_train(round_: int, shared: Params, users: np.ndarray, hints: tuple[Hints, ...],
+                 want_signature: bool) -> RecordDict:
+    """What the server sends a node for one round: the shared parameters, the node's sampled users,
+    and each plug-in's hints for them (only the hint rows they use)."""
+    arrays: dict[str, torch.Tensor | np.ndarray] = {f"shared/{n}": t for n, t in shared.items()}
+    arrays["users"] = np.asarray(users, np.int64)
+    for k, h in enumerate(hints):
+        used = np.unique(h.row[h.row >= 0])
+        remap = np.full(max(len(h.table), 1), -1)
+        remap[used] = np.arange(len(used))
+        arrays[f"hint{k}/table"] = h.table[torch.from_numpy(used)] if len(used) else torch.zeros(0, 0)
+        arrays[f"hint{k}/row"] = np.where(h.row >= 0, remap[np.maximum(h.row, 0)], -1).astype(np.int64)
+    config = ConfigRecord({"round": round_, "want-signature": want_signature, "hints": len(hints)})
+    return RecordDict({"arrays": pack(arrays), "config": config})
+
+
+def decode_train(content: RecordDict) -> tuple[int, Params, np.ndarray, tuple[Hints, ...], bool]:
+    config, arrays = content["config"], unpack(content["arrays"])
+    shared = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("shared/")}
+    hints = tuple(Hints(arrays[f"hint{k}/table"], arrays[f"hint{k}/row"].numpy())
+                  for k in range(int(config["hints"])))
+    return int(config["round"]), shared, arrays["users"].numpy(), hints, bool(config["want-signature"])
+
+
+def encode_update(update: LocalUpdate) -> RecordDict:
+    """A node's uploads: every field of the stacked :class:`LocalUpdate`."""
+    arrays: dict[str, torch.Tensor | np.ndarray] = {
+        "users": update.users.astype(np.int64), "row_client": update.row_client.astype(np.int64),
+        "row_item": update.row_item.astype(np.int64), "num_samples": update.num_samples.astype(np.int64),
+        "loss": update.loss.astype(np.float64),
+    }
+    arrays.update({f"shared/{n}": t for n, t in update.shared.items()})
+    arrays.update({f"rows/{n}": t for n, t in update.rows.items()})
+    arrays.update({f"decay/{n}": t for n, t in update.decay.items()})
+    arrays.update({f"metric/{k}": np.asarray(v, np.float64) for k, v in update.metrics.items()})
+    if update.signatures is not None:
+        arrays["signatures"] = update.signatures
+    return RecordDict({"update": pack(arrays)})
+
+
+def decode_update(content: RecordDict) -> LocalUpdate:
+    a = unpack(content["update"])
+
+    def part(kind: str) -> dict[str, torch.Tensor]:
+        return {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith(kind + "/")}
+
+    return LocalUpdate(
+        users=a["users"].numpy(), shared=part("shared"), rows=part("rows"), row_client=a["row_client"].numpy(),
+        row_item=a["row_item"].numpy(), decay=part("decay"), num_samples=a["num_samples"].numpy(),
+        loss=a["loss"].numpy(), signatures=a.get("signatures"),
+        metrics={k: v.numpy() for k, v in part("metric").items()},
+    )
+
+
+def concat_updates(updates: list[LocalUpdate], order: np.ndarray | None = None) -> LocalUpdate:
+    """Several nodes' uploads as one, clients in the order given by ``order`` (positions into the
+    concatenation; default: as they come)."""
+    users = np.concatenate([u.users for u in updates])
+    offsets = np.cumsum([0] + [len(u.users) for u in updates])[:-1]
+    order = np.arange(len(users)) if order is None else order
+    position = np.empty(len(users), np.int64)
+    position[order] = np.arange(len(users))  # new position of each client of the concatenation
+    row_client = position[np.concatenate([u.row_client + o for u, o in zip(updates, offsets)])]
+    rows_order = np.argsort(row_client, kind="stable")
+    idx = torch.from_numpy(order)
+    first = updates[0]
+    return LocalUpdate(
+        users=users[order],
+        shared={n: torch.cat([u.shared[n] for u in updates])[idx] for n in first.shared},
+        rows={n: torch.cat([u.rows[n] for u in updates])[torch.from_numpy(rows_order)] for n in first.rows},
+        row_client=row_client[rows_order],
+        row_item=np.concatenate([u.row_item for u in updates])[rows_order],
+        decay={n: torch.cat([u.decay[n] for u in updates])[idx] for n in first.decay},
+        num_samples=np.concatenate([u.num_samples for u in updates])[order],
+        loss=np.concatenate([u.loss for u in updates])[order],
+        signatures=None if first.signatures is None else torch.cat([u.signatures for u in updates])[idx],
+        # a node none of whose clients had a hint reports no figures: theirs are zero
+        metrics={k: np.concatenate([u.metrics.get(k, np.zeros(len(u.users))) for u in updates])[order]
+                 for k in sorted(set().union(*(u.metrics for u in updates)))},
+    )
