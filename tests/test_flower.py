@@ -9,13 +9,14 @@ SuperNode processes) is marked slow.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 pytest.importorskip("flwr")
 
 from flwr.app import Context, RecordDict  # noqa: E402
 
-from gfmfr.config import from_dict, to_toml  # noqa: E402
+from gfmfr.config import from_dict, to_dict, to_toml  # noqa: E402
 from gfmfr.run import run  # noqa: E402
 
 MODELS = ["fcf", "fedncf", "pfedrec", "fedrap"]
@@ -143,3 +144,77 @@ def test_a_restarted_node_without_its_state_would_not_match(folder, tmp_path, mo
     monkeypatch.setattr(Node, "persist", persist_nothing)
     with pytest.raises(AssertionError):  # the lost state shows: the numbers differ from in-process
         assert_same_rounds(run_local(cfg, 2, tmp_path), run(cfg))
+
+
+def test_flower_simulation_engine_gives_the_in_process_numbers(folder, tmp_path):
+    """Flower's own simulation engine (Ray, 3 nodes, one CPU each), GFMFR on FCF: same per-round numbers."""
+    cfg = small(folder, "fcf", "gfmfr", rounds=3)
+    inprocess = run(cfg)
+    cfg = from_dict({**to_dict(cfg),
+                     "runtime": {"backend": "flower", "nodes": 3, "threads": 1}})
+    flower = run(cfg, tmp_path / "out")
+    assert flower["flower"]["partitions"] == 3
+    assert_same_rounds(flower, inprocess)
+    assert (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("model, plugin", [("fedrap", "none"), ("fedncf", "gfmfr"), ("fcf", "gfmfr")])
+def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
+    """Every message a node sends, inspected: only the documented fields; no private parameter (FedRAP's
+    D_u, a user vector, a personal head) except GFMFR's head signature in its server rounds; with
+    ``upload = "dense"`` no item id either, so not even which items a client trained on."""
+    from gfmfr.flower import client_app, wire
+
+    cfg = small(folder, model, plugin, rounds=3, upload="dense")
+    sent = []
+    make = client_app.make_client_app
+
+    def spying(overrides=None):
+        app = make(overrides)
+
+        class Spy:
+            def __call__(self, message, context):
+                reply = app(message, context)
+                kind = message.metadata.message_type
+                secrets = {}
+                if kind == "train":  # the node's private state as it is when the reply leaves
+                    node = client_app._NODES[(1, int(context.node_config["partition-id"]))]
+                    for name in node.model.kinds.private:
+                        value = node.state.private[name][torch.from_numpy(node.users)] \
+                            if name in node.model.kinds.private_dense else node.state.private_rows[name].dense(node.users)
+                        secrets[name] = value.reshape(-1, value.shape[-1] if value.dim() > 2 else value[0].numel())
+                sent.append((kind, int(message.content["config"]["round"]) if kind == "train" else None,
+                             reply.content, secrets))
+                return reply
+        return Spy()
+
+    client_app.make_client_app = spying
+    try:
+        flower = run_local(cfg, 2, tmp_path)
+    finally:
+        client_app.make_client_app = make
+    assert_same_rounds(flower, run(cfg))
+
+    kinds = __import__("gfmfr.models", fromlist=["build_model"]).build_model(60, cfg.model).kinds
+    allowed = {"users", "row_client", "row_item", "num_samples", "loss"} | {f"shared/{n}" for n in kinds.shared_dense} \
+        | {f"rows/{n}" for n in kinds.shared_tables} | {f"decay/{n}" for n in kinds.shared_tables}
+    for kind, round_, content, secrets in sent:
+        if kind != "train":
+            assert set(content.array_records) == set() and kind in ("query", "evaluate")
+            continue
+        arrays = wire.unpack(content["update"])
+        extra = {k for k in arrays if k.startswith("metric/")}
+        signature = plugin == "gfmfr" and round_ % cfg.gfmfr.server_every == 0
+        assert set(arrays) == allowed | extra | ({"signatures"} if signature else set())
+        C = len(arrays["users"])
+        np.testing.assert_array_equal(arrays["row_item"].numpy(), np.tile(np.arange(60), C))  # no item ids
+        for name, secret in secrets.items():
+            secret = secret[secret.abs().sum(1) > 0]
+            for key, value in arrays.items():
+                if value.dtype != secret.dtype or value.numel() % secret.shape[1]:
+                    continue
+                hit = bool((value.reshape(-1, secret.shape[1])[:, None, :] == secret[None]).all(-1).any())
+                if key == "signatures":  # the documented exception: GFMFR's head signature (docs/method.md)
+                    assert hit or not (model == "fcf" and name == "user")  # FCF's is the user vector itself
+                else:
+                    assert not hit, f"{key} carries {name}"

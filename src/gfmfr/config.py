@@ -102,6 +102,11 @@ class FederationConfig:
     """Sampled non-interacted items per positive, resampled every round."""
     weighted_aggregation: bool = False
     """FedAvg weighted by local sample count instead of a plain mean over participants."""
+    upload: Literal["rows", "dense"] = "rows"
+    """What a client sends of each shared item table over a network (Flower backend): ``rows``, the
+    rows it trained this round (its positives and sampled negatives: the server learns which items
+    it touched, not which were positives); or ``dense``, the whole table (no item ids, n_items rows
+    per client). The same average either way; the in-process engine always works on rows."""
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
     """How the server turns the participants' average into the next global parameters (Reddi et al.,
     ICLR 2021): ``fedavg`` (the average itself, at ``server_lr = 1``), ``fedavgm`` (server momentum),

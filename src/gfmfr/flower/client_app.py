@@ -58,6 +58,8 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     round_, shared, users, hints, want = wire.decode_train(message.content)
     node.set_shared(shared)
     update = node.train(round_, users, hints, want)
+    if node.cfg.federation.upload == "dense":
+        update = wire.densify(update, shared)
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
     return Message(wire.encode_update(update), reply_to=message)
 
