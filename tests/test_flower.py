@@ -218,3 +218,29 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
                     assert hit or not (model == "fcf" and name == "user")  # FCF's is the user vector itself
                 else:
                     assert not hit, f"{key} carries {name}"
+
+
+def test_a_lost_reply_is_sent_again_without_training_twice(folder, tmp_path):
+    """Node 0's reply to round 2's train message is lost (the node trained and kept its state, then
+    died before the reply left): the server sends the message again and the node answers with the
+    uploads it kept. Training it twice would move its users' state, and the numbers."""
+    cfg = small(folder, "fedrap", "gfmfr", rounds=4)
+    inprocess = run(cfg)
+    dropped = []
+
+    def dropping(grid):
+        original = grid.send_and_receive
+
+        def send_and_receive(messages, *, timeout=None):
+            messages = list(messages)
+            replies = list(original(messages, timeout=timeout))
+            if messages[0].metadata.message_type == "train" and messages[0].metadata.group_id == "3" and not dropped:
+                dropped.append(replies.pop(0))
+            return replies
+
+        grid.send_and_receive = send_and_receive
+        return grid
+
+    flower = run_local(cfg, 2, tmp_path, dropping)
+    assert dropped
+    assert_same_rounds(flower, inprocess)

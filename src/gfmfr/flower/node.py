@@ -8,9 +8,13 @@ state directory, in one safetensors file there, rewritten atomically after every
 trains: a restarted node reads it back and its users carry on where they were.
 
 Which process serves a node can change between messages (Flower's simulation hands a node's
-messages to any of its workers; a SuperNode can restart), so every reply bumps a generation
-counter kept in the node's Flower context; a process whose copy is of another generation reloads
-the state file first.
+messages to any of its workers; a deployed SuperNode starts a process per message, and can
+restart), so every reply bumps a generation counter kept in the node's Flower context; a process
+whose copy is of another generation reloads the state file first.
+
+Training is idempotent: the state file also keeps the last round trained and the uploads it
+produced, written in the same atomic step, so a train message the server sends again (its reply
+was lost with a node that died) gets the same reply instead of training the users twice.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from gfmfr.federation.batched import train_clients
 from gfmfr.federation.messages import Hints, LocalUpdate
 from gfmfr.federation.plugin import LossTerm
 from gfmfr.federation.state import FederationState, save_tensors
-from gfmfr.flower.wire import concat_updates
+from gfmfr.flower.wire import concat_updates, update_arrays, update_from_arrays
 from gfmfr.models.base import FederatedRecommender, Params
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,8 @@ class Node:
     state_file: Path | None
     generation: int = -1
     """Generation of the state this process holds (-1: none read yet)."""
+    last: tuple[int, LocalUpdate] | None = None
+    """The last round this node trained and the uploads it sent for it."""
 
     @staticmethod
     def build(cfg: RunConfig, partition: int, partitions: int, state_dir: str | None) -> Node:
@@ -102,7 +108,10 @@ class Node:
         if self.state_file is not None and self.state_file.exists():
             from safetensors.torch import load_file
 
-            self.state.restore(load_file(self.state_file))
+            tensors = load_file(self.state_file)
+            self.state.restore({k: v for k, v in tensors.items() if not k.startswith(("reply/", "meta/"))})
+            reply = {k[len("reply/"):]: v for k, v in tensors.items() if k.startswith("reply/")}
+            self.last = (int(tensors["meta/round"]), update_from_arrays(reply)) if reply else None
             log.info("node state read back from %s", self.state_file)
         elif generation > 0:
             raise RuntimeError(f"this node's state is at generation {generation}, but it has no state file "
@@ -117,9 +126,11 @@ class Node:
         """Train ``users`` (this node's sampled users) for one round, in chunks, with the batched step."""
         if not np.isin(users, self.users).all():
             raise ValueError("the server sent this node users it does not host")
+        if self.last is not None and self.last[0] == round_:  # sent again: the reply was lost, not the work
+            return self.last[1]
         size = self.cfg.runtime.client_chunk
         position = {int(u): i for i, u in enumerate(users)}
-        parts = []
+        parts: list[LocalUpdate] = []
         for start in range(0, len(users), size):
             chunk = users[start : start + size]
             at = np.array([position[int(u)] for u in chunk])
@@ -127,13 +138,20 @@ class Node:
                 self.model, self.state, chunk, self.dataset, self.cfg.federation, self.cfg.seed, round_,
                 self.terms, tuple(h.take(at) for h in hints), want_signatures, self.train_keys,
                 self.cfg.runtime.client_block))
-        return parts[0] if len(parts) == 1 else concat_updates(parts)
+        update = parts[0] if len(parts) == 1 else concat_updates(parts)
+        self.last = (round_, update)
+        return update
 
     def persist(self) -> int:
-        """Write the users' state to the state file (atomically); the new generation."""
+        """Write the users' state and the last round's uploads to the state file, in one atomic
+        step; the new generation."""
         self.generation += 1
         if self.state_file is not None:
-            save_tensors(self.state.export(self.users), self.state_file)
+            tensors = self.state.export(self.users)
+            if self.last is not None:
+                tensors["meta/round"] = torch.tensor(self.last[0])
+                tensors.update({f"reply/{k}": torch.as_tensor(v) for k, v in update_arrays(self.last[1]).items()})
+            save_tensors({k: v.contiguous() for k, v in tensors.items()}, self.state_file)
         return self.generation
 
     def evaluate(self, split: str) -> dict[str, float]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -81,7 +81,10 @@ class FedRecStrategy(Strategy):
                     if reply.has_error():
                         raise RuntimeError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}")
                     info = reply.content["node"]
-                    self.partition_of[reply.metadata.src_node_id] = int(info["partition-id"])
+                    partition = int(info["partition-id"])
+                    # a restarted node comes back under a new id: the newest serves the partition
+                    self.partition_of = {n: p for n, p in self.partition_of.items() if p != partition}
+                    self.partition_of[reply.metadata.src_node_id] = partition
                     self.partitions = int(info["num-partitions"])
             self.partition_of = {n: p for n, p in self.partition_of.items() if n in nodes}
             if self.partitions and set(self.partition_of.values()) == set(range(self.partitions)):
@@ -91,24 +94,43 @@ class FedRecStrategy(Strategy):
                                    f"{self.partitions or '?'} have a node after {self.node_wait:.0f} s")
             time.sleep(0.2)
 
-    def node_users(self) -> dict[int, np.ndarray]:
-        """Node id -> the users it hosts (one node per partition)."""
-        out, seen = {}, set()
-        for node, p in sorted(self.partition_of.items()):
-            if p not in seen:
-                seen.add(p)
-                out[node] = partition_users(self.n_users, p, self.partitions)
-        return out
+    def node_users(self, partitions: set[int] | None = None) -> dict[int, np.ndarray]:
+        """Node id -> the users it hosts, for every partition (or those of ``partitions``)."""
+        return {node: partition_users(self.n_users, p, self.partitions) for node, p in sorted(self.partition_of.items())
+                if partitions is None or p in partitions}
+
+    def exchange(self, grid: Grid, make: Callable[[set[int] | None], list[Message]],
+                 attempts: int = 3) -> list[Message]:
+        """Send ``make(None)`` and wait for the replies; a partition whose node did not answer in
+        time (it died) gets ``make({partition})`` again once a node serves it. Safe for training too:
+        a node that already trained the round answers with the uploads it kept (:mod:`.node`)."""
+        messages, replies = make(None), {}
+        for attempt in range(attempts):
+            sent = {m.metadata.dst_node_id: self.partition_of[m.metadata.dst_node_id] for m in messages}
+            for reply in grid.send_and_receive(messages, timeout=self.timeout):
+                if reply.has_error():
+                    raise RuntimeError(f"node {reply.metadata.src_node_id} (partition "
+                                       f"{sent.get(reply.metadata.src_node_id)}) failed: {reply.error.reason}")
+                replies[sent[reply.metadata.src_node_id]] = reply
+            missing = set(sent.values()) - set(replies)
+            if not missing:
+                break
+            log.warning("no reply from partition(s) %s (attempt %d); sending again", sorted(missing), attempt + 1)
+            self.discover(grid)
+            messages = make(missing)
+        else:
+            raise RuntimeError(f"partitions {sorted(missing)} did not reply after {attempts} attempts")
+        return [replies[p] for p in sorted(replies)]
 
     # ---- Flower's hooks --------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                        partitions: set[int] | None = None) -> Iterable[Message]:
         round_ = server_round - 1
         users = sample_clients(self.n_users, self.cfg.federation.client_fraction, self.cfg.seed, round_)
         want = any(p.server.wants_signatures(round_) for p in self.plugins)
         shared = {n: self.shared[n] for n in self.model.kinds.uploaded}
         messages = []
-        for node, hosted in self.node_users().items():
+        for node, hosted in self.node_users(partitions).items():
             mine = users[np.isin(users, hosted)]
             if not len(mine):
                 continue
@@ -155,12 +177,12 @@ class FedRecStrategy(Strategy):
             out.append(wire.concat_updates([merged], part[np.lexsort((merged.users[part], -steps))]))
         return out
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                           partitions: set[int] | None = None) -> Iterable[Message]:
         shared = {f"shared/{n}": self.shared[n] for n in self.model.kinds.uploaded}
         return [Message(RecordDict({"arrays": wire.pack(shared), "config": config}), dst_node_id=node,
                         message_type="evaluate", group_id=f"{server_round}-{config['split']}")
-                for node in self.node_users()]
+                for node in self.node_users(partitions)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         parts = []
@@ -177,9 +199,8 @@ class FedRecStrategy(Strategy):
 
     # ---- the run -----------------------------------------------------------------------------
     def evaluate(self, grid: Grid, server_round: int, split: str) -> dict[str, float]:
-        replies = grid.send_and_receive(self.configure_evaluate(server_round, ArrayRecord(),
-                                                                ConfigRecord({"split": split}), grid),
-                                        timeout=self.timeout)
+        replies = self.exchange(grid, lambda parts: list(self.configure_evaluate(
+            server_round, ArrayRecord(), ConfigRecord({"split": split}), grid, parts)))
         return dict(self.aggregate_evaluate(server_round, replies))
 
     def fit(self, grid: Grid) -> dict[str, Any]:
@@ -191,10 +212,9 @@ class FedRecStrategy(Strategy):
         for t in range(fed.rounds):
             self.discover(grid)  # a node that restarted comes back under a new id
             t0 = time.perf_counter()
-            messages = list(self.configure_train(t + 1, ArrayRecord(), ConfigRecord(), grid))
-            replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-            if len(replies) != len(messages):
-                raise RuntimeError(f"round {t}: {len(replies)} of {len(messages)} nodes replied")
+            sampled = sample_clients(self.n_users, fed.client_fraction, self.cfg.seed, t)
+            replies = self.exchange(grid, lambda parts: list(self.configure_train(
+                t + 1, ArrayRecord(), ConfigRecord(), grid, parts)))
             t1 = time.perf_counter()
             _, metrics = self.aggregate_train(t + 1, replies)
             seconds = {"train": t1 - t0, "aggregate": time.perf_counter() - t1}
@@ -206,7 +226,7 @@ class FedRecStrategy(Strategy):
                 seconds.update(report.seconds)
                 up, down = up + report.bytes_up, down + report.bytes_down
                 extra.update(report.figures)
-            entry = RoundLog(t, sum(len(m.content["arrays"]["users"].numpy()) for m in messages),
+            entry = RoundLog(t, len(sampled),
                              float(metrics["loss"]), seconds, up, down, extra=extra)
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                 t2 = time.perf_counter()

@@ -49,6 +49,11 @@ def decode_train(content: RecordDict) -> tuple[int, Params, np.ndarray, tuple[Hi
 
 def encode_update(update: LocalUpdate) -> RecordDict:
     """A node's uploads: every field of the stacked :class:`LocalUpdate`."""
+    return RecordDict({"update": pack(update_arrays(update))})
+
+
+def update_arrays(update: LocalUpdate) -> dict[str, torch.Tensor | np.ndarray]:
+    """The fields of ``update`` as named arrays."""
     arrays: dict[str, torch.Tensor | np.ndarray] = {
         "users": update.users.astype(np.int64), "row_client": update.row_client.astype(np.int64),
         "row_item": update.row_item.astype(np.int64), "num_samples": update.num_samples.astype(np.int64),
@@ -60,11 +65,15 @@ def encode_update(update: LocalUpdate) -> RecordDict:
     arrays.update({f"metric/{k}": np.asarray(v, np.float64) for k, v in update.metrics.items()})
     if update.signatures is not None:
         arrays["signatures"] = update.signatures
-    return RecordDict({"update": pack(arrays)})
+    return arrays
 
 
 def decode_update(content: RecordDict) -> LocalUpdate:
-    a = unpack(content["update"])
+    return update_from_arrays(unpack(content["update"]))
+
+
+def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
+    """Inverse of :func:`update_arrays`."""
 
     def part(kind: str) -> dict[str, torch.Tensor]:
         return {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith(kind + "/")}
