@@ -180,7 +180,7 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
                 if kind == "train":  # the node's private state as it is when the reply leaves
                     node = client_app._NODES[(1, int(context.node_config["partition-id"]))]
                     for name in node.model.kinds.private:
-                        value = node.state.private[name][torch.from_numpy(node.users)] \
+                        value = node.state.private[name][node.state.slots(node.users)] \
                             if name in node.model.kinds.private_dense else node.state.private_rows[name].dense(node.users)
                         secrets[name] = value.reshape(-1, value.shape[-1] if value.dim() > 2 else value[0].numel())
                 sent.append((kind, int(message.content["config"]["round"]) if kind == "train" else None,
@@ -244,3 +244,102 @@ def test_a_lost_reply_is_sent_again_without_training_twice(folder, tmp_path):
     flower = run_local(cfg, 2, tmp_path, dropping)
     assert dropped
     assert_same_rounds(flower, inprocess)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, seconds: float) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {seconds} s")
+
+
+@pytest.mark.slow
+def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_path):
+    """A real SuperLink and 3 SuperNodes on 127.0.0.1 (insecure), the app submitted with ``flwr run``;
+    SuperNode 1 is killed once it has trained and started again: the run finishes, its users kept
+    their state (the numbers equal the in-process run's), every process is stopped by its own PID."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from gfmfr.flower import FLOWER_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    cfg = small(folder, "fedrap", "gfmfr", rounds=3)
+    (tmp_path / "run.toml").write_text(to_toml(cfg))
+    env = {**os.environ, **FLOWER_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    link = _free_port()
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, args: list[str]) -> None:
+        log = open(tmp_path / f"{name}.log", "ab")
+        procs[name] = subprocess.Popen(args, env={**env, "FLWR_HOME": str(tmp_path / f"home-{name}")},
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(name: str) -> None:
+        proc = procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the process and the children it started, by its PID
+            proc.wait()
+
+    def node(p: int) -> None:
+        start(f"node{p}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                           "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config",
+                           f'partition-id={p} num-partitions=3 state-dir="{tmp_path / "state" / f"node-{p}"}"'])
+
+    t0 = time.monotonic()
+    try:
+        start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                            "--port", str(link)])
+        _wait_for_port(link, 60)
+        for p in range(3):
+            node(p)
+        home = tmp_path / "home-cli"
+        home.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+                                          f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+        out = tmp_path / "out"
+        run_config = f'config-file="{tmp_path / "run.toml"}" out="{out}" timeout=30'
+        cli = subprocess.Popen([str(bin_dir / "flwr"), "run", str(root), "test", "--run-config", run_config,
+                                "--stream"], env={**env, "FLWR_HOME": str(home)}, cwd=root,
+                               stdout=open(tmp_path / "flwr-run.log", "wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        procs["flwr-run"] = cli
+        state = tmp_path / "state" / "node-1"
+        while not list(state.rglob("clients.safetensors")):  # node 1 has trained a round
+            assert time.monotonic() - t0 < 600 and cli.poll() is None, (tmp_path / "flwr-run.log").read_text()
+            time.sleep(0.5)
+        stop("node1")
+        node(1)
+        while not (out / "results.json").exists():
+            assert time.monotonic() - t0 < 900 and cli.poll() in (None, 0), \
+                (tmp_path / "flwr-run.log").read_text(errors="replace")[-3000:]
+            time.sleep(1)
+    finally:
+        for name in list(procs):
+            stop(name)
+    wall = time.monotonic() - t0
+    import json
+
+    flower = json.loads((out / "results.json").read_text())
+    assert flower["flower"]["partitions"] == 3
+    assert_same_rounds(flower, run(cfg))
+    print(f"deployment test wall time {wall:.0f} s")

@@ -157,7 +157,7 @@ def train_clients(
     C = len(users)
 
     dense = {n: t.clone() for n, t in state.client_params(users).items()}
-    scalars = [{k: state.scalars[k][torch.from_numpy(users)].clone() for k in t.state_init} for t in terms]
+    scalars = [{k: state.scalars[k][state.slots(users)].clone() for k in t.state_init} for t in terms]
     figures: dict[str, torch.Tensor] = {}
     tables: Params = {}
     row_keys = data.row_client * dataset.n_items + data.row_item
@@ -217,7 +217,7 @@ def train_clients(
 
     # private state stays on the client; held rows it did not use only decayed
     steps = torch.from_numpy(data.steps).double()
-    idx = torch.from_numpy(users)
+    idx = state.slots(users)
     for name in kinds.private_tables:
         decay = ((1 - specs[name].lr * specs[name].weight_decay) ** steps).float()
         state.private_rows[name].update(users, row_keys, tables[name], decay)

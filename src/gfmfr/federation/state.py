@@ -200,8 +200,13 @@ class ClientStore(Protocol):
 class FederationState:
     """Global shared parameters plus the private state of every client (the in-process :class:`ClientStore`)."""
 
-    def __init__(self, model: FederatedRecommender, n_clients: int, seed: int):
+    def __init__(self, model: FederatedRecommender, n_clients: int, seed: int, clients: np.ndarray | None = None):
+        """Every client of a federation of ``n_clients`` (ids 0..n-1), or only ``clients`` (the ids a
+        node hosts): private tensors hold one slot per client held (:meth:`slots`)."""
         self.model = model
+        self.clients = np.arange(n_clients) if clients is None else np.sort(np.asarray(clients, np.int64))
+        self._all = clients is None
+        n_clients = len(self.clients)
         self.n_clients = n_clients
         gen = torch.Generator().manual_seed(seed)  # shared parameters and same-init private ones
         std = model.cfg.init_std
@@ -229,7 +234,17 @@ class FederationState:
                 self.same_init[name] = init_tensor(spec, (), std, gen)
                 self.private[name] = self.same_init[name].expand(n_clients, *spec.shape).clone()
             else:
-                self.private[name] = client_init(spec, name, np.arange(n_clients), std, seed)
+                self.private[name] = client_init(spec, name, self.clients, std, seed)
+
+    def slots(self, clients: np.ndarray | int) -> torch.Tensor:
+        """Where the private tensors hold ``clients`` (their ids, when this store holds every client)."""
+        clients = np.asarray(clients, np.int64)
+        if self._all:
+            return torch.from_numpy(clients)
+        slot = np.searchsorted(self.clients, clients)
+        if (slot >= len(self.clients)).any() or (self.clients[np.minimum(slot, len(self.clients) - 1)] != clients).any():
+            raise KeyError(f"this store does not hold client(s) {np.setdiff1d(clients, self.clients)[:5].tolist()}")
+        return torch.from_numpy(slot)
 
     def add_scalars(self, init: dict[str, float]) -> None:
         """Keep a plug-in's per-client scalars, every client starting at ``init[name]``."""
@@ -250,25 +265,27 @@ class FederationState:
         return ClientState(params, rows, dict(self.scalar_init))
 
     def load(self, client: int) -> ClientState:
+        slot = int(self.slots(client))
         return ClientState(
-            params={n: t[client].clone() for n, t in self.private.items()},
+            params={n: t[slot].clone() for n, t in self.private.items()},
             rows={n: r.rows_of(client) for n, r in self.private_rows.items()},
-            scalars={k: float(v[client]) for k, v in self.scalars.items()},
+            scalars={k: float(v[slot]) for k, v in self.scalars.items()},
         )
 
     def save(self, client: int, state: ClientState) -> None:
+        slot = int(self.slots(client))
         for n, t in state.params.items():
-            self.private[n][client] = t
+            self.private[n][slot] = t
         for n, (items, values) in state.rows.items():
             self.private_rows[n].set(client, items, values)
         for k, v in state.scalars.items():
-            self.scalars[k][client] = v
+            self.scalars[k][slot] = v
 
     def export(self, clients: np.ndarray) -> dict[str, torch.Tensor]:
         """The private state of ``clients`` as named tensors (one file for a node: :func:`save_tensors`)."""
         clients = np.asarray(clients, np.int64)
-        idx = torch.from_numpy(clients)
-        out = {"clients": idx.clone()}
+        idx = self.slots(clients)
+        out = {"clients": torch.from_numpy(clients.copy())}
         out.update({f"param/{n}": t[idx].contiguous() for n, t in self.private.items()})
         out.update({f"scalar/{k}": v[idx].contiguous() for k, v in self.scalars.items()})
         for n, rows in self.private_rows.items():
@@ -282,7 +299,7 @@ class FederationState:
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """Put back what :meth:`export` gave."""
         clients = tensors["clients"].numpy()
-        idx = torch.from_numpy(clients)
+        idx = self.slots(clients)
         for key, value in tensors.items():
             kind, _, name = key.partition("/")
             if kind == "param":
@@ -298,7 +315,7 @@ class FederationState:
 
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""
-        idx = torch.from_numpy(clients)
+        idx = self.slots(clients)
         kinds = self.model.kinds
         return {n: self.shared[n].expand(len(clients), *kinds.specs[n].shape) if n in kinds.shared_dense
                 else self.private[n][idx] for n in kinds.dense}

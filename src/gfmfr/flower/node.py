@@ -59,6 +59,17 @@ def run_config_of(values: dict) -> RunConfig:
     return from_dict({})
 
 
+_DATA: dict[str, Dataset] = {}
+
+
+def _dataset(cfg: RunConfig) -> Dataset:
+    """The data ``cfg.data`` names, read once per process (a process may serve many nodes)."""
+    key = repr(cfg.data)
+    if key not in _DATA:
+        _DATA[key] = load_dataset(cfg.data)
+    return _DATA[key]
+
+
 @dataclass
 class Node:
     """One node's users, data, model and private state."""
@@ -83,12 +94,12 @@ class Node:
     def build(cfg: RunConfig, partition: int, partitions: int, state_dir: str | None) -> Node:
         from gfmfr.run import build_client_model, build_client_terms
 
-        full = load_dataset(cfg.data)
+        full = _dataset(cfg)
         users = partition_users(full.n_users, partition, partitions)
         dataset = full.only_users(users)
         model = build_client_model(dataset, cfg)
         terms = build_client_terms(cfg)
-        state = FederationState(model, dataset.n_users, cfg.seed)
+        state = FederationState(model, dataset.n_users, cfg.seed, clients=users)
         for term in terms:
             state.add_scalars(term.state_init)
         state_file = None

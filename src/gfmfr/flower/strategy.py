@@ -104,22 +104,24 @@ class FedRecStrategy(Strategy):
         """Send ``make(None)`` and wait for the replies; a partition whose node did not answer in
         time (it died) gets ``make({partition})`` again once a node serves it. Safe for training too:
         a node that already trained the round answers with the uploads it kept (:mod:`.node`)."""
-        messages, replies = make(None), {}
+        messages, replies, errors = make(None), {}, []
         for attempt in range(attempts):
             sent = {m.metadata.dst_node_id: self.partition_of[m.metadata.dst_node_id] for m in messages}
             for reply in grid.send_and_receive(messages, timeout=self.timeout):
-                if reply.has_error():
-                    raise RuntimeError(f"node {reply.metadata.src_node_id} (partition "
-                                       f"{sent.get(reply.metadata.src_node_id)}) failed: {reply.error.reason}")
-                replies[sent[reply.metadata.src_node_id]] = reply
+                if reply.has_error():  # the ClientApp raised, or the node died with the reply half sent
+                    errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                elif reply.metadata.src_node_id in sent:
+                    replies[sent[reply.metadata.src_node_id]] = reply
             missing = set(sent.values()) - set(replies)
             if not missing:
                 break
-            log.warning("no reply from partition(s) %s (attempt %d); sending again", sorted(missing), attempt + 1)
+            log.warning("no reply from partition(s) %s (attempt %d%s); sending again", sorted(missing), attempt + 1,
+                        f"; {errors[-1]}" if errors else "")
             self.discover(grid)
             messages = make(missing)
         else:
-            raise RuntimeError(f"partitions {sorted(missing)} did not reply after {attempts} attempts")
+            raise RuntimeError(f"partitions {sorted(missing)} did not reply after {attempts} attempts"
+                               + (f"; last error: {errors[-1]}" if errors else ""))
         return [replies[p] for p in sorted(replies)]
 
     # ---- Flower's hooks --------------------------------------------------------------------------
