@@ -168,15 +168,17 @@ class FedRecStrategy(Strategy):
 
     def chunks(self, updates: list[LocalUpdate]) -> list[LocalUpdate]:
         """The uploads regrouped as the in-process engine trains them: sampled users in chunks of
-        ``runtime.client_chunk`` by id, each ordered by local steps (most first), then by id."""
-        merged = wire.concat_updates(updates)
-        by_id = np.argsort(merged.users)
+        ``runtime.client_chunk`` by id, each ordered by local steps (most first), then by id. Each
+        chunk is gathered from the nodes' uploads in one pass."""
+        users = np.concatenate([u.users for u in updates])
+        samples = np.concatenate([u.num_samples for u in updates])
+        by_id = np.argsort(users)
         fed, size = self.cfg.federation, self.cfg.runtime.client_chunk
         out = []
         for start in range(0, len(by_id), size):
             part = by_id[start : start + size]
-            steps = fed.local_epochs * -(-merged.num_samples[part] // fed.batch_size)
-            out.append(wire.concat_updates([merged], part[np.lexsort((merged.users[part], -steps))]))
+            steps = fed.local_epochs * -(-samples[part] // fed.batch_size)
+            out.append(wire.concat_updates(updates, part[np.lexsort((users[part], -steps))]))
         return out
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,

@@ -87,27 +87,32 @@ def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
 
 
 def concat_updates(updates: list[LocalUpdate], order: np.ndarray | None = None) -> LocalUpdate:
-    """Several nodes' uploads as one, clients in the order given by ``order`` (positions into the
-    concatenation; default: as they come)."""
+    """Several nodes' uploads as one: the clients at positions ``order`` of their concatenation, in
+    that order (default: all, as they come), each with its rows."""
     users = np.concatenate([u.users for u in updates])
     offsets = np.cumsum([0] + [len(u.users) for u in updates])[:-1]
-    order = np.arange(len(users)) if order is None else order
-    position = np.empty(len(users), np.int64)
-    position[order] = np.arange(len(users))  # new position of each client of the concatenation
+    order = np.arange(len(users)) if order is None else np.asarray(order, np.int64)
+    position = np.full(len(users), -1)
+    position[order] = np.arange(len(order))  # new position of each kept client of the concatenation
     row_client = position[np.concatenate([u.row_client + o for u, o in zip(updates, offsets)])]
-    rows_order = np.argsort(row_client, kind="stable")
-    idx = torch.from_numpy(order)
+    kept = np.flatnonzero(row_client >= 0)
+    rows = kept[np.argsort(row_client[kept], kind="stable")]  # by new client; each client's rows keep their order
+    idx, ridx = torch.from_numpy(order), torch.from_numpy(rows)
     first = updates[0]
+
+    def cat(values: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        return (values[0] if len(values) == 1 else torch.cat(values)).index_select(0, index)
+
     return LocalUpdate(
         users=users[order],
-        shared={n: torch.cat([u.shared[n] for u in updates])[idx] for n in first.shared},
-        rows={n: torch.cat([u.rows[n] for u in updates])[torch.from_numpy(rows_order)] for n in first.rows},
-        row_client=row_client[rows_order],
-        row_item=np.concatenate([u.row_item for u in updates])[rows_order],
-        decay={n: torch.cat([u.decay[n] for u in updates])[idx] for n in first.decay},
+        shared={n: cat([u.shared[n] for u in updates], idx) for n in first.shared},
+        rows={n: cat([u.rows[n] for u in updates], ridx) for n in first.rows},
+        row_client=row_client[rows],
+        row_item=np.concatenate([u.row_item for u in updates])[rows],
+        decay={n: cat([u.decay[n] for u in updates], idx) for n in first.decay},
         num_samples=np.concatenate([u.num_samples for u in updates])[order],
         loss=np.concatenate([u.loss for u in updates])[order],
-        signatures=None if first.signatures is None else torch.cat([u.signatures for u in updates])[idx],
+        signatures=None if first.signatures is None else cat([u.signatures for u in updates], idx),
         # a node none of whose clients had a hint reports no figures: theirs are zero
         metrics={k: np.concatenate([u.metrics.get(k, np.zeros(len(u.users))) for u in updates])[order]
                  for k in sorted(set().union(*(u.metrics for u in updates)))},
