@@ -172,7 +172,8 @@ def main() -> None:
                 diff = max((abs(a[k] - b[k]) for a, b in zip(r["valid"], twin["valid"]) if a and b for k in b),
                            default=float("nan"))
                 diff = f"{diff:.1e}"
-            ratio = f"+{r['seconds_per_round'] - twin['seconds_per_round']:.2f} s" if twin and twin is not r else ""
+            ratio = f"+{r['seconds_per_round'] - twin['seconds_per_round']:.2f} s" \
+                if twin is not None and not variant.startswith("in-process") else ""
             wire_bytes = r["flower"]["wire_bytes_per_client"] if r.get("flower") else None
             bytes_col = f"{wire_bytes['down']:,.0f} / {wire_bytes['up']:,.0f}" if wire_bytes else ""
             sys.stdout.write(f"| {model} | {variant} | {r['seconds_per_round']:.2f} | {ratio} | "

@@ -161,7 +161,8 @@ def test_flower_simulation_engine_gives_the_in_process_numbers(folder, tmp_path)
 @pytest.mark.parametrize("model, plugin", [("fedrap", "none"), ("fedncf", "gfmfr"), ("fcf", "gfmfr")])
 def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
     """Every message a node sends, inspected: only the documented fields; no private parameter (FedRAP's
-    D_u, a user vector, a personal head) except GFMFR's head signature in its server rounds; with
+    D_u, a user vector, a personal head) except GFMFR's head signature in its server rounds (the only
+    rounds a node sends one upload per client; otherwise it sends sums over its users); with
     ``upload = "dense"`` no item id either, so not even which items a client trained on."""
     from gfmfr.flower import client_app, wire
 
@@ -202,12 +203,19 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
         if kind != "train":
             assert set(content.array_records) == set() and kind in ("query", "evaluate")
             continue
-        arrays = wire.unpack(content["update"])
-        extra = {k for k in arrays if k.startswith("metric/")}
         signature = plugin == "gfmfr" and round_ % cfg.gfmfr.server_every == 0
-        assert set(arrays) == allowed | extra | ({"signatures"} if signature else set())
-        C = len(arrays["users"])
-        np.testing.assert_array_equal(arrays["row_item"].numpy(), np.tile(np.arange(60), C))  # no item ids
+        if signature:  # GFMFR's server round: one upload per client
+            arrays = wire.unpack(content["update"])
+            extra = {k for k in arrays if k.startswith("metric/")}
+            assert set(arrays) == allowed | extra | {"signatures"}
+            C = len(arrays["users"])
+            np.testing.assert_array_equal(arrays["row_item"].numpy(), np.tile(np.arange(60), C))  # no item ids
+        else:  # otherwise the node's partial aggregate: sums over its users, no single client's upload
+            arrays = wire.unpack(content["sums"])
+            extra = {k for k in arrays if k.startswith("metric/")}
+            assert set(arrays) == {f"sum/{n}" for n in kinds.uploaded} | {f"trained/{n}" for n in kinds.shared_tables} \
+                | {"totals"} | extra
+            assert all(bool(arrays[f"trained/{n}"].all()) for n in kinds.shared_tables)  # dense: no item ids
         for name, secret in secrets.items():
             secret = secret[secret.abs().sum(1) > 0]
             for key, value in arrays.items():

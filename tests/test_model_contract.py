@@ -91,7 +91,9 @@ def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rou
         agg = FedAvg()
         agg.add(update, one.state.shared)
         for plugin in one.plugins:
-            plugin.server.observe(update, one.state.shared, t)
+            plugin.server.observe_figures({k: float(v.sum()) for k, v in update.metrics.items()}, t)
+            if plugin.server.wants_signatures(t):
+                plugin.server.observe(update, one.state.shared, t)
         one.state.shared = agg.result(one.state.shared)
         for plugin in one.plugins:
             plugin.server.end_round(one.model, t)

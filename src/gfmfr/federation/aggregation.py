@@ -68,13 +68,22 @@ class FedAvg:
         w = self.client_weights(update)
         sums = group_sums(update, global_shared, np.zeros(len(update.users), np.int64), 1,
                           w if self.weighted else None)
-        for name, value in sums.items():
-            self.sums[name] = self.sums[name] + value[0] if name in self.sums else value[0]
-        self.total += float(w.sum())
         used = torch.from_numpy(update.row_item)
+        trained = {}
         for name in update.rows:
-            rows = self.trained_rows.setdefault(name, torch.zeros(len(global_shared[name]), dtype=torch.bool))
-            rows[used] = True
+            trained[name] = torch.zeros(len(global_shared[name]), dtype=torch.bool)
+            trained[name][used] = True
+        self.add_sums({n: v[0] for n, v in sums.items()}, float(w.sum()), trained)
+
+    def add_sums(self, sums: Params, total: float, trained_rows: dict[str, torch.Tensor]) -> None:
+        """Fold in a partial aggregate: the weighted sums of some clients' uploads, their total weight,
+        and the item rows any of them trained (what a node sends in place of its clients' uploads)."""
+        for name, value in sums.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.total += total
+        for name, rows in trained_rows.items():
+            mine = self.trained_rows.setdefault(name, torch.zeros(len(rows), dtype=torch.bool))
+            mine |= rows
 
     def result(self, global_shared: Params) -> Params:
         """The new global parameters (unchanged where nobody participated, and for constants)."""

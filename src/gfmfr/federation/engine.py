@@ -104,7 +104,9 @@ class Federation:
             t1 = time.perf_counter()
             agg.add(update, self.state.shared)
             for plugin in self.plugins:
-                plugin.server.observe(update, self.state.shared, round_)
+                plugin.server.observe_figures({k: float(v.sum()) for k, v in update.metrics.items()}, round_)
+                if plugin.server.wants_signatures(round_):
+                    plugin.server.observe(update, self.state.shared, round_)
             losses.append(update.loss)
             del update
             seconds["train"] += t1 - t0

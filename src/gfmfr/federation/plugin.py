@@ -72,7 +72,11 @@ class ServerHalf(ABC):
         return Hints(torch.zeros(0, 0), np.full(len(users), -1))
 
     def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
-        """See one chunk of uploads (``broadcast``: the shared parameters the clients started from)."""
+        """See one chunk of per-client uploads (``broadcast``: the shared parameters the clients started
+        from); called only in rounds where :meth:`wants_signatures` is true."""
+
+    def observe_figures(self, figures: dict[str, float], round_: int) -> None:
+        """The sums over a chunk of clients of the figures its client half reports (every round)."""
 
     @abstractmethod
     def end_round(self, model: FederatedRecommender, round_: int) -> PluginReport:

@@ -1,7 +1,8 @@
 """The ClientApp: what a SuperNode runs (``gfmfr.flower.client_app:app``).
 
 Three message types: ``query`` (which partition are you?), ``train`` (train these of your users
-for round t, from these shared parameters and hints; reply with their uploads) and ``evaluate``
+for round t, from these shared parameters and hints; reply with their uploads, one per user when
+a plug-in asks for them this round, else folded into one partial aggregate) and ``evaluate``
 (rank every one of your users' held-out items; reply with metric sums). The node's partition
 comes from its node config (``partition-id``, ``num-partitions``, and ``state-dir`` where its
 users' private state is kept); the run's configuration from the run config (``config`` as TOML
@@ -58,9 +59,13 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     round_, shared, users, hints, want = wire.decode_train(message.content)
     node.set_shared(shared)
     update = node.train(round_, users, hints, want)
-    if node.cfg.federation.upload == "dense":
-        update = wire.densify(update, shared)
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
+    fed = node.cfg.federation
+    if not want:  # no plug-in needs its clients one by one: the node's partial aggregate
+        return Message(wire.encode_sums(update, shared, fed.weighted_aggregation, fed.upload == "dense"),
+                       reply_to=message)
+    if fed.upload == "dense":
+        update = wire.densify(update, shared)
     return Message(wire.encode_update(update), reply_to=message)
 
 

@@ -6,8 +6,9 @@ does (:mod:`gfmfr.federation.engine`):
 - :meth:`FedRecStrategy.configure_train`: sample users (not nodes) with the in-process seeded draw,
   and send each node hosting sampled users the shared parameters, those users, and each
   plug-in's hint for them (GFMFR: their groups' preference rows);
-- :meth:`FedRecStrategy.aggregate_train`: put the nodes' uploads in the engine's chunk order, fold
-  them into the project's FedAvg, step the server optimiser, run the plug-ins' server half;
+- :meth:`FedRecStrategy.aggregate_train`: fold the nodes' partial aggregates into the project's
+  FedAvg (or, in a round where a plug-in needs every client's upload, put the uploads in the
+  engine's chunk order first), step the server optimiser, run the plug-ins' server half;
 - :meth:`FedRecStrategy.configure_evaluate` / :meth:`FedRecStrategy.aggregate_evaluate`: every node
   ranks its own users' held-out items and returns metric sums; the server adds them up.
 
@@ -146,22 +147,28 @@ class FedRecStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
         round_ = server_round - 1
-        updates = []
-        for reply in replies:
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed in round {round_}: {reply.error.reason}")
-            self.bytes["up"] += record_bytes(reply.content)
-            updates.append(wire.decode_update(reply.content))
         fed = self.cfg.federation
         agg = FedAvg(fed.weighted_aggregation)
-        losses = []
-        for chunk in self.chunks(updates):  # the in-process engine's chunks, in its client order
+        updates, loss_sum, clients = [], 0.0, 0
+        for reply in replies:
+            self.bytes["up"] += record_bytes(reply.content)
+            if "sums" in reply.content:  # a node's partial aggregate
+                sums, total, trained, loss, n, figures = wire.decode_sums(reply.content)
+                agg.add_sums(sums, total, trained)
+                loss_sum, clients = loss_sum + loss, clients + n
+                for plugin in self.plugins:
+                    plugin.server.observe_figures(figures, round_)
+            else:
+                updates.append(wire.decode_update(reply.content))
+        for chunk in self.chunks(updates) if updates else []:  # the in-process engine's chunks and client order
             agg.add(chunk, self.shared)
+            loss_sum, clients = loss_sum + float(chunk.loss.sum()), clients + len(chunk.users)
             for plugin in self.plugins:
-                plugin.server.observe(chunk, self.shared, round_)
-            losses.append(chunk.loss)
+                plugin.server.observe_figures({k: float(v.sum()) for k, v in chunk.metrics.items()}, round_)
+                if plugin.server.wants_signatures(round_):
+                    plugin.server.observe(chunk, self.shared, round_)
+        loss = loss_sum / max(clients, 1)
         self.shared = self.server_opt.step(self.shared, agg.result(self.shared), agg.trained_rows)
-        loss = float(np.mean(np.concatenate(losses)))
         if not np.isfinite(loss):
             raise FloatingPointError(f"training diverged in round {round_} (mean local loss {loss})")
         return None, MetricRecord({"loss": loss})

@@ -86,6 +86,34 @@ def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
     )
 
 
+def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool) -> RecordDict:
+    """A node's clients folded into one partial FedAvg aggregate (what it sends when no plug-in needs
+    per-client uploads this round): the weighted sums of their shared parameters, their total weight,
+    which item rows any of them trained (all, with ``dense``), and the sums of their losses and figures.
+    The server sees no single client's upload."""
+    from gfmfr.federation.aggregation import FedAvg
+
+    agg = FedAvg(weighted)
+    agg.add(update, shared)
+    arrays: dict[str, torch.Tensor | np.ndarray] = {f"sum/{n}": v for n, v in agg.sums.items()}
+    arrays.update({f"trained/{n}": torch.ones_like(v) if dense else v for n, v in agg.trained_rows.items()})
+    arrays["totals"] = np.array([agg.total, float(update.loss.sum()), len(update.users)], np.float64)
+    arrays.update({f"metric/{k}": np.array([float(v.sum())]) for k, v in update.metrics.items()})
+    return RecordDict({"sums": pack(arrays)})
+
+
+def decode_sums(content: RecordDict) -> tuple[Params, float, dict[str, torch.Tensor], float, int, dict[str, float]]:
+    """(sums, total weight, trained rows, loss sum, clients, figure sums) of :func:`encode_sums`."""
+    a = unpack(content["sums"])
+    total, loss, clients = a["totals"].tolist()
+
+    def part(kind: str) -> dict[str, torch.Tensor]:
+        return {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith(kind + "/")}
+
+    return (part("sum"), total, {n: v.bool() for n, v in part("trained").items()}, loss, int(clients),
+            {k: float(v) for k, v in part("metric").items()})
+
+
 def concat_updates(updates: list[LocalUpdate], order: np.ndarray | None = None) -> LocalUpdate:
     """Several nodes' uploads as one: the clients at positions ``order`` of their concatenation, in
     that order (default: all, as they come), each with its rows."""

@@ -117,11 +117,11 @@ class GFMFRServer(ServerHalf):
             return Hints(torch.zeros(0, 0), np.full(len(users), -1))
         return Hints(self.preferences, self.grouping.group[users])
 
+    def observe_figures(self, figures: dict[str, float], round_: int) -> None:
+        if figures:
+            self._stats += [figures[k] for k in ("distill_weight", "distill_kl", "distill_steps")]
+
     def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
-        if update.metrics:
-            self._stats += [update.metrics[k].sum() for k in ("distill_weight", "distill_kl", "distill_steps")]
-        if not self.server_work(round_):
-            return
         table = self.model.item_table
         self._chunks.append({
             "update": LocalUpdate(update.users, {}, {table: update.rows[table]}, update.row_client, update.row_item,
