@@ -213,9 +213,10 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
         else:  # otherwise the node's partial aggregate: sums over its users, no single client's upload
             arrays = wire.unpack(content["sums"])
             extra = {k for k in arrays if k.startswith("metric/")}
-            assert set(arrays) == {f"sum/{n}" for n in kinds.uploaded} | {f"trained/{n}" for n in kinds.shared_tables} \
-                | {"totals"} | extra
-            assert all(bool(arrays[f"trained/{n}"].all()) for n in kinds.shared_tables)  # dense: no item ids
+            assert set(arrays) == {f"sum/{n}" for n in kinds.uploaded} | {f"rows/{n}" for n in kinds.shared_tables} \
+                | {f"decaysum/{n}" for n in kinds.shared_tables} | {"totals"} | extra
+            for n in kinds.shared_tables:  # dense: every row, so no item ids
+                np.testing.assert_array_equal(arrays[f"rows/{n}"].numpy(), np.arange(60))
         for name, secret in secrets.items():
             secret = secret[secret.abs().sum(1) > 0]
             for key, value in arrays.items():

@@ -153,7 +153,7 @@ class FedRecStrategy(Strategy):
         for reply in replies:
             self.bytes["up"] += record_bytes(reply.content)
             if "sums" in reply.content:  # a node's partial aggregate
-                sums, total, trained, loss, n, figures = wire.decode_sums(reply.content)
+                sums, total, trained, loss, n, figures = wire.decode_sums(reply.content, self.shared)
                 agg.add_sums(sums, total, trained)
                 loss_sum, clients = loss_sum + loss, clients + n
                 for plugin in self.plugins:

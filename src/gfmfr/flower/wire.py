@@ -89,29 +89,47 @@ def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
 def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool) -> RecordDict:
     """A node's clients folded into one partial FedAvg aggregate (what it sends when no plug-in needs
     per-client uploads this round): the weighted sums of their shared parameters, their total weight,
-    which item rows any of them trained (all, with ``dense``), and the sums of their losses and figures.
-    The server sees no single client's upload."""
+    and the sums of their losses and figures. The server sees no single client's upload.
+
+    An item table's sum is sent for the rows some client trained, with the weighted sum of the clients'
+    decay factors: every other row's sum is that times the broadcast row, which the server has (with
+    ``dense``, every row is sent and no item id).
+    """
     from gfmfr.federation.aggregation import FedAvg
 
     agg = FedAvg(weighted)
     agg.add(update, shared)
-    arrays: dict[str, torch.Tensor | np.ndarray] = {f"sum/{n}": v for n, v in agg.sums.items()}
-    arrays.update({f"trained/{n}": torch.ones_like(v) if dense else v for n, v in agg.trained_rows.items()})
+    w = agg.client_weights(update)
+    arrays: dict[str, torch.Tensor | np.ndarray] = {}
+    for name, value in agg.sums.items():
+        if name in agg.trained_rows:
+            rows = torch.arange(len(value)) if dense else torch.nonzero(agg.trained_rows[name]).flatten()
+            arrays[f"sum/{name}"], arrays[f"rows/{name}"] = value.index_select(0, rows), rows
+            arrays[f"decaysum/{name}"] = (w @ update.decay[name].to(torch.float32)).reshape(1)
+        else:
+            arrays[f"sum/{name}"] = value
     arrays["totals"] = np.array([agg.total, float(update.loss.sum()), len(update.users)], np.float64)
     arrays.update({f"metric/{k}": np.array([float(v.sum())]) for k, v in update.metrics.items()})
     return RecordDict({"sums": pack(arrays)})
 
 
-def decode_sums(content: RecordDict) -> tuple[Params, float, dict[str, torch.Tensor], float, int, dict[str, float]]:
-    """(sums, total weight, trained rows, loss sum, clients, figure sums) of :func:`encode_sums`."""
+def decode_sums(content: RecordDict, shared: Params) -> tuple[Params, float, dict[str, torch.Tensor], float, int,
+                                                              dict[str, float]]:
+    """(sums, total weight, trained rows, loss sum, clients, figure sums) of :func:`encode_sums`;
+    ``shared`` are the parameters the node's clients started from."""
     a = unpack(content["sums"])
     total, loss, clients = a["totals"].tolist()
 
     def part(kind: str) -> dict[str, torch.Tensor]:
         return {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith(kind + "/")}
 
-    return (part("sum"), total, {n: v.bool() for n, v in part("trained").items()}, loss, int(clients),
-            {k: float(v) for k, v in part("metric").items()})
+    sums, trained = part("sum"), {}
+    for name, rows in part("rows").items():
+        full = shared[name] * a[f"decaysum/{name}"].to(shared[name].dtype)
+        full.index_copy_(0, rows, sums[name])
+        sums[name] = full
+        trained[name] = torch.zeros(len(full), dtype=torch.bool).index_fill_(0, rows, True)
+    return sums, total, trained, loss, int(clients), {k: float(v) for k, v in part("metric").items()}
 
 
 def concat_updates(updates: list[LocalUpdate], order: np.ndarray | None = None) -> LocalUpdate:
