@@ -9,7 +9,6 @@ SuperNode processes) is marked slow.
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
 
 pytest.importorskip("flwr")

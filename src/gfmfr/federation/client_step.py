@@ -19,7 +19,7 @@ import torch
 
 from gfmfr.config import FederationConfig
 from gfmfr.data.sampling import client_negatives, epoch_order
-from gfmfr.federation.messages import ClientState, Hints, Params, TrainInstruction, Upload
+from gfmfr.federation.messages import ClientState, Hints, TrainInstruction, Upload
 from gfmfr.federation.plugin import LossContext, LossTerm
 from gfmfr.models.base import FederatedRecommender
 
