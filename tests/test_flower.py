@@ -92,6 +92,14 @@ def test_flower_equals_in_process_for_every_model_and_node_count(folder, tmp_pat
         assert_same_rounds(flower, inprocess)
 
 
+@pytest.mark.parametrize("wrapper", ["mmx", "fedvlr"])
+def test_content_wrappers_on_flower_equal_in_process(folder, tmp_path, wrapper):
+    """MM-X and FedVLR (their content tables computed on each node, never sent) on 3 nodes."""
+    cfg = from_dict({**to_dict(small(folder, "fcf")), "wrapper": wrapper,
+                     "multimodal": {"content_dim": 8, "content_lr": 0.05}})
+    assert_same_rounds(run_local(cfg, 3, tmp_path), run(cfg))
+
+
 def test_sampled_clients_and_a_restarted_node_keep_their_state(folder, tmp_path):
     """Half the users per round; node 1 is killed after round 1 and restarted (new process memory,
     new Flower context, new node id): its users' state comes back from its state directory."""
