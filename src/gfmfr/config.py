@@ -102,6 +102,12 @@ class FederationConfig:
     """Sampled non-interacted items per positive, resampled every round."""
     weighted_aggregation: bool = False
     """FedAvg weighted by local sample count instead of a plain mean over participants."""
+    reject_norm: float | None = 10.0
+    """Reject a client's upload whose update norm (item tables whole) exceeds this many times the
+    median of its round; 0: reject only non-finite uploads; None: accept every upload unchecked."""
+    dropout: float = 0.0
+    """Fraction of the sampled clients that drop out of a round (seeded by seed and round): they send
+    nothing, and keep the private state they had."""
     upload: Literal["rows", "dense"] = "rows"
     """What a client sends of each shared item table over a network (Flower backend): ``rows``, the
     rows it trained this round (its positives and sampled negatives: the server learns which items

@@ -33,6 +33,7 @@ from gfmfr.federation.client_step import client_step
 from gfmfr.federation.messages import LocalUpdate, TrainInstruction
 from gfmfr.federation.plugin import Plugin
 from gfmfr.federation.server_steps import build_server_optimizer
+from gfmfr.federation.validation import screen, select, surviving
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender
 
@@ -50,6 +51,8 @@ class RoundLog:
     bytes_up_per_client: int
     bytes_down_per_client: int
     valid: dict[str, float] | None = None
+    rejected: int = 0
+    """Uploads the server rejected (non-finite, or an update norm far above the round's median)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Plug-ins' figures (:attr:`gfmfr.federation.messages.PluginReport.figures`)."""
 
@@ -87,10 +90,10 @@ class Federation:
         """Local training, aggregation and plug-in server work of one round."""
         fed = self.cfg.federation
         chunks = self.chunks(round_)
-        users = np.concatenate(chunks)
+        users = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
         seconds = {"train": 0.0, "aggregate": 0.0}
         agg = FedAvg(fed.weighted_aggregation)
-        losses = []
+        losses, rejected = [], 0
         terms = tuple(p.client for p in self.plugins)
         want = any(p.server.wants_signatures(round_) for p in self.plugins)
         # chunks bound memory: each chunk's uploads are folded into the aggregate, then dropped
@@ -102,6 +105,9 @@ class Federation:
             update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, terms,
                                    hints, want, self.train_keys, self.cfg.runtime.client_block, data)
             t1 = time.perf_counter()
+            keep = screen(update, self.state.shared, fed.reject_norm)
+            rejected += int((~keep).sum())
+            update = select(update, keep)
             agg.add(update, self.state.shared)
             for plugin in self.plugins:
                 plugin.server.observe_figures({k: float(v.sum()) for k, v in update.metrics.items()}, round_)
@@ -120,12 +126,15 @@ class Federation:
             seconds.update(report.seconds)
             up, down = up + report.bytes_up, down + report.bytes_down
             extra.update(report.figures)
-        loss = float(np.mean(np.concatenate(losses)))
-        if not np.isfinite(loss):
+        losses = np.concatenate(losses) if losses else np.empty(0)
+        loss = float(np.mean(losses)) if len(losses) else float("nan")
+        if len(losses) and not np.isfinite(loss):
             raise FloatingPointError(
                 f"training diverged in round {round_} (mean local loss {loss}); lower model.lr / model.item_lr"
             )
-        return RoundLog(round_, len(users), loss, seconds, up, down, extra=extra)
+        if rejected:
+            log.warning("round %d: %d upload(s) rejected", round_, rejected)
+        return RoundLog(round_, len(users), loss, seconds, up, down, rejected=rejected, extra=extra)
 
     def train_one_by_one(self, users: np.ndarray, round_: int, want_signatures: bool | None = None) -> LocalUpdate:
         """Local training of ``users`` in ``round_`` through the one-client step, one client after
@@ -157,6 +166,7 @@ class Federation:
         """The clients of ``round_`` (seeded sample), in chunks of ``client_chunk``."""
         fed = self.cfg.federation
         users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_)
+        users = surviving(users, fed.dropout, self.cfg.seed, round_)
         size = self.cfg.runtime.client_chunk
         return [users[start : start + size] for start in range(0, len(users), size)]
 

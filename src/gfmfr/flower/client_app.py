@@ -17,6 +17,7 @@ import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from gfmfr.federation.validation import screen, select
 from gfmfr.flower import wire
 from gfmfr.flower.node import Node, run_config_of
 from gfmfr.runtime import use_threads
@@ -61,9 +62,10 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     update = node.train(round_, users, hints, want)
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
     fed = node.cfg.federation
-    if not want:  # no plug-in needs its clients one by one: the node's partial aggregate
-        return Message(wire.encode_sums(update, shared, fed.weighted_aggregation, fed.upload == "dense"),
-                       reply_to=message)
+    if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
+        keep = screen(update, shared, fed.reject_norm)
+        return Message(wire.encode_sums(select(update, keep), shared, fed.weighted_aggregation, fed.upload == "dense",
+                                        int((~keep).sum())), reply_to=message)
     if fed.upload == "dense":
         update = wire.densify(update, shared)
     return Message(wire.encode_update(update), reply_to=message)

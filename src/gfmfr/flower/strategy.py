@@ -39,6 +39,7 @@ from gfmfr.federation.messages import LocalUpdate
 from gfmfr.federation.plugin import Plugin
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
+from gfmfr.federation.validation import screen, select, surviving
 from gfmfr.flower import wire
 from gfmfr.flower.node import partition_users
 from gfmfr.models.base import FederatedRecommender
@@ -65,6 +66,8 @@ class FedRecStrategy(Strategy):
         """Node id -> the partition it hosts."""
         self.partitions = 0
         self.history: list[RoundLog] = []
+        self.rejected = 0
+        """Uploads rejected in the last round aggregated (by the server, or by nodes before they sum)."""
         self.bytes = {"down": 0, "up": 0, "clients": 0}
 
     # ---- nodes ---------------------------------------------------------------------------------
@@ -128,7 +131,8 @@ class FedRecStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                         partitions: set[int] | None = None) -> Iterable[Message]:
         round_ = server_round - 1
-        users = sample_clients(self.n_users, self.cfg.federation.client_fraction, self.cfg.seed, round_)
+        users = surviving(sample_clients(self.n_users, self.cfg.federation.client_fraction, self.cfg.seed, round_),
+                          self.cfg.federation.dropout, self.cfg.seed, round_)
         want = any(p.server.wants_signatures(round_) for p in self.plugins)
         shared = {n: self.shared[n] for n in self.model.kinds.uploaded}
         messages = []
@@ -149,10 +153,12 @@ class FedRecStrategy(Strategy):
         fed = self.cfg.federation
         agg = FedAvg(fed.weighted_aggregation)
         updates, loss_sum, clients = [], 0.0, 0
+        self.rejected = 0
         for reply in replies:
             self.bytes["up"] += record_bytes(reply.content)
             if "sums" in reply.content:  # a node's partial aggregate
-                sums, total, trained, loss, n, figures = wire.decode_sums(reply.content, self.shared)
+                sums, total, trained, loss, n, figures, rejected = wire.decode_sums(reply.content, self.shared)
+                self.rejected += rejected
                 agg.add_sums(sums, total, trained)
                 loss_sum, clients = loss_sum + loss, clients + n
                 for plugin in self.plugins:
@@ -160,6 +166,9 @@ class FedRecStrategy(Strategy):
             else:
                 updates.append(wire.decode_update(reply.content))
         for chunk in self.chunks(updates) if updates else []:  # the in-process engine's chunks and client order
+            keep = screen(chunk, self.shared, fed.reject_norm)
+            self.rejected += int((~keep).sum())
+            chunk = select(chunk, keep)
             agg.add(chunk, self.shared)
             loss_sum, clients = loss_sum + float(chunk.loss.sum()), clients + len(chunk.users)
             for plugin in self.plugins:
@@ -222,7 +231,8 @@ class FedRecStrategy(Strategy):
         for t in range(fed.rounds):
             self.discover(grid)  # a node that restarted comes back under a new id
             t0 = time.perf_counter()
-            sampled = sample_clients(self.n_users, fed.client_fraction, self.cfg.seed, t)
+            sampled = surviving(sample_clients(self.n_users, fed.client_fraction, self.cfg.seed, t), fed.dropout,
+                                self.cfg.seed, t)
             replies = self.exchange(grid, lambda parts: list(self.configure_train(
                 t + 1, ArrayRecord(), ConfigRecord(), grid, parts)))
             t1 = time.perf_counter()
@@ -236,8 +246,8 @@ class FedRecStrategy(Strategy):
                 seconds.update(report.seconds)
                 up, down = up + report.bytes_up, down + report.bytes_down
                 extra.update(report.figures)
-            entry = RoundLog(t, len(sampled),
-                             float(metrics["loss"]), seconds, up, down, extra=extra)
+            entry = RoundLog(t, len(sampled), float(metrics["loss"]), seconds, up, down, rejected=self.rejected,
+                             extra=extra)
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                 t2 = time.perf_counter()
                 entry.valid = self.evaluate(grid, t + 1, "valid")

@@ -86,7 +86,7 @@ def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
     )
 
 
-def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool) -> RecordDict:
+def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool, rejected: int = 0) -> RecordDict:
     """A node's clients folded into one partial FedAvg aggregate (what it sends when no plug-in needs
     per-client uploads this round): the weighted sums of their shared parameters, their total weight,
     and the sums of their losses and figures. The server sees no single client's upload.
@@ -108,17 +108,18 @@ def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool
             arrays[f"decaysum/{name}"] = (w @ update.decay[name].to(torch.float32)).reshape(1)
         else:
             arrays[f"sum/{name}"] = value
-    arrays["totals"] = np.array([agg.total, float(update.loss.sum()), len(update.users)], np.float64)
+    arrays["totals"] = np.array([agg.total, float(update.loss.sum()), len(update.users), rejected], np.float64)
     arrays.update({f"metric/{k}": np.array([float(v.sum())]) for k, v in update.metrics.items()})
     return RecordDict({"sums": pack(arrays)})
 
 
 def decode_sums(content: RecordDict, shared: Params) -> tuple[Params, float, dict[str, torch.Tensor], float, int,
-                                                              dict[str, float]]:
-    """(sums, total weight, trained rows, loss sum, clients, figure sums) of :func:`encode_sums`;
+                                                              dict[str, float], int]:
+    """(sums, total weight, trained rows, loss sum, clients, figure sums, uploads the node rejected) of
+    :func:`encode_sums`;
     ``shared`` are the parameters the node's clients started from."""
     a = unpack(content["sums"])
-    total, loss, clients = a["totals"].tolist()
+    total, loss, clients, rejected = a["totals"].tolist()
 
     def part(kind: str) -> dict[str, torch.Tensor]:
         return {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith(kind + "/")}
@@ -129,7 +130,7 @@ def decode_sums(content: RecordDict, shared: Params) -> tuple[Params, float, dic
         full.index_copy_(0, rows, sums[name])
         sums[name] = full
         trained[name] = torch.zeros(len(full), dtype=torch.bool).index_fill_(0, rows, True)
-    return sums, total, trained, loss, int(clients), {k: float(v) for k, v in part("metric").items()}
+    return sums, total, trained, loss, int(clients), {k: float(v) for k, v in part("metric").items()}, int(rejected)
 
 
 def concat_updates(updates: list[LocalUpdate], order: np.ndarray | None = None) -> LocalUpdate:
