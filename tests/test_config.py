@@ -95,3 +95,48 @@ def test_stored_configs_of_deleted_options_and_old_plugin_names_still_load():
     assert from_dict(old).gfmfr == from_dict({"plugin": "gfmfr"}).gfmfr
     with pytest.raises(ConfigError, match="score_with"):
         from_dict({"gfmfr": {"score_with": "group"}})
+
+
+def _fields():
+    import dataclasses
+
+    from gfmfr.config import RunConfig
+
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += [(f.name, g.name) for g in dataclasses.fields(default)]
+        else:
+            out.append((None, f.name))
+    return out
+
+
+def _values():
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                       st.text(max_size=12))
+    return st.one_of(scalar, st.lists(scalar, max_size=3), st.dictionaries(st.text(max_size=4), scalar, max_size=2))
+
+
+def test_random_config_values_raise_only_config_errors():
+    """Any value, of any type, at any key (and unknown keys): the config loads or raises ConfigError."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gfmfr.config import ConfigError
+
+    sections = [(None, s) for s in ("data", "model", "federation", "gfmfr", "runtime")]  # a whole section replaced
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.sampled_from(_fields() + sections + [("federation", "no_such_key"), (None, "no_such_key")]), _values())
+    def check(key, value):
+        section, name = key
+        values = {name: value} if section is None else {section: {name: value}}
+        try:
+            from_dict(values)
+        except ConfigError:
+            pass
+
+    check()

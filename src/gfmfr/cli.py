@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import logging
 import sys
@@ -78,10 +79,24 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def writable_folder(path: str | None, flag: str = "--out") -> None:
+    """Create ``path`` if needed; a folder that cannot be created or written is a one-line error."""
+    if path is None:
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / ".gfmfr-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gfmfr.run import run
 
     cfg = _config(args)
+    writable_folder(args.out)
     results = run(cfg, args.out, progress=not (args.verbose or args.no_progress))
     sys.stdout.write(
         f"\n{cfg.wrapper + '(' if cfg.wrapper != 'none' else ''}{cfg.model.name}"

@@ -382,10 +382,38 @@ def _migrate(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+RANGES: dict[tuple[str, str], tuple[Any, str]] = {
+    ("federation", "rounds"): (lambda v: v >= 1, "at least 1"),
+    ("federation", "client_fraction"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("federation", "local_epochs"): (lambda v: v >= 1, "at least 1"),
+    ("federation", "batch_size"): (lambda v: v >= 1, "at least 1"),
+    ("federation", "num_negatives"): (lambda v: v >= 0, "at least 0"),
+    ("federation", "eval_every"): (lambda v: v >= 1, "at least 1"),
+    ("federation", "early_stop_patience"): (lambda v: v >= 0, "at least 0"),
+    ("federation", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("federation", "reject_norm"): (lambda v: v is None or v >= 0, "at least 0, or none"),
+    ("model", "dim"): (lambda v: v >= 1, "at least 1"),
+    ("gfmfr", "groups"): (lambda v: v >= 1, "at least 1"),
+    ("gfmfr", "server_steps"): (lambda v: v >= 1, "at least 1"),
+    ("gfmfr", "server_every"): (lambda v: v >= 1, "at least 1"),
+    ("runtime", "nodes"): (lambda v: v >= 1, "at least 1"),
+    ("runtime", "client_chunk"): (lambda v: v >= 1, "at least 1"),
+    ("runtime", "client_block"): (lambda v: v >= 1, "at least 1"),
+    ("runtime", "threads"): (lambda v: v >= 0, "at least 0"),
+}
+"""Numeric fields whose value must lie in a range, checked when a config loads."""
+
+
 def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
     """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults; keys that
-    moved, :data:`MOVED`, are read at their new place)."""
-    return _build(RunConfig, _migrate(values), where)
+    moved, :data:`MOVED`, are read at their new place). A value out of its range (:data:`RANGES`) is a
+    :class:`ConfigError` naming the key."""
+    cfg = _build(RunConfig, _migrate(values), where)
+    for (section, key), (ok, allowed) in RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        if not ok(value):
+            raise ConfigError(f"{where}.{section}.{key}: must be {allowed}; got {value!r}")
+    return cfg
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
