@@ -116,3 +116,38 @@ def test_max_train_per_user_keeps_the_first_k_and_the_same_held_out_items(plante
         assert (sparse.user_train(u) == full.user_train(u)[:5]).all()
     assert sparse.report["dropped"]["train_interactions_beyond_max_train_per_user"] == int(
         (full.train_counts - np.minimum(full.train_counts, 5)).sum())
+
+
+def test_random_bytes_and_rows_in_every_reader_raise_only_data_errors(tmp_path_factory):
+    """Whatever a data folder holds (random bytes, or rows of random cells under any known header), in
+    each layout (generic, FedVLR, RecBole atomic) and in items.csv: it loads, or raises DataError."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gfmfr.config import DataConfig
+    from gfmfr.data.dataset import build_dataset
+    from gfmfr.data.errors import DataError
+    from gfmfr.data.sources import read_folder, read_items_csv
+
+    headers = ["user_id,item_id,rating,timestamp", "userId,itemId", "a,b", "",
+               "user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    cell = st.sampled_from(["1", "2", "x", "", "3.5", "-1", "1e400", "nan", "é", '"', "0"])
+    table = st.tuples(st.sampled_from(headers), st.lists(st.lists(cell, min_size=1, max_size=5), max_size=8)).map(
+        lambda t: "\n".join([t[0]] + [("\t" if "\t" in t[0] else ",").join(r) for r in t[1]]).encode())
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.sampled_from(["interactions.csv", "inter.csv", "ml.inter"]), st.one_of(st.binary(max_size=200), table),
+           st.one_of(st.none(), st.binary(max_size=80), table))
+    def check(name, content, items):
+        folder = tmp_path_factory.mktemp("fuzz")
+        (folder / name).write_bytes(content)
+        if items is not None:
+            (folder / "items.csv").write_bytes(items)
+        try:
+            build_dataset(read_folder(folder), DataConfig(), name="fuzz")
+            if items is not None:
+                read_items_csv(folder / "items.csv", folder)
+        except DataError:
+            pass
+
+    check()
