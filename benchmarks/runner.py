@@ -15,7 +15,7 @@ def run_point(folder: Path, model: str, sets: list[str], seed: int, plugin: str 
     ``{"error": last stderr line}`` if the run failed."""
     if not (folder / "results.json").exists():
         cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--model", model, "--plugin", plugin, "--seed", str(seed),
-               "--out", str(folder), "--no-progress", "--no-reference", "--set", "runtime.threads=1"]
+               "--out", str(folder), "--no-progress", "--no-reference", "--resume", "--set", "runtime.threads=1"]
         if content:
             cmd += ["--content", content]
         for s in sets:

@@ -75,9 +75,13 @@ def test_screening_keeps_clean_clients_and_drops_outliers():
     rows = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 1.0], [500.0, 0], [float("nan"), 0]])
     update = LocalUpdate(np.arange(5), {}, {"t": rows}, np.arange(5), np.zeros(5, np.int64),
                          {"t": torch.ones(5)}, np.ones(5), np.zeros(5))
-    assert screen(update, {"t": g}, 10.0).tolist() == [True, True, True, False, False]
-    assert screen(update, {"t": g}, 0.0).tolist() == [True, True, True, True, False]
-    assert screen(update, {"t": g}, None).all()
+    cfg = small_config("fcf").federation
+    assert screen(update, {"t": g}, replace(cfg, reject_norm=10.0)).tolist() == [True, True, True, False, False]
+    assert screen(update, {"t": g}, replace(cfg, reject_norm=0.0)).tolist() == [True, True, True, True, False]
+    assert screen(update, {"t": g}, replace(cfg, reject_norm=None)).all()
+    # per local step: a client with 100 times the steps may move 100 times as far
+    heavy = replace(update, num_samples=np.array([1, 1, 1, 5000, 1]))
+    assert screen(heavy, {"t": g}, replace(cfg, reject_norm=10.0)).tolist() == [True, True, True, True, False]
     kept = select(update, np.array([True, False, True, False, False]))
     assert kept.users.tolist() == [0, 2] and kept.row_client.tolist() == [0, 1]
     torch.testing.assert_close(kept.rows["t"], rows[[0, 2]])

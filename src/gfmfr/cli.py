@@ -96,8 +96,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gfmfr.run import run
 
     cfg = _config(args)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out: the folder of the run to continue")
+    if args.out and not (args.resume or args.overwrite):
+        held = [name for name in ("results.json", "checkpoint.safetensors") if (Path(args.out) / name).exists()]
+        if held:
+            raise ConfigError(f"--out {args.out} already holds a run ({', '.join(held)}); "
+                              "give --resume to continue it or --overwrite to start again")
     writable_folder(args.out)
-    results = run(cfg, args.out, progress=not (args.verbose or args.no_progress))
+    if args.overwrite and args.out:
+        (Path(args.out) / "checkpoint.safetensors").unlink(missing_ok=True)
+    results = run(cfg, args.out, progress=not (args.verbose or args.no_progress), resume=args.resume)
     sys.stdout.write(
         f"\n{cfg.wrapper + '(' if cfg.wrapper != 'none' else ''}{cfg.model.name}"
         f"{')' if cfg.wrapper != 'none' else ''}{'+' + cfg.plugin if cfg.plugin != 'none' else ''}"
@@ -199,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-process batched engine (default) or Flower's simulation engine")
     p.add_argument("--nodes", type=int, help="simulated Flower nodes, each hosting a partition of the users")
     p.add_argument("--out", help="output folder for results.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint --out holds (a killed run), bit for bit")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that already holds a run")
     p.add_argument("--no-progress", action="store_true", help="log a line per round instead of a progress bar")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the popularity and centralised-bound (cached) test rows after a federated run")

@@ -167,8 +167,14 @@ def _run_in_subprocess(cfg: RunConfig, folder: Path) -> str | None:
     """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(to_toml(dataclasses.replace(cfg, runtime=RuntimeConfig(threads=1))))
+    from gfmfr.federation.checkpoint import CHECKPOINT, matches
+
+    if (folder / CHECKPOINT).exists() and not matches(folder / CHECKPOINT, cfg):  # an interrupted run of another plan
+        (folder / CHECKPOINT).unlink()
+    (folder / "results.json").unlink(missing_ok=True)  # stale: finished() found it of another configuration
     proc = subprocess.run([sys.executable, "-m", "gfmfr.cli", "run", "--config", str(folder / "config.toml"),
-                           "--out", str(folder), "--no-progress", "--no-reference"], capture_output=True, text=True)
+                           "--out", str(folder), "--no-progress", "--no-reference", "--resume"],
+                          capture_output=True, text=True)
     if proc.returncode == 0:
         return None
     lines = proc.stderr.strip().splitlines()

@@ -81,7 +81,8 @@ def build_run_model(dataset: Dataset, cfg: RunConfig) -> tuple[FederatedRecommen
     return model, ()
 
 
-def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False) -> dict[str, Any]:
+def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out: str | Path | None = None,
+                  resume: bool = False) -> dict[str, Any]:
     """Train a federated base model and report the test score at the best validation round."""
     from gfmfr.federation.engine import Federation
 
@@ -90,9 +91,14 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False) -> d
 
         return run_simulated(dataset, cfg)
 
+    from gfmfr.federation.checkpoint import CHECKPOINT
+
     model, plugins = build_run_model(dataset, cfg)
     fed = Federation(dataset, model, cfg, plugins)
-    best = fed.fit(progress=progress)
+    checkpoint = Path(out) / CHECKPOINT if out is not None and cfg.runtime.checkpoint_every else None
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    best = fed.fit(progress=progress, checkpoint=checkpoint, resume=resume)
     return federated_results(best, fed.history, plugins)
 
 
@@ -131,9 +137,10 @@ def resolved_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None = None,
-        progress: bool = False) -> dict[str, Any]:
+        progress: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg``; write ``out/results.json`` if ``out`` is given; return the results dict.
-    ``progress`` shows a bar over the federated rounds."""
+    ``progress`` shows a bar over the federated rounds; ``resume`` continues a killed in-process
+    federated run from ``out``'s checkpoint."""
     use_threads(cfg.runtime.threads)
     torch.manual_seed(cfg.seed)
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
@@ -143,10 +150,15 @@ def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None =
     elif cfg.training == "centralised":
         body = run_centralised(dataset, cfg)
     elif cfg.training == "federated":
-        body = run_federated(dataset, cfg, progress)
+        body = run_federated(dataset, cfg, progress, out, resume)
     else:
         raise ValueError(f"training must be 'federated' or 'centralised', got {cfg.training!r}")
-    return write_results(cfg, dataset, body, out)
+    results = write_results(cfg, dataset, body, out)
+    if out is not None:
+        from gfmfr.federation.checkpoint import CHECKPOINT
+
+        (Path(out) / CHECKPOINT).unlink(missing_ok=True)  # the run is whole: results.json says it all
+    return results
 
 
 def write_results(cfg: RunConfig, dataset: Dataset, body: dict[str, Any], out: str | Path | None) -> dict[str, Any]:

@@ -43,5 +43,14 @@ class BestRound:
             return True
         return False
 
+    def state(self) -> dict[str, Any]:
+        """The selection so far, JSON-ready (a checkpoint)."""
+        return {"round": self.round, "score": None if not np.isfinite(self.score) else float(self.score),
+                "valid": self.valid, "test": self.test}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.round, self.valid, self.test = state["round"], state["valid"], state["test"]
+        self.score = -np.inf if state["score"] is None else state["score"]
+
     def summary(self) -> dict[str, Any]:
         return {"round": self.round, "score": self.score, "valid": self.valid, "test": self.test}

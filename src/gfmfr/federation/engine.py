@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -105,7 +106,7 @@ class Federation:
             update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, terms,
                                    hints, want, self.train_keys, self.cfg.runtime.client_block, data)
             t1 = time.perf_counter()
-            keep = screen(update, self.state.shared, fed.reject_norm)
+            keep = screen(update, self.state.shared, fed)
             rejected += int((~keep).sum())
             update = select(update, keep)
             agg.add(update, self.state.shared)
@@ -192,22 +193,35 @@ class Federation:
         return self.state.score(users)
 
     def fit(self, progress: bool = False, on_validation: Callable[[int, dict[str, float]], None] | None = None,
-            evaluate_test: bool = True, log_rounds: bool = True) -> dict[str, Any]:
+            evaluate_test: bool = True, log_rounds: bool = True, checkpoint: Path | None = None,
+            resume: bool = False) -> dict[str, Any]:
         """Run every round; returns the selection summary (best round, valid and test metrics).
 
         ``progress`` shows a bar over rounds with the ETA and the latest validation score (the
         per-round lines are then logged at DEBUG). ``on_validation(round, metrics)`` sees every
         validation (a tuner prunes from it by raising). ``evaluate_test = False`` never reads the
         test split (the summary's ``test`` is then empty). ``log_rounds = False`` logs the per-round
-        lines at DEBUG even without a bar (a tuner's trials).
+        lines at DEBUG even without a bar (a tuner's trials). With ``checkpoint``, everything the next
+        round needs is written there after every ``runtime.checkpoint_every`` rounds
+        (:mod:`gfmfr.federation.checkpoint`); with ``resume`` too, a run starts from it if it exists.
         """
+        from gfmfr.federation import checkpoint as ckpt
+
         fed, ev = self.cfg.federation, self.cfg.eval
         best = BestRound(ev.select_metric, fed.early_stop_patience)
-        bar = tqdm(total=fed.rounds, desc="rounds", unit="round", disable=not progress, leave=True,
+        start = 0
+        if resume and checkpoint is not None and checkpoint.exists():
+            start = ckpt.load(self, best, checkpoint)
+            log.info("resuming after round %d from %s", start - 1, checkpoint)
+            last = self.history[-1] if self.history else None
+            if last is not None and last.valid is not None and best.stop(last.round):
+                return best.summary()
+        bar = tqdm(total=fed.rounds, initial=start, desc="rounds", unit="round", disable=not progress, leave=True,
                    dynamic_ncols=True)
         line = log.debug if progress or not log_rounds else log.info
+        every = self.cfg.runtime.checkpoint_every
         try:
-            for t in range(fed.rounds):
+            for t in range(start, fed.rounds):
                 entry = self.train_round(t)
                 if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                     t0 = time.perf_counter()
@@ -226,6 +240,8 @@ class Federation:
                     line("round %3d  loss %.4f  (%.2fs train)", t, entry.loss, entry.seconds["train"])
                 self.history.append(entry)
                 bar.update(1)
+                if checkpoint is not None and every and ((t + 1) % every == 0 or t == fed.rounds - 1):
+                    ckpt.save(self, best, checkpoint)
                 if on_validation is not None and entry.valid is not None:
                     on_validation(t, entry.valid)
                 if entry.valid is not None and best.stop(t):

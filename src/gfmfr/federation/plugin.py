@@ -86,6 +86,13 @@ class ServerHalf(ABC):
         """Figures for ``results.json`` once training ends."""
         return {}
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What the server half carries from round to round, as tensors and JSON (a checkpoint)."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Inverse of :meth:`state`."""
+
 
 @dataclass
 class Plugin:

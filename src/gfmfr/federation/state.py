@@ -180,6 +180,31 @@ class SparseRows:
             out.view(-1, *self.row_shape)[torch.from_numpy(keys)] = rows
         return out
 
+    def raw(self) -> dict[str, torch.Tensor]:
+        """Every field, exactly (a checkpoint: the rows come back bit for bit, lazy scales included)."""
+        clients = np.array(sorted(self.items), np.int64)
+        return {
+            "clients": torch.from_numpy(clients),
+            "counts": torch.tensor([len(self.items[c]) for c in clients], dtype=torch.int64),
+            "items": torch.from_numpy(np.concatenate([self.items[c] for c in clients]).astype(np.int64))
+            if len(clients) else torch.zeros(0, dtype=torch.int64),
+            "slots": torch.from_numpy(np.concatenate([self.slots[c] for c in clients]).astype(np.int64))
+            if len(clients) else torch.zeros(0, dtype=torch.int64),
+            "scale": torch.tensor([self.scale.get(int(c), 1.0) for c in clients], dtype=torch.float64),
+            "pool": self.pool[: self.used].clone(),
+        }
+
+    def load_raw(self, raw: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`raw`."""
+        clients, counts = raw["clients"].numpy(), raw["counts"].numpy()
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        items, slots = raw["items"].numpy(), raw["slots"].numpy()
+        self.items = {int(c): items[starts[i]:starts[i + 1]].copy() for i, c in enumerate(clients)}
+        self.slots = {int(c): slots[starts[i]:starts[i + 1]].copy() for i, c in enumerate(clients)}
+        self.scale = {int(c): float(v) for c, v in zip(clients, raw["scale"].tolist())}
+        self.pool = raw["pool"].clone() if len(raw["pool"]) else torch.empty((1024, *self.row_shape))
+        self.used = len(raw["pool"])
+
     @property
     def nbytes(self) -> int:
         """Memory of the row pool plus every client's item ids and slots."""
@@ -374,16 +399,16 @@ class FileStore:
         save_tensors(tensors, self.path(client))
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write ``tensors`` to ``path`` (safetensors) atomically: to a temporary file beside it, then a
-    rename, so that a process killed mid-write leaves the previous file whole."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (and string ``metadata``) to ``path`` (safetensors) atomically: to a temporary
+    file beside it, then a rename, so that a process killed mid-write leaves the previous file whole."""
     from safetensors.torch import save_file
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

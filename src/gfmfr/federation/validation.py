@@ -1,9 +1,11 @@
 """Screening of client uploads before they are averaged (issue 17: bad uploads are rejected).
 
 A client's upload is rejected when any value it sends is NaN or infinite, or when the norm of its
-update (its upload minus the parameters it started from, item tables whole: the rows it did not
-train changed by weight decay only) is more than ``federation.reject_norm`` times the median norm
-of the clients screened with it. A rejected client is left out of the average; its own private
+update per local step (its upload minus the parameters it started from, item tables whole: the rows
+it did not train changed by weight decay only) is more than ``federation.reject_norm`` times the
+median of the clients screened with it. Per step, because a heavy user takes more steps: on ML-100K
+the largest honest ratio to the median was 13 in the first 8 rounds of the four base models (35
+without the division), hence a default of 100, which still catches an update scaled by 1e3. A rejected client is left out of the average; its own private
 state is its own business. The engine and the Flower server screen per-client uploads; a Flower
 node screens its users before it sums them.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gfmfr.config import FederationConfig
 from gfmfr.federation.messages import LocalUpdate, Params
 
 
@@ -43,12 +46,14 @@ def update_norms(update: LocalUpdate, broadcast: Params) -> np.ndarray:
     return norms
 
 
-def screen(update: LocalUpdate, broadcast: Params, reject_norm: float | None) -> np.ndarray:
-    """[C] bool: the clients whose uploads are kept (finite, and with ``reject_norm > 0`` an update
-    norm at most ``reject_norm`` times the median of the finite ones; every one with None)."""
+def screen(update: LocalUpdate, broadcast: Params, cfg: FederationConfig) -> np.ndarray:
+    """[C] bool: the clients whose uploads are kept (finite, and with ``cfg.reject_norm > 0`` an update
+    norm per local step at most ``reject_norm`` times the median of the finite ones; all with None)."""
+    reject_norm = cfg.reject_norm
     if reject_norm is None:
         return np.ones(len(update.users), bool)
-    norms = update_norms(update, broadcast)
+    steps = cfg.local_epochs * -(-np.asarray(update.num_samples) // cfg.batch_size)
+    norms = update_norms(update, broadcast) / np.maximum(steps, 1)
     keep = np.isfinite(norms)
     if reject_norm > 0 and keep.any():
         keep &= norms <= reject_norm * np.median(norms[keep])

@@ -63,7 +63,7 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
     fed = node.cfg.federation
     if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
-        keep = screen(update, shared, fed.reject_norm)
+        keep = screen(update, shared, fed)
         return Message(wire.encode_sums(select(update, keep), shared, fed.weighted_aggregation, fed.upload == "dense",
                                         int((~keep).sum())), reply_to=message)
     if fed.upload == "dense":

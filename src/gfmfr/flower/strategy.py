@@ -166,7 +166,7 @@ class FedRecStrategy(Strategy):
             else:
                 updates.append(wire.decode_update(reply.content))
         for chunk in self.chunks(updates) if updates else []:  # the in-process engine's chunks and client order
-            keep = screen(chunk, self.shared, fed.reject_norm)
+            keep = screen(chunk, self.shared, fed)
             self.rejected += int((~keep).sum())
             chunk = select(chunk, keep)
             agg.add(chunk, self.shared)

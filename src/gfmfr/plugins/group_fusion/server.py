@@ -193,6 +193,33 @@ class GFMFRServer(ServerHalf):
             },
         )
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"group": torch.from_numpy(self.grouping.group.copy()),
+                   "view": torch.from_numpy(np.ascontiguousarray(self.grouping.view, np.float64)),
+                   "stats": torch.from_numpy(self._stats.copy())}
+        for name in ("preferences", "targets", "fused"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        if self.fusion is not None:
+            tensors.update({f"fusion/{k}": v for k, v in self.fusion.state_dict().items()})
+        for k, snap in enumerate(self.snapshots):
+            tensors.update({f"snapshot{k}/{f}": torch.from_numpy(np.ascontiguousarray(snap[f]))
+                            for f in ("users", "xy", "group")})
+        return tensors, {"fusion": self.fusion is not None, "snapshots": [s["round"] for s in self.snapshots]}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        self.grouping.group = tensors["group"].numpy().copy()
+        self.grouping.view = tensors["view"].numpy().copy()
+        self._stats = tensors["stats"].numpy().copy()
+        for name in ("preferences", "targets", "fused"):
+            setattr(self, name, tensors.get(name))
+        if info["fusion"]:
+            self.fusion = GroupFusion(self.cfg.groups, self.model.dim, self.features, self.masks, self.cfg.fusion, 0,
+                                      self.cfg.item_view)
+            self.fusion.load_state_dict({k[len("fusion/"):]: v for k, v in tensors.items() if k.startswith("fusion/")})
+        self.snapshots = [{"round": r, **{f: tensors[f"snapshot{k}/{f}"].numpy() for f in ("users", "xy", "group")}}
+                          for k, r in enumerate(info["snapshots"])]
+
     def summary(self, max_snapshots: int = 6) -> dict[str, Any]:
         """The client groups of up to ``max_snapshots`` evenly spaced rounds (2-D PCA of the signatures)."""
         keep = np.unique(np.linspace(0, len(self.snapshots) - 1, max_snapshots).round().astype(int)) \

@@ -1,0 +1,103 @@
+"""Resume after a crash: a killed run continued with --resume computes what the uninterrupted run
+computes, bit for bit (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gfmfr.federation.checkpoint import CHECKPOINT
+from gfmfr.federation.engine import Federation
+from gfmfr.models import build_model
+from gfmfr.run import build_run_model
+from tests.test_gfmfr import gfmfr_config, with_features
+from tests.test_model_contract import small_config
+
+
+class Killed(Exception):
+    pass
+
+
+def same_history(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.round == y.round and x.loss == y.loss and x.valid == y.valid and x.rejected == y.rejected
+        assert x.extra == y.extra
+
+
+@pytest.mark.parametrize("name, plugin", [("fcf", "none"), ("fedrap", "none"), ("fedrap", "gfmfr"), ("pfedrec", "gfmfr")])
+def test_a_run_stopped_after_any_round_resumes_bit_for_bit(planted, tmp_path, name, plugin):
+    data = with_features(planted)
+    cfg = gfmfr_config(name, server_every=2) if plugin == "gfmfr" else small_config(name, rounds=6)
+    cfg = replace(cfg, plugin=plugin, federation=replace(cfg.federation, rounds=6, client_fraction=0.6))
+    model, plugins = build_run_model(data, cfg)
+    whole = Federation(data, model, cfg, plugins)
+    expected = whole.fit()
+    for stop_after in (0, 3):
+        path = tmp_path / f"stop{stop_after}" / CHECKPOINT
+        path.parent.mkdir()
+        model, plugins = build_run_model(data, cfg)
+
+        def kill(t, valid):
+            if t == stop_after:
+                raise Killed
+
+        with pytest.raises(Killed):
+            Federation(data, model, cfg, plugins).fit(checkpoint=path, on_validation=kill)
+        model, plugins = build_run_model(data, cfg)  # a fresh process
+        resumed = Federation(data, model, cfg, plugins)
+        assert resumed.fit(checkpoint=path, resume=True) == expected
+        same_history(resumed.history, whole.history)
+        if plugins:
+            assert plugins[0].server.summary() == whole.plugins[0].server.summary()
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(planted, tmp_path):
+    from gfmfr.config import ConfigError
+
+    cfg = small_config("fcf", rounds=2)
+    path = tmp_path / CHECKPOINT
+    Federation(planted, build_model(planted.n_items, cfg.model), cfg).fit(checkpoint=path)
+    other = replace(cfg, federation=replace(cfg.federation, local_epochs=1))
+    with pytest.raises(ConfigError, match="another configuration"):
+        Federation(planted, build_model(planted.n_items, other.model), other).fit(checkpoint=path, resume=True)
+
+
+@pytest.mark.slow
+def test_kill_9_at_three_random_moments_then_resume(planted_folder, tmp_path):
+    """`gfmfr run` killed with SIGKILL at 3 random moments and continued with --resume each time: its
+    results.json has the uninterrupted run's metrics at every round, bit for bit."""
+    cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--dataset", str(planted_folder), "--model", "fedrap",
+           "--set", "federation.rounds=40", "--set", "model.dim=16", "--set", "eval.ks=10",
+           "--set", "federation.early_stop_patience=0", "--threads", "1", "--no-progress", "--no-reference"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(cmd + ["--out", str(out), "--resume"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(4.0, 9.0))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    refused = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr.strip().splitlines()[-1]
+    subprocess.run(cmd + ["--out", str(out), "--resume"], check=True, capture_output=True)
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert [(h["round"], h["loss"], h["valid"]) for h in a["history"]] == \
+        [(h["round"], h["loss"], h["valid"]) for h in b["history"]]
+    assert a["test"] == b["test"] and a["best_round"] == b["best_round"]
+    assert not (out / CHECKPOINT).exists()
