@@ -74,8 +74,9 @@ def test_a_checkpoint_of_another_configuration_is_refused(planted, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_at_three_random_moments_then_resume(planted_folder, tmp_path):
-    """`gfmfr run` killed with SIGKILL at 3 random moments and continued with --resume each time: its
-    results.json has the uninterrupted run's metrics at every round, bit for bit."""
+    """`gfmfr run` killed with SIGKILL at 3 random moments (0-2 s after its first checkpoint) and
+    continued with --resume each time: its results.json has the uninterrupted run's metrics at every
+    round, bit for bit."""
     cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--dataset", str(planted_folder), "--model", "fedrap",
            "--set", "federation.rounds=40", "--set", "model.dim=16", "--set", "eval.ks=10",
            "--set", "federation.early_stop_patience=0", "--threads", "1", "--no-progress", "--no-reference"]
@@ -83,15 +84,22 @@ def test_kill_9_at_three_random_moments_then_resume(planted_folder, tmp_path):
     out = tmp_path / "killed"
     rng = random.Random(0)
     kills = 0
-    for _ in range(3):
-        proc = subprocess.Popen(cmd + ["--out", str(out), "--resume"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(4.0, 9.0))
+    for attempt in range(3):
+        log = open(tmp_path / f"attempt{attempt}.log", "w")
+        proc = subprocess.Popen(cmd + ["--out", str(out), "--resume"], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        before = (out / CHECKPOINT).stat().st_mtime_ns if (out / CHECKPOINT).exists() else None
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and (
+                not (out / CHECKPOINT).exists() or (out / CHECKPOINT).stat().st_mtime_ns == before):
+            time.sleep(0.05)  # until this attempt has completed a round of its own
+        time.sleep(rng.uniform(0.0, 2.0))  # then a random moment: mid-round, mid-checkpoint, mid-evaluation
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-    assert kills >= 1
+        log.close()
+    assert kills >= 1, (tmp_path / "attempt0.log").read_text()[-2000:]
     refused = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr.strip().splitlines()[-1]
     subprocess.run(cmd + ["--out", str(out), "--resume"], check=True, capture_output=True)
