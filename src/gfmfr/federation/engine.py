@@ -32,7 +32,7 @@ from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.batched import LocalData, train_clients
 from gfmfr.federation.client_step import client_step
 from gfmfr.federation.messages import LocalUpdate, TrainInstruction
-from gfmfr.federation.plugin import Plugin
+from gfmfr.federation.plugin import Plugin, end_round
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.validation import screen, select, surviving
 from gfmfr.federation.state import FederationState
@@ -119,14 +119,7 @@ class Federation:
             seconds["train"] += t1 - t0
             seconds["aggregate"] += time.perf_counter() - t1
         self.state.shared = self.server_opt.step(self.state.shared, agg.result(self.state.shared), agg.trained_rows)
-        size = self.model.upload_bytes()
-        up = down = size
-        extra: dict[str, Any] = {}
-        for plugin in self.plugins:
-            report = plugin.server.end_round(self.model, round_)
-            seconds.update(report.seconds)
-            up, down = up + report.bytes_up, down + report.bytes_down
-            extra.update(report.figures)
+        up, down, extra = end_round(self.plugins, self.model, round_, seconds)
         losses = np.concatenate(losses) if losses else np.empty(0)
         loss = float(np.mean(losses)) if len(losses) else float("nan")
         if len(losses) and not np.isfinite(loss):

@@ -100,3 +100,18 @@ class Plugin:
 
     server: ServerHalf
     client: LossTerm
+
+
+def end_round(plugins: tuple[Plugin, ...], model: FederatedRecommender, round_: int,
+              seconds: dict[str, float]) -> tuple[int, int, dict[str, Any]]:
+    """Every plug-in's server work once the round is aggregated: their phases are added to
+    ``seconds``; returns the bytes a client sends and receives this round (its shared parameters
+    and the plug-ins' extras) and the plug-ins' figures for the round log."""
+    up = down = model.upload_bytes()
+    figures: dict[str, Any] = {}
+    for plugin in plugins:
+        report = plugin.server.end_round(model, round_)
+        seconds.update(report.seconds)
+        up, down = up + report.bytes_up, down + report.bytes_down
+        figures.update(report.figures)
+    return up, down, figures

@@ -36,7 +36,7 @@ from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.engine import RoundLog, sample_clients
 from gfmfr.federation.messages import LocalUpdate
-from gfmfr.federation.plugin import Plugin
+from gfmfr.federation.plugin import Plugin, end_round
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
 from gfmfr.federation.validation import screen, select, surviving
@@ -238,14 +238,7 @@ class FedRecStrategy(Strategy):
             t1 = time.perf_counter()
             _, metrics = self.aggregate_train(t + 1, replies)
             seconds = {"train": t1 - t0, "aggregate": time.perf_counter() - t1}
-            size = self.model.upload_bytes()
-            up = down = size
-            extra: dict[str, Any] = {}
-            for plugin in self.plugins:
-                report = plugin.server.end_round(self.model, t)
-                seconds.update(report.seconds)
-                up, down = up + report.bytes_up, down + report.bytes_down
-                extra.update(report.figures)
+            up, down, extra = end_round(self.plugins, self.model, t, seconds)
             entry = RoundLog(t, len(sampled), float(metrics["loss"]), seconds, up, down, rejected=self.rejected,
                              extra=extra)
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
