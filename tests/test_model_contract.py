@@ -77,7 +77,8 @@ def test_reproducible_with_seed(planted, name):
 def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rounds=2):
     """Rounds trained batched (in chunks and blocks) and with the one-client step, one client after
     another, give the same global parameters and client states (1e-5)."""
-    from gfmfr.federation.aggregation import FedAvg
+    from gfmfr.federation.aggregation import RoundAggregate
+    from gfmfr.federation.plugin import end_round
     from tests.test_client_training import assert_same_states
 
     cfg = replace(cfg, runtime=replace(cfg.runtime, client_chunk=50, client_block=7))
@@ -87,16 +88,10 @@ def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rou
     users = np.arange(data.n_users)
     for t in range(1, rounds):
         fed.train_round(t)
-        update = one.train_one_by_one(users, t)
-        agg = FedAvg()
-        agg.add(update, one.state.shared)
-        for plugin in one.plugins:
-            plugin.server.observe_figures({k: float(v.sum()) for k, v in update.metrics.items()}, t)
-            if plugin.server.wants_signatures(t):
-                plugin.server.observe(update, one.state.shared, t)
-        one.state.shared = agg.result(one.state.shared)
-        for plugin in one.plugins:
-            plugin.server.end_round(one.model, t)
+        agg = RoundAggregate(cfg.federation, one.plugins, one.state.shared, t)
+        agg.add(one.train_one_by_one(users, t))
+        one.state.shared, _ = agg.finish(one.server_opt)
+        end_round(one.plugins, one.model, t, {})
     assert_same_states(fed, one, users)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from gfmfr.federation import engine
 from gfmfr.federation.engine import Federation
-from gfmfr.federation.validation import screen, select, surviving, update_norms
+from gfmfr.federation.validation import keep_screened, screen, surviving, update_norms
 from gfmfr.models import build_model
 from tests.test_model_contract import small_config
 
@@ -82,9 +82,11 @@ def test_screening_keeps_clean_clients_and_drops_outliers():
     # per local step: a client with 100 times the steps may move 100 times as far
     heavy = replace(update, num_samples=np.array([1, 1, 1, 5000, 1]))
     assert screen(heavy, {"t": g}, replace(cfg, reject_norm=10.0)).tolist() == [True, True, True, True, False]
-    kept = select(update, np.array([True, False, True, False, False]))
+    kept = LocalUpdate.concat([update], np.flatnonzero([True, False, True, False, False]))
     assert kept.users.tolist() == [0, 2] and kept.row_client.tolist() == [0, 1]
     torch.testing.assert_close(kept.rows["t"], rows[[0, 2]])
+    kept, rejected = keep_screened(update, {"t": g}, replace(cfg, reject_norm=10.0))
+    assert kept.users.tolist() == [0, 1, 2] and rejected == 2
 
 
 def test_dropout_is_seeded_and_dropped_clients_keep_their_state(planted):

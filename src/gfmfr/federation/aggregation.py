@@ -1,4 +1,5 @@
-"""Server aggregation: FedAvg over clients' uploads (docs/method.md, step 3).
+"""Server aggregation: FedAvg over clients' uploads (docs/method.md, step 3), and the server's side
+of a round around it (:class:`RoundAggregate`).
 
 A client's upload of a shared item table is implicit for the rows it did not use: those rows
 are the broadcast global rows times the client's weight-decay factor. Weighted sums therefore
@@ -7,12 +8,23 @@ cost O(rows used), not O(clients x items), and give exactly the dense FedAvg res
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+from gfmfr.config import FederationConfig
 from gfmfr.federation.fast import scatter_rows
 from gfmfr.federation.messages import LocalUpdate
+from gfmfr.federation.validation import keep_screened
 from gfmfr.models.base import Params
+
+if TYPE_CHECKING:
+    from gfmfr.federation.plugin import Plugin
+    from gfmfr.federation.server_steps import ServerOptimizer
+
+log = logging.getLogger(__name__)
 
 
 def group_sums(update: LocalUpdate, global_shared: Params, labels: np.ndarray, n_groups: int,
@@ -91,3 +103,50 @@ class FedAvg:
             return dict(global_shared)
         return {name: self.sums[name] / self.total if name in self.sums else value
                 for name, value in global_shared.items()}
+
+
+class RoundAggregate:
+    """The server's side of one round, in process and on Flower alike.
+
+    Each chunk of per-client uploads is screened (:mod:`gfmfr.federation.validation`), folded into
+    FedAvg and shown to the plug-ins' server halves; a Flower node's partial aggregate (sums over its
+    users, which it screened itself) is folded in as it is. :meth:`finish` steps the server optimiser.
+    """
+
+    def __init__(self, cfg: FederationConfig, plugins: tuple[Plugin, ...], shared: Params, round_: int):
+        self.cfg, self.plugins, self.shared, self.round = cfg, plugins, shared, round_
+        self.fedavg = FedAvg(cfg.weighted_aggregation)
+        self.loss_sum, self.clients, self.rejected = 0.0, 0, 0
+
+    def add(self, update: LocalUpdate) -> None:
+        """Fold in one chunk of per-client uploads (``self.shared``: what the clients started from)."""
+        update, rejected = keep_screened(update, self.shared, self.cfg)
+        self.rejected += rejected
+        self.fedavg.add(update, self.shared)
+        self._count(float(update.loss.sum(dtype=np.float64)), len(update.users),
+                    {k: float(v.sum()) for k, v in update.metrics.items()})
+        for plugin in self.plugins:
+            if plugin.server.wants_signatures(self.round):
+                plugin.server.observe(update, self.shared, self.round)
+
+    def add_sums(self, sums: Params, total: float, trained_rows: dict[str, torch.Tensor], loss_sum: float,
+                 clients: int, figures: dict[str, float], rejected: int) -> None:
+        """Fold in a node's partial aggregate (:func:`gfmfr.flower.wire.encode_sums`)."""
+        self.fedavg.add_sums(sums, total, trained_rows)
+        self.rejected += rejected
+        self._count(loss_sum, clients, figures)
+
+    def _count(self, loss_sum: float, clients: int, figures: dict[str, float]) -> None:
+        self.loss_sum, self.clients = self.loss_sum + loss_sum, self.clients + clients
+        for plugin in self.plugins:
+            plugin.server.observe_figures(figures, self.round)
+
+    def finish(self, server_opt: ServerOptimizer) -> tuple[Params, float]:
+        """The next global parameters, and the mean local loss of the clients kept (NaN without any)."""
+        if self.rejected:
+            log.warning("round %d: %d upload(s) rejected", self.round, self.rejected)
+        loss = self.loss_sum / self.clients if self.clients else float("nan")
+        if self.clients and not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training diverged in round {self.round} (mean local loss {loss}); lower model.lr / model.item_lr")
+        return server_opt.step(self.shared, self.fedavg.result(self.shared), self.fedavg.trained_rows), loss

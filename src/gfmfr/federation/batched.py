@@ -151,8 +151,7 @@ def train_clients(
         data = LocalData(dataset, users, cfg, seed, round_, train_keys)
     given = np.argsort(users, kind="stable")
     where = given[np.searchsorted(users[given], data.users)]  # position in `users` of each of data.users
-    hints = tuple(h.take(where) for h in hints) + tuple(
-        Hints(torch.zeros(0, 0), np.full(len(users), -1)) for _ in range(len(terms) - len(hints)))
+    hints = tuple(h.take(where) for h in hints) + (Hints.none(len(users)),) * (len(terms) - len(hints))
     users = data.users
     C = len(users)
 

@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from gfmfr.config import ConfigError, RunConfig, bearing_dict
@@ -38,12 +37,8 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
 
 def save(fed: Federation, best: BestRound, path: Path) -> None:
     """Everything the rounds after ``fed.history[-1]`` need, in one file written atomically."""
-    state = fed.state
-    tensors = _prefixed("shared", state.shared)
-    tensors.update(_prefixed("private", state.private))
-    tensors.update(_prefixed("scalars", state.scalars))
-    for name, rows in state.private_rows.items():
-        tensors.update(_prefixed(f"rows/{name}", rows.raw()))
+    tensors = _prefixed("shared", fed.state.shared)
+    tensors.update(_prefixed("clients", fed.state.private_tensors()))
     for name, moments in fed.server_opt.state.items():
         tensors.update(_prefixed(f"opt/{name}", moments))
     info: dict[str, Any] = {"plugins": []}
@@ -69,10 +64,7 @@ def load(fed: Federation, best: BestRound, path: Path) -> int:
         raise ConfigError(f"{path}: this checkpoint is of another configuration; give --overwrite to start again")
     state = fed.state
     state.shared.update(_part(tensors, "shared"))
-    state.private.update(_part(tensors, "private"))
-    state.scalars.update(_part(tensors, "scalars"))
-    for name, rows in state.private_rows.items():
-        rows.load_raw(_part(tensors, f"rows/{name}"))
+    state.load_private_tensors(_part(tensors, "clients"))
     opt = _part(tensors, "opt")
     for key in {k.split("/", 1)[0] for k in opt}:
         fed.server_opt.state[key] = _part(opt, key)
@@ -94,16 +86,3 @@ def matches(path: Path, cfg: RunConfig) -> bool:
 
     with safe_open(path, "pt") as f:
         return json.loads(f.metadata()["gfmfr"]).get("config") == bearing(cfg)
-
-
-def to_numpy_tree(value: Any) -> Any:
-    """JSON-ready copy of nested dicts and lists holding NumPy arrays."""
-    if isinstance(value, dict):
-        return {k: to_numpy_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_numpy_tree(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -28,13 +28,13 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.eval.selection import BestRound
-from gfmfr.federation.aggregation import FedAvg
+from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.batched import LocalData, train_clients
 from gfmfr.federation.client_step import client_step
 from gfmfr.federation.messages import LocalUpdate, TrainInstruction
-from gfmfr.federation.plugin import Plugin, end_round
+from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
-from gfmfr.federation.validation import screen, select, surviving
+from gfmfr.federation.validation import surviving
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender
 
@@ -93,10 +93,9 @@ class Federation:
         chunks = self.chunks(round_)
         users = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
         seconds = {"train": 0.0, "aggregate": 0.0}
-        agg = FedAvg(fed.weighted_aggregation)
-        losses, rejected = [], 0
+        agg = RoundAggregate(fed, self.plugins, self.state.shared, round_)
         terms = tuple(p.client for p in self.plugins)
-        want = any(p.server.wants_signatures(round_) for p in self.plugins)
+        want = wants_signatures(self.plugins, round_)
         # chunks bound memory: each chunk's uploads are folded into the aggregate, then dropped
         for k, chunk in enumerate(chunks):
             t0 = time.perf_counter()
@@ -106,37 +105,20 @@ class Federation:
             update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, terms,
                                    hints, want, self.train_keys, self.cfg.runtime.client_block, data)
             t1 = time.perf_counter()
-            keep = screen(update, self.state.shared, fed)
-            rejected += int((~keep).sum())
-            update = select(update, keep)
-            agg.add(update, self.state.shared)
-            for plugin in self.plugins:
-                plugin.server.observe_figures({k: float(v.sum()) for k, v in update.metrics.items()}, round_)
-                if plugin.server.wants_signatures(round_):
-                    plugin.server.observe(update, self.state.shared, round_)
-            losses.append(update.loss)
+            agg.add(update)
             del update
             seconds["train"] += t1 - t0
             seconds["aggregate"] += time.perf_counter() - t1
-        self.state.shared = self.server_opt.step(self.state.shared, agg.result(self.state.shared), agg.trained_rows)
+        self.state.shared, loss = agg.finish(self.server_opt)
         up, down, extra = end_round(self.plugins, self.model, round_, seconds)
-        losses = np.concatenate(losses) if losses else np.empty(0)
-        loss = float(np.mean(losses)) if len(losses) else float("nan")
-        if len(losses) and not np.isfinite(loss):
-            raise FloatingPointError(
-                f"training diverged in round {round_} (mean local loss {loss}); lower model.lr / model.item_lr"
-            )
-        if rejected:
-            log.warning("round %d: %d upload(s) rejected", round_, rejected)
-        return RoundLog(round_, len(users), loss, seconds, up, down, rejected=rejected, extra=extra)
+        return RoundLog(round_, len(users), loss, seconds, up, down, rejected=agg.rejected, extra=extra)
 
     def train_one_by_one(self, users: np.ndarray, round_: int, want_signatures: bool | None = None) -> LocalUpdate:
         """Local training of ``users`` in ``round_`` through the one-client step, one client after
         another, as separate devices would run it (the batched engine must give the same).
         Signatures are uploaded if a plug-in wants them (or as ``want_signatures`` says)."""
         terms = tuple(p.client for p in self.plugins)
-        want = any(p.server.wants_signatures(round_) for p in self.plugins) if want_signatures is None \
-            else want_signatures
+        want = wants_signatures(self.plugins, round_) if want_signatures is None else want_signatures
         hints = [p.server.hints(users, round_) for p in self.plugins]
         uploads = []
         for i, u in enumerate(users):

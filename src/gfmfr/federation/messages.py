@@ -29,11 +29,14 @@ class Hints:
     """[C] the row of each client, -1 where a client gets none."""
 
     @staticmethod
+    def none(clients: int) -> Hints:
+        """No hint for any of ``clients`` clients."""
+        return Hints(torch.zeros(0, 0), np.full(clients, -1))
+
+    @staticmethod
     def single(hint: torch.Tensor | None) -> Hints:
         """The hints of one client: ``hint`` [n_items], or none."""
-        if hint is None:
-            return Hints(torch.zeros(0, 0), np.array([-1]))
-        return Hints(hint[None], np.array([0]))
+        return Hints.none(1) if hint is None else Hints(hint[None], np.array([0]))
 
     def take(self, positions: np.ndarray) -> Hints:
         """The hints of the clients at ``positions``."""
@@ -138,6 +141,39 @@ class LocalUpdate:
             loss=np.array([u.loss for u in uploads]),
             signatures=None if first.signature is None else torch.stack([u.signature for u in uploads]),
             metrics={k: np.array([u.metrics[k] for u in uploads]) for k in first.metrics},
+        )
+
+    @staticmethod
+    def concat(updates: list[LocalUpdate], order: np.ndarray | None = None) -> LocalUpdate:
+        """Several sets of uploads as one (several nodes', or one set's chosen clients): the clients at
+        positions ``order`` of their concatenation, in that order (default: all), each with its rows."""
+        users = np.concatenate([u.users for u in updates])
+        offsets = np.cumsum([0] + [len(u.users) for u in updates])[:-1]
+        order = np.arange(len(users)) if order is None else np.asarray(order, np.int64)
+        position = np.full(len(users), -1)
+        position[order] = np.arange(len(order))  # new position of each kept client of the concatenation
+        row_client = position[np.concatenate([u.row_client + o for u, o in zip(updates, offsets)])]
+        kept = np.flatnonzero(row_client >= 0)
+        rows = kept[np.argsort(row_client[kept], kind="stable")]  # by new client, each one's rows in order
+        idx, ridx = torch.from_numpy(order), torch.from_numpy(rows)
+        first = updates[0]
+
+        def cat(values: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+            return (values[0] if len(values) == 1 else torch.cat(values)).index_select(0, index)
+
+        return LocalUpdate(
+            users=users[order],
+            shared={n: cat([u.shared[n] for u in updates], idx) for n in first.shared},
+            rows={n: cat([u.rows[n] for u in updates], ridx) for n in first.rows},
+            row_client=row_client[rows],
+            row_item=np.concatenate([u.row_item for u in updates])[rows],
+            decay={n: cat([u.decay[n] for u in updates], idx) for n in first.decay},
+            num_samples=np.concatenate([u.num_samples for u in updates])[order],
+            loss=np.concatenate([u.loss for u in updates])[order],
+            signatures=None if first.signatures is None else cat([u.signatures for u in updates], idx),
+            # a node none of whose clients had a hint reports no figures: theirs are zero
+            metrics={k: np.concatenate([u.metrics.get(k, np.zeros(len(u.users))) for u in updates])[order]
+                     for k in sorted(set().union(*(u.metrics for u in updates)))},
         )
 
     def upload(self, i: int) -> Upload:

@@ -69,7 +69,7 @@ class ServerHalf(ABC):
 
     def hints(self, users: np.ndarray, round_: int) -> Hints:
         """The hint each of ``users`` receives with the shared parameters in ``round_`` (none by default)."""
-        return Hints(torch.zeros(0, 0), np.full(len(users), -1))
+        return Hints.none(len(users))
 
     def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
         """See one chunk of per-client uploads (``broadcast``: the shared parameters the clients started
@@ -100,6 +100,11 @@ class Plugin:
 
     server: ServerHalf
     client: LossTerm
+
+
+def wants_signatures(plugins: tuple[Plugin, ...], round_: int) -> bool:
+    """Whether clients upload their head signatures in ``round_`` (a plug-in groups them by it)."""
+    return any(p.server.wants_signatures(round_) for p in plugins)
 
 
 def end_round(plugins: tuple[Plugin, ...], model: FederatedRecommender, round_: int,

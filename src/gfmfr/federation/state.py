@@ -163,13 +163,19 @@ class SparseRows:
         return self.items[client].copy(), self.pool[torch.from_numpy(self.slots[client])] * self.scale[client]
 
     def set(self, client: int, items: np.ndarray, values: torch.Tensor) -> None:
-        """Replace every row client ``client`` holds by ``values`` at the sorted ``items``."""
-        self._grow(len(items))
+        """Replace every row client ``client`` holds by ``values`` at the sorted ``items`` (in its own
+        slots when it had as many, else in new ones)."""
+        old = self.slots.get(client, np.empty(0, np.int64))
+        if len(old) >= len(items):
+            slots = old[: len(items)]
+        else:
+            self._grow(len(items))
+            slots = self.used + np.arange(len(items))
+            self.used += len(items)
         self.items[client] = np.asarray(items, np.int64).copy()
-        self.slots[client] = self.used + np.arange(len(items))
+        self.slots[client] = slots
         self.scale[client] = 1.0
-        self.pool[self.used : self.used + len(items)] = values
-        self.used += len(items)
+        self.pool[torch.from_numpy(slots)] = values
 
     def dense(self, clients: np.ndarray) -> torch.Tensor:
         """[len(clients), n_items, *row_shape] dense tables of ``clients``."""
@@ -306,37 +312,29 @@ class FederationState:
         for k, v in state.scalars.items():
             self.scalars[k][slot] = v
 
-    def export(self, clients: np.ndarray) -> dict[str, torch.Tensor]:
-        """The private state of ``clients`` as named tensors (one file for a node: :func:`save_tensors`)."""
-        clients = np.asarray(clients, np.int64)
-        idx = self.slots(clients)
-        out = {"clients": torch.from_numpy(clients.copy())}
-        out.update({f"param/{n}": t[idx].contiguous() for n, t in self.private.items()})
-        out.update({f"scalar/{k}": v[idx].contiguous() for k, v in self.scalars.items()})
-        for n, rows in self.private_rows.items():
-            held = [rows.rows_of(int(c)) for c in clients]
-            out[f"count/{n}"] = torch.tensor([len(h[0]) for h in held], dtype=torch.int64)
-            out[f"items/{n}"] = torch.from_numpy(np.concatenate([h[0] for h in held]).astype(np.int64)) \
-                if held else torch.zeros(0, dtype=torch.int64)
-            out[f"rows/{n}"] = torch.cat([h[1] for h in held]) if held else torch.zeros(0, *rows.row_shape)
+    def private_tensors(self) -> dict[str, torch.Tensor]:
+        """Every client's private state held here, exactly, as named tensors (sparse rows as held, lazy
+        scales included): what a checkpoint and a node's state file keep."""
+        out = {"clients": torch.from_numpy(self.clients.copy())}
+        out.update({f"param/{n}": t for n, t in self.private.items()})
+        out.update({f"scalar/{k}": v for k, v in self.scalars.items()})
+        for name, rows in self.private_rows.items():
+            out.update({f"rows/{name}/{k}": v for k, v in rows.raw().items()})
         return out
 
-    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put back what :meth:`export` gave."""
-        clients = tensors["clients"].numpy()
-        idx = self.slots(clients)
+    def load_private_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`private_tensors` (of a store holding the same clients)."""
+        if not np.array_equal(tensors["clients"].numpy(), self.clients):
+            raise ValueError("the saved private state is of other clients than this store holds")
         for key, value in tensors.items():
             kind, _, name = key.partition("/")
             if kind == "param":
-                self.private[name][idx] = value
+                self.private[name] = value.clone()
             elif kind == "scalar":
-                self.scalars[name][idx] = value
-        for n, rows in self.private_rows.items():
-            counts = tensors[f"count/{n}"].numpy()
-            starts = np.concatenate([[0], np.cumsum(counts)])
-            for i, c in enumerate(clients):
-                rows.set(int(c), tensors[f"items/{n}"].numpy()[starts[i]:starts[i + 1]],
-                         tensors[f"rows/{n}"][starts[i]:starts[i + 1]])
+                self.scalars[name] = value.clone()
+        for name, rows in self.private_rows.items():
+            prefix = f"rows/{name}/"
+            rows.load_raw({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""

@@ -20,30 +20,27 @@ from gfmfr.federation.messages import LocalUpdate, Params
 
 
 def update_norms(update: LocalUpdate, broadcast: Params) -> np.ndarray:
-    """[C] L2 norm of each client's whole update (NaN where it sent a non-finite value)."""
+    """[C] L2 norm of each client's whole update (NaN or infinite where it sent a non-finite value).
+
+    One pass over the uploaded rows in float32 (a non-finite value carries into its row's norm); the
+    rows a client did not train moved by ``(decay - 1)`` times the broadcast row, in closed form.
+    """
     C = len(update.users)
     sq = torch.zeros(C, dtype=torch.float64)
-    bad = torch.zeros(C, dtype=torch.bool)
     for name, value in update.shared.items():
-        delta = (value - broadcast[name].expand_as(value)).reshape(C, -1).double()
-        bad |= ~torch.isfinite(delta).all(1)
-        sq += delta.pow(2).sum(1)
+        delta = value - broadcast[name].expand_as(value)
+        sq += torch.linalg.vector_norm(delta.reshape(C, -1), dim=1).double() ** 2
     owner = torch.from_numpy(update.row_client)
+    items = torch.from_numpy(update.row_item)
     for name, rows in update.rows.items():
         g = broadcast[name]
-        start = g.index_select(0, torch.from_numpy(update.row_item)).double()
-        delta = (rows.double() - start).reshape(len(rows), -1)
-        bad.index_fill_(0, owner[~torch.isfinite(delta).all(1)], True)
+        row_sq = torch.linalg.vector_norm((rows - g.index_select(0, items)).reshape(len(rows), -1), dim=1)
+        g_sq = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).double() ** 2
+        held_sq = torch.zeros(C, dtype=torch.float64).index_add_(0, owner, g_sq.index_select(0, items))
         decay = update.decay[name].double()
-        bad |= ~torch.isfinite(decay)
-        # rows a client did not train moved by (decay - 1) times the broadcast row
-        untouched = (g.double().pow(2).sum() - torch.zeros(C, dtype=torch.float64).index_add_(
-            0, owner, start.reshape(len(rows), -1).pow(2).sum(1))).clamp_min(0)
-        sq += torch.zeros(C, dtype=torch.float64).index_add_(0, owner, delta.pow(2).sum(1)) \
-            + (decay - 1) ** 2 * untouched
-    norms = sq.sqrt().numpy()
-    norms[bad.numpy()] = np.nan
-    return norms
+        sq += torch.zeros(C, dtype=torch.float64).index_add_(0, owner, row_sq.double() ** 2) \
+            + (decay - 1) ** 2 * (g_sq.sum() - held_sq).clamp_min(0)
+    return sq.sqrt().numpy()
 
 
 def screen(update: LocalUpdate, broadcast: Params, cfg: FederationConfig) -> np.ndarray:
@@ -53,11 +50,19 @@ def screen(update: LocalUpdate, broadcast: Params, cfg: FederationConfig) -> np.
     if reject_norm is None:
         return np.ones(len(update.users), bool)
     steps = cfg.local_epochs * -(-np.asarray(update.num_samples) // cfg.batch_size)
-    norms = update_norms(update, broadcast) / np.maximum(steps, 1)
+    norms = update_norms(update, broadcast) / np.maximum(steps, 1)  # non-finite: NaN or inf
     keep = np.isfinite(norms)
     if reject_norm > 0 and keep.any():
         keep &= norms <= reject_norm * np.median(norms[keep])
     return keep
+
+
+def keep_screened(update: LocalUpdate, broadcast: Params, cfg: FederationConfig) -> tuple[LocalUpdate, int]:
+    """``update`` less the uploads :func:`screen` rejects, and how many it rejected."""
+    keep = screen(update, broadcast, cfg)
+    if keep.all():
+        return update, 0
+    return LocalUpdate.concat([update], np.flatnonzero(keep)), int((~keep).sum())
 
 
 def surviving(users: np.ndarray, dropout: float, seed: int, round_: int) -> np.ndarray:
@@ -68,23 +73,3 @@ def surviving(users: np.ndarray, dropout: float, seed: int, round_: int) -> np.n
     if dropout == 0:
         return users
     return users[np.random.default_rng([seed, 11, round_]).random(len(users)) >= dropout]
-
-
-def select(update: LocalUpdate, keep: np.ndarray) -> LocalUpdate:
-    """The uploads of the clients where ``keep`` is true."""
-    if keep.all():
-        return update
-    kept = np.flatnonzero(keep)
-    position = np.full(len(keep), -1)
-    position[kept] = np.arange(len(kept))
-    rows = np.flatnonzero(keep[update.row_client])
-    idx, ridx = torch.from_numpy(kept), torch.from_numpy(rows)
-    return LocalUpdate(
-        users=update.users[kept], shared={n: t.index_select(0, idx) for n, t in update.shared.items()},
-        rows={n: t.index_select(0, ridx) for n, t in update.rows.items()},
-        row_client=position[update.row_client[rows]], row_item=update.row_item[rows],
-        decay={n: t.index_select(0, idx) for n, t in update.decay.items()},
-        num_samples=update.num_samples[kept], loss=update.loss[kept],
-        signatures=None if update.signatures is None else update.signatures.index_select(0, idx),
-        metrics={k: v[kept] for k, v in update.metrics.items()},
-    )

@@ -17,7 +17,7 @@ import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from gfmfr.federation.validation import screen, select
+from gfmfr.federation.validation import keep_screened
 from gfmfr.flower import wire
 from gfmfr.flower.node import Node, run_config_of
 from gfmfr.runtime import use_threads
@@ -63,9 +63,9 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
     fed = node.cfg.federation
     if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
-        keep = screen(update, shared, fed)
-        return Message(wire.encode_sums(select(update, keep), shared, fed.weighted_aggregation, fed.upload == "dense",
-                                        int((~keep).sum())), reply_to=message)
+        kept, rejected = keep_screened(update, shared, fed)
+        return Message(wire.encode_sums(kept, shared, fed.weighted_aggregation, fed.upload == "dense", rejected),
+                       reply_to=message)
     if fed.upload == "dense":
         update = wire.densify(update, shared)
     return Message(wire.encode_update(update), reply_to=message)

@@ -35,7 +35,7 @@ from gfmfr.federation.batched import train_clients
 from gfmfr.federation.messages import Hints, LocalUpdate
 from gfmfr.federation.plugin import LossTerm
 from gfmfr.federation.state import FederationState, save_tensors
-from gfmfr.flower.wire import concat_updates, update_arrays, update_from_arrays
+from gfmfr.flower.wire import update_arrays, update_from_arrays
 from gfmfr.models.base import FederatedRecommender, Params
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class Node:
             from safetensors.torch import load_file
 
             tensors = load_file(self.state_file)
-            self.state.restore({k: v for k, v in tensors.items() if not k.startswith(("reply/", "meta/"))})
+            self.state.load_private_tensors({k: v for k, v in tensors.items() if not k.startswith(("reply/", "meta/"))})
             reply = {k[len("reply/"):]: v for k, v in tensors.items() if k.startswith("reply/")}
             self.last = (int(tensors["meta/round"]), update_from_arrays(reply)) if reply else None
             log.info("node state read back from %s", self.state_file)
@@ -140,16 +140,14 @@ class Node:
         if self.last is not None and self.last[0] == round_:  # sent again: the reply was lost, not the work
             return self.last[1]
         size = self.cfg.runtime.client_chunk
-        position = {int(u): i for i, u in enumerate(users)}
         parts: list[LocalUpdate] = []
         for start in range(0, len(users), size):
-            chunk = users[start : start + size]
-            at = np.array([position[int(u)] for u in chunk])
+            at = np.arange(start, min(start + size, len(users)))
             parts.append(train_clients(
-                self.model, self.state, chunk, self.dataset, self.cfg.federation, self.cfg.seed, round_,
+                self.model, self.state, users[at], self.dataset, self.cfg.federation, self.cfg.seed, round_,
                 self.terms, tuple(h.take(at) for h in hints), want_signatures, self.train_keys,
                 self.cfg.runtime.client_block))
-        update = parts[0] if len(parts) == 1 else concat_updates(parts)
+        update = parts[0] if len(parts) == 1 else LocalUpdate.concat(parts)
         self.last = (round_, update)
         return update
 
@@ -158,7 +156,7 @@ class Node:
         step; the new generation."""
         self.generation += 1
         if self.state_file is not None:
-            tensors = self.state.export(self.users)
+            tensors = self.state.private_tensors()
             if self.last is not None:
                 tensors["meta/round"] = torch.tensor(self.last[0])
                 tensors.update({f"reply/{k}": torch.as_tensor(v) for k, v in update_arrays(self.last[1]).items()})

@@ -33,13 +33,13 @@ from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.eval.evaluator import metrics_from_sums
 from gfmfr.eval.selection import BestRound
-from gfmfr.federation.aggregation import FedAvg
+from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.engine import RoundLog, sample_clients
 from gfmfr.federation.messages import LocalUpdate
-from gfmfr.federation.plugin import Plugin, end_round
+from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
-from gfmfr.federation.validation import screen, select, surviving
+from gfmfr.federation.validation import surviving
 from gfmfr.flower import wire
 from gfmfr.flower.node import partition_users
 from gfmfr.models.base import FederatedRecommender
@@ -133,7 +133,7 @@ class FedRecStrategy(Strategy):
         round_ = server_round - 1
         users = surviving(sample_clients(self.n_users, self.cfg.federation.client_fraction, self.cfg.seed, round_),
                           self.cfg.federation.dropout, self.cfg.seed, round_)
-        want = any(p.server.wants_signatures(round_) for p in self.plugins)
+        want = wants_signatures(self.plugins, round_)
         shared = {n: self.shared[n] for n in self.model.kinds.uploaded}
         messages = []
         for node, hosted in self.node_users(partitions).items():
@@ -150,35 +150,18 @@ class FedRecStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
         round_ = server_round - 1
-        fed = self.cfg.federation
-        agg = FedAvg(fed.weighted_aggregation)
-        updates, loss_sum, clients = [], 0.0, 0
-        self.rejected = 0
+        agg = RoundAggregate(self.cfg.federation, self.plugins, self.shared, round_)
+        updates = []
         for reply in replies:
             self.bytes["up"] += record_bytes(reply.content)
             if "sums" in reply.content:  # a node's partial aggregate
-                sums, total, trained, loss, n, figures, rejected = wire.decode_sums(reply.content, self.shared)
-                self.rejected += rejected
-                agg.add_sums(sums, total, trained)
-                loss_sum, clients = loss_sum + loss, clients + n
-                for plugin in self.plugins:
-                    plugin.server.observe_figures(figures, round_)
+                agg.add_sums(*wire.decode_sums(reply.content, self.shared))
             else:
                 updates.append(wire.decode_update(reply.content))
         for chunk in self.chunks(updates) if updates else []:  # the in-process engine's chunks and client order
-            keep = screen(chunk, self.shared, fed)
-            self.rejected += int((~keep).sum())
-            chunk = select(chunk, keep)
-            agg.add(chunk, self.shared)
-            loss_sum, clients = loss_sum + float(chunk.loss.sum()), clients + len(chunk.users)
-            for plugin in self.plugins:
-                plugin.server.observe_figures({k: float(v.sum()) for k, v in chunk.metrics.items()}, round_)
-                if plugin.server.wants_signatures(round_):
-                    plugin.server.observe(chunk, self.shared, round_)
-        loss = loss_sum / max(clients, 1)
-        self.shared = self.server_opt.step(self.shared, agg.result(self.shared), agg.trained_rows)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"training diverged in round {round_} (mean local loss {loss})")
+            agg.add(chunk)
+        self.shared, loss = agg.finish(self.server_opt)
+        self.rejected = agg.rejected
         return None, MetricRecord({"loss": loss})
 
     def chunks(self, updates: list[LocalUpdate]) -> list[LocalUpdate]:
@@ -193,7 +176,7 @@ class FedRecStrategy(Strategy):
         for start in range(0, len(by_id), size):
             part = by_id[start : start + size]
             steps = fed.local_epochs * -(-samples[part] // fed.batch_size)
-            out.append(wire.concat_updates(updates, part[np.lexsort((users[part], -steps))]))
+            out.append(LocalUpdate.concat(updates, part[np.lexsort((users[part], -steps))]))
         return out
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,

@@ -133,39 +133,6 @@ def decode_sums(content: RecordDict, shared: Params) -> tuple[Params, float, dic
     return sums, total, trained, loss, int(clients), {k: float(v) for k, v in part("metric").items()}, int(rejected)
 
 
-def concat_updates(updates: list[LocalUpdate], order: np.ndarray | None = None) -> LocalUpdate:
-    """Several nodes' uploads as one: the clients at positions ``order`` of their concatenation, in
-    that order (default: all, as they come), each with its rows."""
-    users = np.concatenate([u.users for u in updates])
-    offsets = np.cumsum([0] + [len(u.users) for u in updates])[:-1]
-    order = np.arange(len(users)) if order is None else np.asarray(order, np.int64)
-    position = np.full(len(users), -1)
-    position[order] = np.arange(len(order))  # new position of each kept client of the concatenation
-    row_client = position[np.concatenate([u.row_client + o for u, o in zip(updates, offsets)])]
-    kept = np.flatnonzero(row_client >= 0)
-    rows = kept[np.argsort(row_client[kept], kind="stable")]  # by new client; each client's rows keep their order
-    idx, ridx = torch.from_numpy(order), torch.from_numpy(rows)
-    first = updates[0]
-
-    def cat(values: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        return (values[0] if len(values) == 1 else torch.cat(values)).index_select(0, index)
-
-    return LocalUpdate(
-        users=users[order],
-        shared={n: cat([u.shared[n] for u in updates], idx) for n in first.shared},
-        rows={n: cat([u.rows[n] for u in updates], ridx) for n in first.rows},
-        row_client=row_client[rows],
-        row_item=np.concatenate([u.row_item for u in updates])[rows],
-        decay={n: cat([u.decay[n] for u in updates], idx) for n in first.decay},
-        num_samples=np.concatenate([u.num_samples for u in updates])[order],
-        loss=np.concatenate([u.loss for u in updates])[order],
-        signatures=None if first.signatures is None else cat([u.signatures for u in updates], idx),
-        # a node none of whose clients had a hint reports no figures: theirs are zero
-        metrics={k: np.concatenate([u.metrics.get(k, np.zeros(len(u.users))) for u in updates])[order]
-                 for k in sorted(set().union(*(u.metrics for u in updates)))},
-    )
-
-
 def densify(update: LocalUpdate, shared: Params) -> LocalUpdate:
     """``update`` with every row of every shared item table (``federation.upload = "dense"``): what
     each client's whole table is, the broadcast rows shrunk by its weight decay with its trained

@@ -114,7 +114,7 @@ class GFMFRServer(ServerHalf):
     def hints(self, users: np.ndarray, round_: int) -> Hints:
         """Each client's group preferences p_g of the last server round (none before its group has any)."""
         if not self.cfg.distill or self.preferences is None:
-            return Hints(torch.zeros(0, 0), np.full(len(users), -1))
+            return Hints.none(len(users))
         return Hints(self.preferences, self.grouping.group[users])
 
     def observe_figures(self, figures: dict[str, float], round_: int) -> None:
