@@ -135,6 +135,39 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """User-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) with its privacy
+    spent from Google's ``dp-accounting`` (RDP), and noise on GFMFR's head signatures (issue 17)."""
+
+    mode: Literal["off", "central", "local"] = "off"
+    """``central``: every client's whole update (item tables whole) is clipped to L2 norm ``clip`` and
+    the server adds Gaussian noise of std ``noise_multiplier * clip`` to their sum, divided by the
+    expected number of participants; with ``client_fraction < 1`` clients are sampled by Poisson
+    sampling, which the accounting amplifies. ``local``: each client clips and adds that noise to its
+    own dense update before it leaves (the server learns nothing exact; each client's release is a
+    Gaussian mechanism of sensitivity 2 clip, with no amplification). Under DP uploads are dense,
+    the norm screening is off (clipping bounds every upload; non-finite ones are still rejected) and
+    FedAvg is a plain mean."""
+    clip: float = 10.0
+    """L2 bound C on a client's update per round, every shared parameter together. On ML-100K the
+    median FCF update norm grows from 5 (round 0) to 20 (round 60); 10 clips about half of them."""
+    noise_multiplier: float | None = None
+    """Noise std over ``clip`` (sigma). None: the smallest sigma whose privacy spent after
+    ``federation.rounds`` rounds is ``target_epsilon``."""
+    target_epsilon: float | None = None
+    """Stop before a round would take the privacy spent, epsilon at ``delta``, past this (None: never)."""
+    delta: float | None = None
+    """The delta of the reported (epsilon, delta); None: 1 / clients^1.1, below 1 / clients."""
+    signature_clip: float = 1.0
+    """L2 bound on a head signature a plug-in asks for (GFMFR), when ``signature_noise > 0``."""
+    signature_noise: float = 0.0
+    """Gaussian noise on each uploaded head signature, std this times ``signature_clip``, added by the
+    client after clipping (0: sent as it is). The mitigation of the signature attack
+    (benchmarks/privacy_audit.py); required under DP when a plug-in uploads signatures, whose releases
+    are then accounted as Gaussian mechanisms of sensitivity 2 ``signature_clip``."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation protocol (docs/method.md, 'Evaluation')."""
 
@@ -269,6 +302,8 @@ class RunConfig:
     """Federation section."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation section."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Differential privacy and signature noise section."""
     training: Literal["federated", "centralised"] = "federated"
     """``federated``, or ``centralised``: the same model trained on all data in one place (the upper bound)."""
     wrapper: Literal["none", "mmx", "fedvlr"] = "none"
@@ -396,6 +431,12 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("federation", "early_stop_patience"): (lambda v: v >= 0, "at least 0"),
     ("federation", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("federation", "reject_norm"): (lambda v: v is None or v >= 0, "at least 0, or none"),
+    ("privacy", "clip"): (lambda v: v > 0, "above 0"),
+    ("privacy", "noise_multiplier"): (lambda v: v is None or v > 0, "above 0, or none"),
+    ("privacy", "target_epsilon"): (lambda v: v is None or v > 0, "above 0, or none"),
+    ("privacy", "delta"): (lambda v: v is None or 0 < v < 1, "in (0, 1), or none"),
+    ("privacy", "signature_clip"): (lambda v: v > 0, "above 0"),
+    ("privacy", "signature_noise"): (lambda v: v >= 0, "at least 0"),
     ("model", "dim"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "groups"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "server_steps"): (lambda v: v >= 1, "at least 1"),
@@ -418,7 +459,27 @@ def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
         value = getattr(getattr(cfg, section), key)
         if not ok(value):
             raise ConfigError(f"{where}.{section}.{key}: must be {allowed}; got {value!r}")
+    check_privacy(cfg, where)
     return cfg
+
+
+def check_privacy(cfg: RunConfig, where: str = "config") -> None:
+    """Settings that DP (``privacy.mode`` other than ``off``) cannot go with, as a :class:`ConfigError`."""
+    p = cfg.privacy
+    if p.mode == "off":
+        return
+    if p.noise_multiplier is None and p.target_epsilon is None:
+        raise ConfigError(f"{where}.privacy: mode {p.mode!r} needs noise_multiplier or target_epsilon")
+    if cfg.federation.weighted_aggregation:
+        raise ConfigError(f"{where}.federation.weighted_aggregation: must be false under DP (a client's "
+                          "weight would reveal its data)")
+    if cfg.training != "federated":
+        raise ConfigError(f"{where}.privacy.mode: DP applies to federated training only")
+    if cfg.runtime.backend != "in-process":
+        raise ConfigError(f"{where}.runtime.backend: DP runs in-process only for now (privacy.mode = {p.mode!r})")
+    if cfg.plugin == "gfmfr" and p.signature_noise == 0:
+        raise ConfigError(f"{where}.privacy.signature_noise: must be above 0 under DP with GFMFR, "
+                          "whose head signatures would otherwise leave the clients in the clear")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -485,4 +546,6 @@ def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
         del values["multimodal"]
     if cfg.training != "centralised":
         del values["centralised"]
+    if cfg.privacy == PrivacyConfig():
+        del values["privacy"]
     return values

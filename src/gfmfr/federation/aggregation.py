@@ -8,6 +8,7 @@ cost O(rows used), not O(clients x items), and give exactly the dense FedAvg res
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from gfmfr.models.base import Params
 if TYPE_CHECKING:
     from gfmfr.federation.plugin import Plugin
     from gfmfr.federation.server_steps import ServerOptimizer
+    from gfmfr.privacy.dp import CentralNoise
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +113,15 @@ class RoundAggregate:
     Each chunk of per-client uploads is screened (:mod:`gfmfr.federation.validation`), folded into
     FedAvg and shown to the plug-ins' server halves; a Flower node's partial aggregate (sums over its
     users, which it screened itself) is folded in as it is. :meth:`finish` steps the server optimiser.
+    Under central DP (``noise``) every upload is clipped to ``noise.clip`` after screening (which then
+    rejects only non-finite uploads), and :meth:`finish` noises the sum (:mod:`gfmfr.privacy.dp`).
     """
 
-    def __init__(self, cfg: FederationConfig, plugins: tuple[Plugin, ...], shared: Params, round_: int):
-        self.cfg, self.plugins, self.shared, self.round = cfg, plugins, shared, round_
+    def __init__(self, cfg: FederationConfig, plugins: tuple[Plugin, ...], shared: Params, round_: int,
+                 noise: CentralNoise | None = None):
+        if noise is not None and cfg.reject_norm:
+            cfg = dataclasses.replace(cfg, reject_norm=0.0)
+        self.cfg, self.plugins, self.shared, self.round, self.noise = cfg, plugins, shared, round_, noise
         self.fedavg = FedAvg(cfg.weighted_aggregation)
         self.loss_sum, self.clients, self.rejected = 0.0, 0, 0
 
@@ -122,6 +129,10 @@ class RoundAggregate:
         """Fold in one chunk of per-client uploads (``self.shared``: what the clients started from)."""
         update, rejected = keep_screened(update, self.shared, self.cfg)
         self.rejected += rejected
+        if self.noise is not None:
+            from gfmfr.privacy.dp import clip_updates
+
+            update = clip_updates(update, self.shared, self.noise.clip)
         self.fedavg.add(update, self.shared)
         self._count(float(update.loss.sum(dtype=np.float64)), len(update.users),
                     {k: float(v.sum()) for k, v in update.metrics.items()})
@@ -149,4 +160,9 @@ class RoundAggregate:
         if self.clients and not np.isfinite(loss):
             raise FloatingPointError(
                 f"training diverged in round {self.round} (mean local loss {loss}); lower model.lr / model.item_lr")
-        return server_opt.step(self.shared, self.fedavg.result(self.shared), self.fedavg.trained_rows), loss
+        if self.noise is None:
+            return server_opt.step(self.shared, self.fedavg.result(self.shared), self.fedavg.trained_rows), loss
+        # every row moves under DP: which rows were trained is not released
+        average = self.noise.average(self.fedavg.sums, self.fedavg.total, self.shared, self.round)
+        every_row = {n: torch.ones(len(self.shared[n]), dtype=torch.bool) for n in self.fedavg.trained_rows}
+        return server_opt.step(self.shared, average, every_row), loss

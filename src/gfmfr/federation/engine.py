@@ -56,17 +56,49 @@ class RoundLog:
     """Uploads the server rejected (non-finite, or an update norm far above the round's median)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Plug-ins' figures (:attr:`gfmfr.federation.messages.PluginReport.figures`)."""
+    epsilon: float | None = None
+    """Under DP, the privacy spent so far, epsilon at the run's delta (:mod:`gfmfr.privacy.accounting`)."""
 
 
-def sample_clients(n_clients: int, fraction: float, seed: int, round_: int) -> np.ndarray:
-    """Sorted client indices taking part in ``round_`` (seeded, without replacement)."""
+def sample_clients(n_clients: int, fraction: float, seed: int, round_: int, poisson: bool = False) -> np.ndarray:
+    """Sorted client indices taking part in ``round_`` (seeded): ``fraction`` of them without
+    replacement, or with ``poisson`` each one independently with probability ``fraction`` (under DP,
+    where the accounting's amplification by sampling assumes it)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"federation.client_fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return np.arange(n_clients)
-    k = max(1, int(round(fraction * n_clients)))
     rng = np.random.default_rng([seed, 7, round_])
+    if poisson:
+        return np.flatnonzero(rng.random(n_clients) < fraction)
+    k = max(1, int(round(fraction * n_clients)))
     return np.sort(rng.choice(n_clients, size=k, replace=False))
+
+
+def privacy_setup(cfg: RunConfig, n_clients: int, model: FederatedRecommender, plugins: tuple[Plugin, ...]
+                  ) -> tuple[Any, Any]:
+    """The privacy ledger (None without DP) and the server's central noise (None unless central DP);
+    plug-ins are told to noise what they release."""
+    p, fed = cfg.privacy, cfg.federation
+    if p.mode == "off":
+        return None, None
+    from gfmfr.privacy.accounting import PrivacyLedger, RoundReleases
+    from gfmfr.privacy.dp import CentralNoise
+
+    def releases(t: int) -> RoundReleases:
+        extra = sum(pl.server.noised_sums(t) for pl in plugins) if p.mode == "central" else 0
+        return RoundReleases(extra, wants_signatures(plugins, t))
+
+    ledger = PrivacyLedger(p, n_clients, fed.client_fraction, fed.rounds, releases)
+    log.info("privacy: %s DP, noise multiplier %.4g, clip %g, delta %.3g", p.mode, ledger.sigma, p.clip, ledger.delta)
+    if p.mode != "central":
+        return ledger, None
+    k = model.kinds
+    noise = CentralNoise(p.clip, ledger.sigma * p.clip, fed.client_fraction * (1 - fed.dropout) * n_clients,
+                         k.shared_dense + k.shared_tables, cfg.seed)
+    for plugin in plugins:
+        plugin.server.use_noise(noise)
+    return ledger, noise
 
 
 class Federation:
@@ -86,6 +118,7 @@ class Federation:
         self.server_opt = build_server_optimizer(cfg.federation)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if cfg.runtime.prefetch else None
         self._ahead: tuple[tuple[int, int], Future[LocalData]] | None = None
+        self.ledger, self.noise = privacy_setup(cfg, dataset.n_users, model, plugins)
 
     def train_round(self, round_: int) -> RoundLog:
         """Local training, aggregation and plug-in server work of one round."""
@@ -93,7 +126,7 @@ class Federation:
         chunks = self.chunks(round_)
         users = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
         seconds = {"train": 0.0, "aggregate": 0.0}
-        agg = RoundAggregate(fed, self.plugins, self.state.shared, round_)
+        agg = RoundAggregate(fed, self.plugins, self.state.shared, round_, self.noise)
         terms = tuple(p.client for p in self.plugins)
         want = wants_signatures(self.plugins, round_)
         # chunks bound memory: each chunk's uploads are folded into the aggregate, then dropped
@@ -104,6 +137,7 @@ class Federation:
             hints = tuple(p.server.hints(chunk, round_) for p in self.plugins)
             update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, terms,
                                    hints, want, self.train_keys, self.cfg.runtime.client_block, data)
+            update = self.privatise(update, round_)
             t1 = time.perf_counter()
             agg.add(update)
             del update
@@ -127,7 +161,17 @@ class Federation:
                                       self.dataset.user_train(int(u)), self.state.load(int(u)), instruction, terms)
             self.state.save(int(u), new)
             uploads.append(upload)
-        return LocalUpdate.stack(uploads)
+        return self.privatise(LocalUpdate.stack(uploads), round_)
+
+    def privatise(self, update: LocalUpdate, round_: int) -> LocalUpdate:
+        """What the clients send of their uploads under ``cfg.privacy`` (:func:`gfmfr.privacy.dp.privatise`)."""
+        p = self.cfg.privacy
+        if p.mode == "off" and p.signature_noise == 0:
+            return update
+        from gfmfr.privacy.dp import privatise
+
+        sigma = self.ledger.sigma if self.ledger is not None else None
+        return privatise(update, self.state.shared, p, sigma, self.cfg.seed, round_)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the background thread and any data it is building behind."""
@@ -141,7 +185,8 @@ class Federation:
     def chunks(self, round_: int) -> list[np.ndarray]:
         """The clients of ``round_`` (seeded sample), in chunks of ``client_chunk``."""
         fed = self.cfg.federation
-        users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_)
+        users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_,
+                               poisson=self.ledger is not None)
         users = surviving(users, fed.dropout, self.cfg.seed, round_)
         size = self.cfg.runtime.client_chunk
         return [users[start : start + size] for start in range(0, len(users), size)]
@@ -188,6 +233,8 @@ class Federation:
         if resume and checkpoint is not None and checkpoint.exists():
             start = ckpt.load(self, best, checkpoint)
             log.info("resuming after round %d from %s", start - 1, checkpoint)
+            for t in range(start if self.ledger is not None else 0):
+                self.ledger.spend(t)
             last = self.history[-1] if self.history else None
             if last is not None and last.valid is not None and best.stop(last.round):
                 return best.summary()
@@ -197,7 +244,13 @@ class Federation:
         every = self.cfg.runtime.checkpoint_every
         try:
             for t in range(start, fed.rounds):
+                if self.ledger is not None and self.ledger.would_exceed(t):
+                    log.info("privacy: stopping before round %d, which would spend more than epsilon %g "
+                             "(spent %.4g)", t, self.cfg.privacy.target_epsilon, self.ledger.epsilon)
+                    break
                 entry = self.train_round(t)
+                if self.ledger is not None:
+                    entry.epsilon = self.ledger.spend(t)
                 if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                     t0 = time.perf_counter()
                     entry.valid = self.evaluator.evaluate(self.score, "valid")

@@ -21,6 +21,7 @@ import torch
 from gfmfr.federation.messages import Hints, LocalUpdate, Params, PluginReport
 
 if TYPE_CHECKING:
+    from gfmfr.privacy.dp import CentralNoise
     from gfmfr.federation.client_step import Batch
     from gfmfr.models.base import FederatedRecommender
 
@@ -77,6 +78,16 @@ class ServerHalf(ABC):
 
     def observe_figures(self, figures: dict[str, float], round_: int) -> None:
         """The sums over a chunk of clients of the figures its client half reports (every round)."""
+
+    def use_noise(self, noise: CentralNoise) -> None:
+        """Central DP is on: what the server half releases from the clients' uploads must be noised
+        with ``noise`` (:mod:`gfmfr.privacy.dp`) and declared by :meth:`noised_sums`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support central differential privacy")
+
+    def noised_sums(self, round_: int) -> int:
+        """How many Gaussian-noised sums of the clients' clipped updates (or counts) the server half
+        releases in ``round_`` under central DP, each accounted like the FedAvg sum."""
+        return 0
 
     @abstractmethod
     def end_round(self, model: FederatedRecommender, round_: int) -> PluginReport:

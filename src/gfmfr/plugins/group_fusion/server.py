@@ -34,6 +34,10 @@ from gfmfr.federation.plugin import ServerHalf
 from gfmfr.models.base import FederatedRecommender, Params
 from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion
 from gfmfr.plugins.group_fusion.grouping import Grouping
+from gfmfr.privacy.dp import CentralNoise, generator
+
+STREAM_GROUPS = 4
+"""The noise stream of the group sums under central DP (:mod:`gfmfr.privacy.dp` uses 1 to 3)."""
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,7 @@ class GFMFRServer(ServerHalf):
         self.fused: torch.Tensor | None = None  # [G, n_items, d]: Q_g of the last server round (0 if empty)
         self._chunks: list[dict[str, Any]] = []
         self._stats = np.zeros(3)  # sums of the clients' distillation weight, KL and steps since the last server round
+        self.noise: CentralNoise | None = None  # central DP: group sums and sizes are noised
         self.snapshots: list[dict[str, Any]] = []  # per round: participants, 2-D view of signatures, groups
 
     def server_work(self, round_: int) -> bool:
@@ -110,6 +115,14 @@ class GFMFRServer(ServerHalf):
 
     def wants_signatures(self, round_: int) -> bool:
         return self.server_work(round_)
+
+    def use_noise(self, noise: CentralNoise) -> None:
+        self.noise = noise
+
+    def noised_sums(self, round_: int) -> int:
+        """Each server round releases (through the fused vectors and the teacher) the groups' sums of
+        clipped updates and the groups' sizes: two Gaussian mechanisms."""
+        return 2 if self.server_work(round_) else 0
 
     def hints(self, users: np.ndarray, round_: int) -> Hints:
         """Each client's group preferences p_g of the last server round (none before its group has any)."""
@@ -152,6 +165,13 @@ class GFMFRServer(ServerHalf):
             sums += group_sums(c["update"], {table: c["broadcast"]}, labels[start : start + n], G)[table]
             start += n
         counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
+        if self.noise is not None:  # central DP: noised sums of the (clipped) updates and noised sizes
+            gen = generator(self.seed, STREAM_GROUPS, round_)
+            broadcast = chunks[0]["broadcast"]
+            delta = sums - counts[:, None, None] * broadcast[None]
+            delta += self.noise.std * torch.randn(delta.shape, generator=gen)
+            counts = (counts + self.noise.std / self.noise.clip * torch.randn(G, generator=gen)).round().clamp_min(0)
+            sums = counts[:, None, None] * broadcast[None] + delta
         present = torch.nonzero(counts > 0).flatten()
         targets = sums[present] / counts[present, None, None]
         t2 = time.perf_counter()
