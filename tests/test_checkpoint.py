@@ -30,14 +30,19 @@ def same_history(a: list, b: list) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.round == y.round and x.loss == y.loss and x.valid == y.valid and x.rejected == y.rejected
+        assert x.epsilon == y.epsilon
         assert x.extra == y.extra
 
 
-@pytest.mark.parametrize("name, plugin", [("fcf", "none"), ("fedrap", "none"), ("fedrap", "gfmfr"), ("pfedrec", "gfmfr")])
-def test_a_run_stopped_after_any_round_resumes_bit_for_bit(planted, tmp_path, name, plugin):
+@pytest.mark.parametrize("name, plugin, dp", [("fcf", "none", "off"), ("fedrap", "none", "off"),
+                                              ("fedrap", "gfmfr", "off"), ("pfedrec", "gfmfr", "off"),
+                                              ("fcf", "none", "local"), ("fcf", "gfmfr", "central")])
+def test_a_run_stopped_after_any_round_resumes_bit_for_bit(planted, tmp_path, name, plugin, dp):
     data = with_features(planted)
     cfg = gfmfr_config(name, server_every=2) if plugin == "gfmfr" else small_config(name, rounds=6)
     cfg = replace(cfg, plugin=plugin, federation=replace(cfg.federation, rounds=6, client_fraction=0.6))
+    if dp != "off":  # seeded noise and an accountant rebuilt from the rounds done
+        cfg = replace(cfg, privacy=replace(cfg.privacy, mode=dp, noise_multiplier=0.5, clip=5.0, signature_noise=0.5))
     model, plugins = build_run_model(data, cfg)
     whole = Federation(data, model, cfg, plugins)
     expected = whole.fit()

@@ -158,8 +158,10 @@ class PrivacyConfig:
     """Stop before a round would take the privacy spent, epsilon at ``delta``, past this (None: never)."""
     delta: float | None = None
     """The delta of the reported (epsilon, delta); None: 1 / clients^1.1, below 1 / clients."""
-    signature_clip: float = 1.0
-    """L2 bound on a head signature a plug-in asks for (GFMFR), when ``signature_noise > 0``."""
+    signature_clip: float = 5.0
+    """L2 bound on a head signature a plug-in asks for (GFMFR), when ``signature_noise > 0``. A clip
+    far below the signatures' norms shrinks the heads the teacher scores with (FCF's user vectors have a
+    median norm of 5.4 on ML-100K at round 30)."""
     signature_noise: float = 0.0
     """Gaussian noise on each uploaded head signature, std this times ``signature_clip``, added by the
     client after clipping (0: sent as it is). The mitigation of the signature attack
