@@ -100,6 +100,19 @@ def test_content_wrappers_on_flower_equal_in_process(folder, tmp_path, wrapper):
     assert_same_rounds(run_local(cfg, 3, tmp_path), run(cfg))
 
 
+@pytest.mark.parametrize("mode, plugin", [("central", "none"), ("local", "none"), ("central", "gfmfr")])
+def test_differential_privacy_on_flower_equals_in_process(folder, tmp_path, mode, plugin):
+    """DP on 3 nodes (Poisson-sampled clients, clipped on the clients, seeded noise on the server or
+    the clients): the same metrics and the same epsilon every round as in-process."""
+    cfg = small(folder, "fcf", plugin, rounds=4, client_fraction=0.7)
+    cfg = from_dict({**to_dict(cfg), "privacy": {"mode": mode, "noise_multiplier": 0.3, "clip": 2.0,
+                                                  "signature_noise": 0.5 if plugin == "gfmfr" else 0.0}})
+    inprocess, flower = run(cfg), run_local(cfg, 3, tmp_path)
+    assert_same_rounds(flower, inprocess, tol=1e-4)
+    assert [h["epsilon"] for h in flower["history"]] == [h["epsilon"] for h in inprocess["history"]]
+    assert inprocess["history"][-1]["epsilon"] > inprocess["history"][0]["epsilon"] > 0
+
+
 def test_sampled_clients_and_a_restarted_node_keep_their_state(folder, tmp_path):
     """Half the users per round; node 1 is killed after round 1 and restarted (new process memory,
     new Flower context, new node id): its users' state comes back from its state directory."""

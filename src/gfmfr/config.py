@@ -477,8 +477,6 @@ def check_privacy(cfg: RunConfig, where: str = "config") -> None:
                           "weight would reveal its data)")
     if cfg.training != "federated":
         raise ConfigError(f"{where}.privacy.mode: DP applies to federated training only")
-    if cfg.runtime.backend != "in-process":
-        raise ConfigError(f"{where}.runtime.backend: DP runs in-process only for now (privacy.mode = {p.mode!r})")
     if cfg.plugin == "gfmfr" and p.signature_noise == 0:
         raise ConfigError(f"{where}.privacy.signature_noise: must be above 0 under DP with GFMFR, "
                           "whose head signatures would otherwise leave the clients in the clear")

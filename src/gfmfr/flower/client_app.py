@@ -11,6 +11,8 @@ text, or ``config-file``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import Any
 
 import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
@@ -57,16 +59,19 @@ def query(message: Message, context: Context, overrides: dict[str, Any] | None =
 
 def train(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
     node = node_of(context, overrides)
-    round_, shared, users, hints, want = wire.decode_train(message.content)
+    round_, shared, users, hints, want, sigma = wire.decode_train(message.content)
     node.set_shared(shared)
-    update = node.train(round_, users, hints, want)
+    update = node.train(round_, users, hints, want, sigma)
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
-    fed = node.cfg.federation
+    fed, dp = node.cfg.federation, node.cfg.privacy.mode != "off"
+    if dp:  # clipping bounds every upload; the norm screen would make a client's fate depend on the others'
+        fed = replace(fed, reject_norm=0.0 if fed.reject_norm is not None else None)
     if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
         kept, rejected = keep_screened(update, shared, fed)
-        return Message(wire.encode_sums(kept, shared, fed.weighted_aggregation, fed.upload == "dense", rejected),
-                       reply_to=message)
-    if fed.upload == "dense":
+        # under DP every row is sent: which rows the clients trained is what DP hides
+        return Message(wire.encode_sums(kept, shared, fed.weighted_aggregation, fed.upload == "dense" or dp,
+                                        rejected), reply_to=message)
+    if fed.upload == "dense" or dp:
         update = wire.densify(update, shared)
     return Message(wire.encode_update(update), reply_to=message)
 

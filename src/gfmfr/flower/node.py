@@ -133,8 +133,10 @@ class Node:
         """Take the server's shared parameters (a node computes the public content tables itself)."""
         self.state.shared.update(shared)
 
-    def train(self, round_: int, users: np.ndarray, hints: tuple[Hints, ...], want_signatures: bool) -> LocalUpdate:
-        """Train ``users`` (this node's sampled users) for one round, in chunks, with the batched step."""
+    def train(self, round_: int, users: np.ndarray, hints: tuple[Hints, ...], want_signatures: bool,
+              noise_multiplier: float = 0.0) -> LocalUpdate:
+        """Train ``users`` (this node's sampled users) for one round, in chunks, with the batched step;
+        their uploads as they leave the clients under ``cfg.privacy`` (:func:`gfmfr.privacy.dp.privatise`)."""
         if not np.isin(users, self.users).all():
             raise ValueError("the server sent this node users it does not host")
         if self.last is not None and self.last[0] == round_:  # sent again: the reply was lost, not the work
@@ -148,6 +150,11 @@ class Node:
                 self.terms, tuple(h.take(at) for h in hints), want_signatures, self.train_keys,
                 self.cfg.runtime.client_block))
         update = parts[0] if len(parts) == 1 else LocalUpdate.concat(parts)
+        p = self.cfg.privacy
+        if p.mode != "off" or p.signature_noise > 0:
+            from gfmfr.privacy.dp import privatise
+
+            update = privatise(update, self.state.shared, p, noise_multiplier or None, self.cfg.seed, round_)
         self.last = (round_, update)
         return update
 

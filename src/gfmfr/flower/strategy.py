@@ -34,7 +34,7 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.eval.evaluator import metrics_from_sums
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import RoundAggregate
-from gfmfr.federation.engine import RoundLog, sample_clients
+from gfmfr.federation.engine import RoundLog, privacy_setup, sample_clients
 from gfmfr.federation.messages import LocalUpdate
 from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
@@ -69,6 +69,7 @@ class FedRecStrategy(Strategy):
         self.rejected = 0
         """Uploads rejected in the last round aggregated (by the server, or by nodes before they sum)."""
         self.bytes = {"down": 0, "up": 0, "clients": 0}
+        self.ledger, self.noise = privacy_setup(cfg, self.n_users, model, plugins)
 
     # ---- nodes ---------------------------------------------------------------------------------
     def discover(self, grid: Grid) -> None:
@@ -131,8 +132,7 @@ class FedRecStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                         partitions: set[int] | None = None) -> Iterable[Message]:
         round_ = server_round - 1
-        users = surviving(sample_clients(self.n_users, self.cfg.federation.client_fraction, self.cfg.seed, round_),
-                          self.cfg.federation.dropout, self.cfg.seed, round_)
+        users = self.sampled(round_)
         want = wants_signatures(self.plugins, round_)
         shared = {n: self.shared[n] for n in self.model.kinds.uploaded}
         messages = []
@@ -141,7 +141,8 @@ class FedRecStrategy(Strategy):
             if not len(mine):
                 continue
             hints = tuple(p.server.hints(mine, round_) for p in self.plugins)
-            content = wire.encode_train(round_, shared, mine, hints, want)
+            sigma = self.ledger.sigma if self.ledger is not None and self.cfg.privacy.mode == "local" else 0.0
+            content = wire.encode_train(round_, shared, mine, hints, want, sigma)
             self.bytes["down"] += record_bytes(content)
             self.bytes["clients"] += len(mine)
             messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round)))
@@ -150,7 +151,7 @@ class FedRecStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
         round_ = server_round - 1
-        agg = RoundAggregate(self.cfg.federation, self.plugins, self.shared, round_)
+        agg = RoundAggregate(self.cfg.federation, self.plugins, self.shared, round_, self.noise)
         updates = []
         for reply in replies:
             self.bytes["up"] += record_bytes(reply.content)
@@ -163,6 +164,12 @@ class FedRecStrategy(Strategy):
         self.shared, loss = agg.finish(self.server_opt)
         self.rejected = agg.rejected
         return None, MetricRecord({"loss": loss})
+
+    def sampled(self, round_: int) -> np.ndarray:
+        """The clients of ``round_`` that do not drop out (as the in-process engine samples them)."""
+        fed = self.cfg.federation
+        return surviving(sample_clients(self.n_users, fed.client_fraction, self.cfg.seed, round_,
+                                        poisson=self.ledger is not None), fed.dropout, self.cfg.seed, round_)
 
     def chunks(self, updates: list[LocalUpdate]) -> list[LocalUpdate]:
         """The uploads regrouped as the in-process engine trains them: sampled users in chunks of
@@ -213,9 +220,12 @@ class FedRecStrategy(Strategy):
         best = BestRound(ev.select_metric, fed.early_stop_patience)
         for t in range(fed.rounds):
             self.discover(grid)  # a node that restarted comes back under a new id
+            if self.ledger is not None and self.ledger.would_exceed(t):
+                log.info("privacy: stopping before round %d, which would spend more than epsilon %g", t,
+                         self.cfg.privacy.target_epsilon)
+                break
             t0 = time.perf_counter()
-            sampled = surviving(sample_clients(self.n_users, fed.client_fraction, self.cfg.seed, t), fed.dropout,
-                                self.cfg.seed, t)
+            sampled = self.sampled(t)
             replies = self.exchange(grid, lambda parts: list(self.configure_train(
                 t + 1, ArrayRecord(), ConfigRecord(), grid, parts)))
             t1 = time.perf_counter()
@@ -223,7 +233,7 @@ class FedRecStrategy(Strategy):
             seconds = {"train": t1 - t0, "aggregate": time.perf_counter() - t1}
             up, down, extra = end_round(self.plugins, self.model, t, seconds)
             entry = RoundLog(t, len(sampled), float(metrics["loss"]), seconds, up, down, rejected=self.rejected,
-                             extra=extra)
+                             extra=extra, epsilon=self.ledger.spend(t) if self.ledger is not None else None)
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                 t2 = time.perf_counter()
                 entry.valid = self.evaluate(grid, t + 1, "valid")

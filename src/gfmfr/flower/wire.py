@@ -24,9 +24,10 @@ def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def encode_train(round_: int, shared: Params, users: np.ndarray, hints: tuple[Hints, ...],
-                 want_signature: bool) -> RecordDict:
+                 want_signature: bool, noise_multiplier: float = 0.0) -> RecordDict:
     """What the server sends a node for one round: the shared parameters, the node's sampled users,
-    and each plug-in's hints for them (only the hint rows they use)."""
+    each plug-in's hints for them (only the hint rows they use), and under local DP the noise
+    multiplier its clients add (calibrated by the server's accountant)."""
     arrays: dict[str, torch.Tensor | np.ndarray] = {f"shared/{n}": t for n, t in shared.items()}
     arrays["users"] = np.asarray(users, np.int64)
     for k, h in enumerate(hints):
@@ -35,16 +36,18 @@ def encode_train(round_: int, shared: Params, users: np.ndarray, hints: tuple[Hi
         remap[used] = np.arange(len(used))
         arrays[f"hint{k}/table"] = h.table[torch.from_numpy(used)] if len(used) else torch.zeros(0, 0)
         arrays[f"hint{k}/row"] = np.where(h.row >= 0, remap[np.maximum(h.row, 0)], -1).astype(np.int64)
-    config = ConfigRecord({"round": round_, "want-signature": want_signature, "hints": len(hints)})
+    config = ConfigRecord({"round": round_, "want-signature": want_signature, "hints": len(hints),
+                           "noise-multiplier": float(noise_multiplier)})
     return RecordDict({"arrays": pack(arrays), "config": config})
 
 
-def decode_train(content: RecordDict) -> tuple[int, Params, np.ndarray, tuple[Hints, ...], bool]:
+def decode_train(content: RecordDict) -> tuple[int, Params, np.ndarray, tuple[Hints, ...], bool, float]:
     config, arrays = content["config"], unpack(content["arrays"])
     shared = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("shared/")}
     hints = tuple(Hints(arrays[f"hint{k}/table"], arrays[f"hint{k}/row"].numpy())
                   for k in range(int(config["hints"])))
-    return int(config["round"]), shared, arrays["users"].numpy(), hints, bool(config["want-signature"])
+    return (int(config["round"]), shared, arrays["users"].numpy(), hints, bool(config["want-signature"]),
+            float(config["noise-multiplier"]))
 
 
 def encode_update(update: LocalUpdate) -> RecordDict:
