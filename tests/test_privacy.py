@@ -171,7 +171,6 @@ def test_signature_noise_clips_and_noises_each_signature(planted):
     ({"privacy": {"mode": "central", "noise_multiplier": 1}, "plugin": "gfmfr"}, "signature_noise"),
     ({"privacy": {"mode": "central", "noise_multiplier": 1}, "federation": {"weighted_aggregation": True}},
      "weighted_aggregation"),
-    ({"privacy": {"mode": "local", "noise_multiplier": 1}, "runtime": {"backend": "flower"}}, "backend"),
     ({"privacy": {"clip": 0}}, "privacy.clip"),
     ({"privacy": {"mode": "laplace"}}, "privacy.mode"),
 ])

@@ -1,5 +1,5 @@
 """Command line: ``gfmfr config``, ``gfmfr data``, ``gfmfr run``, ``gfmfr tune``, ``gfmfr compare``,
-``gfmfr encode``."""
+``gfmfr encode``, ``gfmfr recommend``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from gfmfr.config import ConfigError, apply_overrides, from_dict, load_toml
 from gfmfr.data.errors import DataError
+from gfmfr.serving.errors import ModelError
 
 log = logging.getLogger("gfmfr")
 
@@ -170,6 +171,51 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from gfmfr.serving.recommend import blocks, top_k
+    from gfmfr.serving.saved import load_model
+
+    if (args.user is None) == (not args.all_users):
+        raise ConfigError("recommend: give --user ID or --all-users (with --out FILE)")
+    t0 = time.perf_counter()
+    saved = load_model(args.run)
+    t1 = time.perf_counter()
+    if args.all_users:
+        if not args.out:
+            raise ConfigError("recommend --all-users: give --out FILE for the CSV")
+        users = np.arange(saved.n_users)
+        writable_folder(str(Path(args.out).parent))
+        tmp = Path(args.out).with_name(Path(args.out).name + ".part")
+        with tmp.open("w") as fh:
+            fh.write("user,rank,item,score\n")
+            for rec in blocks(saved, users, args.k):
+                for u, items, scores in zip(rec.users, rec.items, rec.scores):
+                    for rank, (i, s) in enumerate(zip(items, scores), 1):
+                        if np.isfinite(s):
+                            fh.write(f"{saved.user_ids[u]},{rank},{saved.item_ids[i]},{s:.6g}\n")
+        tmp.replace(args.out)
+        t2 = time.perf_counter()
+        log.info("top-%d of %d users in %.2f s (%.0f users/s; loading %.2f s): %s", args.k, len(users), t2 - t1,
+                 len(users) / max(t2 - t1, 1e-9), t1 - t0, args.out)
+        return 0
+    rec = top_k(saved, np.array([saved.user_index(args.user)]), args.k)
+    t2 = time.perf_counter()
+    items = [{"item": saved.item_ids[i], "title": saved.titles[i], "score": float(s)}
+             for i, s in zip(rec.items[0], rec.scores[0]) if np.isfinite(s)]
+    if args.json:
+        sys.stdout.write(json.dumps({"user": args.user, "round": saved.round, "items": items}, indent=1) + "\n")
+    else:
+        sys.stdout.write(f"top {len(items)} for user {args.user} (model of round {saved.round}):\n")
+        for rank, it in enumerate(items, 1):
+            sys.stdout.write(f"{rank:>3}  {it['item']:>8}  {it['score']:8.4f}  {it['title']}\n")
+    log.debug("loading %.3f s, ranking %.4f s", t1 - t0, t2 - t1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfmfr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -236,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("recommend", help="top-K items for a user of a trained run (its saved model)")
+    p.add_argument("--run", required=True, help="the run's --out folder (it holds model/)")
+    p.add_argument("--user", help="original user id")
+    p.add_argument("--all-users", action="store_true", help="every user's top-K, as CSV to --out")
+    p.add_argument("-k", type=int, default=10, help="items per user")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.add_argument("--out", help="CSV file for --all-users")
+    p.set_defaults(func=cmd_recommend)
+
     p = sub.add_parser("encode", help="encode item text and images on the server (cached)")
     common(p)
     p.add_argument("--modality", action="append", choices=["text", "image"], default=None)
@@ -253,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ModelError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import logging
 import resource
@@ -98,7 +100,18 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out:
     checkpoint = Path(out) / CHECKPOINT if out is not None and cfg.runtime.checkpoint_every else None
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    best = fed.fit(progress=progress, checkpoint=checkpoint, resume=resume)
+    on_best: Callable[[int], None] | None = None
+    if out is not None:
+        from gfmfr.serving.saved import MODEL_DIR, content_fingerprint, content_modalities, save_model
+
+        fingerprint = content_fingerprint(dataset, content_modalities(cfg))
+
+        def save_best(t: int) -> None:
+            save_model(Path(out) / MODEL_DIR, fed, t, fingerprint)
+
+        on_best = save_best
+
+    best = fed.fit(progress=progress, checkpoint=checkpoint, resume=resume, on_best=on_best)
     return federated_results(best, fed.history, plugins)
 
 

@@ -214,7 +214,7 @@ class Federation:
 
     def fit(self, progress: bool = False, on_validation: Callable[[int, dict[str, float]], None] | None = None,
             evaluate_test: bool = True, log_rounds: bool = True, checkpoint: Path | None = None,
-            resume: bool = False) -> dict[str, Any]:
+            resume: bool = False, on_best: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Run every round; returns the selection summary (best round, valid and test metrics).
 
         ``progress`` shows a bar over rounds with the ETA and the latest validation score (the
@@ -224,6 +224,8 @@ class Federation:
         lines at DEBUG even without a bar (a tuner's trials). With ``checkpoint``, everything the next
         round needs is written there after every ``runtime.checkpoint_every`` rounds
         (:mod:`gfmfr.federation.checkpoint`); with ``resume`` too, a run starts from it if it exists.
+        ``on_best(round)`` runs after every round that becomes the best on validation (the run saves
+        its model there, :mod:`gfmfr.serving.saved`).
         """
         from gfmfr.federation import checkpoint as ckpt
 
@@ -255,8 +257,10 @@ class Federation:
                     t0 = time.perf_counter()
                     entry.valid = self.evaluator.evaluate(self.score, "valid")
                     entry.seconds["evaluate"] = time.perf_counter() - t0
-                    best.update(t, entry.valid,
-                                lambda: self.evaluator.evaluate(self.score, "test") if evaluate_test else {})
+                    improved = best.update(t, entry.valid,
+                                           lambda: self.evaluator.evaluate(self.score, "test") if evaluate_test else {})
+                    if improved and on_best is not None:
+                        on_best(t)
                     line(
                         "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
                         t, entry.loss, entry.valid.get("HR@10", float("nan")),

@@ -1,0 +1,48 @@
+"""Top-K recommendations from a saved federation (issue 18).
+
+A user's items are scored as its client scores them on its device: the model's forward pass with
+its private parameters and the global shared ones (:meth:`FederationState.score`, the evaluation's
+scores; GFMFR ranks with the global table too). Items the user interacted with (training,
+validation and test) are never returned. Users are scored in blocks, vectorised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gfmfr.serving.saved import SavedModel
+
+
+@dataclass
+class Recommendations:
+    """Top-K of a block of users: item indices and scores, [U, K] each (best first)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+
+
+def top_k(saved: SavedModel, users: np.ndarray, k: int = 10) -> Recommendations:
+    """The ``k`` best items of each of ``users`` (contiguous indices) that they have not interacted with."""
+    users = np.asarray(users, np.int64)
+    k = min(k, saved.n_items)
+    with torch.no_grad():
+        scores = saved.state.score(users).float()
+    starts, ends = saved.indptr[users], saved.indptr[users + 1]
+    owner = np.repeat(np.arange(len(users)), ends - starts)
+    seen = saved.interacted[np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])] if len(owner) else \
+        np.empty(0, np.int64)
+    scores[torch.from_numpy(owner), torch.from_numpy(seen.astype(np.int64))] = -torch.inf
+    best = torch.topk(scores, k, dim=1)
+    items, values = best.indices.numpy(), best.values.numpy()
+    return Recommendations(users, items, values)
+
+
+def blocks(saved: SavedModel, users: np.ndarray, k: int, block: int = 256) -> Iterator[Recommendations]:
+    """:func:`top_k` over ``users`` in blocks of ``block`` (bounds the [block, n_items] score memory)."""
+    for start in range(0, len(users), block):
+        yield top_k(saved, users[start : start + block], k)

@@ -1,0 +1,200 @@
+"""The trained federation a run leaves in ``OUT/model/``, saved at its best validation round.
+
+``model.safetensors`` holds every tensor: the global shared parameters, each client's private
+state (as a checkpoint keeps it), the plug-ins' server state (GFMFR: fusion model and groups) and
+each user's interacted items (CSR). Its metadata, also written to ``model.json`` for reading, holds
+the rest as JSON: the config, the round, the original user and item ids, item titles, the shapes of
+the shared parameters and the content features' fingerprint. No pickle. Loading rebuilds the model
+from the config and checks the shapes, and the fingerprint against the content the config names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from gfmfr.config import RunConfig, from_dict, to_dict
+from gfmfr.data.dataset import Dataset
+from gfmfr.federation.state import FederationState, save_tensors
+from gfmfr.serving.errors import ModelError
+
+if TYPE_CHECKING:
+    from gfmfr.federation.engine import Federation
+    from gfmfr.federation.plugin import Plugin
+
+MODEL_DIR = "model"
+TENSORS = "model.safetensors"
+FORMAT = 1
+
+
+def content_modalities(cfg: RunConfig) -> tuple[str, ...]:
+    """The content modalities a run's computation reads (none for a plain base model)."""
+    if cfg.plugin == "gfmfr":
+        return tuple(cfg.gfmfr.modalities)
+    if cfg.wrapper != "none":
+        return tuple(cfg.multimodal.modalities)
+    return ()
+
+
+def content_fingerprint(dataset: Dataset, modalities: tuple[str, ...]) -> str | None:
+    """SHA-256 of the content features ``modalities`` of ``dataset`` (None when there are none)."""
+    if not modalities:
+        return None
+    from gfmfr.data.encoders import dataset_features
+
+    content = dataset_features(dataset, modalities)
+    h = hashlib.sha256()
+    for m in sorted(set(modalities) & set(content.features)):
+        x = np.ascontiguousarray(content.features[m], np.float32)
+        h.update(m.encode() + str(x.shape).encode() + x.tobytes())
+        h.update(np.ascontiguousarray(content.mask[m], bool).tobytes())
+    return h.hexdigest()
+
+
+def title_of(text: str | None, item_id: str) -> str:
+    """A short title from an item's text (its first sentence, as ML-100K's and our content's texts start
+    with "Title (year)."), else the item id."""
+    if not text:
+        return str(item_id)
+    return text.split(". ")[0][:100]
+
+
+def interactions(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's interacted items (training, validation and test), CSR: (indptr, items)."""
+    per_user = [np.concatenate([dataset.user_train(u), [dataset.valid_items[u], dataset.test_items[u]]])
+                for u in range(dataset.n_users)]
+    per_user = [np.unique(p[p >= 0]) for p in per_user]
+    indptr = np.concatenate([[0], np.cumsum([len(p) for p in per_user])]).astype(np.int64)
+    return indptr, (np.concatenate(per_user) if per_user else np.empty(0)).astype(np.int64)
+
+
+def save_model(folder: Path, fed: Federation, round_: int, fingerprint: str | None) -> None:
+    """Write ``fed`` as it stands after ``round_`` to ``folder`` (tensors atomically, then model.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"shared/{k}": v.contiguous() for k, v in fed.state.shared.items()}
+    tensors.update({f"clients/{k}": v.contiguous() for k, v in fed.state.private_tensors().items()})
+    plugins = []
+    for k, plugin in enumerate(fed.plugins):
+        arrays, meta = plugin.server.state()
+        tensors.update({f"plugin{k}/{name}": v.contiguous() for name, v in arrays.items()})
+        plugins.append(meta)
+    indptr, items = interactions(fed.dataset)
+    tensors["interactions/indptr"] = torch.from_numpy(indptr)
+    tensors["interactions/items"] = torch.from_numpy(items)
+    d = fed.dataset
+    info = {
+        "format": FORMAT, "round": round_, "config": to_dict(fed.cfg), "plugins": plugins,
+        "users": [str(u) for u in d.user_ids], "items": [str(i) for i in d.item_ids],
+        "titles": [title_of(d.item_text[i] if d.item_text else None, d.item_ids[i]) for i in range(d.n_items)],
+        "shapes": {k: list(v.shape) for k, v in fed.state.shared.items()},
+        "content_fingerprint": fingerprint,
+    }
+    text = json.dumps(info, default=str)
+    save_tensors(tensors, folder / TENSORS, metadata={"gfmfr": text})
+    tmp = folder / "model.json.part"
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    tmp.replace(folder / "model.json")
+
+
+@dataclass
+class SavedModel:
+    """A loaded federation, ready to score its users."""
+
+    cfg: RunConfig
+    round: int
+    state: FederationState
+    """The global shared parameters and every client's private state."""
+    plugins: tuple[Plugin, ...]
+    user_ids: list[str]
+    item_ids: list[str]
+    titles: list[str]
+    indptr: np.ndarray
+    interacted: np.ndarray
+    """Each user's interacted items, CSR over users (``indptr``)."""
+    fingerprint: str | None
+    info: dict[str, Any]
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def user_index(self, user_id: str) -> int:
+        """The contiguous index of original user id ``user_id``."""
+        if not hasattr(self, "_users"):
+            self._users = {u: k for k, u in enumerate(self.user_ids)}
+        if str(user_id) not in self._users:
+            raise ModelError(f"user {user_id!r} is not in this model ({self.n_users} users)")
+        return self._users[str(user_id)]
+
+
+def load_model(run: str | Path, dataset: Dataset | None = None, check_content: bool = True) -> SavedModel:
+    """The model saved in ``run`` (a run folder, or its ``model/`` folder). ``dataset``: the run's data,
+    if at hand (needed for plug-ins' server halves and the content check; loaded from the config
+    otherwise, only when needed). Shapes are checked against the rebuilt model, and with
+    ``check_content`` the fingerprint against the content features the config names."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(run)
+    if (folder / MODEL_DIR / TENSORS).exists():
+        folder = folder / MODEL_DIR
+    path = folder / TENSORS
+    if not path.exists():
+        raise ModelError(f"{run}: no saved model ({MODEL_DIR}/{TENSORS}); a run saves one at its best validation round")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            info = json.loads(f.metadata()["gfmfr"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable saved model ({exc})") from exc
+    if info.get("format") != FORMAT:
+        raise ModelError(f"{path}: format {info.get('format')!r}, this version reads {FORMAT}")
+    cfg = from_dict(info["config"], where=f"{path}: config")
+    n_items, n_users = len(info["items"]), len(info["users"])
+
+    from gfmfr.run import build_run_model
+
+    if dataset is None and (cfg.plugin != "none" or cfg.wrapper != "none"):
+        from gfmfr.data import load_dataset
+
+        dataset = load_dataset(cfg.data)
+    if dataset is not None and (dataset.n_items, dataset.n_users) != (n_items, n_users):
+        raise ModelError(f"{path}: saved for {n_users} users and {n_items} items; the data has "
+                         f"{dataset.n_users} and {dataset.n_items}")
+    if dataset is not None and check_content and info["content_fingerprint"] is not None:
+        now = content_fingerprint(dataset, content_modalities(cfg))
+        if now != info["content_fingerprint"]:
+            raise ModelError(f"{path}: saved with other content features than {cfg.data.content or cfg.data.dataset} "
+                             f"gives now (fingerprint {info['content_fingerprint'][:12]} against {str(now)[:12]})")
+    if dataset is None:
+        from gfmfr.models import build_model
+
+        model, plugins = build_model(n_items, cfg.model), ()
+    else:
+        model, plugins = build_run_model(dataset, cfg)
+    state = FederationState(model, n_users, cfg.seed)
+    shared = {k[len("shared/"):]: v for k, v in tensors.items() if k.startswith("shared/")}
+    for name, value in state.shared.items():
+        if name not in shared or shared[name].shape != value.shape:
+            got = None if name not in shared else list(shared[name].shape)
+            raise ModelError(f"{path}: shared parameter {name!r} has shape {got}; the model built from the "
+                             f"config has {list(value.shape)}")
+    state.shared.update(shared)
+    state.load_private_tensors({k[len("clients/"):]: v for k, v in tensors.items() if k.startswith("clients/")})
+    for k, plugin in enumerate(plugins):
+        prefix = f"plugin{k}/"
+        plugin.server.load_state({n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)},
+                                 info["plugins"][k])
+    return SavedModel(cfg, int(info["round"]), state, plugins, info["users"], info["items"], info["titles"],
+                      tensors["interactions/indptr"].numpy(), tensors["interactions/items"].numpy(),
+                      info["content_fingerprint"], info)

@@ -1,0 +1,97 @@
+"""Saved models and recommendations (issue 18)."""
+
+from dataclasses import replace
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gfmfr.eval.evaluator import Evaluator
+from gfmfr.federation.engine import Federation
+from gfmfr.models import build_model
+from gfmfr.run import build_run_model, run
+from gfmfr.serving.recommend import blocks, top_k
+from gfmfr.serving.saved import ModelError, load_model, save_model
+from tests.test_gfmfr import gfmfr_config, with_features
+from tests.test_model_contract import small_config
+
+
+@pytest.mark.parametrize("name", ["fcf", "fedrap"])
+def test_a_run_saves_its_best_round_and_the_loaded_model_scores_it_exactly(planted, tmp_path, name):
+    cfg = small_config(name, rounds=8)
+    res = run(cfg, out=tmp_path, dataset=planted)
+    saved = load_model(tmp_path, dataset=planted)
+    assert saved.round == res["best_round"]
+    # the test metrics at the best round, recomputed from the saved model, are the run's
+    ev = Evaluator(planted, cfg.eval, cfg.seed, cfg.runtime.eval_batch)
+    assert ev.evaluate(saved.state.score, "test") == res["test"]
+    assert saved.user_ids == [str(u) for u in planted.user_ids] and saved.item_ids == [str(i) for i in planted.item_ids]
+
+
+def test_save_load_round_trip_is_exact_with_gfmfr(planted, tmp_path):
+    data = with_features(planted)
+    cfg = gfmfr_config("fcf")
+    model, plugins = build_run_model(data, cfg)
+    fed = Federation(data, model, cfg, plugins)
+    for t in range(3):
+        fed.train_round(t)
+    save_model(tmp_path, fed, 2, None)
+    saved = load_model(tmp_path, dataset=data)
+    users = np.arange(data.n_users)
+    assert torch.equal(saved.state.score(users), fed.score(users))
+    assert torch.equal(saved.plugins[0].server.preferences, plugins[0].server.preferences)
+    assert np.array_equal(saved.plugins[0].server.grouping.group, plugins[0].server.grouping.group)
+
+
+def test_a_model_saved_with_other_content_or_shapes_is_refused(planted, tmp_path):
+    data = with_features(planted)
+    cfg = replace(gfmfr_config("fcf"), federation=replace(gfmfr_config("fcf").federation, rounds=2))
+    run(cfg, out=tmp_path, dataset=data)
+    load_model(tmp_path, dataset=data)  # the same content: fine
+    with pytest.raises(ModelError, match="other content features"):
+        load_model(tmp_path, dataset=with_features(planted, seed=1))
+    fed = Federation(planted, build_model(planted.n_items, small_config("fcf").model), small_config("fcf"))
+    fed.cfg = replace(fed.cfg, model=replace(fed.cfg.model, dim=8))  # the config no longer fits the tensors
+    save_model(tmp_path / "bad", fed, 0, None)
+    with pytest.raises(ModelError, match="shape"):
+        load_model(tmp_path / "bad", dataset=planted)
+    with pytest.raises(ModelError, match="no saved model"):
+        load_model(tmp_path / "nothing")
+
+
+def test_recommendations_never_hold_an_interacted_item_and_are_the_best_others(planted, tmp_path):
+    cfg = small_config("fcf", rounds=4)
+    run(cfg, out=tmp_path, dataset=planted)
+    saved = load_model(tmp_path, dataset=planted)
+    users = np.arange(planted.n_users)
+    recs = list(blocks(saved, users, k=10, block=7))
+    items = np.concatenate([r.items for r in recs])
+    for u in users:
+        seen = set(planted.user_train(u)) | {planted.valid_items[u], planted.test_items[u]}
+        assert not seen & set(items[u].tolist())
+        scores = saved.state.score(np.array([u]))[0].detach().numpy()
+        others = np.array([i for i in range(planted.n_items) if i not in seen])
+        best = others[np.argsort(-scores[others], kind="stable")[:10]]
+        assert np.allclose(np.sort(scores[best]), np.sort(scores[items[u]]))
+    one = top_k(saved, np.array([5]), k=3)
+    assert one.items.shape == (1, 3) and np.all(np.diff(one.scores[0]) <= 0)
+
+
+def test_recommend_cli(planted_folder, tmp_path, capsys, caplog):
+    from gfmfr.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", str(planted_folder), "--model", "fcf", "--set", "federation.rounds=3",
+                 "--out", str(out), "--no-progress", "--no-reference"]) == 0
+    capsys.readouterr()
+    assert main(["recommend", "--run", str(out), "--user", "u3", "-k", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["user"] == "u3" and len(got["items"]) == 4
+    assert {"item", "title", "score"} <= set(got["items"][0])
+    assert main(["recommend", "--run", str(out), "--all-users", "--out", str(tmp_path / "all.csv"), "-k", "2"]) == 0
+    lines = (tmp_path / "all.csv").read_text().strip().splitlines()
+    assert lines[0] == "user,rank,item,score" and len(lines) == 1 + 80 * 2
+    assert main(["recommend", "--run", str(out), "--user", "nobody"]) == 2
+    assert "user 'nobody' is not in this model" in caplog.text
