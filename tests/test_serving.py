@@ -95,3 +95,11 @@ def test_recommend_cli(planted_folder, tmp_path, capsys, caplog):
     assert lines[0] == "user,rank,item,score" and len(lines) == 1 + 80 * 2
     assert main(["recommend", "--run", str(out), "--user", "nobody"]) == 2
     assert "user 'nobody' is not in this model" in caplog.text
+
+
+def test_titles_come_from_the_item_text():
+    from gfmfr.serving.saved import title_of
+
+    assert title_of("E.T. the Extra-Terrestrial (1982). Genres: Children's", "7") == "E.T. the Extra-Terrestrial (1982)"
+    assert title_of("A plain description. More.", "8") == "A plain description"
+    assert title_of(None, "9") == "9"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,11 +59,12 @@ def content_fingerprint(dataset: Dataset, modalities: tuple[str, ...]) -> str | 
 
 
 def title_of(text: str | None, item_id: str) -> str:
-    """A short title from an item's text (its first sentence, as ML-100K's and our content's texts start
-    with "Title (year)."), else the item id."""
+    """A short title from an item's text: up to its first "(year)" (ML-100K's and our content's texts
+    start with "Title (year)."), else its first sentence, else the item id."""
     if not text:
         return str(item_id)
-    return text.split(". ")[0][:100]
+    dated = re.match(r"(.+?\(\d{4}\))", text)  # "E.T. the Extra-Terrestrial (1982). Genres: ..."
+    return (dated.group(1) if dated else text.split(". ")[0])[:100]
 
 
 def interactions(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
