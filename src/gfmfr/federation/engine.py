@@ -75,6 +75,11 @@ def sample_clients(n_clients: int, fraction: float, seed: int, round_: int, pois
     return np.sort(rng.choice(n_clients, size=k, replace=False))
 
 
+def spent(entry: RoundLog) -> str:
+    """The privacy spent so far, for a round's log line (empty without DP)."""
+    return "" if entry.epsilon is None else f", epsilon {entry.epsilon:.3g}"
+
+
 def privacy_setup(cfg: RunConfig, n_clients: int, model: FederatedRecommender, plugins: tuple[Plugin, ...]
                   ) -> tuple[Any, Any]:
     """The privacy ledger (None without DP) and the server's central noise (None unless central DP);
@@ -262,14 +267,14 @@ class Federation:
                     if improved and on_best is not None:
                         on_best(t)
                     line(
-                        "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
+                        "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)%s",
                         t, entry.loss, entry.valid.get("HR@10", float("nan")),
-                        entry.valid.get("NDCG@10", float("nan")), entry.seconds["train"],
+                        entry.valid.get("NDCG@10", float("nan")), entry.seconds["train"], spent(entry),
                     )
                     bar.set_postfix_str(f"valid {ev.select_metric} {entry.valid[ev.select_metric]:.4f}, "
-                                        f"best {best.score:.4f} @ {best.round}", refresh=False)
+                                        f"best {best.score:.4f} @ {best.round}{spent(entry)}", refresh=False)
                 else:
-                    line("round %3d  loss %.4f  (%.2fs train)", t, entry.loss, entry.seconds["train"])
+                    line("round %3d  loss %.4f  (%.2fs train)%s", t, entry.loss, entry.seconds["train"], spent(entry))
                 self.history.append(entry)
                 bar.update(1)
                 if checkpoint is not None and every and ((t + 1) % every == 0 or t == fed.rounds - 1):

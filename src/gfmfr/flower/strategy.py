@@ -34,7 +34,7 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.eval.evaluator import metrics_from_sums
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import RoundAggregate
-from gfmfr.federation.engine import RoundLog, privacy_setup, sample_clients
+from gfmfr.federation.engine import RoundLog, privacy_setup, sample_clients, spent
 from gfmfr.federation.messages import LocalUpdate
 from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
@@ -239,8 +239,8 @@ class FedRecStrategy(Strategy):
                 entry.valid = self.evaluate(grid, t + 1, "valid")
                 entry.seconds["evaluate"] = time.perf_counter() - t2
                 best.update(t, entry.valid, lambda: self.evaluate(grid, t + 1, "test"))
-                log.info("round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)", t, entry.loss,
-                         entry.valid.get("NDCG@10", float("nan")), seconds["train"])
+                log.info("round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)%s", t, entry.loss,
+                         entry.valid.get("NDCG@10", float("nan")), seconds["train"], spent(entry))
             self.history.append(entry)
             if entry.valid is not None and best.stop(t):
                 break
