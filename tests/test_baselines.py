@@ -146,12 +146,16 @@ centralised = {{ epochs = 3, batch_size = 128, lr = 0.01 }}
 [[methods]]
 label = "GFMFR-FCF k-means"
 set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
+
+[[methods]]
+label = "FCF, DP epsilon 50"
+set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsilon" = 50 }}
 """)
     out = tmp_path / "report"
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     text = (out / "report.md").read_text()
     labels = ["Popularity", "Random", "FCF", "MM-FCF", "FedVLR-FCF", "GFMFR-FCF", "FCF (centralised)",
-              "GFMFR-FCF k-means"]
+              "GFMFR-FCF k-means", "FCF, DP epsilon 50"]
     rows = [line for line in text.split("## Against")[0].splitlines() if line.startswith("| ") and "±" in line]
     assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(labels)
     assert all(r.split(" | ")[1] == "2" for r in rows)  # every method ran both seeds
@@ -159,7 +163,9 @@ set = {{ plugin = "gfmfr", "model.name" = "fcf", "gfmfr.grouping" = "kmeans" }}
     for png in ("convergence.png", "groups.png", "time.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in text
     summary = json.loads((out / "report.json").read_text())
-    assert summary["table"]["FCF"]["seeds"] == 2 and len(summary["gaps"]) == 5
+    assert summary["table"]["FCF"]["seeds"] == 2 and len(summary["gaps"]) == 6
+    assert 0 < summary["table"]["FCF, DP epsilon 50"]["epsilon"][0] <= 50 and "epsilon" not in summary["table"]["FCF"]
+    assert "epsilon spent" in text
     gfmfr_row = next(g for g in summary["gaps"] if g["method"] == "GFMFR-FCF")
     assert gfmfr_row["base"] == "FCF" and gfmfr_row["paired seeds"] == 2 and len(gfmfr_row["paired test diffs"]) == 2
 

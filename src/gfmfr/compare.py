@@ -273,6 +273,9 @@ def summarise(plan: Plan, results: dict[str, list[dict[str, Any]]]) -> dict[str,
             row[f"valid {metric}"] = mean_std([r["valid"].get(metric, float("nan")) for r in runs])
         row["seconds_per_round"] = mean_std([r["seconds_per_round"] for r in runs])
         row["best_round"] = mean_std([r["best_round"] for r in runs])
+        spent = [r["history"][-1].get("epsilon") for r in runs if r.get("history")]
+        if spent and all(e is not None for e in spent):  # under DP: the privacy each run spent
+            row["epsilon"] = mean_std(spent)
         table[method.label] = row
     return {"table": table, "gaps": gaps(plan, results, table)}
 
@@ -336,11 +339,14 @@ def render_report(plan: Plan, out: str | Path) -> Path:
     lines = ["# Comparison report", "",
              f"Seeds: {', '.join(map(str, plan.seeds))}. Test metrics at the best validation round "
              "(mean ± sample std over seeds); seconds per training round (per epoch for centralised runs).", ""]
-    header = ["method", "seeds", *METRICS, "s/round", "best round"]
+    private = any("epsilon" in row for row in summary["table"].values())
+    header = ["method", "seeds", *METRICS, "s/round", "best round"] + (["epsilon spent"] if private else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in summary["table"].items():
         cells = [label, str(row["seeds"]), *(_fmt(row[m]) for m in METRICS),
                  f"{row['seconds_per_round'][0]:.2f}", f"{row['best_round'][0]:.1f}"]
+        if private:
+            cells.append(f"{row['epsilon'][0]:.3g}" if "epsilon" in row else "—")
         lines.append("| " + " | ".join(cells) + " |")
     failed = [f"{m.label} seed {s}" for m in plan.methods for s in plan.seeds
               if run_path(out, m, s).with_name("failed.json").exists() and not run_path(out, m, s).exists()]
