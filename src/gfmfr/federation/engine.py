@@ -17,7 +17,7 @@ from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.validation import surviving
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender
+
+if TYPE_CHECKING:
+    from gfmfr.privacy.accounting import PrivacyLedger
+    from gfmfr.privacy.dp import CentralNoise
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ def spent(entry: RoundLog) -> str:
 
 
 def privacy_setup(cfg: RunConfig, n_clients: int, model: FederatedRecommender, plugins: tuple[Plugin, ...]
-                  ) -> tuple[Any, Any]:
+                  ) -> tuple[PrivacyLedger | None, CentralNoise | None]:
     """The privacy ledger (None without DP) and the server's central noise (None unless central DP);
     plug-ins are told to noise what they release."""
     p, fed = cfg.privacy, cfg.federation
