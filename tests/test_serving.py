@@ -59,6 +59,9 @@ def test_a_model_saved_with_other_content_or_shapes_is_refused(planted, tmp_path
         load_model(tmp_path / "bad", dataset=planted)
     with pytest.raises(ModelError, match="no saved model"):
         load_model(tmp_path / "nothing")
+    unsaved = replace(small_config("fcf", rounds=2), runtime=replace(small_config("fcf").runtime, save_model=False))
+    run(unsaved, out=tmp_path / "unsaved", dataset=planted)
+    assert (tmp_path / "unsaved" / "results.json").exists() and not (tmp_path / "unsaved" / "model").exists()
 
 
 def test_recommendations_never_hold_an_interacted_item_and_are_the_best_others(planted, tmp_path):

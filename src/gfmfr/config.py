@@ -278,6 +278,9 @@ class RuntimeConfig:
     checkpoint_every: int = 1
     """With ``--out``, write a checkpoint (``OUT/checkpoint.safetensors``) every N rounds, so that
     ``--resume`` continues a killed run (0: none); removed once the run has finished."""
+    save_model: bool = True
+    """With ``--out``, save the federation at each new best validation round in ``OUT/model/``, for
+    ``gfmfr recommend`` (FedRAP's is 395 MB on ML-100K: a large ``gfmfr compare`` plan may turn it off)."""
     backend: Literal["in-process", "flower"] = "in-process"
     """``in-process``: the batched engine in this process; ``flower``: Flower's simulation engine, one
     ClientApp per node, each hosting a partition of the users (the same numbers, issue 16)."""

@@ -101,7 +101,7 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out:
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     on_best: Callable[[int], None] | None = None
-    if out is not None:
+    if out is not None and cfg.runtime.save_model:
         from gfmfr.serving.saved import MODEL_DIR, content_fingerprint, content_modalities, save_model
 
         fingerprint = content_fingerprint(dataset, content_modalities(cfg))
