@@ -102,14 +102,9 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     on_best: Callable[[int], None] | None = None
     if out is not None and cfg.runtime.save_model:
-        from gfmfr.serving.saved import MODEL_DIR, content_fingerprint, content_modalities, save_model
+        from gfmfr.serving.saved import MODEL_DIR, ModelSaver, content_fingerprint, content_modalities
 
-        fingerprint = content_fingerprint(dataset, content_modalities(cfg))
-
-        def save_best(t: int) -> None:
-            save_model(Path(out) / MODEL_DIR, fed, t, fingerprint)
-
-        on_best = save_best
+        on_best = ModelSaver(Path(out) / MODEL_DIR, fed, content_fingerprint(dataset, content_modalities(cfg)))
 
     best = fed.fit(progress=progress, checkpoint=checkpoint, resume=resume, on_best=on_best)
     return federated_results(best, fed.history, plugins)

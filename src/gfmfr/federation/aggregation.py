@@ -8,7 +8,6 @@ cost O(rows used), not O(clients x items), and give exactly the dense FedAvg res
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -18,7 +17,7 @@ import torch
 from gfmfr.config import FederationConfig
 from gfmfr.federation.fast import scatter_rows
 from gfmfr.federation.messages import LocalUpdate
-from gfmfr.federation.validation import keep_screened
+from gfmfr.federation.validation import keep_screened, screening
 from gfmfr.models.base import Params
 
 if TYPE_CHECKING:
@@ -113,14 +112,14 @@ class RoundAggregate:
     Each chunk of per-client uploads is screened (:mod:`gfmfr.federation.validation`), folded into
     FedAvg and shown to the plug-ins' server halves; a Flower node's partial aggregate (sums over its
     users, which it screened itself) is folded in as it is. :meth:`finish` steps the server optimiser.
-    Under central DP (``noise``) every upload is clipped to ``noise.clip`` after screening (which then
-    rejects only non-finite uploads), and :meth:`finish` noises the sum (:mod:`gfmfr.privacy.dp`).
+    Under DP (``private``) screening rejects only non-finite uploads (:func:`~gfmfr.federation.validation.screening`);
+    under central DP (``noise``) every upload is then clipped to ``noise.clip``, and :meth:`finish`
+    noises the sum (:mod:`gfmfr.privacy.dp`).
     """
 
     def __init__(self, cfg: FederationConfig, plugins: tuple[Plugin, ...], shared: Params, round_: int,
-                 noise: CentralNoise | None = None):
-        if noise is not None and cfg.reject_norm:
-            cfg = dataclasses.replace(cfg, reject_norm=0.0)
+                 noise: CentralNoise | None = None, private: bool = False):
+        cfg = screening(cfg, private or noise is not None)
         self.cfg, self.plugins, self.shared, self.round, self.noise = cfg, plugins, shared, round_, noise
         self.fedavg = FedAvg(cfg.weighted_aggregation)
         self.loss_sum, self.clients, self.rejected = 0.0, 0, 0

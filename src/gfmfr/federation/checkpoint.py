@@ -19,10 +19,11 @@ import torch
 
 from gfmfr.config import ConfigError, RunConfig, bearing_dict
 from gfmfr.eval.selection import BestRound
-from gfmfr.federation.state import save_tensors
+from gfmfr.federation.state import FederationState, save_tensors
 
 if TYPE_CHECKING:
     from gfmfr.federation.engine import Federation
+    from gfmfr.federation.plugin import Plugin
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -35,18 +36,37 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
-def save(fed: Federation, best: BestRound, path: Path) -> None:
-    """Everything the rounds after ``fed.history[-1]`` need, in one file written atomically."""
-    tensors = _prefixed("shared", fed.state.shared)
-    tensors.update(_prefixed("clients", fed.state.private_tensors()))
-    for name, moments in fed.server_opt.state.items():
-        tensors.update(_prefixed(f"opt/{name}", moments))
-    info: dict[str, Any] = {"plugins": []}
-    for k, plugin in enumerate(fed.plugins):
+def federation_tensors(state: FederationState, plugins: tuple[Plugin, ...]
+                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The trained federation as named tensors (the global shared parameters, every client's private
+    state, each plug-in's server state) and the plug-ins' JSON state: what a checkpoint and a saved
+    model (:mod:`gfmfr.serving.saved`) both keep."""
+    tensors = _prefixed("shared", state.shared)
+    tensors.update(_prefixed("clients", state.private_tensors()))
+    infos = []
+    for k, plugin in enumerate(plugins):
         arrays, meta = plugin.server.state()
         tensors.update(_prefixed(f"plugin{k}", arrays))
-        info["plugins"].append(meta)
-    info.update(history=[asdict(h) for h in fed.history], best=best.state(), config=bearing(fed.cfg))
+        infos.append(meta)
+    return tensors, infos
+
+
+def load_federation_tensors(state: FederationState, plugins: tuple[Plugin, ...], tensors: dict[str, torch.Tensor],
+                            infos: list[dict[str, Any]]) -> None:
+    """Inverse of :func:`federation_tensors` (shapes are the caller's to check)."""
+    state.shared.update(_part(tensors, "shared"))
+    state.load_private_tensors(_part(tensors, "clients"))
+    for k, plugin in enumerate(plugins):
+        plugin.server.load_state(_part(tensors, f"plugin{k}"), infos[k])
+
+
+def save(fed: Federation, best: BestRound, path: Path) -> None:
+    """Everything the rounds after ``fed.history[-1]`` need, in one file written atomically."""
+    tensors, plugins = federation_tensors(fed.state, fed.plugins)
+    for name, moments in fed.server_opt.state.items():
+        tensors.update(_prefixed(f"opt/{name}", moments))
+    info = {"plugins": plugins, "history": [asdict(h) for h in fed.history], "best": best.state(),
+            "config": bearing(fed.cfg)}
     save_tensors(tensors, path, metadata={"gfmfr": json.dumps(info)})
 
 
@@ -62,14 +82,10 @@ def load(fed: Federation, best: BestRound, path: Path) -> int:
         info = json.loads(f.metadata()["gfmfr"])
     if info["config"] != bearing(fed.cfg):
         raise ConfigError(f"{path}: this checkpoint is of another configuration; give --overwrite to start again")
-    state = fed.state
-    state.shared.update(_part(tensors, "shared"))
-    state.load_private_tensors(_part(tensors, "clients"))
+    load_federation_tensors(fed.state, fed.plugins, tensors, info["plugins"])
     opt = _part(tensors, "opt")
     for key in {k.split("/", 1)[0] for k in opt}:
         fed.server_opt.state[key] = _part(opt, key)
-    for k, plugin in enumerate(fed.plugins):
-        plugin.server.load_state(_part(tensors, f"plugin{k}"), info["plugins"][k])
     fed.history = [RoundLog(**h) for h in info["history"]]
     best.load_state(info["best"])
     return len(fed.history)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gfmfr.config import RunConfig
+from gfmfr.config import FederationConfig, RunConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
@@ -35,6 +35,7 @@ from gfmfr.federation.messages import LocalUpdate, TrainInstruction
 from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.validation import surviving
+from gfmfr.privacy.dp import privatise
 from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender
 
@@ -77,6 +78,11 @@ def sample_clients(n_clients: int, fraction: float, seed: int, round_: int, pois
         return np.flatnonzero(rng.random(n_clients) < fraction)
     k = max(1, int(round(fraction * n_clients)))
     return np.sort(rng.choice(n_clients, size=k, replace=False))
+
+
+def participants(n_clients: int, cfg: FederationConfig, seed: int, round_: int, poisson: bool = False) -> np.ndarray:
+    """The clients that train in ``round_`` and send: the seeded sample less the seeded dropouts."""
+    return surviving(sample_clients(n_clients, cfg.client_fraction, seed, round_, poisson), cfg.dropout, seed, round_)
 
 
 def spent(entry: RoundLog) -> str:
@@ -135,7 +141,7 @@ class Federation:
         chunks = self.chunks(round_)
         users = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
         seconds = {"train": 0.0, "aggregate": 0.0}
-        agg = RoundAggregate(fed, self.plugins, self.state.shared, round_, self.noise)
+        agg = RoundAggregate(fed, self.plugins, self.state.shared, round_, self.noise, self.ledger is not None)
         terms = tuple(p.client for p in self.plugins)
         want = wants_signatures(self.plugins, round_)
         # chunks bound memory: each chunk's uploads are folded into the aggregate, then dropped
@@ -174,13 +180,8 @@ class Federation:
 
     def privatise(self, update: LocalUpdate, round_: int) -> LocalUpdate:
         """What the clients send of their uploads under ``cfg.privacy`` (:func:`gfmfr.privacy.dp.privatise`)."""
-        p = self.cfg.privacy
-        if p.mode == "off" and p.signature_noise == 0:
-            return update
-        from gfmfr.privacy.dp import privatise
-
         sigma = self.ledger.sigma if self.ledger is not None else None
-        return privatise(update, self.state.shared, p, sigma, self.cfg.seed, round_)
+        return privatise(update, self.state.shared, self.cfg.privacy, sigma, self.cfg.seed, round_)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the background thread and any data it is building behind."""
@@ -194,9 +195,7 @@ class Federation:
     def chunks(self, round_: int) -> list[np.ndarray]:
         """The clients of ``round_`` (seeded sample), in chunks of ``client_chunk``."""
         fed = self.cfg.federation
-        users = sample_clients(self.dataset.n_users, fed.client_fraction, self.cfg.seed, round_,
-                               poisson=self.ledger is not None)
-        users = surviving(users, fed.dropout, self.cfg.seed, round_)
+        users = participants(self.dataset.n_users, fed, self.cfg.seed, round_, poisson=self.ledger is not None)
         size = self.cfg.runtime.client_chunk
         return [users[start : start + size] for start in range(0, len(users), size)]
 
@@ -244,8 +243,9 @@ class Federation:
         if resume and checkpoint is not None and checkpoint.exists():
             start = ckpt.load(self, best, checkpoint)
             log.info("resuming after round %d from %s", start - 1, checkpoint)
-            for t in range(start if self.ledger is not None else 0):
-                self.ledger.spend(t)
+            if self.ledger is not None:  # the privacy the rounds done spent
+                for t in range(start):
+                    self.ledger.spend(t)
             last = self.history[-1] if self.history else None
             if last is not None and last.valid is not None and best.stop(last.round):
                 return best.summary()
@@ -255,9 +255,7 @@ class Federation:
         every = self.cfg.runtime.checkpoint_every
         try:
             for t in range(start, fed.rounds):
-                if self.ledger is not None and self.ledger.would_exceed(t):
-                    log.info("privacy: stopping before round %d, which would spend more than epsilon %g "
-                             "(spent %.4g)", t, self.cfg.privacy.target_epsilon, self.ledger.epsilon)
+                if self.ledger is not None and self.ledger.stop_before(t):
                     break
                 entry = self.train_round(t)
                 if self.ledger is not None:

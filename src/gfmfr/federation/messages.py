@@ -176,6 +176,22 @@ class LocalUpdate:
                      for k in sorted(set().union(*(u.metrics for u in updates)))},
         )
 
+    def dense(self, shared: Params) -> LocalUpdate:
+        """These uploads with every row of every shared item table: each client's whole table, the
+        broadcast rows ``shared`` shrunk by its weight decay with its trained rows in place (a dense
+        upload: no item ids; it averages to the same parameters)."""
+        C = len(self.users)
+        rows: Params = {}
+        for name, trained in self.rows.items():
+            g = shared[name]
+            full = g[None] * self.decay[name].view(C, *([1] * g.dim())).to(g.dtype)
+            full[torch.from_numpy(self.row_client), torch.from_numpy(self.row_item)] = trained
+            rows[name] = full.reshape(C * len(g), *g.shape[1:])
+        n_items = len(shared[next(iter(self.rows))]) if self.rows else 0
+        return LocalUpdate(self.users, self.shared, rows, np.repeat(np.arange(C), n_items),
+                           np.tile(np.arange(n_items), C), self.decay, self.num_samples, self.loss,
+                           self.signatures, self.metrics)
+
     def upload(self, i: int) -> Upload:
         """Client ``i``'s upload (position ``i`` in :attr:`users`)."""
         sel = self.row_client == i

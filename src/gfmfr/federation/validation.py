@@ -12,6 +12,8 @@ node screens its users before it sums them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -55,6 +57,13 @@ def screen(update: LocalUpdate, broadcast: Params, cfg: FederationConfig) -> np.
     if reject_norm > 0 and keep.any():
         keep &= norms <= reject_norm * np.median(norms[keep])
     return keep
+
+
+def screening(cfg: FederationConfig, private: bool) -> FederationConfig:
+    """The settings uploads are screened with: under DP (``private``) only non-finite uploads are
+    rejected, since clipping bounds the rest and a rule relative to the round's median would make one
+    client's fate depend on the other clients' data."""
+    return replace(cfg, reject_norm=0.0) if private and cfg.reject_norm else cfg
 
 
 def keep_screened(update: LocalUpdate, broadcast: Params, cfg: FederationConfig) -> tuple[LocalUpdate, int]:

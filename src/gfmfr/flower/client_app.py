@@ -11,15 +11,13 @@ text, or ``config-file``).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from typing import Any
 
 import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from gfmfr.federation.validation import keep_screened
+from gfmfr.federation.validation import keep_screened, screening
 from gfmfr.flower import wire
 from gfmfr.flower.node import Node, run_config_of
 from gfmfr.runtime import use_threads
@@ -63,16 +61,15 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     node.set_shared(shared)
     update = node.train(round_, users, hints, want, sigma)
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
-    fed, dp = node.cfg.federation, node.cfg.privacy.mode != "off"
-    if dp:  # clipping bounds every upload; the norm screen would make a client's fate depend on the others'
-        fed = replace(fed, reject_norm=0.0 if fed.reject_norm is not None else None)
+    dp = node.cfg.privacy.mode != "off"
+    fed = screening(node.cfg.federation, dp)
     if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
         kept, rejected = keep_screened(update, shared, fed)
         # under DP every row is sent: which rows the clients trained is what DP hides
         return Message(wire.encode_sums(kept, shared, fed.weighted_aggregation, fed.upload == "dense" or dp,
                                         rejected), reply_to=message)
     if fed.upload == "dense" or dp:
-        update = wire.densify(update, shared)
+        update = update.dense(shared)
     return Message(wire.encode_update(update), reply_to=message)
 
 

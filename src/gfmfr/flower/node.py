@@ -37,6 +37,7 @@ from gfmfr.federation.plugin import LossTerm
 from gfmfr.federation.state import FederationState, save_tensors
 from gfmfr.flower.wire import update_arrays, update_from_arrays
 from gfmfr.models.base import FederatedRecommender, Params
+from gfmfr.privacy.dp import privatise
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,7 @@ class Node:
                 self.terms, tuple(h.take(at) for h in hints), want_signatures, self.train_keys,
                 self.cfg.runtime.client_block))
         update = parts[0] if len(parts) == 1 else LocalUpdate.concat(parts)
-        p = self.cfg.privacy
-        if p.mode != "off" or p.signature_noise > 0:
-            from gfmfr.privacy.dp import privatise
-
-            update = privatise(update, self.state.shared, p, noise_multiplier or None, self.cfg.seed, round_)
+        update = privatise(update, self.state.shared, self.cfg.privacy, noise_multiplier or None, self.cfg.seed, round_)
         self.last = (round_, update)
         return update
 

@@ -34,12 +34,11 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.eval.evaluator import metrics_from_sums
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import RoundAggregate
-from gfmfr.federation.engine import RoundLog, privacy_setup, sample_clients, spent
+from gfmfr.federation.engine import RoundLog, participants, privacy_setup, spent
 from gfmfr.federation.messages import LocalUpdate
 from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
-from gfmfr.federation.validation import surviving
 from gfmfr.flower import wire
 from gfmfr.flower.node import partition_users
 from gfmfr.models.base import FederatedRecommender
@@ -151,7 +150,8 @@ class FedRecStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                         MetricRecord | None]:
         round_ = server_round - 1
-        agg = RoundAggregate(self.cfg.federation, self.plugins, self.shared, round_, self.noise)
+        agg = RoundAggregate(self.cfg.federation, self.plugins, self.shared, round_, self.noise,
+                             self.ledger is not None)
         updates = []
         for reply in replies:
             self.bytes["up"] += record_bytes(reply.content)
@@ -167,9 +167,7 @@ class FedRecStrategy(Strategy):
 
     def sampled(self, round_: int) -> np.ndarray:
         """The clients of ``round_`` that do not drop out (as the in-process engine samples them)."""
-        fed = self.cfg.federation
-        return surviving(sample_clients(self.n_users, fed.client_fraction, self.cfg.seed, round_,
-                                        poisson=self.ledger is not None), fed.dropout, self.cfg.seed, round_)
+        return participants(self.n_users, self.cfg.federation, self.cfg.seed, round_, poisson=self.ledger is not None)
 
     def chunks(self, updates: list[LocalUpdate]) -> list[LocalUpdate]:
         """The uploads regrouped as the in-process engine trains them: sampled users in chunks of
@@ -220,9 +218,7 @@ class FedRecStrategy(Strategy):
         best = BestRound(ev.select_metric, fed.early_stop_patience)
         for t in range(fed.rounds):
             self.discover(grid)  # a node that restarted comes back under a new id
-            if self.ledger is not None and self.ledger.would_exceed(t):
-                log.info("privacy: stopping before round %d, which would spend more than epsilon %g", t,
-                         self.cfg.privacy.target_epsilon)
+            if self.ledger is not None and self.ledger.stop_before(t):
                 break
             t0 = time.perf_counter()
             sampled = self.sampled(t)

@@ -134,20 +134,3 @@ def decode_sums(content: RecordDict, shared: Params) -> tuple[Params, float, dic
         sums[name] = full
         trained[name] = torch.zeros(len(full), dtype=torch.bool).index_fill_(0, rows, True)
     return sums, total, trained, loss, int(clients), {k: float(v) for k, v in part("metric").items()}, int(rejected)
-
-
-def densify(update: LocalUpdate, shared: Params) -> LocalUpdate:
-    """``update`` with every row of every shared item table (``federation.upload = "dense"``): what
-    each client's whole table is, the broadcast rows shrunk by its weight decay with its trained
-    rows in place. Reveals no item ids; averages to the same parameters."""
-    C = len(update.users)
-    rows: Params = {}
-    for name, trained in update.rows.items():
-        n = len(shared[name])
-        full = shared[name][None] * update.decay[name].view(C, *([1] * shared[name].dim()))
-        full[torch.from_numpy(update.row_client), torch.from_numpy(update.row_item)] = trained
-        rows[name] = full.reshape(C * n, *shared[name].shape[1:])
-    n_items = len(next(iter(shared.values()))) if not update.rows else len(shared[next(iter(update.rows))])
-    return LocalUpdate(update.users, update.shared, rows, np.repeat(np.arange(C), n_items),
-                       np.tile(np.arange(n_items), C), update.decay, update.num_samples, update.loss,
-                       update.signatures, update.metrics)

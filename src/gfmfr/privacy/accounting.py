@@ -79,23 +79,34 @@ class PrivacyLedger:
         self.accountant = accountant()
         self.rounds = 0
         self.epsilon = 0.0
+        self._next: tuple[dp_accounting.rdp.RdpAccountant, float] | None = None  # the next round, accounted
+
+    def _trial(self, round_: int) -> tuple[dp_accounting.rdp.RdpAccountant, float]:
+        """The accountant and epsilon after the next round, ``round_`` (computed once)."""
+        assert round_ == self.rounds, f"round {round_} is not the next one ({self.rounds})"
+        if self._next is None:
+            trial = copy.deepcopy(self.accountant)
+            trial.compose(round_event(self.cfg, self.sigma, self.q, self.releases(round_)))
+            self._next = (trial, float(trial.get_epsilon(self.delta)))
+        return self._next
 
     def spend(self, round_: int) -> float:
         """Account round ``round_`` (rounds are spent in order); returns epsilon so far."""
-        assert round_ == self.rounds, f"round {round_} accounted out of order (next is {self.rounds})"
-        self.accountant.compose(round_event(self.cfg, self.sigma, self.q, self.releases(round_)))
-        self.rounds += 1
-        self.epsilon = float(self.accountant.get_epsilon(self.delta))
+        self.accountant, self.epsilon = self._trial(round_)
+        self._next, self.rounds = None, self.rounds + 1
         return self.epsilon
 
     def would_exceed(self, round_: int) -> bool:
         """Whether accounting round ``round_`` would take epsilon past ``target_epsilon``."""
-        if self.cfg.target_epsilon is None:
+        return self.cfg.target_epsilon is not None and self._trial(round_)[1] > self.cfg.target_epsilon * (1 + 1e-9)
+
+    def stop_before(self, round_: int) -> bool:
+        """:meth:`would_exceed`, logged: whether a run must stop before ``round_``."""
+        if not self.would_exceed(round_):
             return False
-        assert round_ == self.rounds, f"round {round_} is not the next one ({self.rounds})"
-        trial = copy.deepcopy(self.accountant)
-        trial.compose(round_event(self.cfg, self.sigma, self.q, self.releases(round_)))
-        return float(trial.get_epsilon(self.delta)) > self.cfg.target_epsilon * (1 + 1e-9)
+        log.info("privacy: stopping before round %d, which would spend more than epsilon %g (spent %.4g)",
+                 round_, self.cfg.target_epsilon, self.epsilon)
+        return True
 
 
 def calibrate_sigma(cfg: PrivacyConfig, q: float, rounds: int, releases: Callable[[int], RoundReleases],

@@ -17,7 +17,7 @@ deployment that needs the noise to be unpredictable should seed from a secret.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -56,29 +56,18 @@ def clip_updates(update: LocalUpdate, broadcast: Params, clip: float) -> LocalUp
 
 
 def add_local_noise(update: LocalUpdate, broadcast: Params, std: float, seed: int, round_: int) -> LocalUpdate:
-    """Each client's dense upload plus N(0, std^2) on every coordinate: every item row of every client."""
+    """Each client's dense upload (:meth:`LocalUpdate.dense`) plus N(0, std^2) on every coordinate."""
+    dense = update.dense(broadcast)
     C = len(update.users)
-    shared = {n: v.clone() for n, v in update.shared.items()}
-    rows: Params = {}
-    n_items = None
-    for name, r in update.rows.items():
-        g = broadcast[name]
-        n_items = len(g)
-        dense = g[None] * update.decay[name].view(-1, *([1] * g.dim())).to(g.dtype)  # [C, n, ...]
-        dense[torch.from_numpy(update.row_client), torch.from_numpy(update.row_item)] = r
-        rows[name] = dense
+    shared = {n: v.clone() for n, v in dense.shared.items()}
+    rows = {n: r.view(C, -1, *r.shape[1:]) for n, r in dense.rows.items()}  # [C, n_items, ...], in place
     for c, user in enumerate(update.users):
         gen = generator(seed, STREAM_UPDATE, round_, int(user))
         for name in sorted(shared):
             shared[name][c] += std * torch.randn(shared[name][c].shape, generator=gen)
         for name in sorted(rows):
             rows[name][c] += std * torch.randn(rows[name][c].shape, generator=gen)
-    n_items = n_items or 0
-    return LocalUpdate(
-        users=update.users, shared=shared, rows={n: r.flatten(0, 1) for n, r in rows.items()},
-        row_client=np.repeat(np.arange(C), n_items), row_item=np.tile(np.arange(n_items), C),
-        decay={n: torch.ones(C) for n in update.decay}, num_samples=update.num_samples, loss=update.loss,
-        signatures=update.signatures, metrics=update.metrics)
+    return replace(dense, shared=shared, decay={n: torch.ones(C) for n in update.decay})
 
 
 def noise_signatures(signatures: torch.Tensor, users: np.ndarray, clip: float, noise: float, seed: int,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gfmfr.federation.fast import ranges
 from gfmfr.serving.saved import SavedModel
 
 
@@ -32,11 +33,10 @@ def top_k(saved: SavedModel, users: np.ndarray, k: int = 10) -> Recommendations:
     k = min(k, saved.n_items)
     with torch.no_grad():
         scores = saved.state.score(users).float()
-    starts, ends = saved.indptr[users], saved.indptr[users + 1]
-    owner = np.repeat(np.arange(len(users)), ends - starts)
-    seen = saved.interacted[np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])] if len(owner) else \
-        np.empty(0, np.int64)
-    scores[torch.from_numpy(owner), torch.from_numpy(seen.astype(np.int64))] = -torch.inf
+    starts, counts = saved.indptr[users], saved.indptr[users + 1] - saved.indptr[users]
+    owner = np.repeat(np.arange(len(users)), counts)
+    seen = saved.interacted[ranges(starts, counts)]
+    scores[torch.from_numpy(owner), torch.from_numpy(seen)] = -torch.inf
     best = torch.topk(scores, k, dim=1)
     items, values = best.indices.numpy(), best.values.numpy()
     return Recommendations(users, items, values)

@@ -3,8 +3,8 @@
 ``model.safetensors`` holds every tensor: the global shared parameters, each client's private
 state (as a checkpoint keeps it), the plug-ins' server state (GFMFR: fusion model and groups) and
 each user's interacted items (CSR). Its metadata, also written to ``model.json`` for reading, holds
-the rest as JSON: the config, the round, the original user and item ids, item titles, the shapes of
-the shared parameters and the content features' fingerprint. No pickle. Loading rebuilds the model
+the rest as JSON: the config, the round, the original user and item ids, item titles and the content
+features' fingerprint. No pickle. Loading rebuilds the model
 from the config and checks the shapes, and the fingerprint against the content the config names.
 """
 
@@ -22,6 +22,7 @@ import torch
 
 from gfmfr.config import RunConfig, from_dict, to_dict
 from gfmfr.data.dataset import Dataset
+from gfmfr.federation.checkpoint import federation_tensors, load_federation_tensors
 from gfmfr.federation.state import FederationState, save_tensors
 from gfmfr.serving.errors import ModelError
 
@@ -68,40 +69,44 @@ def title_of(text: str | None, item_id: str) -> str:
 
 
 def interactions(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Every user's interacted items (training, validation and test), CSR: (indptr, items)."""
-    per_user = [np.concatenate([dataset.user_train(u), [dataset.valid_items[u], dataset.test_items[u]]])
-                for u in range(dataset.n_users)]
-    per_user = [np.unique(p[p >= 0]) for p in per_user]
-    indptr = np.concatenate([[0], np.cumsum([len(p) for p in per_user])]).astype(np.int64)
-    return indptr, (np.concatenate(per_user) if per_user else np.empty(0)).astype(np.int64)
+    """Every user's interacted items (training, validation and test), CSR: (indptr, sorted items)."""
+    users = np.concatenate([dataset.train_users, np.arange(dataset.n_users), np.arange(dataset.n_users)])
+    items = np.concatenate([dataset.train_items, dataset.valid_items, dataset.test_items])
+    keys = np.unique(users[items >= 0] * dataset.n_items + items[items >= 0])  # by user, then item
+    indptr = np.searchsorted(keys // dataset.n_items, np.arange(dataset.n_users + 1)).astype(np.int64)
+    return indptr, (keys % dataset.n_items).astype(np.int64)
+
+
+class ModelSaver:
+    """Writes ``fed`` as it stands to ``folder`` (tensors atomically, then ``model.json``); what does not
+    change from round to round (ids, titles, interactions, config) is prepared once."""
+
+    def __init__(self, folder: Path, fed: Federation, fingerprint: str | None):
+        self.folder, self.fed = Path(folder), fed
+        d = fed.dataset
+        indptr, items = interactions(d)
+        self.fixed = {"interactions/indptr": torch.from_numpy(indptr), "interactions/items": torch.from_numpy(items)}
+        self.info = {
+            "format": FORMAT, "config": to_dict(fed.cfg), "content_fingerprint": fingerprint,
+            "users": [str(u) for u in d.user_ids], "items": [str(i) for i in d.item_ids],
+            "titles": [title_of(d.item_text[i] if d.item_text else None, d.item_ids[i]) for i in range(d.n_items)],
+        }
+
+    def __call__(self, round_: int) -> None:
+        """Save the federation after ``round_``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors, plugins = federation_tensors(self.fed.state, self.fed.plugins)
+        info = {**self.info, "round": round_, "plugins": plugins}
+        save_tensors({**tensors, **self.fixed}, self.folder / TENSORS,
+                     metadata={"gfmfr": json.dumps(info, default=str)})
+        tmp = self.folder / "model.json.part"
+        tmp.write_text(json.dumps(info, indent=1, default=str))
+        tmp.replace(self.folder / "model.json")
 
 
 def save_model(folder: Path, fed: Federation, round_: int, fingerprint: str | None) -> None:
-    """Write ``fed`` as it stands after ``round_`` to ``folder`` (tensors atomically, then model.json)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"shared/{k}": v.contiguous() for k, v in fed.state.shared.items()}
-    tensors.update({f"clients/{k}": v.contiguous() for k, v in fed.state.private_tensors().items()})
-    plugins = []
-    for k, plugin in enumerate(fed.plugins):
-        arrays, meta = plugin.server.state()
-        tensors.update({f"plugin{k}/{name}": v.contiguous() for name, v in arrays.items()})
-        plugins.append(meta)
-    indptr, items = interactions(fed.dataset)
-    tensors["interactions/indptr"] = torch.from_numpy(indptr)
-    tensors["interactions/items"] = torch.from_numpy(items)
-    d = fed.dataset
-    info = {
-        "format": FORMAT, "round": round_, "config": to_dict(fed.cfg), "plugins": plugins,
-        "users": [str(u) for u in d.user_ids], "items": [str(i) for i in d.item_ids],
-        "titles": [title_of(d.item_text[i] if d.item_text else None, d.item_ids[i]) for i in range(d.n_items)],
-        "shapes": {k: list(v.shape) for k, v in fed.state.shared.items()},
-        "content_fingerprint": fingerprint,
-    }
-    text = json.dumps(info, default=str)
-    save_tensors(tensors, folder / TENSORS, metadata={"gfmfr": text})
-    tmp = folder / "model.json.part"
-    tmp.write_text(json.dumps(info, indent=1, default=str))
-    tmp.replace(folder / "model.json")
+    """Write ``fed`` as it stands after ``round_`` to ``folder`` (once; a run uses :class:`ModelSaver`)."""
+    ModelSaver(folder, fed, fingerprint)(round_)
 
 
 @dataclass
@@ -185,18 +190,12 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
     else:
         model, plugins = build_run_model(dataset, cfg)
     state = FederationState(model, n_users, cfg.seed)
-    shared = {k[len("shared/"):]: v for k, v in tensors.items() if k.startswith("shared/")}
     for name, value in state.shared.items():
-        if name not in shared or shared[name].shape != value.shape:
-            got = None if name not in shared else list(shared[name].shape)
-            raise ModelError(f"{path}: shared parameter {name!r} has shape {got}; the model built from the "
-                             f"config has {list(value.shape)}")
-    state.shared.update(shared)
-    state.load_private_tensors({k[len("clients/"):]: v for k, v in tensors.items() if k.startswith("clients/")})
-    for k, plugin in enumerate(plugins):
-        prefix = f"plugin{k}/"
-        plugin.server.load_state({n[len(prefix):]: v for n, v in tensors.items() if n.startswith(prefix)},
-                                 info["plugins"][k])
+        got = tensors.get(f"shared/{name}")
+        if got is None or got.shape != value.shape:
+            raise ModelError(f"{path}: shared parameter {name!r} has shape {None if got is None else list(got.shape)}; "
+                             f"the model built from the config has {list(value.shape)}")
+    load_federation_tensors(state, plugins, tensors, info["plugins"])
     return SavedModel(cfg, int(info["round"]), state, plugins, info["users"], info["items"], info["titles"],
                       tensors["interactions/indptr"].numpy(), tensors["interactions/items"].numpy(),
                       info["content_fingerprint"], info)
