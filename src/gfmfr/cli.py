@@ -29,6 +29,8 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"data.dataset={args.dataset}")
     if getattr(args, "content", None):
         overrides.append(f"data.content={args.content}")
+    if getattr(args, "split", None):
+        overrides.append(f"data.split={args.split}")
     if getattr(args, "model", None):
         overrides.append(f"model.name={args.model}")
     if getattr(args, "wrapper", None):
@@ -53,9 +55,10 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
 def format_table(rows: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
     """A plain-text table: one row per split, HR/NDCG/Recall/MRR at every K as columns."""
     cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")]
-    lines = [f"{'split':<8}" + "".join(f"{c:>10}" for c in cols)]
+    width = max([8, *(len(name) + 1 for name in rows)])
+    lines = [f"{'split':<{width}}" + "".join(f"{c:>10}" for c in cols)]
     for name, metrics in rows.items():
-        lines.append(f"{name:<8}" + "".join(f"{metrics.get(c, float('nan')):>10.4f}" for c in cols))
+        lines.append(f"{name:<{width}}" + "".join(f"{metrics.get(c, float('nan')):>10.4f}" for c in cols))
     return "\n".join(lines)
 
 
@@ -117,7 +120,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"peak RSS {results['peak_rss_mb']:.0f} MB\n"
     )
     rows = {"valid": results["valid"], "test": results["test"]}
-    if cfg.training == "federated" and cfg.model.name not in ("popularity", "random") and not args.no_reference:
+    if cfg.data.split == "cold-items":  # no reference ranks cold items: each source's row instead
+        from gfmfr.coldstart import cold_rows
+
+        sys.stdout.write(format_table(cold_rows(results, cfg), cfg.eval.ks) + "\n")
+    elif cfg.training == "federated" and cfg.model.name not in ("popularity", "random") and not args.no_reference:
         from gfmfr.data.dataset import load_dataset
         from gfmfr.standing import references, standing_line
 
@@ -224,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dataset", help="ml-100k or a data folder")
         p.add_argument("--content", help="folder with items.csv and images")
+        p.add_argument("--split", choices=["leave-one-out", "cold-items"],
+                       help="leave-one-out (default), or hold out cold items (data.cold_item_fraction) and "
+                            "rank them from their content")
         p.add_argument("--config", help="TOML config file")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config field")
         p.add_argument("--seed", type=int, help="random seed")

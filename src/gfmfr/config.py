@@ -44,6 +44,15 @@ class DataConfig:
     max_train_per_user: int = 0
     """Keep only each user's first k training interactions, by time (0: all). The sparse-user regime:
     validation and test items are those of the full data, so scores compare across k."""
+    split: Literal["leave-one-out", "cold-items"] = "leave-one-out"
+    """``leave-one-out``: each user's latest item is the test, the one before it validation.
+    ``cold-items``: a seeded ``cold_item_fraction`` of the items and every interaction with them leave
+    training (the server knows only their content); each user's latest interaction with a cold item is
+    the test, the one before it validation (users with none are not evaluated, with one only tested)."""
+    cold_item_fraction: float = 0.2
+    """Share of the items held out as cold items by the ``cold-items`` split."""
+    split_seed: int = 0
+    """Seed of the cold-item draw; fixed apart from the run seed, so that seeds compare on one split."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,13 @@ class EvalConfig:
     tail_max_count: int = 10
     """Also report every metric over the users whose held-out item is long-tail, with at most this many
     training interactions, as ``tail NDCG@10`` etc. (and ``tail users``); 0: no tail slice."""
+    cold_source: Literal["auto", "gfmfr", "mmx", "ifedrec", "knn", "random"] = "auto"
+    """On the ``cold-items`` split, where cold items' vectors come from (:mod:`gfmfr.coldstart`):
+    ``gfmfr`` the group fusion model's Q_g(i) for the user's group, ``mmx`` MM-X's content projection,
+    ``ifedrec`` a network fitted on the server from content to the global item table, ``knn`` content
+    cosine to the user's training items (no vectors), ``random`` random vectors (the floor). ``auto``:
+    ``gfmfr`` with the GFMFR plug-in, ``mmx`` with the MM-X wrapper, else ``ifedrec``. It selects the
+    best round; the others are reported beside it on the test split."""
 
 
 @dataclass(frozen=True)
@@ -465,7 +481,26 @@ def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
         if not ok(value):
             raise ConfigError(f"{where}.{section}.{key}: must be {allowed}; got {value!r}")
     check_privacy(cfg, where)
+    check_cold_split(cfg, where)
     return cfg
+
+
+def check_cold_split(cfg: RunConfig, where: str = "config") -> None:
+    """Settings the ``cold-items`` split cannot go with, as a :class:`ConfigError`."""
+    d = cfg.data
+    if not 0 < d.cold_item_fraction < 1:
+        raise ConfigError(f"{where}.data.cold_item_fraction: must be in (0, 1); got {d.cold_item_fraction!r}")
+    if d.split != "cold-items":
+        return
+    if cfg.eval.protocol != "full":
+        raise ConfigError(f"{where}.eval.protocol: the cold-items split ranks against every cold item (full)")
+    if cfg.training != "federated" or cfg.runtime.backend != "in-process":
+        raise ConfigError(f"{where}.data.split: the cold-items split runs federated, in-process "
+                          "(its item-vector sources live on the in-process server)")
+    if cfg.eval.cold_source == "gfmfr" and cfg.plugin != "gfmfr":
+        raise ConfigError(f"{where}.eval.cold_source: 'gfmfr' needs plugin = \"gfmfr\"")
+    if cfg.eval.cold_source == "mmx" and cfg.wrapper != "mmx":
+        raise ConfigError(f"{where}.eval.cold_source: 'mmx' needs wrapper = \"mmx\"")
 
 
 def check_privacy(cfg: RunConfig, where: str = "config") -> None:

@@ -54,6 +54,17 @@ class Dataset:
     """Precomputed content features per modality aligned with the item index."""
     report: dict[str, Any] = field(default_factory=dict)
     """Counts after preprocessing, split sizes and ``dropped`` (reason -> count)."""
+    cold_items: np.ndarray | None = None
+    """The ``cold-items`` split's held-out items (sorted indices): never in training, never drawn as
+    negatives; validation and test items are among them (-1 for a user without one). None otherwise."""
+
+    @property
+    def warm_items(self) -> np.ndarray | None:
+        """The items training knows (sorted), or None when every item is (the leave-one-out split):
+        the pool negatives are drawn from."""
+        if self.cold_items is None:
+            return None
+        return np.setdiff1d(np.arange(self.n_items), self.cold_items)
 
     @property
     def train_users(self) -> np.ndarray:
@@ -160,19 +171,29 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
     n_users = len(user_ids)
     counts = np.bincount(users, minlength=n_users)
     ends = np.cumsum(counts)
-    test = seq[ends - 1]
-    valid = seq[ends - 2]
-    in_train = np.ones(len(seq), dtype=bool)
-    in_train[ends - 1] = False
-    in_train[ends - 2] = False
-    n_train = counts - 2
+    cold_items = None
+    if cfg.split == "cold-items":
+        cold_items, test, valid, in_train = _cold_split(users, seq, len(item_ids), n_users, cfg, dropped)
+        n_train = np.bincount(users[in_train], minlength=n_users)
+        if (n_train == 0).any():
+            bad = int(np.flatnonzero(n_train == 0)[0])
+            raise DataError(raw.source, f"user {user_ids[bad]!r} has only cold items: nothing left to train on "
+                            f"(lower data.cold_item_fraction or filter users)")
+    else:
+        test = seq[ends - 1]
+        valid = seq[ends - 2]
+        in_train = np.ones(len(seq), dtype=bool)
+        in_train[ends - 1] = False
+        in_train[ends - 2] = False
+        n_train = counts - 2
     if cfg.max_train_per_user:
         # sparse-user regime: only each user's first k training interactions (chronologically);
         # validation and test items stay the same
-        position = np.arange(len(seq)) - np.repeat(ends - counts, counts)
+        position = np.cumsum(in_train) - np.repeat(np.cumsum(n_train) - n_train, counts) - 1
+        before = n_train
         in_train &= position < cfg.max_train_per_user
         n_train = np.minimum(n_train, cfg.max_train_per_user)
-        dropped["train_interactions_beyond_max_train_per_user"] = int((counts - 2 - n_train).sum())
+        dropped["train_interactions_beyond_max_train_per_user"] = int((before - n_train).sum())
     train_items = seq[in_train].astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(n_train)]).astype(np.int64)
 
@@ -186,6 +207,7 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
         test_items=test.astype(np.int64),
         user_ids=user_ids,
         item_ids=item_ids,
+        cold_items=cold_items,
     )
     if items is not None:
         _attach_items(dataset, items)
@@ -196,14 +218,42 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
         "items": len(item_ids),
         "interactions": int(len(seq)),
         "train": int(len(train_items)),
-        "valid": n_users,
-        "test": n_users,
+        "valid": int((dataset.valid_items >= 0).sum()),
+        "test": int((dataset.test_items >= 0).sum()),
         "density": float(len(seq) / (n_users * len(item_ids))),
         "dropped": dropped,
     }
+    if cold_items is not None:
+        dataset.report["split"] = "cold-items"
+        dataset.report["cold_items"] = len(cold_items)
     if items is not None:
         dataset.report["catalogue_items_without_interactions"] = len(set(items.item_ids) - set(item_ids.tolist()))
     return dataset
+
+
+def _cold_split(users: np.ndarray, seq: np.ndarray, n_items: int, n_users: int, cfg: DataConfig,
+                dropped: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``cold-items`` split of the chronological (``users``, ``seq``) interactions: the cold items
+    (a seeded ``cold_item_fraction`` of them), each user's latest and second-latest cold interaction
+    (test and validation, -1 if none) and which interactions train (those with warm items)."""
+    n_cold = max(1, int(round(cfg.cold_item_fraction * n_items)))
+    rng = np.random.default_rng([cfg.split_seed, 11])
+    cold_items = np.sort(rng.choice(n_items, size=n_cold, replace=False))
+    is_cold = np.isin(seq, cold_items)
+    in_train = ~is_cold
+    # each user's cold interactions in time order: the last is the test, the one before it validation
+    cold_pos = np.flatnonzero(is_cold)
+    owner = users[cold_pos]
+    n_cold_of = np.bincount(owner, minlength=n_users)
+    last = np.cumsum(n_cold_of) - 1
+    test = np.full(n_users, -1, np.int64)
+    valid = np.full(n_users, -1, np.int64)
+    has = n_cold_of >= 1
+    test[has] = seq[cold_pos[last[has]]]
+    two = n_cold_of >= 2
+    valid[two] = seq[cold_pos[last[two] - 1]]
+    dropped["interactions_with_cold_items"] = int(is_cold.sum())
+    return cold_items, test, valid, in_train
 
 
 def _item_index(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -59,19 +59,23 @@ def uniform(*keys: np.ndarray | int) -> np.ndarray:
 
 def sample_excluding(
     users: np.ndarray, slots: np.ndarray, n_items: int, exclude_keys: np.ndarray, seed: int, stream: int, round_: int,
-    user_hash: np.ndarray | None = None,
+    user_hash: np.ndarray | None = None, pool: np.ndarray | None = None,
 ) -> np.ndarray:
     """One item per (user, slot), uniform over items whose key ``user * n_items + item`` is not excluded.
 
     ``exclude_keys`` must be sorted. Rejected draws are redrawn with the next attempt counter.
     ``user_hash``, if given, is ``hash_u64(seed, stream, round_, users)`` (cheaper to compute per user).
+    ``pool``, if given, are the only items drawn (the items training knows: the cold-items split).
     """
+    size = np.uint64(n_items if pool is None else len(pool))
     prefix = hash_u64(seed, stream, round_, users) if user_hash is None else user_hash
     out = np.empty(len(users), dtype=np.int64)
     todo = np.arange(len(users))
     attempt = 0
     while len(todo):
-        draw = (hash_fold(prefix[todo], slots[todo], attempt) % np.uint64(n_items)).astype(np.int64)
+        draw = (hash_fold(prefix[todo], slots[todo], attempt) % size).astype(np.int64)
+        if pool is not None:
+            draw = pool[draw]
         keys = users[todo] * n_items + draw
         pos = np.searchsorted(exclude_keys, keys)
         pos = np.minimum(pos, len(exclude_keys) - 1)
@@ -102,17 +106,20 @@ def training_negatives(
     owner = np.repeat(users, counts)
     slot = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     user_hash = np.repeat(hash_u64(seed, STREAM_NEGATIVES, round_, users), counts)
-    items = sample_excluding(owner, slot, dataset.n_items, keys, seed, STREAM_NEGATIVES, round_, user_hash)
+    items = sample_excluding(owner, slot, dataset.n_items, keys, seed, STREAM_NEGATIVES, round_, user_hash,
+                             dataset.warm_items)
     return owner, items
 
 
 def client_negatives(positives: np.ndarray, n_items: int, num_negatives: int, seed: int, client: int,
-                     round_: int) -> np.ndarray:
-    """One client's ``num_negatives`` per training positive in ``round_``, from its own positives only:
-    the same items :func:`training_negatives` draws for it among every client."""
+                     round_: int, pool: np.ndarray | None = None) -> np.ndarray:
+    """One client's ``num_negatives`` per training positive in ``round_``, from its own positives only
+    (and ``pool``, the items training knows, if not all): the same items :func:`training_negatives`
+    draws for it among every client."""
     keys = np.sort(client * n_items + np.asarray(positives, np.int64))
     n = len(positives) * num_negatives
-    return sample_excluding(np.full(n, client, np.int64), np.arange(n), n_items, keys, seed, STREAM_NEGATIVES, round_)
+    return sample_excluding(np.full(n, client, np.int64), np.arange(n), n_items, keys, seed, STREAM_NEGATIVES, round_,
+                            pool=pool)
 
 
 def epoch_order(seed: int, client: int, round_: int, epoch: int, n: int) -> np.ndarray:

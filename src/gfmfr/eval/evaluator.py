@@ -23,6 +23,11 @@ class Evaluator:
     (docs/method.md), so at test time the validation item is a candidate too. Sampled: the target
     against ``cfg.sampled_negatives`` items the user never interacted with at all, drawn
     separately for validation and test.
+
+    On the cold-items split (``dataset.cold_items``) only users with a held-out item count, and the
+    candidates are the cold items (the plain keys, ``NDCG@10``) and, as a second protocol, every item
+    not in the user's training data (``all NDCG@10``; :meth:`evaluate` with ``all_items = False``
+    leaves it out for a scorer of the cold items alone).
     """
 
     def __init__(self, dataset: Dataset, cfg: EvalConfig, seed: int = 0, user_batch: int = 256,
@@ -36,6 +41,11 @@ class Evaluator:
             else item_counts
         """Training interactions per item over the whole federation (the long-tail slice's definition,
         part of the protocol: a node that holds only its users' data is given it)."""
+        self.cold: torch.Tensor | None = None
+        """[n_items] bool, True at the cold items (the cold-items split), else None."""
+        if dataset.cold_items is not None:
+            self.cold = torch.zeros(dataset.n_items, dtype=torch.bool)
+            self.cold[torch.from_numpy(dataset.cold_items)] = True
         self.negatives: dict[str, np.ndarray] = {}
         if cfg.protocol == "sampled":
             for split in ("valid", "test"):
@@ -51,28 +61,47 @@ class Evaluator:
         mask[torch.from_numpy(rows), torch.from_numpy(cols)] = True
         return mask
 
-    def ranks(self, score_fn: ScoreFn, split: str, users: np.ndarray | None = None) -> torch.Tensor:
-        """Rank of the held-out item of every user (or of ``users``), [n_users]."""
+    def evaluated_users(self, split: str) -> np.ndarray:
+        """The users with a held-out item in ``split`` (every user, but on the cold-items split)."""
+        targets = self.dataset.valid_items if split == "valid" else self.dataset.test_items
+        return np.flatnonzero(targets >= 0)
+
+    def ranks(self, score_fn: ScoreFn, split: str, users: np.ndarray | None = None,
+              all_items: bool = False) -> torch.Tensor:
+        """Rank of the held-out item of every evaluated user (or of ``users``), [U]; on the cold-items
+        split among the cold items, or with ``all_items`` among every item (both: [2, U])."""
         d = self.dataset
         targets = d.valid_items if split == "valid" else d.test_items
-        everyone = np.arange(d.n_users) if users is None else np.asarray(users, np.int64)
-        out = [torch.zeros(0, dtype=torch.long)]
+        everyone = self.evaluated_users(split) if users is None else np.asarray(users, np.int64)
+        out = [torch.zeros((2, 0) if all_items else 0, dtype=torch.long)]
         for start in range(0, len(everyone), self.user_batch):
             users = everyone[start : start + self.user_batch]
             with torch.no_grad():
                 scores = score_fn(users).float()
             target = torch.from_numpy(targets[users])
             if self.cfg.protocol == "full":
-                out.append(pessimistic_ranks(scores, target, ~self.train_mask(users)))
+                candidates = ~self.train_mask(users)
+                ranks = pessimistic_ranks(scores, target, candidates if self.cold is None else self.cold[None])
+                if all_items:
+                    ranks = torch.stack([ranks, pessimistic_ranks(scores, target, candidates)])
+                out.append(ranks)
             else:
                 cols = torch.from_numpy(np.concatenate([targets[users, None], self.negatives[split][users]], 1))
                 out.append(pessimistic_ranks(scores.gather(1, cols), torch.zeros(len(users), dtype=torch.long)))
-        return torch.cat(out)
+        return torch.cat(out, -1)
 
-    def evaluate(self, score_fn: ScoreFn, split: str) -> dict[str, float]:
-        """HR/NDCG/Recall/MRR at every K of the config on ``split`` (``valid`` or ``test``)."""
+    def evaluate(self, score_fn: ScoreFn, split: str, all_items: bool = True) -> dict[str, float]:
+        """HR/NDCG/Recall/MRR at every K of the config on ``split`` (``valid`` or ``test``); on the
+        cold-items split among the cold items, and with ``all_items`` among every item too (``all ...``)."""
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        if self.cold is not None:
+            ranks = self.ranks(score_fn, split, all_items=all_items)
+            if not all_items:
+                return metrics_from_ranks(ranks, self.cfg.ks)
+            out = metrics_from_ranks(ranks[0], self.cfg.ks)
+            out.update({f"all {k}": v for k, v in metrics_from_ranks(ranks[1], self.cfg.ks).items()})
+            return out
         ranks = self.ranks(score_fn, split)
         out = metrics_from_ranks(ranks, self.cfg.ks)
         if self.cfg.tail_max_count:

@@ -56,17 +56,19 @@ def client_step(
     state: ClientState,
     instruction: TrainInstruction,
     terms: tuple[LossTerm, ...] = (),
+    catalogue: np.ndarray | None = None,
 ) -> tuple[ClientState, Upload]:
     """Train ``client`` for round ``instruction.round``; returns its new state and its upload.
 
     ``positives`` are the client's training items in its data's order; ``terms`` the plug-ins'
-    client halves, one per entry of ``instruction.hints``.
+    client halves, one per entry of ``instruction.hints``; ``catalogue`` the items training knows,
+    if not all (the cold-items split: negatives come from it).
     """
     kinds, specs = model.kinds, model.kinds.specs
     round_ = instruction.round
 
     # this round's examples: the positives, then num_negatives sampled negatives per positive
-    negatives = client_negatives(positives, model.n_items, cfg.num_negatives, seed, client, round_)
+    negatives = client_negatives(positives, model.n_items, cfg.num_negatives, seed, client, round_, catalogue)
     items = torch.from_numpy(np.concatenate([positives, negatives]).astype(np.int64))
     labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
 

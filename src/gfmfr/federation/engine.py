@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gfmfr.coldstart import ColdStart
 from gfmfr.config import FederationConfig, RunConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import train_keys
@@ -134,6 +135,9 @@ class Federation:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if cfg.runtime.prefetch else None
         self._ahead: tuple[tuple[int, int], Future[LocalData]] | None = None
         self.ledger, self.noise = privacy_setup(cfg, dataset.n_users, model, plugins)
+        self.cold: ColdStart | None = None
+        if dataset.cold_items is not None:  # cold items are scored from their content (issue 18)
+            self.cold = ColdStart(dataset, model, cfg, plugins, self.state)
 
     def train_round(self, round_: int) -> RoundLog:
         """Local training, aggregation and plug-in server work of one round."""
@@ -173,7 +177,8 @@ class Federation:
         for i, u in enumerate(users):
             instruction = TrainInstruction(round_, self.state.shared, tuple(h.of(i) for h in hints), want)
             new, upload = client_step(self.model, self.cfg.federation, self.cfg.seed, int(u),
-                                      self.dataset.user_train(int(u)), self.state.load(int(u)), instruction, terms)
+                                      self.dataset.user_train(int(u)), self.state.load(int(u)), instruction, terms,
+                                      self.dataset.warm_items)
             self.state.save(int(u), new)
             uploads.append(upload)
         return self.privatise(LocalUpdate.stack(uploads), round_)
@@ -220,6 +225,12 @@ class Federation:
         """Logits [U, n_items] of ``users`` with the global and their private parameters."""
         return self.state.score(users)
 
+    def evaluate(self, split: str) -> dict[str, float]:
+        """The metrics of ``split`` (on the cold-items split: :meth:`gfmfr.coldstart.ColdStart.evaluate`)."""
+        if self.cold is not None:
+            return self.cold.evaluate(self.evaluator, split)
+        return self.evaluator.evaluate(self.score, split)
+
     def fit(self, progress: bool = False, on_validation: Callable[[int, dict[str, float]], None] | None = None,
             evaluate_test: bool = True, log_rounds: bool = True, checkpoint: Path | None = None,
             resume: bool = False, on_best: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -262,10 +273,10 @@ class Federation:
                     entry.epsilon = self.ledger.spend(t)
                 if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                     t0 = time.perf_counter()
-                    entry.valid = self.evaluator.evaluate(self.score, "valid")
+                    entry.valid = self.evaluate("valid")
                     entry.seconds["evaluate"] = time.perf_counter() - t0
                     improved = best.update(t, entry.valid,
-                                           lambda: self.evaluator.evaluate(self.score, "test") if evaluate_test else {})
+                                           lambda: self.evaluate("test") if evaluate_test else {})
                     if improved and on_best is not None:
                         on_best(t)
                     line(

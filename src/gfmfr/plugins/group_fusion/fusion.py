@@ -36,7 +36,7 @@ class GroupFusion(nn.Module):
     """Fused item vectors per group: ``forward(groups) -> [len(groups), n_items, d]``."""
 
     def __init__(self, n_groups: int, dim: int, features: list[torch.Tensor], masks: list[torch.Tensor],
-                 expert: str = "mlp", seed: int = 0, item_view: bool = False):
+                 expert: str = "mlp", seed: int = 0, item_view: bool = False, known: torch.Tensor | None = None):
         super().__init__()
         if expert not in EXPERTS:
             raise ValueError(f"gfmfr.fusion must be one of {EXPERTS}, got {expert!r}")
@@ -57,6 +57,9 @@ class GroupFusion(nn.Module):
         if item_view:  # a server-side item-ID view, learnt with the fusion model
             self.item_emb = nn.Embedding(self.n_items, dim)
             nn.init.normal_(self.item_emb.weight, std=0.1)
+        # [n_items] bool: the items training knows (the cold-items split); an unknown item has no
+        # item-ID view (it is absent, as a missing modality is). None: every item is known
+        self.register_buffer("known", None if known is None else known.bool())
         n_views = self.n_modalities + 1 + int(item_view)
         if expert in ("mlp", "mixture"):
             self.mlp = nn.Sequential(nn.Linear(n_views * dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
@@ -83,8 +86,13 @@ class GroupFusion(nn.Module):
         parts = [g[:, None, :]] + [(self.w_mod[m](x) * mask[:, None])[None] for m, (x, mask) in enumerate(zip(xs, ms))]
         if self.item_emb is not None:
             ids = items if items is not None else torch.arange(n_items)
-            parts.append(self.item_emb(ids[None]))
-            ms = ms + [torch.ones(n_items)]
+            if self.known is None:
+                parts.append(self.item_emb(ids[None]))
+                ms = ms + [torch.ones(n_items)]
+            else:
+                seen = self.known[ids].float()
+                parts.append(self.item_emb(ids[None]) * seen[None, :, None])
+                ms = ms + [seen]
         return parts, [torch.ones(n_items)] + ms
 
     def views(self, groups: torch.Tensor, items: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,18 +148,24 @@ class GroupFusion(nn.Module):
 
 
 def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
-               batch_items: int = 2048, seed: int = 0) -> float:
+               batch_items: int = 2048, seed: int = 0, items: torch.Tensor | None = None) -> float:
     """Minimise mean ||Q_g(i) - C_g(i)||^2 over ``groups`` x items with ``steps`` Adam steps, each on
     the next ``batch_items`` items of a seeded shuffle (reshuffled when it runs out); returns the last
-    step's loss."""
+    step's loss. ``items``, if given, are the only items fitted (the known ones: no client trains a
+    cold item's row, so its target is no target)."""
     opt = torch.optim.Adam(fusion.parameters(), lr=lr)
-    n_items = targets.shape[1]
+    n_items = targets.shape[1] if items is None else len(items)
     gen = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
-    order, pos = torch.randperm(n_items, generator=gen), 0
+
+    def shuffle() -> torch.Tensor:
+        order = torch.randperm(n_items, generator=gen)
+        return order if items is None else items[order]
+
+    order, pos = shuffle(), 0
     for _ in range(steps):
         if pos >= n_items:
-            order, pos = torch.randperm(n_items, generator=gen), 0
+            order, pos = shuffle(), 0
         idx = order[pos : pos + batch_items]
         pos += batch_items
         opt.zero_grad()

@@ -99,6 +99,10 @@ class GFMFRServer(ServerHalf):
         self.masks = [torch.from_numpy(np.asarray(masks[m], bool)) for m in self.cfg.modalities]
         self.features = [reduce_features(features[m], self.masks[i].numpy(), self.cfg.content_dim, cfg.seed)
                          for i, m in enumerate(self.cfg.modalities)]
+        warm = dataset.warm_items
+        self.known = None if warm is None else torch.zeros(self.n_items, dtype=torch.bool).index_fill_(
+            0, torch.from_numpy(warm), True)
+        """The items training knows (None: all); the fusion model is fitted to them alone."""
         self.grouping = Grouping(dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance)
         self.fusion: GroupFusion | None = None
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
@@ -178,9 +182,10 @@ class GFMFRServer(ServerHalf):
 
         if self.fusion is None:  # then warm-started: the steps add up over server rounds
             self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_,
-                                      self.cfg.item_view)
+                                      self.cfg.item_view, self.known)
         fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_steps, self.cfg.server_lr,
-                                 seed=self.seed + round_)
+                                 seed=self.seed + round_,
+                                 items=None if self.known is None else torch.nonzero(self.known).flatten())
         t3 = time.perf_counter()
         with torch.no_grad():
             fused = self.fusion(present)
@@ -235,10 +240,18 @@ class GFMFRServer(ServerHalf):
             setattr(self, name, tensors.get(name))
         if info["fusion"]:
             self.fusion = GroupFusion(self.cfg.groups, self.model.dim, self.features, self.masks, self.cfg.fusion, 0,
-                                      self.cfg.item_view)
+                                      self.cfg.item_view, self.known)
             self.fusion.load_state_dict({k[len("fusion/"):]: v for k, v in tensors.items() if k.startswith("fusion/")})
         self.snapshots = [{"round": r, **{f: tensors[f"snapshot{k}/{f}"].numpy() for f in ("users", "xy", "group")}}
                           for k, r in enumerate(info["snapshots"])]
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor | None:
+        """Q_g(``items``) of every group [G, N, d] from content (and the item-ID view where the item is
+        known) alone: the vectors of items no client has seen; None before the first server round."""
+        if self.fusion is None:
+            return None
+        with torch.no_grad():
+            return self.fusion(torch.arange(self.cfg.groups), items)
 
     def summary(self, max_snapshots: int = 6) -> dict[str, Any]:
         """The client groups of up to ``max_snapshots`` evenly spaced rounds (2-D PCA of the signatures)."""

@@ -1,0 +1,9 @@
+"""Cold-start items (issue 18): the item-vector sources (:mod:`.sources`) and their evaluation
+(:class:`ColdStart`) on the ``cold-items`` split."""
+
+from __future__ import annotations
+
+from gfmfr.coldstart.sources import SOURCES, ColdSource
+from gfmfr.coldstart.evaluation import ColdStart, cold_rows, primary_source
+
+__all__ = ["SOURCES", "ColdSource", "ColdStart", "cold_rows", "primary_source"]
