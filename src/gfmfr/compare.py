@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from gfmfr.config import (ConfigError, RunConfig, RuntimeConfig, apply_overrides, bearing_dict, from_dict, load_toml,
+from gfmfr.config import (ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, load_toml,
                           to_dict, to_toml)
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
 def _run_in_subprocess(cfg: RunConfig, folder: Path) -> str | None:
     """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(to_toml(dataclasses.replace(cfg, runtime=RuntimeConfig(threads=1))))
+    (folder / "config.toml").write_text(to_toml(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))))
     from gfmfr.federation.checkpoint import CHECKPOINT, matches
 
     if (folder / CHECKPOINT).exists() and not matches(folder / CHECKPOINT, cfg):  # an interrupted run of another plan
