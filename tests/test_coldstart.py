@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -123,3 +125,43 @@ def test_content_determined_cold_items_rank_far_above_random(content_federation,
     assert test["all NDCG@10"] > 5 * test["random all NDCG@10"]  # on the known items' scale, too
     if source != "ifedrec":
         assert test["ifedrec NDCG@10"] > 1.8 * floor
+
+
+@pytest.mark.parametrize("extra", [{"plugin": "gfmfr"}, {"wrapper": "mmx"}])
+def test_new_items_get_the_vectors_the_cold_start_evaluation_scored(content_federation, tmp_path, extra):
+    """Served as new items, the cold items' content gives the vectors the cold-items evaluation used."""
+    from gfmfr.serving.new_items import NewItems, new_item_scores, new_item_vectors
+    from gfmfr.serving.recommend import top_k
+    from gfmfr.serving.saved import load_model
+
+    d = content_federation
+    cfg = cold_config(**extra)
+    cfg = replace(cfg, federation=replace(cfg.federation, rounds=6))
+    run(cfg, out=tmp_path, dataset=d)
+    saved = load_model(tmp_path, dataset=d)
+    cold = torch.from_numpy(d.cold_items)
+    x = d.item_features["text"][d.cold_items]
+    new = NewItems([f"new{k}" for k in range(len(x))], ["t"] * len(x), {"text": x}, {"text": np.ones(len(x), bool)})
+    vectors = new_item_vectors(saved, new)
+    if "plugin" in extra:
+        expected = saved.plugins[0].server.item_vectors(cold)
+    else:
+        expected = saved.state.model.content_vectors(saved.state.shared, cold)[None]
+    torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=1e-5)
+    users = np.arange(5)
+    scores = new_item_scores(saved, users, vectors)
+    assert scores.shape == (5, len(x))
+    rec = top_k(saved, users, k=d.n_items + len(x), extra=scores)  # new items rank with the known ones
+    assert (rec.items >= d.n_items).any(axis=1).all()
+
+
+def test_new_items_need_a_content_model(content_federation, tmp_path):
+    from gfmfr.serving.errors import ModelError
+    from gfmfr.serving.new_items import content_source
+    from gfmfr.serving.saved import load_model
+
+    cfg = from_dict({"data": {"split": "cold-items"}, "model": {"name": "fcf", "dim": 8},
+                     "federation": {"rounds": 2}, "multimodal": {"modalities": ["text"], "content_dim": None}})
+    run(cfg, out=tmp_path, dataset=content_federation)
+    with pytest.raises(ModelError, match="GFMFR .* or MM-X"):
+        content_source(load_model(tmp_path, dataset=content_federation))

@@ -106,3 +106,32 @@ def test_titles_come_from_the_item_text():
     assert title_of("E.T. the Extra-Terrestrial (1982). Genres: Children's", "7") == "E.T. the Extra-Terrestrial (1982)"
     assert title_of("A plain description. More.", "8") == "A plain description"
     assert title_of(None, "9") == "9"
+
+
+@pytest.mark.slow
+def test_recommend_cli_ranks_new_items_from_their_text(planted_folder, tmp_path, capsys, caplog, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    from gfmfr.cli import main
+
+    monkeypatch.setenv("GFMFR_CACHE", str(tmp_path / "cache"))
+    genres = ["war", "comedy", "horror", "romance"]
+    (planted_folder / "items.csv").write_text("item_id,text\n" + "".join(
+        f"{i},Film {i} (1990). A {genres[i // 15]} film.\n" for i in range(60)))
+    (tmp_path / "plan.toml").write_text(
+        'plugin = "gfmfr"\n[model]\nname = "fcf"\ndim = 16\n[federation]\nrounds = 3\n'
+        '[gfmfr]\nmodalities = ["text"]\ngroups = 2\n')
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", str(planted_folder), "--content", str(planted_folder), "--config",
+                 str(tmp_path / "plan.toml"), "--out", str(out), "--no-progress", "--no-reference"]) == 0
+    (tmp_path / "new.csv").write_text("item_id,text\nn1,Brand New (2030). A war film.\nn2,Other (2031). A comedy film.\n")
+    capsys.readouterr()
+    assert main(["recommend", "--run", str(out), "--user", "u3", "-k", "100", "--new-items",
+                 str(tmp_path / "new.csv"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["items"]
+    new = [it for it in got if it["new"]]
+    assert {it["item"] for it in new} == {"n1", "n2"} and new[0]["title"] in ("Brand New (2030)", "Other (2031)")
+    seen = sum(1 for line in (planted_folder / "interactions.csv").read_text().splitlines() if line.startswith("u3,"))
+    assert len(got) == 2 + 60 - seen  # every item u3 has not interacted with, and the new ones
+    (tmp_path / "clash.csv").write_text("item_id,text\nn1,x\n7,y\n")
+    assert main(["recommend", "--run", str(out), "--user", "u3", "--new-items", str(tmp_path / "clash.csv")]) == 2
+    assert "line 3" in caplog.text and "already in the model's catalogue" in caplog.text

@@ -188,6 +188,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     if (args.user is None) == (not args.all_users):
         raise ConfigError("recommend: give --user ID or --all-users (with --out FILE)")
+    if args.new_items and args.all_users:
+        raise ConfigError("recommend: --new-items goes with --user ID")
     t0 = time.perf_counter()
     saved = load_model(args.run)
     t1 = time.perf_counter()
@@ -209,16 +211,27 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         log.info("top-%d of %d users in %.2f s (%.0f users/s; loading %.2f s): %s", args.k, len(users), t2 - t1,
                  len(users) / max(t2 - t1, 1e-9), t1 - t0, args.out)
         return 0
-    rec = top_k(saved, np.array([saved.user_index(args.user)]), args.k)
+    user = np.array([saved.user_index(args.user)])
+    ids, titles, extra = saved.item_ids, saved.titles, None
+    if args.new_items:
+        from gfmfr.serving.new_items import new_item_scores, new_item_vectors, read_new_items
+
+        new = read_new_items(args.new_items, saved)
+        extra = new_item_scores(saved, user, new_item_vectors(saved, new))
+        ids, titles = ids + new.ids, titles + new.titles
+        log.info("%d new items from %s, scored from their content", len(new), args.new_items)
+    t1 = time.perf_counter()
+    rec = top_k(saved, user, args.k, extra)
     t2 = time.perf_counter()
-    items = [{"item": saved.item_ids[i], "title": saved.titles[i], "score": float(s)}
+    items = [{"item": ids[i], "title": titles[i], "score": float(s), "new": bool(i >= saved.n_items)}
              for i, s in zip(rec.items[0], rec.scores[0]) if np.isfinite(s)]
     if args.json:
         sys.stdout.write(json.dumps({"user": args.user, "round": saved.round, "items": items}, indent=1) + "\n")
     else:
         sys.stdout.write(f"top {len(items)} for user {args.user} (model of round {saved.round}):\n")
         for rank, it in enumerate(items, 1):
-            sys.stdout.write(f"{rank:>3}  {it['item']:>8}  {it['score']:8.4f}  {it['title']}\n")
+            sys.stdout.write(f"{rank:>3}  {it['item']:>8}  {it['score']:8.4f}  {it['title']}"
+                             f"{'  (new)' if it['new'] else ''}\n")
     log.debug("loading %.3f s, ranking %.4f s", t1 - t0, t2 - t1)
     return 0
 
@@ -299,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="items per user")
     p.add_argument("--json", action="store_true", help="as JSON")
     p.add_argument("--out", help="CSV file for --all-users")
+    p.add_argument("--new-items", metavar="ITEMS_CSV",
+                   help="items.csv of new items (item_id, text, image): encoded on the server and ranked with the "
+                        "known items from their content alone (GFMFR or MM-X runs)")
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("encode", help="encode item text and images on the server (cached)")

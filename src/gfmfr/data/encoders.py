@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -211,3 +212,40 @@ def standardise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Columns scaled to zero mean and unit variance over the items that have the modality; missing rows 0."""
     mu, sd = x[mask].mean(0), x[mask].std(0).clamp_min(1e-6)
     return torch.where(mask[:, None], (x - mu) / sd, torch.zeros_like(x))
+
+
+@dataclass
+class ContentReduction:
+    """The server's reduction of one modality's raw features, fitted on the catalogue: PCA to ``dim``
+    (as :func:`reduce_features`) and then per-column standardisation (as :func:`standardise`). It maps
+    the features of new items, encoded later by the same encoder, into the space the server's content
+    models were trained in."""
+
+    pca: Any
+    """The fitted sklearn PCA, or None when the features are used as they are."""
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @staticmethod
+    def fit(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> ContentReduction:
+        """Fitted to the catalogue features ``x`` [n_items, D] of the items with the modality (``mask``)."""
+        mask = np.asarray(mask, bool)
+        reduced = reduce_features(x, mask, dim, seed)
+        x = np.asarray(x, np.float32)
+        pca = None
+        if dim is not None and x.shape[1] > dim and mask.sum() > dim:
+            from sklearn.decomposition import PCA
+
+            pca = PCA(n_components=dim, random_state=seed).fit(x[mask])
+        rows = reduced[torch.from_numpy(mask)]
+        return ContentReduction(pca, rows.mean(0), rows.std(0).clamp_min(1e-6))
+
+    def apply(self, x: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        """Reduced, standardised rows [N, k] of new items' raw features; zero where an item lacks the modality."""
+        mask = np.asarray(mask, bool)
+        x = np.asarray(x, np.float32)
+        out = torch.zeros(len(x), len(self.mean))
+        if mask.any():
+            rows = self.pca.transform(x[mask]).astype(np.float32) if self.pca is not None else x[mask]
+            out[torch.from_numpy(mask)] = (torch.from_numpy(rows) - self.mean) / self.std
+        return out

@@ -136,10 +136,14 @@ class MMX(ContentAugmented):
     def fuse(self, p: Params, ids: torch.Tensor, content: list[torch.Tensor]) -> torch.Tensor:
         return self._per_item(lambda p, ids, content: ids + sum(self._project(p, content)), p, ids, content)
 
-    def content_vectors(self, shared: Params, items: torch.Tensor) -> torch.Tensor:
+    def content_vectors(self, shared: Params, items: torch.Tensor | None = None,
+                        content: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``sum_m x_m(i) W_m`` [N, d] under the global projections ``shared``: the vector of an item
-        whose ID row no client has trained (a cold item), from its content alone."""
-        content = [self._content[f"content.{m}"][items][None] for m in self.modalities]
+        whose ID row no client has trained (a cold item), from its content alone; of catalogue
+        ``items``, or of new items given by their standardised ``content`` rows, one per modality."""
+        if content is None:
+            content = [self._content[f"content.{m}"][items] for m in self.modalities]
+        content = [x[None] for x in content]
         return sum(self._project({n: t[None] for n, t in shared.items()}, content))[0]
 
 

@@ -27,12 +27,16 @@ class Recommendations:
     scores: np.ndarray
 
 
-def top_k(saved: SavedModel, users: np.ndarray, k: int = 10) -> Recommendations:
-    """The ``k`` best items of each of ``users`` (contiguous indices) that they have not interacted with."""
+def top_k(saved: SavedModel, users: np.ndarray, k: int = 10, extra: torch.Tensor | None = None) -> Recommendations:
+    """The ``k`` best items of each of ``users`` (contiguous indices) that they have not interacted with.
+    ``extra`` [U, N], if given, are the scores of N new items, ranked with the others as items
+    ``n_items .. n_items + N - 1`` (:mod:`gfmfr.serving.new_items`)."""
     users = np.asarray(users, np.int64)
-    k = min(k, saved.n_items)
     with torch.no_grad():
         scores = saved.state.score(users).float()
+    if extra is not None:
+        scores = torch.cat([scores, extra.float()], 1)
+    k = min(k, scores.shape[1])
     starts, counts = saved.indptr[users], saved.indptr[users + 1] - saved.indptr[users]
     owner = np.repeat(np.arange(len(users)), counts)
     seen = saved.interacted[ranges(starts, counts)]

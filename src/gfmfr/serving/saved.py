@@ -126,6 +126,8 @@ class SavedModel:
     """Each user's interacted items, CSR over users (``indptr``)."""
     fingerprint: str | None
     info: dict[str, Any]
+    dataset: Dataset | None = None
+    """The run's data, where loading needed it (plug-ins, wrappers): its content serves new items."""
 
     @property
     def n_users(self) -> int:
@@ -198,4 +200,4 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
     load_federation_tensors(state, plugins, tensors, info["plugins"])
     return SavedModel(cfg, int(info["round"]), state, plugins, info["users"], info["items"], info["titles"],
                       tensors["interactions/indptr"].numpy(), tensors["interactions/items"].numpy(),
-                      info["content_fingerprint"], info)
+                      info["content_fingerprint"], info, dataset)

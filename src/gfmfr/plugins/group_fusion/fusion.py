@@ -71,20 +71,30 @@ class GroupFusion(nn.Module):
         if expert == "mixture":
             self.router = nn.Linear(n_views * dim, 4)
 
-    def view_parts(self, groups: torch.Tensor, items: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def view_parts(self, groups: torch.Tensor, items: torch.Tensor | None,
+                   content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The projected views before broadcasting, and each one's presence [N] (1: the item has it).
 
         The group view is [G, 1, d] (the same for every item), each modality's [1, N, d] (the same
         for every group; zero where the item lacks the modality), the item-ID view [1, N, d].
+        ``content``, if given, are the standardised features and masks of items outside the catalogue
+        (new items: no item-ID view) in place of ``items``.
         """
         g = self.w_id(self.group_emb(groups))  # [G, d]
-        xs = [getattr(self, f"x{m}") for m in range(self.n_modalities)]
-        ms = [getattr(self, f"m{m}") for m in range(self.n_modalities)]
-        if items is not None:
-            xs, ms = [x[items] for x in xs], [m[items] for m in ms]
+        if content is not None:
+            xs, ms = content
+        else:
+            xs = [getattr(self, f"x{m}") for m in range(self.n_modalities)]
+            ms = [getattr(self, f"m{m}") for m in range(self.n_modalities)]
+            if items is not None:
+                xs, ms = [x[items] for x in xs], [m[items] for m in ms]
         n_items = len(ms[0])
         parts = [g[:, None, :]] + [(self.w_mod[m](x) * mask[:, None])[None] for m, (x, mask) in enumerate(zip(xs, ms))]
-        if self.item_emb is not None:
+        if self.item_emb is not None and content is not None:  # a new item has no ID row
+            parts.append(torch.zeros(1, n_items, self.dim))
+            ms = ms + [torch.zeros(n_items)]
+        elif self.item_emb is not None:
             ids = items if items is not None else torch.arange(n_items)
             if self.known is None:
                 parts.append(self.item_emb(ids[None]))
@@ -95,9 +105,10 @@ class GroupFusion(nn.Module):
                 ms = ms + [seen]
         return parts, [torch.ones(n_items)] + ms
 
-    def views(self, groups: torch.Tensor, items: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def views(self, groups: torch.Tensor, items: torch.Tensor | None,
+              content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected views [G, N, V, d] and their presence mask [1, N, V] (the group view is always present)."""
-        parts, present = self.view_parts(groups, items)
+        parts, present = self.view_parts(groups, items, content)
         shape = (len(groups), len(present[0]), self.dim)
         return torch.stack([p.expand(shape) for p in parts], 2), torch.stack(present, 1)[None]
 
@@ -128,11 +139,13 @@ class GroupFusion(nn.Module):
         logits = logits.masked_fill(present == 0, -1e9)
         return (F.softmax(logits, -1)[..., None] * views).sum(2)
 
-    def forward(self, groups: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Q_g(i) for ``groups`` x ``items`` (all items by default): [G, N, d]."""
+    def forward(self, groups: torch.Tensor, items: torch.Tensor | None = None,
+                content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Q_g(i) for ``groups`` x ``items`` (all items by default), or x new items given by their
+        ``content`` (standardised features and masks per modality, :class:`~gfmfr.data.encoders.ContentReduction`): [G, N, d]."""
         if self.expert == "mlp":
-            return self._mlp_parts(self.view_parts(groups, items)[0])
-        views, present = self.views(groups, items)
+            return self._mlp_parts(self.view_parts(groups, items, content)[0])
+        views, present = self.views(groups, items, content)
         flat = (views * present[..., None]).flatten(2)
         if self.expert == "sum":
             return self._sum(views, present)
