@@ -165,3 +165,29 @@ def test_new_items_need_a_content_model(content_federation, tmp_path):
     run(cfg, out=tmp_path, dataset=content_federation)
     with pytest.raises(ModelError, match="GFMFR .* or MM-X"):
         content_source(load_model(tmp_path, dataset=content_federation))
+
+
+@pytest.mark.parametrize("extra", [{}, {"wrapper": "mmx"}])
+def test_recommend_scores_a_cold_runs_held_out_items_from_content_or_never(content_federation, tmp_path, extra):
+    from gfmfr.coldstart.evaluation import ColdStart
+    from gfmfr.serving.recommend import top_k
+    from gfmfr.serving.saved import load_model
+
+    cfg = cold_config(**extra)
+    run(replace(cfg, federation=replace(cfg.federation, rounds=4)), out=tmp_path, dataset=content_federation)
+    saved = load_model(tmp_path, dataset=content_federation)
+    users = np.arange(20)
+    rec = top_k(saved, users, k=content_federation.n_items)
+    cold = np.isin(rec.items, content_federation.cold_items)
+    if not extra:  # FCF alone has nothing to score them with
+        assert not (cold & np.isfinite(rec.scores)).any()
+    else:  # MM-X scores them as the cold-start evaluation did
+        assert (cold & np.isfinite(rec.scores)).any()
+        scorer = ColdStart(content_federation, saved.state.model, saved.cfg, (), saved.state)
+        source = scorer.sources["mmx"]
+        source.refresh(saved.state.shared)
+        expected = scorer.score(source, users)
+        finite = np.isfinite(rec.scores)  # the rest: items the user interacted with
+        torch.testing.assert_close(torch.from_numpy(rec.scores[finite]),
+                                   expected.gather(1, torch.from_numpy(rec.items))[torch.from_numpy(finite)],
+                                   atol=1e-5, rtol=1e-5)

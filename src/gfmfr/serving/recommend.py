@@ -34,6 +34,9 @@ def top_k(saved: SavedModel, users: np.ndarray, k: int = 10, extra: torch.Tensor
     users = np.asarray(users, np.int64)
     with torch.no_grad():
         scores = saved.state.score(users).float()
+    cold = saved.dataset.cold_items if saved.dataset is not None else None
+    if cold is not None:  # trained on the cold-items split: no client trained their rows
+        scores[:, torch.from_numpy(cold)] = cold_item_scores(saved, users)
     if extra is not None:
         scores = torch.cat([scores, extra.float()], 1)
     k = min(k, scores.shape[1])
@@ -44,6 +47,27 @@ def top_k(saved: SavedModel, users: np.ndarray, k: int = 10, extra: torch.Tensor
     best = torch.topk(scores, k, dim=1)
     items, values = best.indices.numpy(), best.values.numpy()
     return Recommendations(users, items, values)
+
+
+def cold_item_scores(saved: SavedModel, users: np.ndarray) -> torch.Tensor:
+    """Scores [U, n_cold] of a cold-items run's held-out items, from their content as for new items
+    (GFMFR's fused vectors, MM-X's projection); -inf (never recommended) for a model without content."""
+    from gfmfr.serving.errors import ModelError
+    from gfmfr.serving.new_items import content_source, new_item_scores
+
+    cold = torch.from_numpy(saved.dataset.cold_items)
+    try:
+        content_source(saved)
+    except ModelError:
+        return torch.full((len(users), len(cold)), -torch.inf)
+    if saved.cfg.plugin == "gfmfr":
+        vectors = saved.plugins[0].server.item_vectors(cold)
+        if vectors is None:
+            return torch.full((len(users), len(cold)), -torch.inf)
+    else:
+        with torch.no_grad():
+            vectors = saved.state.model.content_vectors(saved.state.shared, cold)[None]
+    return new_item_scores(saved, users, vectors).float()
 
 
 def blocks(saved: SavedModel, users: np.ndarray, k: int, block: int = 256) -> Iterator[Recommendations]:

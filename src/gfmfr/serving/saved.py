@@ -173,7 +173,7 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
 
     from gfmfr.run import build_run_model
 
-    if dataset is None and (cfg.plugin != "none" or cfg.wrapper != "none"):
+    if dataset is None and (cfg.plugin != "none" or cfg.wrapper != "none" or cfg.data.split == "cold-items"):
         from gfmfr.data import load_dataset
 
         dataset = load_dataset(cfg.data)
