@@ -230,6 +230,12 @@ class GFMFRConfig:
     round), and it cuts GFMFR-FCF's round from 2.8x to 1.3x FCF's (docs/results.md, session 9)."""
     server_lr: float = 0.01
     """Adam learning rate of the fusion model."""
+    fusion_loss: Literal["mse", "score"] = "mse"
+    """What fitting Q_g(i) to the group target C_g(i) minimises: ``mse``, ||Q_g(i) - C_g(i)||^2 (the
+    paper's); ``score``, (head_u(Q_g(i)) - head_u(C_g(i)))^2 over up to ``score_members`` sampled members
+    u of the group, the error in the scores the members (and the teacher) read off the vectors."""
+    score_members: int = 16
+    """Members sampled per group and fusion step by ``fusion_loss = "score"``."""
     distill: bool = True
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
     distill_on: Literal["all", "negatives"] = "negatives"
@@ -462,6 +468,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("gfmfr", "groups"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "server_steps"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "server_every"): (lambda v: v >= 1, "at least 1"),
+    ("gfmfr", "score_members"): (lambda v: v >= 1, "at least 1"),
     ("runtime", "nodes"): (lambda v: v >= 1, "at least 1"),
     ("runtime", "client_chunk"): (lambda v: v >= 1, "at least 1"),
     ("runtime", "client_block"): (lambda v: v >= 1, "at least 1"),

@@ -22,6 +22,7 @@ mean_{g,i} || Q_g(i) - C_g(i) ||^2 against the group targets C_g.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -160,12 +161,18 @@ class GroupFusion(nn.Module):
         return (F.softmax(self.router(flat), -1)[..., None] * experts).sum(2)
 
 
+def squared_error(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean_{g,i} ||Q_g(i) - C_g(i)||^2 of [G, B, d] tensors (the paper's fusion loss)."""
+    return ((q - target) ** 2).sum(-1).mean()
+
+
 def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
-               batch_items: int = 2048, seed: int = 0, items: torch.Tensor | None = None) -> float:
-    """Minimise mean ||Q_g(i) - C_g(i)||^2 over ``groups`` x items with ``steps`` Adam steps, each on
-    the next ``batch_items`` items of a seeded shuffle (reshuffled when it runs out); returns the last
-    step's loss. ``items``, if given, are the only items fitted (the known ones: no client trains a
-    cold item's row, so its target is no target)."""
+               batch_items: int = 2048, seed: int = 0, items: torch.Tensor | None = None,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_error) -> float:
+    """Minimise ``loss_fn(Q, C)`` (mean ||Q_g(i) - C_g(i)||^2 by default) over ``groups`` x items with
+    ``steps`` Adam steps, each on the next ``batch_items`` items of a seeded shuffle (reshuffled when it
+    runs out); returns the last step's loss. ``items``, if given, are the only items fitted (the known
+    ones: no client trains a cold item's row, so its target is no target)."""
     opt = torch.optim.Adam(fusion.parameters(), lr=lr)
     n_items = targets.shape[1] if items is None else len(items)
     gen = torch.Generator().manual_seed(seed)
@@ -182,8 +189,7 @@ def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor,
         idx = order[pos : pos + batch_items]
         pos += batch_items
         opt.zero_grad()
-        q = fusion(groups, idx)
-        loss = ((q - targets[:, idx]) ** 2).sum(-1).mean()
+        loss = loss_fn(fusion(groups, idx), targets[:, idx])
         loss.backward()
         opt.step()
     return float(loss.detach())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from gfmfr.federation.aggregation import group_sums
 from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
 from gfmfr.federation.plugin import ServerHalf
 from gfmfr.models.base import FederatedRecommender, Params
-from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion
+from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion, squared_error
 from gfmfr.plugins.group_fusion.grouping import Grouping
 from gfmfr.privacy.dp import CentralNoise, generator
 
@@ -64,6 +65,28 @@ def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, label
             out[g] += torch.sigmoid(model.head_score(heads, fused[g].expand(len(part), *fused[g].shape))).sum(0)
         out[g] /= max(len(members), 1)
     return out
+
+
+def score_error(model: FederatedRecommender, heads: Params, rows: torch.Tensor
+                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The ``score`` fusion loss: mean over members k and items i of (head_k(Q(i)) - head_k(C(i)))^2, with
+    the members' ``heads`` [K, ...], each of fusion row ``rows[k]``, and Q, C [G', B, d]. Errors count as
+    the members score them: along the directions their heads read, not equally in every dimension."""
+    def loss(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return ((model.head_score(heads, q[rows]) - model.head_score(heads, c[rows])) ** 2).mean()
+
+    return loss
+
+
+def sample_members(labels: torch.Tensor, n_rows: int, per_row: int, gen: torch.Generator) -> torch.Tensor:
+    """``per_row`` members (indices into ``labels``) of each of fusion rows 0 .. n_rows - 1, drawn
+    uniformly with replacement (seeded); a row without members gets none."""
+    out = []
+    for r in range(n_rows):
+        members = torch.nonzero(labels == r).flatten()
+        if len(members):
+            out.append(members[torch.randint(len(members), (per_row,), generator=gen)])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def signature_upload_bytes(model: FederatedRecommender) -> int:
@@ -183,16 +206,22 @@ class GFMFRServer(ServerHalf):
         if self.fusion is None:  # then warm-started: the steps add up over server rounds
             self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_,
                                       self.cfg.item_view, self.known)
+        # rows of `targets` and `fused` follow `present`; map each member's group to its row
+        row_of = torch.full((G,), -1, dtype=torch.long)
+        row_of[present] = torch.arange(len(present))
+        member_rows = row_of[torch.from_numpy(labels)]
+        loss_fn = squared_error
+        if self.cfg.fusion_loss == "score":
+            picked = sample_members(member_rows, len(present), self.cfg.score_members,
+                                    torch.Generator().manual_seed(self.seed + round_))
+            loss_fn = score_error(model, model.head_from_signature(signatures[picked]), member_rows[picked])
         fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_steps, self.cfg.server_lr,
                                  seed=self.seed + round_,
-                                 items=None if self.known is None else torch.nonzero(self.known).flatten())
+                                 items=None if self.known is None else torch.nonzero(self.known).flatten(),
+                                 loss_fn=loss_fn)
         t3 = time.perf_counter()
         with torch.no_grad():
             fused = self.fusion(present)
-            # rows of `fused` follow `present`; map each member's group to its row
-            row_of = torch.full((G,), -1, dtype=torch.long)
-            row_of[present] = torch.arange(len(present))
-            member_rows = row_of[torch.from_numpy(labels)]
             if self.cfg.teacher == "members":
                 prefs = teacher_members(model, signatures, member_rows, fused)
             else:  # mean_head
