@@ -269,3 +269,22 @@ def test_batched_equals_one_client_step_with_gfmfr(planted, name):
     data = with_features(planted)
     model = build_model(data.n_items, cfg.model)
     assert_batched_equals_one_client_at_a_time(data, model, cfg, (group_fusion.build(data, model, cfg),), rounds=4)
+
+
+def test_score_space_fusion_loss_by_hand():
+    from gfmfr.plugins.group_fusion.server import sample_members, score_error
+
+    model = build_model(3, ModelConfig(name="fcf", dim=2))
+    heads = {"user": torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])}  # three members
+    rows = torch.tensor([0, 0, 1])  # the first two in fusion row 0, the third in row 1
+    q = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[2.0, 0.0], [1.0, 1.0]]])  # [G'=2, B=2, d=2]
+    c = torch.zeros(2, 2, 2)
+    # scores u . (q - c): member 0 on row 0: 1, 0; member 1: 2, 0; member 2 on row 1: 2, 2
+    expected = (1 + 0 + 4 + 0 + 4 + 4) / 6
+    assert float(score_error(model, heads, rows)(q, c)) == pytest.approx(expected)
+    # an error along a direction no member reads costs nothing
+    assert float(score_error(model, {"user": torch.tensor([[1.0, 0.0]])}, torch.tensor([0]))(
+        torch.tensor([[[0.0, 5.0]]]), torch.zeros(1, 1, 2))) == 0.0
+    labels = torch.tensor([0, 1, 1, -1, 0])
+    picked = sample_members(labels, 3, 4, torch.Generator().manual_seed(0))
+    assert len(picked) == 8 and set(labels[picked[:4]].tolist()) == {0} and set(labels[picked[4:]].tolist()) == {1}
