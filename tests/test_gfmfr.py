@@ -288,3 +288,22 @@ def test_score_space_fusion_loss_by_hand():
     labels = torch.tensor([0, 1, 1, -1, 0])
     picked = sample_members(labels, 3, 4, torch.Generator().manual_seed(0))
     assert len(picked) == 8 and set(labels[picked[:4]].tolist()) == {0} and set(labels[picked[4:]].tolist()) == {1}
+
+
+def test_item_view_dropout_hides_the_item_view_and_new_items_are_content_alone():
+    gen = torch.Generator().manual_seed(0)
+    feats, masks = [torch.randn(12, 5, generator=gen)], [torch.ones(12, dtype=torch.bool)]
+    fusion = GroupFusion(2, 4, feats, masks, "mlp", item_view=True)
+    items, groups = torch.arange(12), torch.arange(2)
+    drop = torch.zeros(12, dtype=torch.bool)
+    drop[:6] = True
+    with torch.no_grad():
+        before = fusion(groups, items, drop=drop)
+        fusion.item_emb.weight.add_(1.0)  # only the items that keep their view move
+        after = fusion(groups, items, drop=drop)
+        assert torch.equal(before[:, :6], after[:, :6]) and not torch.allclose(before[:, 6:], after[:, 6:])
+        alone = fusion(groups, content=([fusion.x0], [fusion.m0]))  # new items with the same content
+        torch.testing.assert_close(alone, fusion(groups, items, drop=torch.ones(12, dtype=torch.bool)))
+    target = torch.randn(2, 12, 4, generator=gen)
+    loss = fit_fusion(fusion, groups, target, steps=5, lr=0.01, item_view_dropout=0.5)
+    assert math.isfinite(loss)

@@ -235,7 +235,11 @@ class GFMFRConfig:
     paper's); ``score``, (head_u(Q_g(i)) - head_u(C_g(i)))^2 over up to ``score_members`` sampled members
     u of the group, the error in the scores the members (and the teacher) read off the vectors."""
     score_members: int = 16
-    """Members sampled per group and fusion step by ``fusion_loss = "score"``."""
+    """Members sampled per group and server round by ``fusion_loss = "score"``."""
+    item_view_dropout: float = 0.0
+    """Share of each fusion step's items fitted without their item-ID view (DropoutNet's input dropout,
+    Volkovs et al., NeurIPS 2017), so that Q_g(i) from content alone, all an unseen item has, is fitted
+    too (0: the item view is always there)."""
     distill: bool = True
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
     distill_on: Literal["all", "negatives"] = "negatives"
@@ -469,6 +473,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("gfmfr", "server_steps"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "server_every"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "score_members"): (lambda v: v >= 1, "at least 1"),
+    ("gfmfr", "item_view_dropout"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("runtime", "nodes"): (lambda v: v >= 1, "at least 1"),
     ("runtime", "client_chunk"): (lambda v: v >= 1, "at least 1"),
     ("runtime", "client_block"): (lambda v: v >= 1, "at least 1"),

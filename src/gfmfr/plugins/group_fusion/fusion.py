@@ -73,14 +73,15 @@ class GroupFusion(nn.Module):
             self.router = nn.Linear(n_views * dim, 4)
 
     def view_parts(self, groups: torch.Tensor, items: torch.Tensor | None,
-                   content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                   content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+                   drop: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The projected views before broadcasting, and each one's presence [N] (1: the item has it).
 
         The group view is [G, 1, d] (the same for every item), each modality's [1, N, d] (the same
         for every group; zero where the item lacks the modality), the item-ID view [1, N, d].
         ``content``, if given, are the standardised features and masks of items outside the catalogue
-        (new items: no item-ID view) in place of ``items``.
+        (new items: no item-ID view) in place of ``items``. ``drop`` [N] bool, if given, hides the
+        item-ID view of those items (training for items without one: DropoutNet's input dropout).
         """
         g = self.w_id(self.group_emb(groups))  # [G, d]
         if content is not None:
@@ -97,19 +98,22 @@ class GroupFusion(nn.Module):
             ms = ms + [torch.zeros(n_items)]
         elif self.item_emb is not None:
             ids = items if items is not None else torch.arange(n_items)
-            if self.known is None:
+            if self.known is None and drop is None:
                 parts.append(self.item_emb(ids[None]))
                 ms = ms + [torch.ones(n_items)]
             else:
-                seen = self.known[ids].float()
+                seen = self.known[ids].float() if self.known is not None else torch.ones(n_items)
+                if drop is not None:
+                    seen = seen * (~drop).float()
                 parts.append(self.item_emb(ids[None]) * seen[None, :, None])
                 ms = ms + [seen]
         return parts, [torch.ones(n_items)] + ms
 
     def views(self, groups: torch.Tensor, items: torch.Tensor | None,
-              content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+              drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected views [G, N, V, d] and their presence mask [1, N, V] (the group view is always present)."""
-        parts, present = self.view_parts(groups, items, content)
+        parts, present = self.view_parts(groups, items, content, drop)
         shape = (len(groups), len(present[0]), self.dim)
         return torch.stack([p.expand(shape) for p in parts], 2), torch.stack(present, 1)[None]
 
@@ -141,12 +145,14 @@ class GroupFusion(nn.Module):
         return (F.softmax(logits, -1)[..., None] * views).sum(2)
 
     def forward(self, groups: torch.Tensor, items: torch.Tensor | None = None,
-                content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+                content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
         """Q_g(i) for ``groups`` x ``items`` (all items by default), or x new items given by their
-        ``content`` (standardised features and masks per modality, :class:`~gfmfr.data.encoders.ContentReduction`): [G, N, d]."""
+        ``content`` (standardised features and masks per modality, :class:`~gfmfr.data.encoders.ContentReduction`): [G, N, d].
+        ``drop``: items whose item-ID view is hidden (:meth:`view_parts`)."""
         if self.expert == "mlp":
-            return self._mlp_parts(self.view_parts(groups, items, content)[0])
-        views, present = self.views(groups, items, content)
+            return self._mlp_parts(self.view_parts(groups, items, content, drop)[0])
+        views, present = self.views(groups, items, content, drop)
         flat = (views * present[..., None]).flatten(2)
         if self.expert == "sum":
             return self._sum(views, present)
@@ -168,11 +174,14 @@ def squared_error(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
                batch_items: int = 2048, seed: int = 0, items: torch.Tensor | None = None,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_error) -> float:
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_error,
+               item_view_dropout: float = 0.0) -> float:
     """Minimise ``loss_fn(Q, C)`` (mean ||Q_g(i) - C_g(i)||^2 by default) over ``groups`` x items with
     ``steps`` Adam steps, each on the next ``batch_items`` items of a seeded shuffle (reshuffled when it
     runs out); returns the last step's loss. ``items``, if given, are the only items fitted (the known
-    ones: no client trains a cold item's row, so its target is no target)."""
+    ones: no client trains a cold item's row, so its target is no target). ``item_view_dropout``: the
+    share of each step's items fitted without their item-ID view (seeded), so that Q_g(i) from content
+    alone, what an item nobody has seen gets, is fitted too."""
     opt = torch.optim.Adam(fusion.parameters(), lr=lr)
     n_items = targets.shape[1] if items is None else len(items)
     gen = torch.Generator().manual_seed(seed)
@@ -189,7 +198,8 @@ def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor,
         idx = order[pos : pos + batch_items]
         pos += batch_items
         opt.zero_grad()
-        loss = loss_fn(fusion(groups, idx), targets[:, idx])
+        drop = torch.rand(len(idx), generator=gen) < item_view_dropout if item_view_dropout > 0 else None
+        loss = loss_fn(fusion(groups, idx, drop=drop), targets[:, idx])
         loss.backward()
         opt.step()
     return float(loss.detach())

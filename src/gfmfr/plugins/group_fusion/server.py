@@ -218,7 +218,7 @@ class GFMFRServer(ServerHalf):
         fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_steps, self.cfg.server_lr,
                                  seed=self.seed + round_,
                                  items=None if self.known is None else torch.nonzero(self.known).flatten(),
-                                 loss_fn=loss_fn)
+                                 loss_fn=loss_fn, item_view_dropout=self.cfg.item_view_dropout)
         t3 = time.perf_counter()
         with torch.no_grad():
             fused = self.fusion(present)
