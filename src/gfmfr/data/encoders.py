@@ -196,16 +196,22 @@ def encode_content(cfg: DataConfig, modalities: tuple[str, ...] = ("text", "imag
     return dataset_features(load_dataset(cfg), modalities, batch_size)
 
 
-def reduce_features(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> torch.Tensor:
-    """Frozen content features, PCA-reduced to ``dim`` on the items that have them (missing rows stay 0)."""
+def _reduce(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> tuple[torch.Tensor, Any]:
+    """:func:`reduce_features` and the fitted PCA (None when the features are kept as they are)."""
     x = np.asarray(x, np.float32)
     if dim is not None and x.shape[1] > dim and mask.sum() > dim:
         from sklearn.decomposition import PCA
 
+        pca = PCA(n_components=dim, random_state=seed)
         reduced = np.zeros((len(x), dim), np.float32)
-        reduced[mask] = PCA(n_components=dim, random_state=seed).fit_transform(x[mask])
-        x = reduced
-    return torch.from_numpy(x)
+        reduced[mask] = pca.fit_transform(x[mask])
+        return torch.from_numpy(reduced), pca
+    return torch.from_numpy(x), None
+
+
+def reduce_features(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> torch.Tensor:
+    """Frozen content features, PCA-reduced to ``dim`` on the items that have them (missing rows stay 0)."""
+    return _reduce(x, mask, dim, seed)[0]
 
 
 def standardise(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -230,13 +236,7 @@ class ContentReduction:
     def fit(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> ContentReduction:
         """Fitted to the catalogue features ``x`` [n_items, D] of the items with the modality (``mask``)."""
         mask = np.asarray(mask, bool)
-        reduced = reduce_features(x, mask, dim, seed)
-        x = np.asarray(x, np.float32)
-        pca = None
-        if dim is not None and x.shape[1] > dim and mask.sum() > dim:
-            from sklearn.decomposition import PCA
-
-            pca = PCA(n_components=dim, random_state=seed).fit(x[mask])
+        reduced, pca = _reduce(x, mask, dim, seed)
         rows = reduced[torch.from_numpy(mask)]
         return ContentReduction(pca, rows.mean(0), rows.std(0).clamp_min(1e-6))
 
