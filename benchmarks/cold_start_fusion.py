@@ -38,10 +38,8 @@ class Fixed(VectorSource):
     def __init__(self, name: str, vectors: torch.Tensor, group: np.ndarray):
         self.name, self.vectors, self.group = name, vectors, group
 
-    def item_vectors(self, users: np.ndarray) -> torch.Tensor:
-        if len(self.vectors) == 1:
-            return self.vectors
-        return self.vectors[torch.from_numpy(self.group[users]).clamp_min(0)]
+    def group_of(self, users: np.ndarray) -> np.ndarray | None:
+        return self.group[users] if len(self.vectors) > 1 else None
 
 
 def fit_score_space(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, chol: torch.Tensor,

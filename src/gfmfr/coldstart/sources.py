@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from gfmfr.data.dataset import Dataset
+from gfmfr.federation.fast import ranges
 from gfmfr.models.base import FederatedRecommender, Params
 
 SOURCES = ("gfmfr", "mmx", "ifedrec", "knn", "random")
@@ -52,16 +53,31 @@ class ColdSource(ABC):
         """Scores [U, n_cold] of the cold items for ``users``, whose per-client parameters are ``params``."""
 
 
+def score_vectors(model: FederatedRecommender, params: Params, vectors: torch.Tensor,
+                  group: np.ndarray | None = None) -> torch.Tensor:
+    """Scores [U, N] of item ``vectors`` under the U users' heads (``params``): one table [1, N, d] for
+    everyone, or one per group [G, N, d] with each user's group in ``group`` [U] (ungrouped: group 0)."""
+    n_users = len(next(iter(params.values())))
+    if len(vectors) > 1:
+        vectors = vectors[torch.from_numpy(np.asarray(group)).clamp_min(0)]
+    else:
+        vectors = vectors.expand(n_users, *vectors.shape[1:])
+    with torch.no_grad():
+        return model.head_score(params, vectors)
+
+
 class VectorSource(ColdSource):
     """A source that gives each cold item a vector, scored with each user's head."""
 
-    @abstractmethod
-    def item_vectors(self, users: np.ndarray) -> torch.Tensor:
-        """[U, n_cold, d] (or [1, n_cold, d], the same for every user)."""
+    vectors: torch.Tensor
+    """The cold items' vectors as of the last :meth:`refresh`: [1, n_cold, d], or one table per group."""
+
+    def group_of(self, users: np.ndarray) -> np.ndarray | None:
+        """Each user's row of :attr:`vectors` when there is one per group."""
+        return None
 
     def scores(self, model: FederatedRecommender, params: Params, users: np.ndarray) -> torch.Tensor:
-        vectors = self.item_vectors(users)
-        return model.head_score(params, vectors.expand(len(users), *vectors.shape[1:]))
+        return score_vectors(model, params, self.vectors, self.group_of(users))
 
 
 class RandomVectors(VectorSource):
@@ -74,14 +90,11 @@ class RandomVectors(VectorSource):
         self.warm = torch.from_numpy(dataset.warm_items)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 18)
         self.noise = torch.randn(len(dataset.cold_items), dim, generator=gen)
-        self.vectors = self.noise
+        self.vectors = self.noise[None]
 
     def refresh(self, shared: Params) -> None:
         rows = shared[self.table][self.warm]
-        self.vectors = rows.mean(0) + rows.std(0) * self.noise
-
-    def item_vectors(self, users: np.ndarray) -> torch.Tensor:
-        return self.vectors[None]
+        self.vectors = (rows.mean(0) + rows.std(0) * self.noise)[None]
 
 
 class Projected(VectorSource):
@@ -96,13 +109,11 @@ class Projected(VectorSource):
             raise ValueError("the 'mmx' cold source needs wrapper = \"mmx\"")
         self.model = model
         self.cold = torch.from_numpy(dataset.cold_items)
-        self.vectors = torch.zeros(len(self.cold), model.dim)
+        self.vectors = torch.zeros(1, len(self.cold), model.dim)
 
     def refresh(self, shared: Params) -> None:
-        self.vectors = self.model.content_vectors(shared, self.cold)
-
-    def item_vectors(self, users: np.ndarray) -> torch.Tensor:
-        return self.vectors[None]
+        with torch.no_grad():
+            self.vectors = self.model.content_vectors(shared, self.cold)[None]
 
 
 class GroupFused(VectorSource):
@@ -120,11 +131,8 @@ class GroupFused(VectorSource):
         if fused is not None:
             self.vectors = fused
 
-    def item_vectors(self, users: np.ndarray) -> torch.Tensor:
-        if len(self.vectors) == 1:
-            return self.vectors
-        group = torch.from_numpy(self.server.grouping.group[users]).clamp_min(0)  # ungrouped: group 0
-        return self.vectors[group]
+    def group_of(self, users: np.ndarray) -> np.ndarray | None:
+        return self.server.grouping.group[users] if len(self.vectors) > 1 else None
 
 
 class AttributeNetwork(VectorSource):
@@ -147,6 +155,7 @@ class AttributeNetwork(VectorSource):
         self.steps = steps
         self.fitted = False
         self.loss = float("nan")
+        self.vectors = torch.zeros(1, len(self.cold), dim)
 
     def refresh(self, shared: Params) -> None:
         target = shared[self.table][self.warm]
@@ -158,10 +167,8 @@ class AttributeNetwork(VectorSource):
             loss.backward()
             self.opt.step()
         self.fitted, self.loss = True, float(loss.detach())
-
-    def item_vectors(self, users: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
-            return self.net(self.content[self.cold])[None]
+            self.vectors = self.net(self.content[self.cold])[None]
 
 
 class ContentNeighbours(ColdSource):
@@ -181,7 +188,7 @@ class ContentNeighbours(ColdSource):
         d = self.dataset
         counts = torch.from_numpy(d.train_counts[users])
         rows = torch.repeat_interleave(torch.arange(len(users)), counts)
-        items = torch.from_numpy(np.concatenate([d.user_train(int(u)) for u in users]))
+        items = torch.from_numpy(d.train_items[ranges(d.train_indptr[users], d.train_counts[users])])
         profile = torch.zeros(len(users), self.unit.shape[1]).index_add_(0, rows, self.unit[items])
         profile /= counts.clamp_min(1)[:, None]
         return profile @ self.cold.T

@@ -9,6 +9,7 @@ Duplicate policy: a (user, item) pair seen more than once keeps its earliest int
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class Dataset:
     """The ``cold-items`` split's held-out items (sorted indices): never in training, never drawn as
     negatives; validation and test items are among them (-1 for a user without one). None otherwise."""
 
-    @property
+    @functools.cached_property
     def warm_items(self) -> np.ndarray | None:
         """The items training knows (sorted), or None when every item is (the leave-one-out split):
         the pool negatives are drawn from."""

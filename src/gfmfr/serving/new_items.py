@@ -104,10 +104,8 @@ def new_item_vectors(saved: SavedModel, new: NewItems) -> torch.Tensor:
 
 def new_item_scores(saved: SavedModel, users: np.ndarray, vectors: torch.Tensor) -> torch.Tensor:
     """Logits [U, N] of the new items' ``vectors`` under each user's own head (its group's table for GFMFR)."""
+    from gfmfr.coldstart.sources import score_vectors
+
     users = np.asarray(users, np.int64)
-    if len(vectors) > 1:  # one table per group
-        vectors = vectors[torch.from_numpy(saved.plugins[0].server.grouping.group[users]).clamp_min(0)]
-    else:
-        vectors = vectors.expand(len(users), *vectors.shape[1:])
-    with torch.no_grad():
-        return saved.state.model.head_score(saved.state.client_params(users), vectors)
+    group = saved.plugins[0].server.grouping.group[users] if len(vectors) > 1 else None
+    return score_vectors(saved.state.model, saved.state.client_params(users), vectors, group)

@@ -50,24 +50,13 @@ def top_k(saved: SavedModel, users: np.ndarray, k: int = 10, extra: torch.Tensor
 
 
 def cold_item_scores(saved: SavedModel, users: np.ndarray) -> torch.Tensor:
-    """Scores [U, n_cold] of a cold-items run's held-out items, from their content as for new items
-    (GFMFR's fused vectors, MM-X's projection); -inf (never recommended) for a model without content."""
-    from gfmfr.serving.errors import ModelError
-    from gfmfr.serving.new_items import content_source, new_item_scores
-
-    cold = torch.from_numpy(saved.dataset.cold_items)
-    try:
-        content_source(saved)
-    except ModelError:
-        return torch.full((len(users), len(cold)), -torch.inf)
-    if saved.cfg.plugin == "gfmfr":
-        vectors = saved.plugins[0].server.item_vectors(cold)
-        if vectors is None:
-            return torch.full((len(users), len(cold)), -torch.inf)
-    else:
-        with torch.no_grad():
-            vectors = saved.state.model.content_vectors(saved.state.shared, cold)[None]
-    return new_item_scores(saved, users, vectors).float()
+    """Scores [U, n_cold] of a cold-items run's held-out items, from their content as the cold-start
+    evaluation scored them (:attr:`SavedModel.cold_source`: GFMFR's fused vectors, MM-X's projection);
+    -inf (never recommended) for a model without content."""
+    source = saved.cold_source
+    if source is None:
+        return torch.full((len(users), len(saved.dataset.cold_items)), -torch.inf)
+    return source.scores(saved.state.model, saved.state.client_params(users), users).float()
 
 
 def blocks(saved: SavedModel, users: np.ndarray, k: int, block: int = 256) -> Iterator[Recommendations]:

@@ -10,6 +10,7 @@ from the config and checks the shapes, and the fingerprint against the content t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -27,6 +28,7 @@ from gfmfr.federation.state import FederationState, save_tensors
 from gfmfr.serving.errors import ModelError
 
 if TYPE_CHECKING:
+    from gfmfr.coldstart.sources import VectorSource
     from gfmfr.federation.engine import Federation
     from gfmfr.federation.plugin import Plugin
 
@@ -136,6 +138,27 @@ class SavedModel:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @functools.cached_property
+    def cold_source(self) -> VectorSource | None:
+        """Where a cold-items run's held-out items get their vectors, built once: GFMFR's fused vectors
+        or MM-X's projection (:mod:`gfmfr.coldstart.sources`); None without a cold split, a content model
+        or (GFMFR) a fusion model yet."""
+        from gfmfr.coldstart.sources import GroupFused, Projected
+
+        if self.dataset is None or self.dataset.cold_items is None:
+            return None
+        source: VectorSource
+        if self.cfg.plugin == "gfmfr":
+            if self.plugins[0].server.fusion is None:
+                return None
+            source = GroupFused(self.plugins[0].server, self.dataset, self.state.model.dim)
+        elif self.cfg.wrapper == "mmx":
+            source = Projected(self.state.model, self.dataset)
+        else:
+            return None
+        source.refresh(self.state.shared)
+        return source
 
     def user_index(self, user_id: str) -> int:
         """The contiguous index of original user id ``user_id``."""
