@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
@@ -51,8 +52,9 @@ def small(folder, model, plugin="none", rounds=4, **federation):
     })
 
 
-def run_local(cfg, nodes, tmp_path, grid_hook=None):
-    """``cfg`` through the ServerApp and ClientApp on a LocalGrid of ``nodes`` nodes."""
+def run_local(cfg, nodes, tmp_path, grid_hook=None, out=None):
+    """``cfg`` through the ServerApp and ClientApp on a LocalGrid of ``nodes`` nodes (results and the
+    saved model in ``out``, if given)."""
     from gfmfr.flower import client_app, server_app
     from gfmfr.flower.local import LocalGrid
 
@@ -62,7 +64,8 @@ def run_local(cfg, nodes, tmp_path, grid_hook=None):
                      {"state-dir": str(tmp_path / "state")})
     if grid_hook is not None:
         grid = grid_hook(grid)
-    server_app.main(grid, Context(1, 0, {}, RecordDict(), {}), {"config": to_toml(cfg)}, None, result)
+    overrides = {"config": to_toml(cfg), **({"out": str(out)} if out is not None else {})}
+    server_app.main(grid, Context(1, 0, {}, RecordDict(), {}), overrides, None, result)
     return result
 
 
@@ -176,6 +179,29 @@ def test_flower_simulation_engine_gives_the_in_process_numbers(folder, tmp_path)
     assert flower["flower"]["partitions"] == 3
     assert_same_rounds(flower, inprocess)
     assert (tmp_path / "out" / "results.json").exists()
+    from gfmfr.serving.saved import load_model
+
+    assert load_model(tmp_path / "out").round == flower["best_round"]
+
+
+@pytest.mark.parametrize("model, plugin", [("fedrap", "gfmfr"), ("pfedrec", "none")])
+def test_a_flower_run_saves_the_model_the_in_process_run_saves(folder, tmp_path, model, plugin):
+    """3 nodes: at each new best round every node keeps its users' private state; at the end the server
+    gathers it with its own half into ``out/model/``. Loaded, it scores every user as the in-process
+    run's saved model does (FedRAP: private D_u rows and heads; GFMFR: fusion model and groups)."""
+    from gfmfr.serving.saved import load_model
+
+    cfg = small(folder, model, plugin, rounds=5)
+    inprocess = run(cfg, tmp_path / "in")
+    flower = run_local(cfg, 3, tmp_path / "state", out=tmp_path / "fl")
+    assert_same_rounds(flower, inprocess)
+    a, b = load_model(tmp_path / "in"), load_model(tmp_path / "fl")
+    assert a.round == b.round == inprocess["best_round"]
+    users = np.arange(a.n_users)
+    torch.testing.assert_close(b.state.score(users), a.state.score(users), atol=1e-5, rtol=1e-5)
+    for name, value in a.state.scalars.items():
+        torch.testing.assert_close(b.state.scalars[name], value, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert [p.server.state()[1] for p in b.plugins] == [p.server.state()[1] for p in a.plugins]
 
 
 @pytest.mark.parametrize("model, plugin", [("fedrap", "none"), ("fedncf", "gfmfr"), ("fcf", "gfmfr")])

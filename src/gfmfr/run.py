@@ -91,7 +91,7 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out:
     if cfg.runtime.backend == "flower":
         from gfmfr.flower.simulation import run_simulated
 
-        return run_simulated(dataset, cfg)
+        return run_simulated(dataset, cfg, out=out)
 
     from gfmfr.federation.checkpoint import CHECKPOINT
 
@@ -104,7 +104,8 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out:
     if out is not None and cfg.runtime.save_model:
         from gfmfr.serving.saved import MODEL_DIR, ModelSaver, content_fingerprint, content_modalities
 
-        on_best = ModelSaver(Path(out) / MODEL_DIR, fed, content_fingerprint(dataset, content_modalities(cfg)))
+        on_best = ModelSaver(Path(out) / MODEL_DIR, dataset, cfg,
+                             content_fingerprint(dataset, content_modalities(cfg))).saver_of(fed)
 
     best = fed.fit(progress=progress, checkpoint=checkpoint, resume=resume, on_best=on_best)
     return federated_results(best, fed.history, plugins)

@@ -36,19 +36,31 @@ def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
-def federation_tensors(state: FederationState, plugins: tuple[Plugin, ...]
-                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The trained federation as named tensors (the global shared parameters, every client's private
-    state, each plug-in's server state) and the plug-ins' JSON state: what a checkpoint and a saved
-    model (:mod:`gfmfr.serving.saved`) both keep."""
-    tensors = _prefixed("shared", state.shared)
-    tensors.update(_prefixed("clients", state.private_tensors()))
+def server_tensors(shared: dict[str, torch.Tensor], plugins: tuple[Plugin, ...]
+                   ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The server's half of :func:`federation_tensors`: the global shared parameters and each plug-in's
+    server state, as named tensors and the plug-ins' JSON state."""
+    tensors = _prefixed("shared", shared)
     infos = []
     for k, plugin in enumerate(plugins):
         arrays, meta = plugin.server.state()
         tensors.update(_prefixed(f"plugin{k}", arrays))
         infos.append(meta)
     return tensors, infos
+
+
+def client_tensors(private: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The clients' half of :func:`federation_tensors`, from :meth:`FederationState.private_tensors`."""
+    return _prefixed("clients", private)
+
+
+def federation_tensors(state: FederationState, plugins: tuple[Plugin, ...]
+                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The trained federation as named tensors (the global shared parameters, every client's private
+    state, each plug-in's server state) and the plug-ins' JSON state: what a checkpoint and a saved
+    model (:mod:`gfmfr.serving.saved`) both keep."""
+    tensors, infos = server_tensors(state.shared, plugins)
+    return {**tensors, **client_tensors(state.private_tensors())}, infos
 
 
 def load_federation_tensors(state: FederationState, plugins: tuple[Plugin, ...], tensors: dict[str, torch.Tensor],

@@ -275,7 +275,7 @@ class FederationState:
         slot = np.searchsorted(self.clients, clients)
         if (slot >= len(self.clients)).any() or (self.clients[np.minimum(slot, len(self.clients) - 1)] != clients).any():
             raise KeyError(f"this store does not hold client(s) {np.setdiff1d(clients, self.clients)[:5].tolist()}")
-        return torch.from_numpy(slot)
+        return torch.as_tensor(slot)
 
     def add_scalars(self, init: dict[str, float]) -> None:
         """Keep a plug-in's per-client scalars, every client starting at ``init[name]``."""

@@ -1,9 +1,11 @@
 """The ClientApp: what a SuperNode runs (``gfmfr.flower.client_app:app``).
 
-Three message types: ``query`` (which partition are you?), ``train`` (train these of your users
+Five message types: ``query`` (which partition are you?), ``train`` (train these of your users
 for round t, from these shared parameters and hints; reply with their uploads, one per user when
 a plug-in asks for them this round, else folded into one partial aggregate) and ``evaluate``
-(rank every one of your users' held-out items; reply with metric sums). The node's partition
+(rank every one of your users' held-out items; reply with metric sums); and, for the saved model,
+``query.snapshot`` (keep your users' private state: this round is the best so far) and
+``query.export`` (send the state you kept; only when the run saves its model). The node's partition
 comes from its node config (``partition-id``, ``num-partitions``, and ``state-dir`` where its
 users' private state is kept); the run's configuration from the run config (``config`` as TOML
 text, or ``config-file``).
@@ -80,12 +82,26 @@ def evaluate(message: Message, context: Context, overrides: dict[str, Any] | Non
     return Message(RecordDict({"sums": MetricRecord(sums)}), reply_to=message)
 
 
+def snapshot(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
+    node = node_of(context, overrides)
+    round_ = int(message.content["config"]["round"])
+    node.snapshot(round_)
+    return Message(RecordDict({"kept": MetricRecord({"round": round_})}), reply_to=message)
+
+
+def export(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
+    node = node_of(context, overrides)
+    return Message(RecordDict({"arrays": wire.pack(node.exported())}), reply_to=message)
+
+
 def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` stand in for run-config entries (the simulation passes the config so)."""
     client = ClientApp()
     client.query()(lambda message, context: query(message, context, overrides))
     client.train()(lambda message, context: train(message, context, overrides))
     client.evaluate()(lambda message, context: evaluate(message, context, overrides))
+    client.query("snapshot")(lambda message, context: snapshot(message, context, overrides))
+    client.query("export")(lambda message, context: export(message, context, overrides))
     return client
 
 

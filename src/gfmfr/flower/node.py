@@ -42,6 +42,8 @@ from gfmfr.privacy.dp import privatise
 log = logging.getLogger(__name__)
 
 STATE_FILE = "clients.safetensors"
+BEST_FILE = "best.safetensors"
+"""The users' private state at the run's best validation round so far (:meth:`Node.snapshot`)."""
 
 
 def partition_users(n_users: int, partition: int, partitions: int) -> np.ndarray:
@@ -90,6 +92,8 @@ class Node:
     """Generation of the state this process holds (-1: none read yet)."""
     last: tuple[int, LocalUpdate] | None = None
     """The last round this node trained and the uploads it sent for it."""
+    best: dict[str, torch.Tensor] | None = None
+    """This process's copy of the last snapshot (:meth:`snapshot`)."""
 
     @staticmethod
     def build(cfg: RunConfig, partition: int, partitions: int, state_dir: str | None) -> Node:
@@ -166,6 +170,26 @@ class Node:
                 tensors.update({f"reply/{k}": torch.as_tensor(v) for k, v in update_arrays(self.last[1]).items()})
             save_tensors({k: v.contiguous() for k, v in tensors.items()}, self.state_file)
         return self.generation
+
+    def snapshot(self, round_: int) -> None:
+        """Keep the users' private state as it stands after ``round_``, the run's best validation round
+        so far, for the saved model (in the state directory, so that any process can export it)."""
+        tensors = {k: v.clone().contiguous() for k, v in self.state.private_tensors().items()}
+        tensors["meta/round"] = torch.tensor(round_)
+        self.best = tensors
+        if self.state_file is not None:
+            save_tensors(tensors, self.state_file.with_name(BEST_FILE))
+
+    def exported(self) -> dict[str, torch.Tensor]:
+        """The last snapshot (``meta/round`` and :meth:`FederationState.private_tensors`' keys)."""
+        if self.best is None and self.state_file is not None and self.state_file.with_name(BEST_FILE).exists():
+            from safetensors.torch import load_file
+
+            self.best = load_file(self.state_file.with_name(BEST_FILE))
+        if self.best is None:
+            raise RuntimeError("this node kept no snapshot of its users' state (no best round yet, or no "
+                               "state-dir to keep it in across processes)")
+        return self.best
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Metric sums of this node's users on ``split``."""

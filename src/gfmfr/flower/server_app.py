@@ -1,7 +1,9 @@
 """The ServerApp (``gfmfr.flower.server_app:app``): runs :class:`~gfmfr.flower.strategy.FedRecStrategy`.
 
 The run config names the configuration (``config`` as TOML text, or ``config-file``) and, with
-``out``, the folder for ``results.json`` (the in-process engine's schema). The server reads the
+``out``, the folder for ``results.json`` (the in-process engine's schema) and, with
+``runtime.save_model``, the trained federation at its best validation round (``out/model/``; the
+simulation names ``model-out`` for it alone). The server reads the
 data folder for the number of users and items and the items' public content (GFMFR's fusion,
 MM-X's and FedVLR's features); it never uses the interactions.
 """
@@ -33,12 +35,22 @@ def main(grid: Grid, context: Context, overrides: dict[str, Any] | None = None, 
     use_threads(cfg.runtime.threads)
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     model, plugins = build_run_model(dataset, cfg)
+    out = settings.get("out") or None
+    model_out = settings.get("model-out") or out  # the simulation writes results.json itself
+    save = model_out is not None and cfg.runtime.save_model
     strategy = FedRecStrategy(dataset, model, cfg, plugins, timeout=float(settings.get("timeout", 3600)),
-                              node_wait=float(settings.get("node-wait", 600)))
+                              node_wait=float(settings.get("node-wait", 600)), keep_best=save)
     best = strategy.fit(grid)
+    if save and strategy.kept is not None:
+        from pathlib import Path
+
+        from gfmfr.serving.saved import MODEL_DIR, ModelSaver, content_fingerprint, content_modalities
+
+        saver = ModelSaver(Path(model_out) / MODEL_DIR, dataset, cfg, content_fingerprint(dataset, content_modalities(cfg)))
+        saver.write(*strategy.best_model(grid))
     body = federated_results(best, strategy.history, plugins)
     body["flower"] = {"partitions": strategy.partitions, "wire_bytes_per_client": strategy.wire_bytes_per_client()}
-    results = write_results(cfg, dataset, body, settings.get("out") or None)
+    results = write_results(cfg, dataset, body, out)
     if result is not None:
         result.update(results)
 

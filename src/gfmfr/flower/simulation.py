@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
@@ -18,8 +19,10 @@ from gfmfr.data.dataset import Dataset
 log = logging.getLogger(__name__)
 
 
-def run_simulated(dataset: Dataset, cfg: RunConfig, state_root: str | None = None) -> dict[str, Any]:
-    """Train ``cfg`` on ``cfg.runtime.nodes`` simulated Flower nodes; the body of ``results.json``."""
+def run_simulated(dataset: Dataset, cfg: RunConfig, state_root: str | None = None,
+                  out: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg`` on ``cfg.runtime.nodes`` simulated Flower nodes; the body of ``results.json``.
+    With ``out`` (and ``runtime.save_model``) the trained federation is saved in ``out/model/``."""
     from flwr.simulation import run_simulation
 
     from gfmfr.flower.client_app import make_client_app
@@ -32,7 +35,10 @@ def run_simulated(dataset: Dataset, cfg: RunConfig, state_root: str | None = Non
     node_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gfmfr-flower-") as tmp:
-        server = make_server_app({"config": to_toml(cfg)}, dataset, result)
+        overrides = {"config": to_toml(cfg)}
+        if out is not None:
+            overrides["model-out"] = str(out)
+        server = make_server_app(overrides, dataset, result)
         client = make_client_app({"config": to_toml(node_cfg), "state-root": state_root or tmp})
         run_simulation(server, client, num_supernodes=nodes,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

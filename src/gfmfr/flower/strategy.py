@@ -14,11 +14,15 @@ does (:mod:`gfmfr.federation.engine`):
 
 :meth:`FedRecStrategy.fit` runs the rounds with best-round selection on validation and early
 stopping, as :meth:`gfmfr.federation.engine.Federation.fit` does; test metrics are asked for only
-at a new best validation round.
+at a new best validation round. When the run saves its model, a new best round also has every node
+keep its users' private state (``query.snapshot``) and the server its own half; at the end
+:meth:`FedRecStrategy.best_model` gathers the nodes' kept state (``query.export``) into the saved
+model's layout (:mod:`gfmfr.serving.saved`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +38,7 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.eval.evaluator import metrics_from_sums
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import RoundAggregate
+from gfmfr.federation.checkpoint import client_tensors, server_tensors
 from gfmfr.federation.engine import RoundLog, participants, privacy_setup, spent
 from gfmfr.federation.messages import LocalUpdate
 from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
@@ -55,8 +60,12 @@ class FedRecStrategy(Strategy):
     """Federated recommendation with plug-ins, over Flower messages (see the module docstring)."""
 
     def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig, plugins: tuple[Plugin, ...] = (),
-                 timeout: float = 3600.0, node_wait: float = 600.0):
+                 timeout: float = 3600.0, node_wait: float = 600.0, keep_best: bool = False):
         self.cfg, self.model, self.plugins = cfg, model, plugins
+        self.keep_best = keep_best
+        """Keep the federation of the best validation round (for the saved model)."""
+        self.kept: tuple[int, dict[str, Any], list[dict[str, Any]]] | None = None
+        """The best round so far and the server's half of it (shared parameters, plug-ins' state)."""
         self.n_users = dataset.n_users
         self.timeout, self.node_wait = timeout, node_wait
         self.shared = FederationState(model, 0, cfg.seed).shared  # the global initialisation
@@ -234,13 +243,52 @@ class FedRecStrategy(Strategy):
                 t2 = time.perf_counter()
                 entry.valid = self.evaluate(grid, t + 1, "valid")
                 entry.seconds["evaluate"] = time.perf_counter() - t2
-                best.update(t, entry.valid, lambda: self.evaluate(grid, t + 1, "test"))
+                if best.update(t, entry.valid, lambda: self.evaluate(grid, t + 1, "test")) and self.keep_best:
+                    self.snapshot(grid, t)
                 log.info("round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)%s", t, entry.loss,
                          entry.valid.get("NDCG@10", float("nan")), seconds["train"], spent(entry))
             self.history.append(entry)
             if entry.valid is not None and best.stop(t):
                 break
         return best.summary()
+
+    def snapshot(self, grid: Grid, round_: int) -> None:
+        """``round_`` is the best so far: every node keeps its users' private state, the server its half."""
+        self.exchange(grid, lambda parts: [
+            Message(RecordDict({"config": ConfigRecord({"round": round_})}), dst_node_id=node,
+                    message_type="query.snapshot", group_id=f"snapshot-{round_}")
+            for node in self.node_users(parts)])
+        tensors, infos = server_tensors(self.shared, self.plugins)
+        self.kept = (round_, {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(infos))
+
+    def best_model(self, grid: Grid) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+        """The federation at the best validation round, in the saved model's layout: (round, tensors,
+        plug-ins' JSON state). Each node sends the private state it kept (to the server: this is what
+        saving the model in one folder means; a deployment that must keep it on the nodes turns
+        ``runtime.save_model`` off)."""
+        if self.kept is None:
+            raise RuntimeError("no best round was kept (the run saves its model only with keep_best)")
+        round_, tensors, infos = self.kept
+        replies = self.exchange(grid, lambda parts: [
+            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="query.export",
+                    group_id="export") for node in self.node_users(parts)])
+        full = FederationState(self.model, self.n_users, self.cfg.seed)
+        for plugin in self.plugins:
+            full.add_scalars(plugin.client.state_init)
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to export: {reply.error.reason}")
+            part = wire.unpack(reply.content["arrays"])
+            kept_round = int(part.pop("meta/round"))
+            if kept_round != round_:
+                raise RuntimeError(f"node {reply.metadata.src_node_id} kept round {kept_round}, not the best "
+                                   f"round {round_}")
+            users = part["clients"].numpy()
+            node_state = FederationState(self.model, len(users), self.cfg.seed, clients=users)
+            node_state.load_private_tensors(part)
+            for user in users.tolist():
+                full.save(user, node_state.load(user))
+        return round_, {**tensors, **client_tensors(full.private_tensors())}, infos
 
     def wire_bytes_per_client(self) -> dict[str, float]:
         """Mean bytes of tensors per trained client per round, each way, as sent over Flower."""

@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,24 +81,24 @@ def interactions(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ModelSaver:
-    """Writes ``fed`` as it stands to ``folder`` (tensors atomically, then ``model.json``); what does not
+    """Writes a trained federation to ``folder`` (tensors atomically, then ``model.json``); what does not
     change from round to round (ids, titles, interactions, config) is prepared once."""
 
-    def __init__(self, folder: Path, fed: Federation, fingerprint: str | None):
-        self.folder, self.fed = Path(folder), fed
-        d = fed.dataset
-        indptr, items = interactions(d)
+    def __init__(self, folder: Path, dataset: Dataset, cfg: RunConfig, fingerprint: str | None):
+        self.folder = Path(folder)
+        indptr, items = interactions(dataset)
         self.fixed = {"interactions/indptr": torch.from_numpy(indptr), "interactions/items": torch.from_numpy(items)}
+        d = dataset
         self.info = {
-            "format": FORMAT, "config": to_dict(fed.cfg), "content_fingerprint": fingerprint,
+            "format": FORMAT, "config": to_dict(cfg), "content_fingerprint": fingerprint,
             "users": [str(u) for u in d.user_ids], "items": [str(i) for i in d.item_ids],
             "titles": [title_of(d.item_text[i] if d.item_text else None, d.item_ids[i]) for i in range(d.n_items)],
         }
 
-    def __call__(self, round_: int) -> None:
-        """Save the federation after ``round_``."""
+    def write(self, round_: int, tensors: dict[str, torch.Tensor], plugins: list[dict[str, Any]]) -> None:
+        """Save the federation's tensors (:func:`~gfmfr.federation.checkpoint.federation_tensors`' layout)
+        and the plug-ins' JSON state as they stood after ``round_``."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensors, plugins = federation_tensors(self.fed.state, self.fed.plugins)
         info = {**self.info, "round": round_, "plugins": plugins}
         save_tensors({**tensors, **self.fixed}, self.folder / TENSORS,
                      metadata={"gfmfr": json.dumps(info, default=str)})
@@ -105,10 +106,14 @@ class ModelSaver:
         tmp.write_text(json.dumps(info, indent=1, default=str))
         tmp.replace(self.folder / "model.json")
 
+    def saver_of(self, fed: Federation) -> Callable[[int], None]:
+        """The in-process engine's ``on_best``: save ``fed`` as it stands after the round."""
+        return lambda round_: self.write(round_, *federation_tensors(fed.state, fed.plugins))
+
 
 def save_model(folder: Path, fed: Federation, round_: int, fingerprint: str | None) -> None:
-    """Write ``fed`` as it stands after ``round_`` to ``folder`` (once; a run uses :class:`ModelSaver`)."""
-    ModelSaver(folder, fed, fingerprint)(round_)
+    """Write ``fed`` as it stands after ``round_`` to ``folder``."""
+    ModelSaver(folder, fed.dataset, fed.cfg, fingerprint).saver_of(fed)(round_)
 
 
 @dataclass
