@@ -11,7 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from gfmfr.config import ModelConfig, from_dict
 from gfmfr.plugins import group_fusion
-from gfmfr.plugins.group_fusion.distill import bernoulli_kl, cosine_anneal, distill_weight, ema, ramp_up
+from gfmfr.plugins.group_fusion.distill import bernoulli_kl, cosine_anneal, distill_weight, ema
 from gfmfr.plugins.group_fusion.fusion import EXPERTS, GroupFusion, fit_fusion
 from gfmfr.plugins.group_fusion.grouping import Grouping, align, cluster, prepare
 from gfmfr.plugins.group_fusion.server import teacher_mean_head, teacher_members
@@ -57,11 +57,6 @@ def test_distillation_functions_by_hand():
     expected = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
     torch.testing.assert_close(kl, torch.tensor([expected, 0.0]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)]))
-    # the warm-up ramp: exp(-5) at round 0, exp(-5/4) half-way, 1 from round W on, 1 without warm-up
-    assert ramp_up(0, 20) == pytest.approx(math.exp(-5)) and ramp_up(10, 20) == pytest.approx(math.exp(-1.25))
-    assert ramp_up(20, 20) == 1.0 and ramp_up(0, 0) == 1.0
-    torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 10, 100, 20),
-                               torch.tensor([2.0 * math.cos(math.pi / 20) * math.exp(-1.25)]))
 
 
 def test_distillation_mask_by_hand():

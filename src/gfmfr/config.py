@@ -248,9 +248,6 @@ class GFMFRConfig:
     paper's). On well-trained bases (ML-100K, 3 seeds, docs/results.md session 9) ``all`` lowers FCF's
     test NDCG@10 by 0.0030 and validation by 0.0065; ``negatives`` with ``server_every = 5`` raises
     them by 0.0048 and 0.0062 on every seed."""
-    warmup_rounds: int = 0
-    """Rounds over which the distillation weight ramps up from exp(-5) to 1 (Laine and Aila's
-    exp(-5 (1 - t/W)^2)); 0: full weight from round 0, as in the paper."""
     ema_decay: float = 0.9
     """Decay of the moving average r_t of L_base / L_KL."""
     teacher: Literal["members", "mean_head"] = "members"
@@ -475,7 +472,6 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("gfmfr", "groups"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "server_steps"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "server_every"): (lambda v: v >= 1, "at least 1"),
-    ("gfmfr", "warmup_rounds"): (lambda v: v >= 0, "at least 0"),
     ("gfmfr", "score_members"): (lambda v: v >= 1, "at least 1"),
     ("gfmfr", "item_view_dropout"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("runtime", "nodes"): (lambda v: v >= 1, "at least 1"),

@@ -61,6 +61,6 @@ class DistillTerm:
         previous = ctx.state["gfmfr_ratio"]
         ratio = ema(previous, raw, self.cfg.ema_decay)
         ctx.state["gfmfr_ratio"] = torch.where(has, ratio, previous)
-        weight = distill_weight(ratio, ctx.round, self.total_rounds, self.cfg.warmup_rounds)
+        weight = distill_weight(ratio, ctx.round, self.total_rounds)
         ctx.figures.update(distill_weight=weight * has, distill_kl=kl.detach() * has, distill_steps=has.float())
         return torch.where(has, weight * kl, torch.zeros_like(kl))
