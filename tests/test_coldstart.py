@@ -148,6 +148,14 @@ def test_new_items_get_the_vectors_the_cold_start_evaluation_scored(content_fede
     else:
         expected = saved.state.model.content_vectors(saved.state.shared, cold)[None]
     torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=1e-5)
+    # the catalogue's reductions are fitted once per model: a fresh load reads them from the model folder
+    from gfmfr.data.encoders import ContentReduction
+    from gfmfr.serving.new_items import REDUCTIONS
+
+    assert (tmp_path / "model" / REDUCTIONS).exists()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ContentReduction, "fit", lambda *a, **k: pytest.fail("refitted the catalogue's PCA"))
+        torch.testing.assert_close(new_item_vectors(load_model(tmp_path, dataset=d), new), vectors)
     users = np.arange(5)
     scores = new_item_scores(saved, users, vectors)
     assert scores.shape == (5, len(x))

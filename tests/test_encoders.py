@@ -31,3 +31,23 @@ def test_encode_masks_missing_and_caches(tmp_path, monkeypatch):
     second = encoders.encode_content(cfg)
     assert second.report["text"]["encoded"] == 0 and second.report["image"]["encoded"] == 0
     np.testing.assert_array_equal(first.features["image"], second.features["image"])
+
+
+@pytest.mark.parametrize("dim", [8, None])
+def test_a_content_reduction_maps_catalogue_rows_to_what_training_used(dim):
+    """Applied to the catalogue's own rows, the fitted reduction (PCA as plain tensors, then
+    standardisation) gives the features the server's content models were trained on; kept as tensors
+    and read back, it gives the same."""
+    import torch
+
+    from gfmfr.data.encoders import ContentReduction, reduce_features, standardise
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(60, 20)) @ rng.normal(size=(20, 20))).astype(np.float32)
+    mask = rng.random(60) > 0.2
+    trained = standardise(reduce_features(x, mask, dim, 0), torch.from_numpy(mask))
+    reduction = ContentReduction.fit(x, mask, dim, 0)
+    torch.testing.assert_close(reduction.apply(x, mask), trained, atol=1e-4, rtol=1e-4)
+    again = ContentReduction.from_tensors(reduction.tensors())
+    torch.testing.assert_close(again.apply(x, mask), reduction.apply(x, mask))
+    assert reduction.raw_dim == 20

@@ -225,10 +225,12 @@ class ContentReduction:
     """The server's reduction of one modality's raw features, fitted on the catalogue: PCA to ``dim``
     (as :func:`reduce_features`) and then per-column standardisation (as :func:`standardise`). It maps
     the features of new items, encoded later by the same encoder, into the space the server's content
-    models were trained in."""
+    models were trained in. Plain tensors, so that a saved model can keep it (:meth:`tensors`)."""
 
-    pca: Any
-    """The fitted sklearn PCA, or None when the features are used as they are."""
+    center: torch.Tensor | None
+    """The PCA's mean of the raw features [D], or None when the features are used as they are."""
+    components: torch.Tensor | None
+    """The PCA's components [k, D] (None likewise)."""
     mean: torch.Tensor
     std: torch.Tensor
 
@@ -238,14 +240,33 @@ class ContentReduction:
         mask = np.asarray(mask, bool)
         reduced, pca = _reduce(x, mask, dim, seed)
         rows = reduced[torch.from_numpy(mask)]
-        return ContentReduction(pca, rows.mean(0), rows.std(0).clamp_min(1e-6))
+        center = None if pca is None else torch.from_numpy(np.asarray(pca.mean_, np.float32))
+        components = None if pca is None else torch.from_numpy(np.asarray(pca.components_, np.float32))
+        return ContentReduction(center, components, rows.mean(0), rows.std(0).clamp_min(1e-6))
 
     def apply(self, x: np.ndarray, mask: np.ndarray) -> torch.Tensor:
         """Reduced, standardised rows [N, k] of new items' raw features; zero where an item lacks the modality."""
         mask = np.asarray(mask, bool)
-        x = np.asarray(x, np.float32)
         out = torch.zeros(len(x), len(self.mean))
         if mask.any():
-            rows = self.pca.transform(x[mask]).astype(np.float32) if self.pca is not None else x[mask]
-            out[torch.from_numpy(mask)] = (torch.from_numpy(rows) - self.mean) / self.std
+            rows = torch.from_numpy(np.asarray(x, np.float32)[mask])
+            if self.components is not None:
+                rows = (rows - self.center) @ self.components.T  # what the fitted PCA's transform computes
+            out[torch.from_numpy(mask)] = (rows - self.mean) / self.std
         return out
+
+    @property
+    def raw_dim(self) -> int:
+        """Columns of the raw features it reduces."""
+        return int(self.components.shape[1]) if self.components is not None else len(self.mean)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The reduction as named tensors (inverse: :meth:`from_tensors`)."""
+        out = {"mean": self.mean, "std": self.std}
+        if self.components is not None:
+            out.update(center=self.center, components=self.components)
+        return out
+
+    @staticmethod
+    def from_tensors(t: dict[str, torch.Tensor]) -> ContentReduction:
+        return ContentReduction(t.get("center"), t.get("components"), t["mean"], t["std"])

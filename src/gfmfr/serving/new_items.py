@@ -10,6 +10,7 @@ client scores known items, so new and known items rank together.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,13 @@ import torch
 
 from gfmfr.data.errors import DataError
 from gfmfr.serving.errors import ModelError
+from gfmfr.data.encoders import ContentReduction
 from gfmfr.serving.saved import SavedModel, title_of
+
+log = logging.getLogger(__name__)
+
+REDUCTIONS = "content_reductions.safetensors"
+"""Where a model folder keeps its catalogue's content reductions, once fitted."""
 
 
 @dataclass
@@ -72,25 +79,60 @@ def read_new_items(path: str | Path, saved: SavedModel) -> NewItems:
     return NewItems(list(raw.item_ids), titles, features, masks)
 
 
-def new_item_vectors(saved: SavedModel, new: NewItems) -> torch.Tensor:
-    """The new items' vectors from content alone: [G, N, d] (GFMFR, one table per group) or [1, N, d] (MM-X)."""
-    from gfmfr.data.encoders import ContentReduction, dataset_features
+def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
+    """Each modality's reduction of the catalogue's content (PCA and standardisation, as the server fitted
+    them for training), fitted once per model: kept on ``saved`` and in its folder (``REDUCTIONS``, checked
+    against the content fingerprint), so that later calls and later processes skip the PCA."""
+    if saved.reductions is not None:
+        return saved.reductions
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from gfmfr.data.encoders import dataset_features
+    from gfmfr.federation.state import save_tensors
 
     modalities, dim = content_source(saved)
+    key = {"fingerprint": str(saved.fingerprint), "modalities": ",".join(modalities), "dim": str(dim)}
+    path = saved.folder / REDUCTIONS if saved.folder is not None else None
+    if path is not None and path.exists():
+        with safe_open(path, "pt") as f:
+            kept = f.metadata() or {}
+        if all(kept.get(k) == v for k, v in key.items()):
+            tensors = load_file(path)
+            saved.reductions = {m: ContentReduction.from_tensors(
+                {k[len(m) + 1:]: v for k, v in tensors.items() if k.startswith(m + "/")})
+                for m in modalities if f"{m}/mean" in tensors}
+            return saved.reductions
     if saved.dataset is None:
         raise ModelError("new items need the run's data (its catalogue content fits the reduction)")
     catalogue = dataset_features(saved.dataset, modalities)
+    reductions = {m: ContentReduction.fit(catalogue.features[m], catalogue.mask[m], dim, saved.cfg.seed)
+                  for m in modalities if m in catalogue.features}
+    if path is not None:
+        try:
+            save_tensors({f"{m}/{k}": v.contiguous() for m, r in reductions.items() for k, v in r.tensors().items()},
+                         path, metadata=key)
+        except OSError as exc:
+            log.warning("could not keep the content reductions in %s (%s); they are refitted next time", path, exc)
+    saved.reductions = reductions
+    return reductions
+
+
+def new_item_vectors(saved: SavedModel, new: NewItems) -> torch.Tensor:
+    """The new items' vectors from content alone: [G, N, d] (GFMFR, one table per group) or [1, N, d] (MM-X)."""
+    modalities, _ = content_source(saved)
+    reductions = catalogue_reductions(saved)
     content, present = [], []
     for m in modalities:
-        if m not in catalogue.features:
+        if m not in reductions:
             continue
-        reduction = ContentReduction.fit(catalogue.features[m], catalogue.mask[m], dim, saved.cfg.seed)
+        reduction = reductions[m]
         x, mask = new.features[m], new.masks[m]
-        if mask.any() and x.shape[1] != catalogue.features[m].shape[1]:
+        if mask.any() and x.shape[1] != reduction.raw_dim:
             raise ModelError(f"new items' {m} features have {x.shape[1]} columns, the catalogue's "
-                             f"{catalogue.features[m].shape[1]}: another encoder?")
+                             f"{reduction.raw_dim}: another encoder?")
         if not mask.any():
-            x = np.zeros((len(new), catalogue.features[m].shape[1]), np.float32)
+            x = np.zeros((len(new), reduction.raw_dim), np.float32)
         content.append(reduction.apply(x, mask))
         present.append(torch.from_numpy(np.asarray(mask, bool)).float())
     with torch.no_grad():

@@ -135,6 +135,10 @@ class SavedModel:
     info: dict[str, Any]
     dataset: Dataset | None = None
     """The run's data, where loading needed it (plug-ins, wrappers): its content serves new items."""
+    folder: Path | None = None
+    """The model folder it was loaded from."""
+    reductions: dict[str, Any] | None = None
+    """The catalogue's content reductions, once fitted or read (:func:`gfmfr.serving.new_items.catalogue_reductions`)."""
 
     @property
     def n_users(self) -> int:
@@ -228,4 +232,4 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
     load_federation_tensors(state, plugins, tensors, info["plugins"])
     return SavedModel(cfg, int(info["round"]), state, plugins, info["users"], info["items"], info["titles"],
                       tensors["interactions/indptr"].numpy(), tensors["interactions/items"].numpy(),
-                      info["content_fingerprint"], info, dataset)
+                      info["content_fingerprint"], info, dataset, folder)
