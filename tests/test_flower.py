@@ -326,7 +326,8 @@ def _wait_for_port(port: int, seconds: float) -> None:
 def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_path):
     """A real SuperLink and 3 SuperNodes on 127.0.0.1 (insecure), the app submitted with ``flwr run``;
     SuperNode 1 is killed once it has trained and started again: the run finishes, its users kept
-    their state (the numbers equal the in-process run's), every process is stopped by its own PID."""
+    their state (the numbers and the saved model equal the in-process run's), every process is
+    stopped by its own PID."""
     import os
     import signal
     import subprocess
@@ -399,5 +400,11 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
 
     flower = json.loads((out / "results.json").read_text())
     assert flower["flower"]["partitions"] == 3
-    assert_same_rounds(flower, run(cfg))
+    assert_same_rounds(flower, run(cfg, tmp_path / "in"))
+    # the saved model, gathered from the nodes (node 1's kept state read back from its state directory)
+    from gfmfr.serving.saved import load_model
+
+    a, b = load_model(tmp_path / "in"), load_model(out)
+    users = np.arange(a.n_users)
+    torch.testing.assert_close(b.state.score(users), a.state.score(users), atol=1e-5, rtol=1e-5)
     print(f"deployment test wall time {wall:.0f} s")
