@@ -290,6 +290,27 @@ def test_score_space_fusion_loss_by_hand():
     assert len(picked) == 8 and set(labels[picked[:4]].tolist()) == {0} and set(labels[picked[4:]].tolist()) == {1}
 
 
+@pytest.mark.parametrize("name", ["fcf", "pfedrec"])
+def test_score_space_loss_of_linear_heads_equals_scoring_every_member(name, monkeypatch):
+    """FCF's and PFedRec's heads are linear in the item vector: the loss from the rows' d x d second
+    moments equals (value and gradient) the loss from scoring every member, which other heads use."""
+    from gfmfr.plugins.group_fusion.server import score_error
+
+    model = build_model(7, ModelConfig(name=name, dim=6))
+    gen = torch.Generator().manual_seed(0)
+    heads = model.head_from_signature(torch.randn(9, model.head_signature(
+        {n: torch.zeros(1, *model.param_specs()[n].shape) for n in model.head_params()}).shape[1], generator=gen))
+    rows = torch.tensor([0, 2, 2, 1, 0, 2, 1, 1, 0])
+    q, c = torch.randn(3, 7, 6, generator=gen, requires_grad=True), torch.randn(3, 7, 6, generator=gen)
+    fast = score_error(model, heads, rows)(q, c)
+    (g_fast,) = torch.autograd.grad(fast, q)
+    monkeypatch.setattr(type(model), "head_weights", lambda self, p: None)
+    slow = score_error(model, heads, rows)(q, c)
+    (g_slow,) = torch.autograd.grad(slow, q)
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(g_fast, g_slow)
+
+
 def test_item_view_dropout_hides_the_item_view_and_new_items_are_content_alone():
     gen = torch.Generator().manual_seed(0)
     feats, masks = [torch.randn(12, 5, generator=gen)], [torch.ones(12, dtype=torch.bool)]

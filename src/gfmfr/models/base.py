@@ -276,6 +276,12 @@ class FederatedRecommender(ABC):
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         """Logits [A, B] of item vectors [A, B, d] (standing in for the item table's rows) under each head."""
 
+    def head_weights(self, p: Params) -> torch.Tensor | None:
+        """For a head linear in the item vector (``head_score = w . v + b``), each head's w, [A, d]; None
+        (the default) for any other head. Lets GFMFR's score-space fusion loss work with d x d second
+        moments instead of scoring every member."""
+        return None
+
     # ---- derived ------------------------------------------------------------------------------
     @functools.cached_property
     def kinds(self) -> ParamKinds:

@@ -33,3 +33,6 @@ class FCF(FederatedRecommender):
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         return rowdot(vectors, p["user"])
+
+    def head_weights(self, p: Params) -> torch.Tensor:
+        return p["user"]

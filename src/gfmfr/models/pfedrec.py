@@ -38,3 +38,6 @@ class PFedRec(FederatedRecommender):
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         return rowdot(vectors, p["score.w"]) + p["score.b"][:, None]
+
+    def head_weights(self, p: Params) -> torch.Tensor:
+        return p["score.w"]

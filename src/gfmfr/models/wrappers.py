@@ -103,6 +103,9 @@ class ContentAugmented(FederatedRecommender):
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         return self.base.head_score(p, vectors)
 
+    def head_weights(self, p: Params) -> torch.Tensor | None:
+        return self.base.head_weights(p)
+
     def _projection_specs(self) -> dict[str, ParamSpec]:
         return {f"proj.{m}": ParamSpec((x.shape[1], self.dim), shared=True, lr=self.mm.content_lr,
                                        weight_decay=self.cfg.weight_decay, init="zeros")

@@ -71,7 +71,24 @@ def score_error(model: FederatedRecommender, heads: Params, rows: torch.Tensor
                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The ``score`` fusion loss: mean over members k and items i of (head_k(Q(i)) - head_k(C(i)))^2, with
     the members' ``heads`` [K, ...], each of fusion row ``rows[k]``, and Q, C [G', B, d]. Errors count as
-    the members score them: along the directions their heads read, not equally in every dimension."""
+    the members score them: along the directions their heads read, not equally in every dimension.
+
+    With heads linear in the item vector (:meth:`~gfmfr.models.base.FederatedRecommender.head_weights`)
+    the same mean is e^T M_r e over the rows' errors e = Q(i) - C(i), with M_r the sum of w_k w_k^T over
+    row r's members: d x d per row instead of scoring every member."""
+    weights = model.head_weights(heads)
+    if weights is not None:
+        n_rows = int(rows.max()) + 1 if len(rows) else 0
+        moments = torch.zeros(n_rows, weights.shape[1], weights.shape[1])
+        moments.index_add_(0, rows, weights[:, :, None] * weights[:, None, :])
+        scale = 1.0 / max(len(rows), 1)
+
+        def linear(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            e = (q - c)[:n_rows]
+            return torch.einsum("rbi,rij,rbj->", e, moments, e) * (scale / e.shape[1])
+
+        return linear
+
     def loss(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return ((model.head_score(heads, q[rows]) - model.head_score(heads, c[rows])) ** 2).mean()
 
