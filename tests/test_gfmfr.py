@@ -246,11 +246,13 @@ def test_rbf_affinity_matches_pairwise_distances():
 
 
 def test_default_gfmfr_settings_run_end_to_end(planted):
-    """The shipped defaults (KL on the negatives, server work every 5 rounds) on a small federation."""
+    """The shipped defaults (KL on the negatives, server work every 5 rounds, score-space fusion with
+    item-view dropout) on a small federation."""
     from gfmfr.config import GFMFRConfig
 
     cfg = gfmfr_config("fcf", server_every=GFMFRConfig.server_every, distill_on=GFMFRConfig.distill_on)
     assert (cfg.gfmfr.server_every, cfg.gfmfr.distill_on) == (5, "negatives")
+    assert (cfg.gfmfr.fusion_loss, cfg.gfmfr.item_view_dropout) == ("score", 0.25)
     cfg = replace(cfg, federation=replace(cfg.federation, rounds=7))
     res = run(cfg, dataset=with_features(planted))
     hist = res["history"]
