@@ -93,7 +93,7 @@ class Node:
     last: tuple[int, LocalUpdate] | None = None
     """The last round this node trained and the uploads it sent for it."""
     best: dict[str, torch.Tensor] | None = None
-    """This process's copy of the last snapshot (:meth:`snapshot`)."""
+    """The last snapshot, for a node without a state directory (:meth:`snapshot`)."""
 
     @staticmethod
     def build(cfg: RunConfig, partition: int, partitions: int, state_dir: str | None) -> Node:
@@ -173,19 +173,20 @@ class Node:
 
     def snapshot(self, round_: int) -> None:
         """Keep the users' private state as it stands after ``round_``, the run's best validation round
-        so far, for the saved model (in the state directory, so that any process can export it)."""
-        tensors = {k: v.clone().contiguous() for k, v in self.state.private_tensors().items()}
-        tensors["meta/round"] = torch.tensor(round_)
-        self.best = tensors
+        so far, for the saved model: in the state directory, where any process serving the node finds
+        it (in this process's memory when the node has none)."""
+        tensors = {**self.state.private_tensors(), "meta/round": torch.tensor(round_)}
         if self.state_file is not None:
-            save_tensors(tensors, self.state_file.with_name(BEST_FILE))
+            save_tensors({k: v.contiguous() for k, v in tensors.items()}, self.state_file.with_name(BEST_FILE))
+        else:
+            self.best = {k: v.clone() for k, v in tensors.items()}
 
     def exported(self) -> dict[str, torch.Tensor]:
         """The last snapshot (``meta/round`` and :meth:`FederationState.private_tensors`' keys)."""
-        if self.best is None and self.state_file is not None and self.state_file.with_name(BEST_FILE).exists():
+        if self.state_file is not None and self.state_file.with_name(BEST_FILE).exists():
             from safetensors.torch import load_file
 
-            self.best = load_file(self.state_file.with_name(BEST_FILE))
+            return load_file(self.state_file.with_name(BEST_FILE))
         if self.best is None:
             raise RuntimeError("this node kept no snapshot of its users' state (no best round yet, or no "
                                "state-dir to keep it in across processes)")

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gfmfr.data.encoders import ContentReduction
 from gfmfr.data.errors import DataError
 from gfmfr.serving.errors import ModelError
-from gfmfr.data.encoders import ContentReduction
 from gfmfr.serving.saved import SavedModel, title_of
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,9 @@ def read_new_items(path: str | Path, saved: SavedModel) -> NewItems:
 
 def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
     """Each modality's reduction of the catalogue's content (PCA and standardisation, as the server fitted
-    them for training), fitted once per model: kept on ``saved`` and in its folder (``REDUCTIONS``, checked
-    against the content fingerprint), so that later calls and later processes skip the PCA."""
-    if saved.reductions is not None:
-        return saved.reductions
+    them for training): read from the model folder (``REDUCTIONS``, checked against the content
+    fingerprint), else fitted and kept there, so that later processes skip the PCA. Callers use the
+    cached :attr:`SavedModel.content_reductions`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -99,10 +98,9 @@ def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
             kept = f.metadata() or {}
         if all(kept.get(k) == v for k, v in key.items()):
             tensors = load_file(path)
-            saved.reductions = {m: ContentReduction.from_tensors(
-                {k[len(m) + 1:]: v for k, v in tensors.items() if k.startswith(m + "/")})
-                for m in modalities if f"{m}/mean" in tensors}
-            return saved.reductions
+            return {m: ContentReduction.from_tensors({k[len(m) + 1:]: v for k, v in tensors.items()
+                                                      if k.startswith(m + "/")})
+                    for m in modalities if f"{m}/mean" in tensors}
     if saved.dataset is None:
         raise ModelError("new items need the run's data (its catalogue content fits the reduction)")
     catalogue = dataset_features(saved.dataset, modalities)
@@ -114,14 +112,13 @@ def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
                          path, metadata=key)
         except OSError as exc:
             log.warning("could not keep the content reductions in %s (%s); they are refitted next time", path, exc)
-    saved.reductions = reductions
     return reductions
 
 
 def new_item_vectors(saved: SavedModel, new: NewItems) -> torch.Tensor:
     """The new items' vectors from content alone: [G, N, d] (GFMFR, one table per group) or [1, N, d] (MM-X)."""
     modalities, _ = content_source(saved)
-    reductions = catalogue_reductions(saved)
+    reductions = saved.content_reductions
     content, present = [], []
     for m in modalities:
         if m not in reductions:

@@ -14,9 +14,9 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from gfmfr.serving.errors import ModelError
 
 if TYPE_CHECKING:
     from gfmfr.coldstart.sources import VectorSource
+    from gfmfr.data.encoders import ContentReduction
     from gfmfr.federation.engine import Federation
     from gfmfr.federation.plugin import Plugin
 
@@ -84,11 +85,10 @@ class ModelSaver:
     """Writes a trained federation to ``folder`` (tensors atomically, then ``model.json``); what does not
     change from round to round (ids, titles, interactions, config) is prepared once."""
 
-    def __init__(self, folder: Path, dataset: Dataset, cfg: RunConfig, fingerprint: str | None):
+    def __init__(self, folder: Path, d: Dataset, cfg: RunConfig, fingerprint: str | None):
         self.folder = Path(folder)
-        indptr, items = interactions(dataset)
+        indptr, items = interactions(d)
         self.fixed = {"interactions/indptr": torch.from_numpy(indptr), "interactions/items": torch.from_numpy(items)}
-        d = dataset
         self.info = {
             "format": FORMAT, "config": to_dict(cfg), "content_fingerprint": fingerprint,
             "users": [str(u) for u in d.user_ids], "items": [str(i) for i in d.item_ids],
@@ -137,8 +137,6 @@ class SavedModel:
     """The run's data, where loading needed it (plug-ins, wrappers): its content serves new items."""
     folder: Path | None = None
     """The model folder it was loaded from."""
-    reductions: dict[str, Any] | None = None
-    """The catalogue's content reductions, once fitted or read (:func:`gfmfr.serving.new_items.catalogue_reductions`)."""
 
     @property
     def n_users(self) -> int:
@@ -168,6 +166,14 @@ class SavedModel:
             return None
         source.refresh(self.state.shared)
         return source
+
+    @functools.cached_property
+    def content_reductions(self) -> dict[str, ContentReduction]:
+        """The catalogue's content reductions by modality, fitted or read once
+        (:func:`gfmfr.serving.new_items.catalogue_reductions`)."""
+        from gfmfr.serving.new_items import catalogue_reductions
+
+        return catalogue_reductions(self)
 
     def user_index(self, user_id: str) -> int:
         """The contiguous index of original user id ``user_id``."""
