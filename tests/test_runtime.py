@@ -48,3 +48,12 @@ def test_use_threads_also_limits_numpy_and_scipy_blas():
     code = ("import numpy, scipy.linalg, threadpoolctl; from gfmfr.runtime import use_threads; use_threads(1); "
             "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))")
     assert _child(code) == "[1]"
+
+
+def test_use_threads_also_limits_pools_that_load_later():
+    """SciPy's OpenBLAS and scikit-learn's OpenMP load only when GFMFR groups clients, after the run
+    chose its threads: they must come up at that count too (they spin on a shared machine)."""
+    code = ("import threadpoolctl; from gfmfr.runtime import use_threads; use_threads(1); "
+            "import scipy.linalg, sklearn.cluster; "
+            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))")
+    assert _child(code) == "[1]"
