@@ -215,6 +215,8 @@ def test_gap_closed_keeps_its_sign_when_the_bound_is_not_above_the_base():
     assert gap_closed(0.03, 0.04, 0.08) == pytest.approx(-0.25)
     assert gap_closed(0.09, 0.04, 0.08) == pytest.approx(1.25)
     assert gap_closed(0.07, 0.06, 0.05) is None  # the federated base beats its bound: no gap to close
+    assert gap_closed(0.0668, 0.0638, 0.0639, noise=0.0021) is None  # level within the bound's seed std
+    assert gap_closed(0.0496, 0.0484, 0.0639, noise=0.0021) == pytest.approx(0.0012 / 0.0155)
 
 
 def test_compare_jobs_run_in_child_processes_with_the_same_results(tmp_path, planted_folder):
