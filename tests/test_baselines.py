@@ -159,7 +159,7 @@ set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsil
     rows = [line for line in text.split("## Against")[0].splitlines() if line.startswith("| ") and "±" in line]
     assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(labels)
     assert all(r.split(" | ")[1] == "2" for r in rows)  # every method ran both seeds
-    assert "Incomplete" not in text and "gap closed" in text
+    assert "Incomplete" not in text and "gap closed" in text and "another configuration" not in text
     for png in ("convergence.png", "groups.png", "time.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in text
     summary = json.loads((out / "report.json").read_text())
@@ -188,6 +188,12 @@ set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsil
     moved = json.loads(lrs.read_text())
     moved["resolved"]["lr"] = 123.0  # as if the model's default learning rate had changed since: runs again
     lrs.write_text(json.dumps(moved))
+    # the report names the runs made with another configuration than the plan's, and on which setting
+    assert main(["compare", "--config", str(plan), "--out", str(out), "--report-only"]) == 0
+    note = next(line for line in (out / "report.md").read_text().splitlines() if "another configuration" in line)
+    assert "federation.rounds in 1 run(s) (MM-FCF seed 0)" in note and "gfmfr.server_steps in 1 run(s) (GFMFR-FCF seed 0)" in note
+    assert "FCF seed 1" not in note  # settings plain FCF never reads do not count
+
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     assert results.stat().st_mtime_ns == stamp
     assert json.loads(lrs.read_text())["resolved"]["lr"] != 123.0

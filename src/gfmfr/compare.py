@@ -163,6 +163,17 @@ def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return results if same else None
 
 
+def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The settings (``section.key``) on which a stored run's configuration differs from ``cfg`` (the
+    sections the run reads, :func:`gfmfr.config.bearing_dict`); [] when it is ``cfg``'s run."""
+    try:
+        stored = _flatten(bearing_dict(from_dict(results.get("config", {}))))
+    except ConfigError:
+        return ["config"]
+    wanted = _flatten(bearing_dict(cfg))
+    return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+
+
 def _run_in_subprocess(cfg: RunConfig, folder: Path) -> str | None:
     """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -393,6 +404,15 @@ def render_report(plan: Plan, out: str | Path) -> Path:
     missing = [m.label for m in plan.methods if len(results[m.label]) < len(plan.seeds)]
     if missing:
         lines += ["", f"Incomplete (fewer seeds than planned): {', '.join(missing)}."]
+    stale: dict[str, list[str]] = {}  # a setting -> the runs made with another value than the plan's
+    for m in plan.methods:
+        for r in results[m.label]:
+            for key in differing_settings(r, plan.run_config(m, r["config"]["seed"])):
+                stale.setdefault(key, []).append(f"{m.label} seed {r['config']['seed']}")
+    if stale:
+        lines += ["", "Ran with another configuration than the plan's today (a default changed since, or the plan): "
+                  + "; ".join(f"{key} in {len(runs)} run(s) ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''})"
+                              for key, runs in sorted(stale.items())) + "."]
     if summary["gaps"]:
         lines += ["", "## Against the base model and the centralised bound", "",
                   "Test NDCG@10 of each federated method and its multiple of popularity's; the paired difference with its base model (same "
