@@ -140,3 +140,17 @@ def test_random_config_values_raise_only_config_errors():
             pass
 
     check()
+
+
+def test_what_a_run_reads_decides_whether_two_configs_are_the_same_run():
+    """A stored run is reused, and reported as the plan's, when the settings it reads are the plan's:
+    popularity reads no federation settings; FCF does, and no GFMFR settings without the plug-in."""
+    from gfmfr.config import bearing_dict
+
+    pop = from_dict({"model": {"name": "popularity"}})
+    assert bearing_dict(pop) == bearing_dict(from_dict({"model": {"name": "popularity"},
+                                                        "federation": {"early_stop_patience": 5}}))
+    assert bearing_dict(pop) != bearing_dict(from_dict({"model": {"name": "popularity"}, "eval": {"ks": [5]}}))
+    fcf = from_dict({"model": {"name": "fcf"}})
+    assert bearing_dict(fcf) != bearing_dict(from_dict({"model": {"name": "fcf"}, "federation": {"early_stop_patience": 5}}))
+    assert bearing_dict(fcf) == bearing_dict(from_dict({"model": {"name": "fcf"}, "gfmfr": {"groups": 3}}))

@@ -590,12 +590,21 @@ def to_toml(cfg: RunConfig) -> str:
     return tomli_w.dumps(ready(to_dict(cfg)))
 
 
+SCORE_BASELINES = ("popularity", "random")
+"""Models that score without training (:mod:`gfmfr.models.baselines`)."""
+
+
 def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
     """:func:`to_dict` less the sections the run never reads: a plug-in's section when that plug-in
     is not on, the centralised section of a federated run. Two runs whose bearing dicts are equal
     compute the same thing (a changed GFMFR default does not make a plain FCF run stale)."""
     values = to_dict(cfg)
     del values["runtime"]
+    if cfg.model.name in SCORE_BASELINES:  # they read the data, the evaluation, the seed and their name only
+        for section in ("federation", "gfmfr", "multimodal", "centralised", "privacy"):
+            values.pop(section, None)
+        values["model"] = {"name": cfg.model.name}
+        return values
     if cfg.plugin != "gfmfr":
         del values["gfmfr"]
     if cfg.wrapper == "none":
