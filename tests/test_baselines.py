@@ -185,14 +185,16 @@ set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsil
     stale["config"]["federation"]["rounds"] = 99
     mm.write_text(json.dumps(stale))
     lrs = out / "runs" / "fedvlr-fcf" / "seed1" / "results.json"
-    moved = json.loads(lrs.read_text())
-    moved["resolved"]["lr"] = 123.0  # as if the model's default learning rate had changed since: runs again
-    lrs.write_text(json.dumps(moved))
     # the report names the runs made with another configuration than the plan's, and on which setting
     assert main(["compare", "--config", str(plan), "--out", str(out), "--report-only"]) == 0
     note = next(line for line in (out / "report.md").read_text().splitlines() if "another configuration" in line)
     assert "federation.rounds in 1 run(s) (MM-FCF seed 0)" in note and "gfmfr.server_steps in 1 run(s) (GFMFR-FCF seed 0)" in note
     assert "FCF seed 1" not in note  # settings plain FCF never reads do not count
+    moved = json.loads(lrs.read_text())
+    moved["resolved"]["lr"] = 123.0  # as if the model's default learning rate had changed since: runs again
+    lrs.write_text(json.dumps(moved))
+    assert main(["compare", "--config", str(plan), "--out", str(out), "--report-only"]) == 0
+    assert "resolved.lr in 1 run(s) (FedVLR-FCF seed 1)" in (out / "report.md").read_text()
 
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     assert results.stat().st_mtime_ns == stamp

@@ -154,3 +154,10 @@ def test_what_a_run_reads_decides_whether_two_configs_are_the_same_run():
     fcf = from_dict({"model": {"name": "fcf"}})
     assert bearing_dict(fcf) != bearing_dict(from_dict({"model": {"name": "fcf"}, "federation": {"early_stop_patience": 5}}))
     assert bearing_dict(fcf) == bearing_dict(from_dict({"model": {"name": "fcf"}, "gfmfr": {"groups": 3}}))
+
+
+def test_the_score_baselines_config_knows_are_the_models_that_score_without_training():
+    from gfmfr.config import SCORE_BASELINES
+    from gfmfr.models import BASELINES
+
+    assert set(SCORE_BASELINES) == set(BASELINES)

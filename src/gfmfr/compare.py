@@ -142,35 +142,32 @@ def run_path(out: Path, method: Method, seed: int) -> Path:
 
 
 def finished(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The stored results of ``cfg`` if that configuration already ran, else None.
-
-    Only the sections the run reads are compared (:func:`gfmfr.config.bearing_dict`).
-    """
+    """The stored results of ``cfg`` if that configuration already ran (:func:`differing_settings`
+    finds nothing), else None."""
     if not path.exists():
         return None
     results = json.loads(path.read_text())
-    try:  # read through the current schema: a field added since then takes its default
-        stored = bearing_dict(from_dict(results.get("config", {})))
-    except ConfigError:
-        stored = None
-    same = stored == bearing_dict(cfg)
-    if same and "resolved" in results:  # a default the config leaves to the code (a learning rate) changed
-        from gfmfr.run import resolved_settings
-
-        same = results["resolved"] == resolved_settings(cfg)
-    if not same:
+    if differing_settings(results, cfg):
         log.info("%s ran with another configuration; running it again", path)
-    return results if same else None
+        return None
+    return results
 
 
 def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """The settings (``section.key``) on which a stored run's configuration differs from ``cfg`` (the
-    sections the run reads, :func:`gfmfr.config.bearing_dict`); [] when it is ``cfg``'s run."""
+    """The settings on which a stored run's configuration differs from ``cfg``; [] when it is ``cfg``'s
+    run. Compared: the sections the run reads (:func:`gfmfr.config.bearing_dict`, as ``section.key``),
+    read through the current schema (a field added since takes its default), and the defaults the
+    config leaves to the code (``resolved.lr``, ...: a model's default learning rate changed)."""
     try:
         stored = _flatten(bearing_dict(from_dict(results.get("config", {}))))
     except ConfigError:
         return ["config"]
     wanted = _flatten(bearing_dict(cfg))
+    if "resolved" in results:
+        from gfmfr.run import resolved_settings
+
+        stored |= _flatten(results["resolved"], "resolved.")
+        wanted |= _flatten(resolved_settings(cfg), "resolved.")
     return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
 
 
