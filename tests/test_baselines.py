@@ -182,13 +182,13 @@ set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsil
     grouped.write_text(json.dumps(changed))
     mm = out / "runs" / "mm-fcf" / "seed0" / "results.json"
     stale = json.loads(mm.read_text())
-    stale["config"]["federation"]["rounds"] = 99
+    stale["config"]["federation"]["local_epochs"] = 2
     mm.write_text(json.dumps(stale))
     lrs = out / "runs" / "fedvlr-fcf" / "seed1" / "results.json"
     # the report names the runs made with another configuration than the plan's, and on which setting
     assert main(["compare", "--config", str(plan), "--out", str(out), "--report-only"]) == 0
     note = next(line for line in (out / "report.md").read_text().splitlines() if "another configuration" in line)
-    assert "federation.rounds in 1 run(s) (MM-FCF seed 0)" in note and "gfmfr.server_steps in 1 run(s) (GFMFR-FCF seed 0)" in note
+    assert "federation.local_epochs in 1 run(s) (MM-FCF seed 0)" in note and "gfmfr.server_steps in 1 run(s) (GFMFR-FCF seed 0)" in note
     assert "FCF seed 1" not in note  # settings plain FCF never reads do not count
     moved = json.loads(lrs.read_text())
     moved["resolved"]["lr"] = 123.0  # as if the model's default learning rate had changed since: runs again
@@ -268,3 +268,31 @@ def test_scoring_with_broadcast_tables_computes_the_content_vectors_once(planted
     copies = lambda d: {n: t.contiguous().clone() for n, t in d.items()}  # noqa: E731 - no stride-0 rows
     torch.testing.assert_close(fast, model.forward(copies(p), copies(items)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast, fed.state.score(users))
+
+
+def test_a_run_early_stopping_ended_is_the_run_any_longer_round_cap_makes():
+    """The plan's round cap rose (a slow base model needs more rounds): stored runs that stopped early
+    before either cap are reused, a run that reached its cap or ran under DP is not, and a GFMFR run
+    stored before its anneal had its own length counts as having annealed over its cap."""
+    from gfmfr.compare import differing_settings
+    from gfmfr.config import from_dict, to_dict
+
+    def stored(values, ran):
+        return {"config": to_dict(from_dict(values)), "history": [{}] * ran}
+
+    fcf = {"model": {"name": "fcf"}, "federation": {"rounds": 400}}
+    longer = from_dict({"model": {"name": "fcf"}, "federation": {"rounds": 1000}})
+    assert differing_settings(stored(fcf, 210), longer) == []
+    assert differing_settings(stored(fcf, 400), longer) == ["federation.rounds"]
+    assert differing_settings(stored(fcf, 210), from_dict({**fcf, "federation": {"rounds": 200}})) == ["federation.rounds"]
+    dp = {"privacy": {"mode": "central", "noise_multiplier": 1.0}}
+    assert "federation.rounds" in differing_settings(stored({**fcf, **dp}, 210), from_dict({**dp, "model": {"name": "fcf"},
+                                                                                          "federation": {"rounds": 1000}}))
+    gfmfr = {**fcf, "plugin": "gfmfr", "federation": {"rounds": 100}}
+    old = stored(gfmfr, 60)
+    del old["config"]["gfmfr"]["anneal_rounds"]
+    assert differing_settings(old, from_dict(gfmfr)) == ["gfmfr.anneal_rounds"]
+    assert differing_settings(old, from_dict({**gfmfr, "gfmfr": {"anneal_rounds": 100}})) == []
+    central = {"model": {"name": "fcf"}, "training": "centralised"}
+    assert differing_settings(stored({**central, "federation": {"rounds": 400}}, 12),
+                              from_dict({**central, "federation": {"rounds": 1000}})) == []

@@ -59,6 +59,17 @@ def test_distillation_functions_by_hand():
     torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)]))
 
 
+def test_the_anneal_length_is_gfmfrs_own_not_the_round_cap():
+    """A longer round budget (a slow base model) leaves GFMFR's schedule as it was; None is the paper's T."""
+    short = from_dict({"federation": {"rounds": 400}})
+    long = from_dict({"federation": {"rounds": 1000}})
+    assert group_fusion.client_half(short).total_rounds == group_fusion.client_half(long).total_rounds == 400
+    paper = from_dict({"federation": {"rounds": 1000}, "gfmfr": {"anneal_rounds": None}})
+    assert group_fusion.client_half(paper).total_rounds == 1000
+    with pytest.raises(Exception, match="gfmfr.anneal_rounds"):
+        from_dict({"gfmfr": {"anneal_rounds": 0}})
+
+
 def test_distillation_mask_by_hand():
     from gfmfr.federation.client_step import Batch
     from gfmfr.plugins.group_fusion.client import distill_mask, masked_mean

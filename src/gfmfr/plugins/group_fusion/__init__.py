@@ -21,7 +21,7 @@ from gfmfr.plugins.group_fusion.server import GFMFRServer
 
 def client_half(cfg: RunConfig) -> DistillTerm:
     """GFMFR's client half alone: all a node needs."""
-    return DistillTerm(cfg.gfmfr, cfg.federation.rounds)
+    return DistillTerm(cfg.gfmfr, cfg.gfmfr.anneal_rounds or cfg.federation.rounds)
 
 
 def build(dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
