@@ -21,14 +21,16 @@ from pathlib import Path
 from runner import run_point
 
 
-def default_lrs(model: str) -> dict[str, float]:
+def default_lrs(model: str, extra: list[str]) -> dict[str, float]:
+    from gfmfr.config import apply_overrides, from_dict
     from gfmfr.models import FEDERATED_MODELS
 
-    return dict(FEDERATED_MODELS[model].default_lrs)
+    cfg = from_dict(apply_overrides({"model": {"name": model}}, extra))
+    return dict(FEDERATED_MODELS[model].lrs_for(cfg.model))
 
 
 def point(model: str, fu: float, fi: float, seed: int, extra: list[str], out: Path, report_only: bool = False) -> dict:
-    lrs = default_lrs(model)
+    lrs = default_lrs(model, extra)
     sets = [f"model.lr={lrs['lr'] * fu:g}", f"model.item_lr={lrs['item_lr'] * fi:g}"]
     if model == "fedrap":
         sets.append(f"model.private_item_lr={lrs['private_item_lr'] * fu:g}")

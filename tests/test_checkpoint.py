@@ -74,6 +74,11 @@ def test_a_checkpoint_of_another_configuration_is_refused(planted, tmp_path):
     other = replace(cfg, federation=replace(cfg.federation, local_epochs=1))
     with pytest.raises(ConfigError, match="another configuration"):
         Federation(planted, build_model(planted.n_items, other.model), other).fit(checkpoint=path, resume=True)
+    # a setting FCF never reads (FedRAP's head) is not another configuration of FCF's run
+    from gfmfr.federation.checkpoint import matches
+
+    assert matches(path, replace(cfg, model=replace(cfg.model, fedrap_head="mlp")))
+    assert not matches(path, other)
 
 
 @pytest.mark.slow

@@ -154,6 +154,9 @@ def test_what_a_run_reads_decides_whether_two_configs_are_the_same_run():
     fcf = from_dict({"model": {"name": "fcf"}})
     assert bearing_dict(fcf) != bearing_dict(from_dict({"model": {"name": "fcf"}, "federation": {"early_stop_patience": 5}}))
     assert bearing_dict(fcf) == bearing_dict(from_dict({"model": {"name": "fcf"}, "gfmfr": {"groups": 3}}))
+    assert bearing_dict(fcf) == bearing_dict(from_dict({"model": {"name": "fcf", "fedrap_head": "mlp"}}))
+    rap = from_dict({"model": {"name": "fedrap"}})
+    assert bearing_dict(rap) != bearing_dict(from_dict({"model": {"name": "fedrap", "fedrap_head": "mlp"}}))
 
 
 def test_the_score_baselines_config_knows_are_the_models_that_score_without_training():

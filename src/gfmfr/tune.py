@@ -84,10 +84,11 @@ def default_space(cfg: RunConfig) -> list[Dimension]:
     from gfmfr.models import FEDERATED_MODELS
 
     try:
-        lrs = FEDERATED_MODELS[cfg.model.name].default_lrs
+        lrs = FEDERATED_MODELS[cfg.model.name].lrs_for(cfg.model)
     except KeyError:
         raise ConfigError(f"gfmfr tune trains a federated model, not {cfg.model.name!r}") from None
-    space = [Dimension(f"model.{k}", "log", v / 10, v * 10) for k, v in lrs.items()]
+    # a rate whose default is 0 (FedRAP's D_u) stays off: a log scale has no decade around it
+    space = [Dimension(f"model.{k}", "log", v / 10, v * 10) for k, v in lrs.items() if v > 0]
     space += [Dimension("federation.local_epochs", "int", 1, 5),
               Dimension("model.weight_decay", "log", 1e-6, 1e-4)]
     if cfg.plugin == "gfmfr":

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gfmfr.config import ConfigError, RunConfig, bearing_dict
+from gfmfr.config import ConfigError, RunConfig, bearing_dict, from_dict
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.state import FederationState, save_tensors
 
@@ -92,7 +92,7 @@ def load(fed: Federation, best: BestRound, path: Path) -> int:
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         info = json.loads(f.metadata()["gfmfr"])
-    if info["config"] != bearing(fed.cfg):
+    if not is_of(info["config"], fed.cfg):
         raise ConfigError(f"{path}: this checkpoint is of another configuration; give --overwrite to start again")
     load_federation_tensors(fed.state, fed.plugins, tensors, info["plugins"])
     opt = _part(tensors, "opt")
@@ -108,9 +108,20 @@ def bearing(cfg: RunConfig) -> Any:
     return json.loads(json.dumps(bearing_dict(cfg), default=str))
 
 
+def is_of(stored: Any, cfg: RunConfig) -> bool:
+    """Whether a checkpoint's recorded configuration is ``cfg``'s, read through today's schema: a field
+    added since takes its default, and a setting ``cfg``'s run never reads does not count."""
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return bearing(from_dict(stored)) == bearing(cfg)
+    except ConfigError:
+        return False
+
+
 def matches(path: Path, cfg: RunConfig) -> bool:
     """Whether the checkpoint at ``path`` is of ``cfg``."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        return json.loads(f.metadata()["gfmfr"]).get("config") == bearing(cfg)
+        return is_of(json.loads(f.metadata()["gfmfr"]).get("config"), cfg)

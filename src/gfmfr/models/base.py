@@ -218,15 +218,19 @@ class FederatedRecommender(ABC):
     default_lrs: ClassVar[dict[str, float]] = {"lr": 1.0, "item_lr": 30.0, "private_item_lr": 0.5}
     """Learning rates used where the config leaves them None (tuned on ML-100K validation)."""
 
+    @classmethod
+    def lrs_for(cls, cfg: ModelConfig) -> dict[str, float]:
+        """The default learning rates of this model under ``cfg`` (a variant may have its own)."""
+        return cls.default_lrs
+
     def __init__(self, n_items: int, cfg: ModelConfig):
         self.n_items = n_items
         self.cfg = cfg
         self.dim = cfg.dim
-        self.lr = cfg.lr if cfg.lr is not None else self.default_lrs["lr"]
-        self.item_lr = cfg.item_lr if cfg.item_lr is not None else self.default_lrs["item_lr"]
-        self.private_item_lr = (
-            cfg.private_item_lr if cfg.private_item_lr is not None else self.default_lrs.get("private_item_lr", 0.0)
-        )
+        lrs = self.lrs_for(cfg)
+        self.lr = cfg.lr if cfg.lr is not None else lrs["lr"]
+        self.item_lr = cfg.item_lr if cfg.item_lr is not None else lrs["item_lr"]
+        self.private_item_lr = cfg.private_item_lr if cfg.private_item_lr is not None else lrs.get("private_item_lr", 0.0)
 
     @abstractmethod
     def param_specs(self) -> dict[str, ParamSpec]:
