@@ -248,6 +248,42 @@ federation = {{ rounds = 3, local_epochs = 1, batch_size = 32 }}
         assert a["test"] == pytest.approx(b["test"], rel=1e-5) and a["best_round"] == b["best_round"]
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_compare_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, planted_folder, caplog, jobs):
+    """Killed mid-run, a comparison continues the run from its checkpoint, in-process or in a child."""
+    from gfmfr.compare import load_plan, run_path
+    from gfmfr.data.dataset import load_dataset
+    from gfmfr.federation.checkpoint import CHECKPOINT
+
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f"""
+seeds = [0]
+models = ["fcf"]
+[config]
+data.dataset = "{planted_folder}"
+model = {{ dim = 8 }}
+federation = {{ rounds = 4, local_epochs = 1, batch_size = 32 }}
+""")
+    out = tmp_path / "report"
+    assert main(["compare", "--config", str(plan_path), "--out", str(out), "--no-progress"]) == 0
+    plan = load_plan(plan_path)
+    results = run_path(out, plan.methods[0], 0)
+    whole = json.loads(results.read_text())
+    cfg = plan.run_config(plan.methods[0], 0)
+    data = load_dataset(cfg.data)
+    fed = Federation(data, build_model(data.n_items, cfg.model), cfg)
+    fed.fit(checkpoint=results.parent / CHECKPOINT)  # every round done, as if killed before the results
+    results.unlink()
+    caplog.set_level("INFO")
+    assert main(["compare", "--config", str(plan_path), "--out", str(out), "--no-progress", "--jobs", str(jobs)]) == 0
+    again = json.loads(results.read_text())
+    assert again["test"] == pytest.approx(whole["test"], rel=1e-6) and again["best_round"] == whole["best_round"]
+    if jobs == 1:  # a child's log is its own
+        assert "resuming after round 3" in caplog.text
+    # the rounds come from the checkpoint (their timings are those of the fit above), none ran again
+    assert [h["seconds"] for h in again["history"]] == [h.seconds for h in fed.history]
+
+
 @pytest.mark.parametrize("wrapper", ["mmx", "fedvlr"])
 @pytest.mark.parametrize("name", ["fcf", "fedrap"])
 def test_scoring_with_broadcast_tables_computes_the_content_vectors_once(planted, name, wrapper):

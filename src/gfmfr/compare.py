@@ -195,15 +195,22 @@ def _stopped_before_either_cap(results: dict[str, Any], cfg: RunConfig) -> bool:
             and ran <= cfg.federation.rounds)
 
 
+def _clear_stale(folder: Path, cfg: RunConfig) -> None:
+    """Before (re)running ``cfg`` in ``folder``: drop a checkpoint of another configuration (an
+    interrupted run of another plan) and results that :func:`finished` found of another one; a
+    checkpoint of ``cfg`` stays, for the run to resume from."""
+    from gfmfr.federation.checkpoint import CHECKPOINT, matches
+
+    if (folder / CHECKPOINT).exists() and not matches(folder / CHECKPOINT, cfg):
+        (folder / CHECKPOINT).unlink()
+    (folder / "results.json").unlink(missing_ok=True)
+
+
 def _run_in_subprocess(cfg: RunConfig, folder: Path) -> str | None:
     """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text(to_toml(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))))
-    from gfmfr.federation.checkpoint import CHECKPOINT, matches
-
-    if (folder / CHECKPOINT).exists() and not matches(folder / CHECKPOINT, cfg):  # an interrupted run of another plan
-        (folder / CHECKPOINT).unlink()
-    (folder / "results.json").unlink(missing_ok=True)  # stale: finished() found it of another configuration
+    _clear_stale(folder, cfg)
     proc = subprocess.run([sys.executable, "-m", "gfmfr.cli", "run", "--config", str(folder / "config.toml"),
                            "--out", str(folder), "--no-progress", "--no-reference", "--resume"],
                           capture_output=True, text=True)
@@ -264,8 +271,9 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
                 key = json.dumps(to_dict(cfg)["data"], sort_keys=True)
                 if key not in datasets:
                     datasets[key] = load_dataset(cfg.data)
+                _clear_stale(path.parent, cfg)
                 try:
-                    run(cfg, path.parent, dataset=datasets[key])
+                    run(cfg, path.parent, dataset=datasets[key], resume=True)
                 except FloatingPointError as exc:
                     failed(method, seed, cfg, path, str(exc))
                 bar.update(1)
