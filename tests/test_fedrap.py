@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gfmfr.config import ModelConfig
@@ -54,3 +55,24 @@ def test_the_mlp_head_keeps_the_model_contract(planted):
     popularity = run(from_dict({"model": {"name": "popularity"}, "eval": {"ks": [10]}}), dataset=planted)
     assert run(cfg, dataset=planted)["valid"]["HR@10"] > popularity["valid"]["HR@10"] + 0.2
     assert_batched_equals_one_client_at_a_time(planted, build_model(planted.n_items, cfg.model), cfg)
+
+
+def test_a_still_private_table_is_one_constant_zero_table(planted):
+    """With D_u's rate at 0 (the default) FedRAP keeps no private item rows, and trains and scores as
+    FedRAP whose private D_u barely moves (rate 1e-20: every C + D_u rounds to C)."""
+    from dataclasses import replace
+
+    from gfmfr.federation.engine import Federation
+    from gfmfr.models import build_model
+    from gfmfr.run import run
+    from test_model_contract import small_config
+
+    cfg = small_config("fedrap", rounds=4)
+    still = replace(cfg, model=replace(cfg.model, private_item_lr=0.0))
+    barely = replace(cfg, model=replace(cfg.model, private_item_lr=1e-20))
+    fed = Federation(planted, build_model(planted.n_items, still.model), still)
+    fed.train_round(0)
+    assert "D" not in fed.state.private_rows and fed.state.private_nbytes() < 4 * planted.n_users * 64 * 16
+    a, b = run(still, dataset=planted), run(barely, dataset=planted)
+    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-6)
+    assert a["valid"] == pytest.approx(b["valid"]) and a["test"] == pytest.approx(b["test"])

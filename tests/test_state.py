@@ -72,7 +72,7 @@ def test_file_store_round_trips_and_starts_clients_as_the_federation_does(tmp_pa
     from gfmfr.federation.state import FederationState, FileStore
     from gfmfr.models import build_model
 
-    model = build_model(30, ModelConfig(name="fedrap", dim=8, hidden=(4,)))
+    model = build_model(30, ModelConfig(name="fedrap", dim=8, hidden=(4,), private_item_lr=0.05))
     memory = FederationState(model, 12, seed=2)
     memory.add_scalars({"gfmfr_ratio": float("nan")})
     template = FederationState(model, 0, seed=2)

@@ -87,11 +87,18 @@ class FedRAP(FederatedRecommender):
             "C": ParamSpec((d,), shared=True, lr=self.item_lr, weight_decay=c.weight_decay, item_table=True),
             "D": ParamSpec((d,), shared=False, lr=self.private_item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"),
         }
+        if self.private_item_lr == 0:  # D_u never leaves zero: one constant zero table, no rows per client
+            specs["D"] = ParamSpec((d,), shared=True, lr=0.0, weight_decay=0.0, item_table=True, constant=True)
         if c.fedrap_head == "mlp":
             specs.update(mlp_specs("head", self.sizes, False, self.lr, c.weight_decay))
             specs["out.w"] = ParamSpec((self.sizes[-1],), shared=False, lr=self.lr, weight_decay=c.weight_decay)
             specs["out.b"] = ParamSpec((), shared=False, lr=self.lr, weight_decay=c.weight_decay, init="zeros")
         return specs
+
+    def constant_table(self, name: str) -> torch.Tensor:
+        if name != "D" or self.private_item_lr != 0:
+            return super().constant_table(name)
+        return torch.zeros(self.n_items, self.dim)
 
     def forward(self, p: Params, items: Params) -> torch.Tensor:
         return self.head_score(p, items["C"] + items["D"])
