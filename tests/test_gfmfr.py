@@ -303,9 +303,9 @@ def test_score_space_fusion_loss_by_hand():
     assert len(picked) == 8 and set(labels[picked[:4]].tolist()) == {0} and set(labels[picked[4:]].tolist()) == {1}
 
 
-@pytest.mark.parametrize("name", ["fcf", "pfedrec"])
+@pytest.mark.parametrize("name", ["fcf", "pfedrec", "fedrap"])
 def test_score_space_loss_of_linear_heads_equals_scoring_every_member(name, monkeypatch):
-    """FCF's and PFedRec's heads are linear in the item vector: the loss from the rows' d x d second
+    """FCF's, PFedRec's and FedRAP's (dot) heads are linear in the item vector: the loss from the rows' d x d second
     moments equals (value and gradient) the loss from scoring every member, which other heads use."""
     from gfmfr.plugins.group_fusion.server import score_error
 

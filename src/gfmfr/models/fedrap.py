@@ -87,20 +87,17 @@ class FedRAP(FederatedRecommender):
             "C": ParamSpec((d,), shared=True, lr=self.item_lr, weight_decay=c.weight_decay, item_table=True),
             "D": ParamSpec((d,), shared=False, lr=self.private_item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"),
         }
-        if self.private_item_lr == 0:  # D_u never leaves zero: one constant zero table, no rows per client
-            specs["D"] = ParamSpec((d,), shared=True, lr=0.0, weight_decay=0.0, item_table=True, constant=True)
+        if self.private_item_lr == 0:  # D_u never leaves zero: no table at all
+            del specs["D"]
         if c.fedrap_head == "mlp":
             specs.update(mlp_specs("head", self.sizes, False, self.lr, c.weight_decay))
             specs["out.w"] = ParamSpec((self.sizes[-1],), shared=False, lr=self.lr, weight_decay=c.weight_decay)
             specs["out.b"] = ParamSpec((), shared=False, lr=self.lr, weight_decay=c.weight_decay, init="zeros")
         return specs
 
-    def constant_table(self, name: str) -> torch.Tensor:
-        if name != "D" or self.private_item_lr != 0:
-            return super().constant_table(name)
-        return torch.zeros(self.n_items, self.dim)
-
     def forward(self, p: Params, items: Params) -> torch.Tensor:
+        if "D" not in items:  # D_u still at zero: C alone, and a broadcast C stays broadcast
+            return self.head_score(p, items["C"])  # (scoring every user is then one matrix product)
         return self.head_score(p, items["C"] + items["D"])
 
     def regularizer(self, p: Params, items: Params, mask: torch.Tensor, round_: int) -> torch.Tensor | None:
@@ -108,12 +105,17 @@ class FedRAP(FederatedRecommender):
         if lam == 0 and mu == 0:
             return None
         n = mask.sum(1).clamp_min(1) * self.dim
-        return _Regulariser.apply(items["D"], items["C"], mask, n, lam, mu)
+        c = items["C"]
+        d = items["D"] if "D" in items else c.new_zeros(()).expand_as(c)  # D_u still: zero
+        return _Regulariser.apply(d, c, mask, n, lam, mu)
 
     def head_params(self) -> list[str]:
         if self.cfg.fedrap_head == "dot":
             return ["user"]
         return ["user"] + [n for n in self.param_specs() if n.startswith(("head", "out"))]
+
+    def head_weights(self, p: Params) -> torch.Tensor | None:
+        return p["user"] if self.cfg.fedrap_head == "dot" else None
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
         if self.cfg.fedrap_head == "dot":
