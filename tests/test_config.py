@@ -164,3 +164,15 @@ def test_the_score_baselines_config_knows_are_the_models_that_score_without_trai
     from gfmfr.models import BASELINES
 
     assert set(SCORE_BASELINES) == set(BASELINES)
+
+
+def test_a_stored_config_is_read_as_the_run_that_made_it():
+    """A run or checkpoint stored before ``gfmfr.anneal_rounds`` existed annealed over its round cap;
+    a config that leaves the field out today takes the default."""
+    from gfmfr.config import from_stored, to_dict
+
+    old = to_dict(from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}}))
+    del old["gfmfr"]["anneal_rounds"]
+    assert from_stored(old).gfmfr.anneal_rounds == 100
+    assert from_stored({"plugin": "gfmfr", "federation": {"rounds": 100}}).gfmfr.anneal_rounds == 400
+    assert from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}}).gfmfr.anneal_rounds == 400

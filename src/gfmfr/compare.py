@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from gfmfr.config import (ConfigError, FederationConfig, RunConfig, apply_overrides, bearing_dict, from_dict,
-                          load_toml, to_dict, to_toml)
+from gfmfr.config import (ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, from_stored, load_toml,
+                          to_dict, to_toml)
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,8 @@ def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
     run. Compared: the sections the run reads (:func:`gfmfr.config.bearing_dict`, as ``section.key``),
     read through the current schema (a field added since takes its default), and the defaults the
     config leaves to the code (``resolved.lr``, ...: a model's default learning rate changed)."""
-    stored_config = _before_anneal_rounds(results.get("config", {}))
     try:
-        stored = _flatten(bearing_dict(from_dict(stored_config)))
+        stored = _flatten(bearing_dict(from_stored(results.get("config", {}))))
     except ConfigError:
         return ["config"]
     wanted = _flatten(bearing_dict(cfg))
@@ -173,16 +172,6 @@ def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
     if "federation.rounds" in differing and _stopped_before_either_cap(results, cfg):
         differing.remove("federation.rounds")
     return differing
-
-
-def _before_anneal_rounds(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored configuration written before ``gfmfr.anneal_rounds`` existed (a whole GFMFR section
-    without it) annealed over ``federation.rounds``: read it so."""
-    gfmfr = config.get("gfmfr")
-    if not isinstance(gfmfr, dict) or "ema_decay" not in gfmfr or "anneal_rounds" in gfmfr:
-        return config
-    rounds = config.get("federation", {}).get("rounds", FederationConfig.rounds)
-    return {**config, "gfmfr": {**gfmfr, "anneal_rounds": rounds}}
 
 
 def _stopped_before_either_cap(results: dict[str, Any], cfg: RunConfig) -> bool:

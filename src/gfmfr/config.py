@@ -500,6 +500,17 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
 """Numeric fields whose value must lie in a range, checked when a config loads."""
 
 
+def from_stored(values: dict[str, Any]) -> RunConfig:
+    """A configuration as a finished run or a checkpoint recorded it, read through today's schema: a
+    field added since takes its default, except that a whole GFMFR section written before
+    ``gfmfr.anneal_rounds`` existed annealed over ``federation.rounds``, and is read so."""
+    gfmfr = values.get("gfmfr")
+    if isinstance(gfmfr, dict) and "ema_decay" in gfmfr and "anneal_rounds" not in gfmfr:
+        rounds = values.get("federation", {}).get("rounds", FederationConfig.rounds)
+        values = {**values, "gfmfr": {**gfmfr, "anneal_rounds": rounds}}
+    return from_dict(values, "stored config")
+
+
 def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
     """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults; keys that
     moved, :data:`MOVED`, are read at their new place). A value out of its range (:data:`RANGES`) is a

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gfmfr.config import ConfigError, RunConfig, bearing_dict, from_dict
+from gfmfr.config import ConfigError, RunConfig, bearing_dict, from_stored
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.state import FederationState, save_tensors
 
@@ -109,12 +109,12 @@ def bearing(cfg: RunConfig) -> Any:
 
 
 def is_of(stored: Any, cfg: RunConfig) -> bool:
-    """Whether a checkpoint's recorded configuration is ``cfg``'s, read through today's schema: a field
-    added since takes its default, and a setting ``cfg``'s run never reads does not count."""
+    """Whether a checkpoint's recorded configuration is ``cfg``'s, read through today's schema
+    (:func:`gfmfr.config.from_stored`); a setting ``cfg``'s run never reads does not count."""
     if not isinstance(stored, dict):
         return False
     try:
-        return bearing(from_dict(stored)) == bearing(cfg)
+        return bearing(from_stored(stored)) == bearing(cfg)
     except ConfigError:
         return False
 

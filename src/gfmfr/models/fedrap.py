@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from gfmfr.config import ModelConfig
 from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs, rowdot
 
 
@@ -71,7 +72,7 @@ class FedRAP(FederatedRecommender):
     item_table = "C"
 
     @classmethod
-    def lrs_for(cls, cfg) -> dict[str, float]:
+    def lrs_for(cls, cfg: ModelConfig) -> dict[str, float]:
         return cls.mlp_head_lrs if cfg.fedrap_head == "mlp" else cls.default_lrs
 
     def __init__(self, n_items, cfg):
