@@ -1,10 +1,11 @@
 """Seconds per round of X and GFMFR-X, phase by phase, in one process (ML-100K, shared content).
 
 For each model, runs a few rounds of the base model and of GFMFR on it (each ``--variant``'s
-overrides on top of the defaults), validating every round as ``gfmfr run`` does, and prints the
-median seconds of every phase over the rounds after the first: client training, aggregation,
-GFMFR's grouping, group targets, fusion and teacher, and validation. The last column is GFMFR-X's
-total over X's, measured in the same run (the machine is noisy: compare ratios, not seconds).
+overrides on top of the defaults) in lockstep, round by round, validating every round as ``gfmfr
+run`` does, and prints the mean seconds of every phase over the rounds after the first: client
+training, aggregation, GFMFR's grouping, group targets, fusion and teacher, and validation. The last
+column is GFMFR-X's total over X's, measured in the same run (the machine is noisy: compare ratios,
+not seconds).
 
     python benchmarks/gfmfr_server_cost.py --models fcf fedrap --threads 1 \
         --variant gfmfr --variant every1 gfmfr.server_every=1 --variant mmx plugin=none wrapper=mmx
@@ -22,23 +23,32 @@ import numpy as np
 PHASES = ("train", "aggregate", "grouping", "group_targets", "fusion", "teacher", "evaluate")
 
 
-def measure(dataset, cfg, rounds: int) -> dict[str, float]:
-    """Median seconds per phase over rounds 1..rounds-1 (a phase a round skipped counts as 0)."""
+def measure(dataset, cfgs: list, rounds: int) -> list[dict[str, float]]:
+    """Mean seconds per phase over rounds 1..rounds-1 of each configuration (a phase a round skipped
+    counts as 0: a phase run every k rounds costs 1/k of itself a round).
+
+    The federations advance in lockstep, round t of each before round t + 1 of any, so that a slow
+    spell of a shared machine falls on every method alike and the ratios stay comparable."""
     from gfmfr.federation.engine import Federation
     from gfmfr.run import build_run_model
 
-    model, plugins = build_run_model(dataset, cfg)
-    fed = Federation(dataset, model, cfg, plugins)
-    per_round = []
+    feds = []
+    for cfg in cfgs:
+        model, plugins = build_run_model(dataset, cfg)
+        feds.append(Federation(dataset, model, cfg, plugins))
+    per_round: list[list[dict[str, float]]] = [[] for _ in feds]
     for t in range(rounds):
-        entry = fed.train_round(t)
-        t0 = time.perf_counter()
-        fed.evaluator.evaluate(fed.score, "valid")
-        entry.seconds["evaluate"] = time.perf_counter() - t0
-        per_round.append(entry.seconds)
-    keep = per_round[1:] if rounds > 1 else per_round
-    # means, not medians: a phase run every k rounds must count at 1/k of its cost
-    return {p: float(np.mean([s.get(p, 0.0) for s in keep])) for p in PHASES}
+        for fed, log in zip(feds, per_round):
+            entry = fed.train_round(t)
+            t0 = time.perf_counter()
+            fed.evaluator.evaluate(fed.score, "valid")
+            entry.seconds["evaluate"] = time.perf_counter() - t0
+            log.append(entry.seconds)
+    out = []
+    for log in per_round:
+        keep = log[1:] if rounds > 1 else log
+        out.append({p: float(np.mean([s.get(p, 0.0) for s in keep])) for p in PHASES})
+    return out
 
 
 def main() -> None:
@@ -63,19 +73,19 @@ def main() -> None:
     sys.stdout.write("|---|" + "---|" * (len(PHASES) + 2) + "\n")
     dataset = None
     for name in args.models:
-        base = None
         # a variant runs GFMFR unless its overrides say otherwise (plugin=none wrapper=mmx, say)
-        for label, *sets in [["base", "plugin=none"], *[[v[0], "plugin=gfmfr", *v[1:]] for v in variants]]:
-            values = apply_overrides({"model": {"name": name}, "data": {"content": args.content}}, sets)
-            cfg = from_dict(values)
-            if dataset is None:
-                dataset = load_dataset(cfg.data)
-            secs = measure(dataset, cfg, args.rounds)
+        runs = [["base", "plugin=none"], *[[v[0], "plugin=gfmfr", *v[1:]] for v in variants]]
+        cfgs = [from_dict(apply_overrides({"model": {"name": name}, "data": {"content": args.content}}, sets))
+                for _, *sets in runs]
+        if dataset is None:
+            dataset = load_dataset(cfgs[0].data)
+        measured = measure(dataset, cfgs, args.rounds)
+        base = sum(measured[0].values())
+        for (label, *_), secs in zip(runs, measured):
             total = sum(secs.values())
-            base = total if base is None else base
             sys.stdout.write(f"| {name} {label} | " + " | ".join(f"{secs[p]:.3f}" for p in PHASES)
                              + f" | {total:.3f} | {total / base:.2f} |\n")
-            sys.stdout.flush()
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
