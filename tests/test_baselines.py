@@ -329,6 +329,12 @@ def test_a_run_early_stopping_ended_is_the_run_any_longer_round_cap_makes():
     del old["config"]["gfmfr"]["anneal_rounds"]
     assert differing_settings(old, from_dict(gfmfr)) == ["gfmfr.anneal_rounds"]
     assert differing_settings(old, from_dict({**gfmfr, "gfmfr": {"anneal_rounds": 100}})) == []
+    # annealed over its cap (anneal_rounds None), a GFMFR run is another under another cap
+    over_cap = {**gfmfr, "gfmfr": {"anneal_rounds": None}}
+    assert differing_settings(stored(over_cap, 60), from_dict({**over_cap, "federation": {"rounds": 200}})) \
+        == ["federation.rounds"]
+    assert differing_settings(stored({**gfmfr, "gfmfr": {"anneal_rounds": 80}}, 60),
+                              from_dict({**gfmfr, "gfmfr": {"anneal_rounds": 80}, "federation": {"rounds": 200}})) == []
     central = {"model": {"name": "fcf"}, "training": "centralised"}
     assert differing_settings(stored({**central, "federation": {"rounds": 400}}, 12),
                               from_dict({**central, "federation": {"rounds": 1000}})) == []

@@ -81,13 +81,53 @@ def test_a_checkpoint_of_another_configuration_is_refused(planted, tmp_path):
     assert not matches(path, other)
 
 
+@pytest.mark.parametrize("anneal", [4, None])
+def test_an_interrupted_run_resumes_into_a_longer_round_cap(planted, tmp_path, anneal):
+    """A run killed after 3 of its 5 rounds, resumed with a cap of 8, is the uninterrupted 8-round run,
+    unless the cap bears on the rounds: GFMFR annealing over the cap (anneal_rounds None), or central DP."""
+    from gfmfr.config import ConfigError
+
+    data = with_features(planted)
+    cfg = gfmfr_config("fcf", server_every=2, anneal_rounds=anneal)
+    capped = replace(cfg, federation=replace(cfg.federation, rounds=5))
+    longer = replace(cfg, federation=replace(cfg.federation, rounds=8))
+    path = tmp_path / CHECKPOINT
+
+    def kill(t, valid):
+        if t == 2:
+            raise Killed
+
+    model, plugins = build_run_model(data, capped)
+    with pytest.raises(Killed):
+        Federation(data, model, capped, plugins).fit(checkpoint=path, on_validation=kill)
+    model, plugins = build_run_model(data, longer)
+    resumed = Federation(data, model, longer, plugins)
+    if anneal is None:
+        with pytest.raises(ConfigError, match="another configuration"):
+            resumed.fit(checkpoint=path, resume=True)
+        return
+    summary = resumed.fit(checkpoint=path, resume=True)
+    model, plugins = build_run_model(data, longer)
+    whole = Federation(data, model, longer, plugins)
+    assert summary == whole.fit()
+    same_history(resumed.history, whole.history)
+    shorter = replace(cfg, federation=replace(cfg.federation, rounds=2))  # the rounds done exceed its cap
+    dp = replace(longer, privacy=replace(longer.privacy, mode="central", noise_multiplier=0.5, clip=5.0,
+                                        signature_noise=0.5))
+    from gfmfr.federation.checkpoint import bearing, is_of
+
+    assert is_of(bearing(capped), longer, 3) and not is_of(bearing(capped), shorter, 3)
+    dp_capped = replace(dp, federation=replace(dp.federation, rounds=5))
+    assert is_of(bearing(dp_capped), dp, 3) is False and is_of(bearing(dp), dp, 3)
+
+
 @pytest.mark.slow
 def test_kill_9_at_three_random_moments_then_resume(planted_folder, tmp_path):
-    """`gfmfr run` killed with SIGKILL at 3 random moments (0-2 s after its first checkpoint) and
+    """`gfmfr run` killed with SIGKILL at 3 random moments (0-0.5 s after its first checkpoint) and
     continued with --resume each time: its results.json has the uninterrupted run's metrics at every
     round, bit for bit."""
     cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--dataset", str(planted_folder), "--model", "fedrap",
-           "--set", "federation.rounds=40", "--set", "model.dim=16", "--set", "eval.ks=10",
+           "--set", "federation.rounds=200", "--set", "model.dim=16", "--set", "eval.ks=10",
            "--set", "federation.early_stop_patience=0", "--threads", "1", "--no-progress", "--no-reference"]
     subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
     out = tmp_path / "killed"
@@ -102,7 +142,9 @@ def test_kill_9_at_three_random_moments_then_resume(planted_folder, tmp_path):
         while proc.poll() is None and time.monotonic() < deadline and (
                 not (out / CHECKPOINT).exists() or (out / CHECKPOINT).stat().st_mtime_ns == before):
             time.sleep(0.05)  # until this attempt has completed a round of its own
-        time.sleep(rng.uniform(0.0, 2.0))  # then a random moment: mid-round, mid-checkpoint, mid-evaluation
+        # then a random moment (mid-round, mid-checkpoint, mid-evaluation) well within the run's
+        # 200 rounds (about 1.5 s on a quiet machine)
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1

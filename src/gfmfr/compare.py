@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from gfmfr.config import (ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, from_stored, load_toml,
-                          to_dict, to_toml)
+                          same_rounds_under_caps, to_dict, to_toml)
 
 log = logging.getLogger(__name__)
 
@@ -169,19 +169,17 @@ def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
         stored |= _flatten(results["resolved"], "resolved.")
         wanted |= _flatten(resolved_settings(cfg), "resolved.")
     differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-    if "federation.rounds" in differing and _stopped_before_either_cap(results, cfg):
-        differing.remove("federation.rounds")
+    if differing == ["federation.rounds"] and _stopped_before_either_cap(results, cfg):
+        return []
     return differing
 
 
 def _stopped_before_either_cap(results: dict[str, Any], cfg: RunConfig) -> bool:
-    """Whether early stopping ended the stored run before its round cap and before ``cfg``'s: then
-    it is the run either cap makes, since nothing else reads the cap (GFMFR's anneal has its own
-    length), except differential privacy, whose noise is calibrated over the cap."""
-    stored_cap = results.get("config", {}).get("federation", {}).get("rounds")
+    """Whether early stopping ended the stored run before its round cap and before ``cfg``'s, and
+    neither cap bore on its rounds: then it is the run either cap makes."""
+    stored = from_stored(results.get("config", {}))
     ran = len(results.get("history", []))
-    return (cfg.privacy.mode == "off" and isinstance(stored_cap, int) and 0 < ran < stored_cap
-            and ran <= cfg.federation.rounds)
+    return ran < stored.federation.rounds and same_rounds_under_caps(stored, cfg, ran)
 
 
 def _clear_stale(folder: Path, cfg: RunConfig) -> None:

@@ -511,6 +511,21 @@ def from_stored(values: dict[str, Any]) -> RunConfig:
     return from_dict(values, "stored config")
 
 
+def cap_bears(cfg: RunConfig) -> bool:
+    """Whether the round cap ``federation.rounds`` changes what the rounds compute, not only how many
+    run: differential privacy calibrates its noise over it, and GFMFR without an anneal length of its
+    own (``gfmfr.anneal_rounds = None``) anneals over it."""
+    return cfg.privacy.mode != "off" or (cfg.plugin == "gfmfr" and cfg.gfmfr.anneal_rounds is None)
+
+
+def same_rounds_under_caps(stored: RunConfig, cfg: RunConfig, ran: int) -> bool:
+    """Whether ``ran`` rounds of ``stored``'s run are the first ``ran`` of ``cfg``'s when the two differ
+    only in their round cap: then neither cap bears on a round (:func:`cap_bears`) and ``cfg``'s allows
+    them. What a checkpoint may resume into, and what a finished run may stand for (with
+    early stopping having ended it before either cap)."""
+    return not cap_bears(stored) and not cap_bears(cfg) and 0 < ran <= cfg.federation.rounds
+
+
 def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
     """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults; keys that
     moved, :data:`MOVED`, are read at their new place). A value out of its range (:data:`RANGES`) is a

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gfmfr.config import ConfigError, RunConfig, bearing_dict, from_stored
+from gfmfr.config import ConfigError, RunConfig, bearing_dict, from_stored, same_rounds_under_caps
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.state import FederationState, save_tensors
 
@@ -92,7 +92,7 @@ def load(fed: Federation, best: BestRound, path: Path) -> int:
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         info = json.loads(f.metadata()["gfmfr"])
-    if not is_of(info["config"], fed.cfg):
+    if not is_of(info["config"], fed.cfg, len(info["history"])):
         raise ConfigError(f"{path}: this checkpoint is of another configuration; give --overwrite to start again")
     load_federation_tensors(fed.state, fed.plugins, tensors, info["plugins"])
     opt = _part(tensors, "opt")
@@ -108,15 +108,24 @@ def bearing(cfg: RunConfig) -> Any:
     return json.loads(json.dumps(bearing_dict(cfg), default=str))
 
 
-def is_of(stored: Any, cfg: RunConfig) -> bool:
-    """Whether a checkpoint's recorded configuration is ``cfg``'s, read through today's schema
-    (:func:`gfmfr.config.from_stored`); a setting ``cfg``'s run never reads does not count."""
+def is_of(stored: Any, cfg: RunConfig, ran: int) -> bool:
+    """Whether a checkpoint after ``ran`` rounds, with this recorded configuration, is of ``cfg``'s
+    run: the same configuration read through today's schema (:func:`gfmfr.config.from_stored`; a
+    setting ``cfg``'s run never reads does not count), or one that differs only in a round cap that
+    bears on no round, ``cfg``'s allowing the rounds done (:func:`gfmfr.config.same_rounds_under_caps`):
+    an interrupted run resumes into a longer budget."""
     if not isinstance(stored, dict):
         return False
     try:
-        return bearing(from_stored(stored)) == bearing(cfg)
+        config = from_stored(stored)
     except ConfigError:
         return False
+    if bearing(config) == bearing(cfg):
+        return True
+    shorn = [bearing(c) for c in (config, cfg)]
+    for values in shorn:
+        values.get("federation", {}).pop("rounds", None)
+    return shorn[0] == shorn[1] and same_rounds_under_caps(config, cfg, ran)
 
 
 def matches(path: Path, cfg: RunConfig) -> bool:
@@ -124,4 +133,5 @@ def matches(path: Path, cfg: RunConfig) -> bool:
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        return is_of(json.loads(f.metadata()["gfmfr"]).get("config"), cfg)
+        info = json.loads(f.metadata()["gfmfr"])
+    return is_of(info.get("config"), cfg, len(info.get("history", [])))
