@@ -159,9 +159,10 @@ def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
     read through the current schema (a field added since takes its default), and the defaults the
     config leaves to the code (``resolved.lr``, ...: a model's default learning rate changed)."""
     try:
-        stored = _flatten(bearing_dict(from_stored(results.get("config", {}))))
+        stored_cfg = from_stored(results.get("config", {}))
     except ConfigError:
         return ["config"]
+    stored = _flatten(bearing_dict(stored_cfg))
     wanted = _flatten(bearing_dict(cfg))
     if "resolved" in results:
         from gfmfr.run import resolved_settings
@@ -169,17 +170,11 @@ def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
         stored |= _flatten(results["resolved"], "resolved.")
         wanted |= _flatten(resolved_settings(cfg), "resolved.")
     differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-    if differing == ["federation.rounds"] and _stopped_before_either_cap(results, cfg):
-        return []
-    return differing
-
-
-def _stopped_before_either_cap(results: dict[str, Any], cfg: RunConfig) -> bool:
-    """Whether early stopping ended the stored run before its round cap and before ``cfg``'s, and
-    neither cap bore on its rounds: then it is the run either cap makes."""
-    stored = from_stored(results.get("config", {}))
     ran = len(results.get("history", []))
-    return ran < stored.federation.rounds and same_rounds_under_caps(stored, cfg, ran)
+    if differing == ["federation.rounds"] and ran < stored_cfg.federation.rounds \
+            and same_rounds_under_caps(stored_cfg, cfg, ran):
+        return []  # early stopping ended it before either cap, which bore on no round: cfg's run
+    return differing
 
 
 def _clear_stale(folder: Path, cfg: RunConfig) -> None:

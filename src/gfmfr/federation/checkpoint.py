@@ -120,12 +120,12 @@ def is_of(stored: Any, cfg: RunConfig, ran: int) -> bool:
         config = from_stored(stored)
     except ConfigError:
         return False
-    if bearing(config) == bearing(cfg):
+    recorded, wanted = bearing(config), bearing(cfg)
+    if recorded == wanted:
         return True
-    shorn = [bearing(c) for c in (config, cfg)]
-    for values in shorn:
+    for values in (recorded, wanted):
         values.get("federation", {}).pop("rounds", None)
-    return shorn[0] == shorn[1] and same_rounds_under_caps(config, cfg, ran)
+    return recorded == wanted and same_rounds_under_caps(config, cfg, ran)
 
 
 def matches(path: Path, cfg: RunConfig) -> bool:
