@@ -11,7 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from gfmfr.config import ModelConfig, from_dict
 from gfmfr.plugins import group_fusion
-from gfmfr.plugins.group_fusion.distill import bernoulli_kl, cosine_anneal, distill_weight, ema
+from gfmfr.plugins.group_fusion.distill import bernoulli_kl, cosine_anneal, distill_weight, ema, recentre
 from gfmfr.plugins.group_fusion.fusion import EXPERTS, GroupFusion, fit_fusion
 from gfmfr.plugins.group_fusion.grouping import Grouping, align, cluster, prepare
 from gfmfr.plugins.group_fusion.server import teacher_mean_head, teacher_members
@@ -84,6 +84,39 @@ def test_distillation_mask_by_hand():
     torch.testing.assert_close(masked_mean(kl, distill_mask(batch, "all"), 4), torch.tensor([1.5, 3.0]))
     with pytest.raises(ValueError, match="distill_on"):
         distill_mask(batch, "positives")
+
+
+def test_recentred_teacher_keeps_the_groups_preferences_at_the_clients_level():
+    teacher = torch.tensor([[0.5, 0.5, 0.5], [0.9, 0.5, 0.1]])
+    student = torch.tensor([[-2.0, -1.0, -3.0], [0.0, -1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+    logits = torch.logit(recentre(teacher, student, mask))
+    # a flat teacher puts every item at the client's own mean logit over the covered pairs
+    torch.testing.assert_close(logits[0], torch.full((3,), -1.5))
+    # an informed one keeps the group's differences between items, around the client's mean (0)
+    torch.testing.assert_close(logits[1], torch.logit(teacher[1]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((logits[1] - student[1]).mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("level", ["group", "client"])
+def test_a_flat_teacher_pulls_a_clients_scores_only_at_the_groups_level(level):
+    """Round 5's teacher is nearly flat at 0.5 (built from untrained tables); a client whose
+    negatives already score low is pulled up by it with ``group``, left alone with ``client``."""
+    from types import SimpleNamespace
+
+    from gfmfr.config import GFMFRConfig
+    from gfmfr.plugins.group_fusion.client import DistillTerm
+
+    logits = torch.full((1, 4), -2.0, requires_grad=True)
+    batch = SimpleNamespace(items=torch.arange(4)[None], labels=torch.zeros(1, 4), mask=torch.ones(1, 4))
+    ctx = SimpleNamespace(hints=SimpleNamespace(table=torch.full((1, 4), 0.5), row=np.zeros(1, dtype=np.int64)),
+                          batch=batch, logits=logits, base_loss=torch.tensor([0.1]),
+                          state={"gfmfr_ratio": torch.tensor([float("nan")])}, figures={}, round=5, batch_size=4)
+    DistillTerm(GFMFRConfig(teacher_level=level), 400).loss(ctx).sum().backward()
+    if level == "group":
+        assert (logits.grad < 0).all()  # descending the loss raises every score towards 0.5
+    else:
+        torch.testing.assert_close(logits.grad, torch.zeros(1, 4), atol=1e-6, rtol=0)
 
 
 def test_teachers_by_hand():
@@ -278,7 +311,7 @@ def test_batched_equals_one_client_step_with_gfmfr(planted, name):
     the batched engine and the one-client step, one client after another, agree over 4 rounds."""
     from tests.test_model_contract import assert_batched_equals_one_client_at_a_time
 
-    cfg = gfmfr_config(name, server_every=2)
+    cfg = gfmfr_config(name, server_every=2, teacher_level="client" if name == "fcf" else "group")
     data = with_features(planted)
     model = build_model(data.n_items, cfg.model)
     assert_batched_equals_one_client_at_a_time(data, model, cfg, (group_fusion.build(data, model, cfg),), rounds=4)

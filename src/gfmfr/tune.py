@@ -94,6 +94,7 @@ def default_space(cfg: RunConfig) -> list[Dimension]:
     if cfg.plugin == "gfmfr":
         space += [Dimension("gfmfr.groups", "int", 2, 10),
                   Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives")),
+                  Dimension("gfmfr.teacher_level", "choice", choices=("group", "client")),
                   Dimension("gfmfr.server_every", "int", 1, 10)]
     if cfg.wrapper != "none":
         space += [Dimension("multimodal.content_lr", "log", 1e-3, 1e-1)]

@@ -2,7 +2,8 @@
 
 For a training pair (u, i) of a client whose hint is its group's preferences p_g, the term is
 KL(Bernoulli(p_g(i)) || Bernoulli(yhat_ui)) on the sampled negatives (or every pair,
-``distill_on``), summed over the batch and divided by the configured batch size, weighted by
+``distill_on``), summed over the batch and divided by the configured batch size (the group's
+p_g recentred on the client's own level with ``teacher_level = "client"``), weighted by
 w_t = r_t * cos(pi t / (2T)). r_t, the client's moving average of L_base / L_KL capped at
 ``max_ratio``, lives in the client's own state. A client without a hint trains on its base loss.
 """
@@ -14,7 +15,7 @@ import torch
 from gfmfr.config import GFMFRConfig
 from gfmfr.federation.client_step import Batch
 from gfmfr.federation.plugin import LossContext
-from gfmfr.plugins.group_fusion.distill import bernoulli_kl, distill_weight, ema
+from gfmfr.plugins.group_fusion.distill import bernoulli_kl, distill_weight, ema, recentre
 
 
 def distill_mask(batch: Batch, on: str) -> torch.Tensor:
@@ -53,8 +54,10 @@ class DistillTerm:
         if not has.any():
             return None
         target = ctx.hints.table[row.clamp_min(0)[:, None], ctx.batch.items]
-        kl = masked_mean(bernoulli_kl(target, ctx.logits), distill_mask(ctx.batch, self.cfg.distill_on),
-                         ctx.batch_size)
+        mask = distill_mask(ctx.batch, self.cfg.distill_on)
+        if self.cfg.teacher_level == "client":
+            target = recentre(target, ctx.logits, mask)
+        kl = masked_mean(bernoulli_kl(target, ctx.logits), mask, ctx.batch_size)
         # FedRAP's base loss can be negative (its -lambda ||D - C||^2 term): a negative ratio
         # would turn the KL term into a reward for disagreeing, so the ratio is clamped at 0
         raw = (ctx.base_loss / kl.detach().clamp_min(1e-6)).clamp(0.0, self.cfg.max_ratio)

@@ -34,6 +34,16 @@ def bernoulli_kl(teacher: torch.Tensor, student_logits: torch.Tensor) -> torch.T
     return F.binary_cross_entropy_with_logits(student_logits, p, reduction="none") - entropy
 
 
+def recentre(teacher: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The teacher's probabilities [A, B] shifted in logit space, per row, so that their mean logit over
+    ``mask`` equals the student's (detached): the differences between items stay the group's, the
+    level becomes the client's own (``gfmfr.teacher_level = "client"``). A flat teacher then pulls
+    no client's scores up or down."""
+    logits = torch.logit(teacher.clamp(1e-6, 1 - 1e-6))
+    shift = ((student_logits.detach() - logits) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return torch.sigmoid(logits + shift[:, None])
+
+
 def distill_weight(ratio_ema: torch.Tensor, round_: int, total_rounds: int) -> torch.Tensor:
     """w_t = r_t * cos(pi t / (2T))."""
     return ratio_ema * cosine_anneal(round_, total_rounds)
