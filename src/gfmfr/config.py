@@ -273,11 +273,12 @@ class GFMFRConfig:
     """The probability level the KL term pulls a client towards. ``group``: the group's own p_g(i) (the
     paper's). ``client``: p_g(i) recentred per client and batch, in logit space, on the client's own
     mean logit over the covered pairs: only which items the group prefers is passed on, so the first
-    teachers, built from nearly untrained tables (p about 0.4-0.5 for every item), do not pull the
-    client's negatives up. The time-to-quality choice: 90% of the centralised bound in 1.07x / 1.12x /
-    1.00x the base's rounds on FCF / PFedRec / FedRAP against 1.28x / 1.31x / 1.18x, validation NDCG@10
-    over the base +0.0047 / +0.0039 / +0.0048 against +0.0043 / +0.0038 / +0.0064 (3 seeds,
-    docs/results.md session 17); ``group`` stays the default for FedRAP's larger gain."""
+    teachers, built from nearly untrained tables (p about 0.4-0.5 for every item), do not hold the
+    client's negatives up. It reaches 90% of the centralised bound in 1.04x / 1.12x / 1.00x / 1.12x the
+    base's rounds on FCF / PFedRec / FedRAP / FedNCF against 1.23x / 1.31x / 1.18x / 1.18x, with
+    validation NDCG@10 over the base +0.0054 / +0.0039 / +0.0048 / -0.0017 against +0.0053 / +0.0038 /
+    +0.0064 / +0.0011 (docs/results.md, session 17): the time-to-quality choice for FCF and PFedRec;
+    ``group`` keeps FedRAP's and FedNCF's gain."""
     max_ratio: float = 1.0
     """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
     content_dim: int | None = 128
