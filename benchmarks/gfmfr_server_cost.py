@@ -5,8 +5,12 @@ overrides on top of the defaults) in lockstep, round by round, validating every 
 run`` does, and prints the mean seconds of every phase over the rounds after the first: client
 training, aggregation, GFMFR's grouping, group targets, fusion and teacher, and validation. The last
 column is GFMFR-X's total over X's, measured in the same run (the machine is noisy: compare ratios,
-not seconds).
+not seconds). With ``--target`` it instead advances them, in lockstep, until each first reaches that
+validation NDCG@10, and prints the rounds and the wall seconds this took (building included) and
+their ratio to X's: time to quality measured side by side.
 
+    python benchmarks/gfmfr_server_cost.py --models fcf --seed 0 --target 0.0608 --variant gfmfr \
+        --variant client gfmfr.teacher_level=client
     python benchmarks/gfmfr_server_cost.py --models fcf fedrap --threads 1 \
         --variant gfmfr --variant every1 gfmfr.server_every=1 --variant mmx plugin=none wrapper=mmx
 """
@@ -51,6 +55,35 @@ def measure(dataset, cfgs: list, rounds: int) -> list[dict[str, float]]:
     return out
 
 
+def to_target(dataset, cfgs: list, target: float, max_rounds: int) -> list[tuple[int | None, float]]:
+    """(rounds, wall seconds) until validation NDCG@10 first reaches ``target``, per configuration; the
+    seconds count building the federation (GFMFR's content reduction included), every round's phases
+    and its validation. The federations advance in lockstep as in :func:`measure`; one that has
+    reached the target (or ``max_rounds``: None rounds) stops."""
+    from gfmfr.federation.engine import Federation
+    from gfmfr.run import build_run_model
+
+    feds, spent = [], []
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        model, plugins = build_run_model(dataset, cfg)
+        feds.append(Federation(dataset, model, cfg, plugins))
+        spent.append(time.perf_counter() - t0)
+    reached: list[int | None] = [None] * len(feds)
+    for t in range(max_rounds):
+        for k, fed in enumerate(feds):
+            if reached[k] is not None:
+                continue
+            t0 = time.perf_counter()
+            fed.train_round(t)
+            if fed.evaluator.evaluate(fed.score, "valid")["NDCG@10"] >= target:
+                reached[k] = t + 1
+            spent[k] += time.perf_counter() - t0
+        if all(r is not None for r in reached):
+            break
+    return list(zip(reached, spent))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fcf", "fedrap"])
@@ -59,6 +92,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11, help="rounds per run; the mean is over all but the first")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--content", default="../shared/datasets/ml-100k-content")
+    parser.add_argument("--target", type=float, default=None,
+                        help="instead of seconds per phase: rounds and wall seconds until validation NDCG@10 "
+                             "first reaches this (90%% of centralised FCF's: time_to_quality.py prints it)")
+    parser.add_argument("--max-rounds", type=int, default=400, help="with --target: give up after these rounds")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -68,17 +106,29 @@ def main() -> None:
 
     use_threads(args.threads)
     variants = args.variant or [["gfmfr"]]
-    sys.stdout.write(f"mean seconds per round over rounds 1-{args.rounds - 1}, {args.threads} thread(s)\n\n")
-    sys.stdout.write("| method | " + " | ".join(PHASES) + " | total | / base |\n")
-    sys.stdout.write("|---|" + "---|" * (len(PHASES) + 2) + "\n")
+    if args.target is not None:
+        sys.stdout.write(f"time to validation NDCG@10 {args.target}, {args.threads} thread(s)\n\n")
+        sys.stdout.write("| method | seed | rounds | wall seconds | / base |\n|---|---|---|---|---|\n")
+    else:
+        sys.stdout.write(f"mean seconds per round over rounds 1-{args.rounds - 1}, {args.threads} thread(s)\n\n")
+        sys.stdout.write("| method | " + " | ".join(PHASES) + " | total | / base |\n")
+        sys.stdout.write("|---|" + "---|" * (len(PHASES) + 2) + "\n")
     dataset = None
     for name in args.models:
         # a variant runs GFMFR unless its overrides say otherwise (plugin=none wrapper=mmx, say)
         runs = [["base", "plugin=none"], *[[v[0], "plugin=gfmfr", *v[1:]] for v in variants]]
-        cfgs = [from_dict(apply_overrides({"model": {"name": name}, "data": {"content": args.content}}, sets))
-                for _, *sets in runs]
+        cfgs = [from_dict(apply_overrides({"model": {"name": name}, "data": {"content": args.content},
+                                           "seed": args.seed}, sets)) for _, *sets in runs]
         if dataset is None:
             dataset = load_dataset(cfgs[0].data)
+        if args.target is not None:
+            reached = to_target(dataset, cfgs, args.target, args.max_rounds)
+            base_s = reached[0][1]
+            for (label, *_), (rounds, secs) in zip(runs, reached):
+                sys.stdout.write(f"| {name} {label} | {args.seed} | {rounds or 'never'} | {secs:.1f} | "
+                                 f"{secs / base_s:.2f} |\n")
+            sys.stdout.flush()
+            continue
         measured = measure(dataset, cfgs, args.rounds)
         base = sum(measured[0].values())
         for (label, *_), secs in zip(runs, measured):
