@@ -27,19 +27,28 @@ import numpy as np
 PHASES = ("train", "aggregate", "grouping", "group_targets", "fusion", "teacher", "evaluate")
 
 
+def build(dataset, cfgs: list) -> tuple[list, list[float]]:
+    """A federation per configuration, and the seconds building each took (GFMFR's content reduction
+    included)."""
+    from gfmfr.federation.engine import Federation
+    from gfmfr.run import build_run_model
+
+    feds, seconds = [], []
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        model, plugins = build_run_model(dataset, cfg)
+        feds.append(Federation(dataset, model, cfg, plugins))
+        seconds.append(time.perf_counter() - t0)
+    return feds, seconds
+
+
 def measure(dataset, cfgs: list, rounds: int) -> list[dict[str, float]]:
     """Mean seconds per phase over rounds 1..rounds-1 of each configuration (a phase a round skipped
     counts as 0: a phase run every k rounds costs 1/k of itself a round).
 
     The federations advance in lockstep, round t of each before round t + 1 of any, so that a slow
     spell of a shared machine falls on every method alike and the ratios stay comparable."""
-    from gfmfr.federation.engine import Federation
-    from gfmfr.run import build_run_model
-
-    feds = []
-    for cfg in cfgs:
-        model, plugins = build_run_model(dataset, cfg)
-        feds.append(Federation(dataset, model, cfg, plugins))
+    feds, _ = build(dataset, cfgs)
     per_round: list[list[dict[str, float]]] = [[] for _ in feds]
     for t in range(rounds):
         for fed, log in zip(feds, per_round):
@@ -60,15 +69,7 @@ def to_target(dataset, cfgs: list, target: float, max_rounds: int) -> list[tuple
     seconds count building the federation (GFMFR's content reduction included), every round's phases
     and its validation. The federations advance in lockstep as in :func:`measure`; one that has
     reached the target (or ``max_rounds``: None rounds) stops."""
-    from gfmfr.federation.engine import Federation
-    from gfmfr.run import build_run_model
-
-    feds, spent = [], []
-    for cfg in cfgs:
-        t0 = time.perf_counter()
-        model, plugins = build_run_model(dataset, cfg)
-        feds.append(Federation(dataset, model, cfg, plugins))
-        spent.append(time.perf_counter() - t0)
+    feds, spent = build(dataset, cfgs)
     reached: list[int | None] = [None] * len(feds)
     for t in range(max_rounds):
         for k, fed in enumerate(feds):

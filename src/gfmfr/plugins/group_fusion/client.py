@@ -15,7 +15,7 @@ import torch
 from gfmfr.config import GFMFRConfig
 from gfmfr.federation.client_step import Batch
 from gfmfr.federation.plugin import LossContext
-from gfmfr.plugins.group_fusion.distill import bernoulli_kl, distill_weight, ema, recentre
+from gfmfr.plugins.group_fusion.distill import bernoulli_kl, distill_weight, ema, masked_mean, recentre
 
 
 def distill_mask(batch: Batch, on: str) -> torch.Tensor:
@@ -25,17 +25,6 @@ def distill_mask(batch: Batch, on: str) -> torch.Tensor:
     if on == "negatives":
         return batch.mask * (1 - batch.labels)
     raise ValueError(f"gfmfr.distill_on must be 'all' or 'negatives', got {on!r}")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, nominal: int | None = None) -> torch.Tensor:
-    """Per-row mean of ``values`` [A, B] over ``mask``, [A] (0 for an empty row).
-
-    With ``nominal`` the sum is divided by that fixed count instead (the configured batch size),
-    so that every pair weighs the same whatever the fill of its batch: a client's last, nearly
-    empty batch would otherwise weigh each pair up to B times more (it diverged GFMFR-FedRAP).
-    """
-    total = (values * mask).sum(1)
-    return total / nominal if nominal else total / mask.sum(1).clamp_min(1)
 
 
 class DistillTerm:

@@ -34,13 +34,24 @@ def bernoulli_kl(teacher: torch.Tensor, student_logits: torch.Tensor) -> torch.T
     return F.binary_cross_entropy_with_logits(student_logits, p, reduction="none") - entropy
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, nominal: int | None = None) -> torch.Tensor:
+    """Per-row mean of ``values`` [A, B] over ``mask``, [A] (0 for an empty row).
+
+    With ``nominal`` the sum is divided by that fixed count instead (the configured batch size),
+    so that every pair weighs the same whatever the fill of its batch: a client's last, nearly
+    empty batch would otherwise weigh each pair up to B times more (it diverged GFMFR-FedRAP).
+    """
+    total = (values * mask).sum(1)
+    return total / nominal if nominal else total / mask.sum(1).clamp_min(1)
+
+
 def recentre(teacher: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The teacher's probabilities [A, B] shifted in logit space, per row, so that their mean logit over
     ``mask`` equals the student's (detached): the differences between items stay the group's, the
     level becomes the client's own (``gfmfr.teacher_level = "client"``). A flat teacher then pulls
     no client's scores up or down."""
     logits = torch.logit(teacher.clamp(1e-6, 1 - 1e-6))
-    shift = ((student_logits.detach() - logits) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    shift = masked_mean(student_logits.detach() - logits, mask)
     return torch.sigmoid(logits + shift[:, None])
 
 
