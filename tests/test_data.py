@@ -151,3 +151,65 @@ def test_random_bytes_and_rows_in_every_reader_raise_only_data_errors(tmp_path_f
             pass
 
     check()
+
+
+def _published_layout(folder, header="userID,itemID,rating,timestamp,split_label", labels=None, dtype=np.float16):
+    """A FedVLR-layout folder: 3 users x 4 items, the last two of each user labelled validation, test."""
+    labels = labels or {0: 0, 1: 0, 2: 1, 3: 2}
+    rows = "".join(f"{u},{i},1.0,{100 - i},{labels[i]}\n" for u in range(3) for i in range(4))
+    (folder / "inter.csv").write_text(header + "\n" + rows)
+    np.save(folder / "text_features.npy", np.arange(4 * 6).reshape(4, 6).astype(dtype))
+    return folder
+
+
+@pytest.mark.parametrize("header", ["userID,itemID,rating,timestamp,split_label",
+                                    "userId,itemId,rating,timestamp,split_label",
+                                    "user_id,item_id,Rating,TIMESTAMP,splitLabel"])
+def test_published_layout_reads_any_header_case_and_honours_its_split(tmp_path, header):
+    d = load_dataset(DataConfig(dataset=str(_published_layout(tmp_path, header))))
+    # timestamps run backwards, so leave-one-out by time would hold out items 1 and 0: the labels win
+    assert d.report["split"] == "split_label"
+    assert list(d.item_ids[d.valid_items]) == ["2"] * 3 and list(d.item_ids[d.test_items]) == ["3"] * 3
+    assert d.item_features["text"].dtype == np.float32 and d.item_features["text"].shape == (4, 6)
+    by_time = load_dataset(DataConfig(dataset=str(tmp_path), split="leave-one-out"))
+    assert by_time.report["split"] == "leave-one-out"
+    assert list(by_time.item_ids[by_time.test_items]) == ["0"] * 3
+
+
+def test_a_split_label_outside_0_2_or_a_second_test_row_names_its_line(tmp_path):
+    _published_layout(tmp_path, labels={0: 0, 1: 0, 2: 1, 3: 7})
+    with pytest.raises(DataError, match=r"inter.csv, line 5, field 'split_label'.*not one of 0"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+    _published_layout(tmp_path, labels={0: 0, 1: 2, 2: 1, 3: 2})
+    with pytest.raises(DataError, match=r"inter.csv, line 3, field 'split_label'.*second test"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))
+
+
+def test_a_held_out_repeat_of_a_training_item_is_not_evaluated(tmp_path):
+    # user a's test item x repeats a training item: full ranking masks it, so a is not tested (and
+    # counted as a duplicate); user b keeps its given validation and test items
+    rows = "user_id,item_id,timestamp,split_label\na,x,1,0\na,y,2,0\na,x,3,2\nb,x,1,0\nb,y,2,1\nb,z,3,2\n"
+    (tmp_path / "interactions.csv").write_text(rows)
+    d = load_dataset(DataConfig(dataset=str(tmp_path)))
+    a, b = list(d.user_ids).index("a"), list(d.user_ids).index("b")
+    assert d.test_items[a] == -1 and d.valid_items[a] == -1
+    assert d.item_ids[d.valid_items[b]] == "y" and d.item_ids[d.test_items[b]] == "z"
+    assert d.report["dropped"]["duplicate_pair"] == 1 and d.report["test"] == 1
+
+
+def test_feature_files_beside_raw_text_follow_data_features(tmp_path, monkeypatch):
+    _published_layout(tmp_path)
+    (tmp_path / "items.csv").write_text("itemID,asin,text\n" + "".join(f"{i},A{i},item {i}\n" for i in range(4)))
+    from gfmfr.data import encoders
+
+    monkeypatch.setattr(encoders, "encode_texts", lambda texts, batch_size=64: (
+        np.full((len(texts), 3), 2.0, np.float32), np.ones(len(texts), bool), {"encoded": len(texts)}))
+    widths = {}
+    for choice in ("precomputed", "encoded", "both"):
+        d = load_dataset(DataConfig(dataset=str(tmp_path), features=choice))
+        assert d.item_text == [f"item {i}" for i in range(4)]
+        widths[choice] = encoders.dataset_features(d, ("text", "image")).features["text"].shape[1]
+    assert widths == {"precomputed": 6, "encoded": 3, "both": 9}
+    np.save(tmp_path / "text_features.npy", np.ones((5, 6), np.float32))  # one row more than items.csv
+    with pytest.raises(DataError, match=r"text_features.npy: has 5 rows, expected 4"):
+        load_dataset(DataConfig(dataset=str(tmp_path)))

@@ -244,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dataset", help="ml-100k or a data folder")
         p.add_argument("--content", help="folder with items.csv and images")
-        p.add_argument("--split", choices=["leave-one-out", "cold-items"],
-                       help="leave-one-out (default), or hold out cold items (data.cold_item_fraction) and "
+        p.add_argument("--split", choices=["auto", "leave-one-out", "cold-items"],
+                       help="auto (default: the data's own split_label where it has one, else leave-one-out), "
+                            "leave-one-out by time, or hold out cold items (data.cold_item_fraction) and "
                             "rank them from their content")
         p.add_argument("--config", help="TOML config file")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config field")

@@ -35,6 +35,11 @@ class DataConfig:
     """Built-in name (``ml-100k``) or a folder (generic, FedVLR/GFMFR or RecBole atomic layout)."""
     content: str | None = None
     """Folder with ``items.csv`` (``item_id,text,image``) and the image files it names."""
+    features: Literal["precomputed", "encoded", "both"] = "precomputed"
+    """For a modality the data has both as a precomputed feature file (``text_features.npy``, ...) and as
+    raw content (``items.csv``'s text, images): ``precomputed`` uses the file, ``encoded`` the project's
+    own encoder on the raw content (:mod:`gfmfr.data.encoders`), ``both`` the two side by side. A
+    modality with only one of them uses that one."""
     rating_threshold: float | None = None
     """Ratings ``>= threshold`` are positives; ``None`` makes every rating a positive."""
     kcore: int = 0
@@ -44,8 +49,11 @@ class DataConfig:
     max_train_per_user: int = 0
     """Keep only each user's first k training interactions, by time (0: all). The sparse-user regime:
     validation and test items are those of the full data, so scores compare across k."""
-    split: Literal["leave-one-out", "cold-items"] = "leave-one-out"
-    """``leave-one-out``: each user's latest item is the test, the one before it validation.
+    split: Literal["auto", "leave-one-out", "cold-items"] = "auto"
+    """``auto``: the source's own split where it gives one (a ``split_label`` column: 0 train, 1
+    validation, 2 test, as the FedVLR/GFMFR layout publishes it), else ``leave-one-out``.
+    ``leave-one-out``: each user's latest item is the test, the one before it validation (by timestamp;
+    ties keep file order), whatever split the source gives.
     ``cold-items``: a seeded ``cold_item_fraction`` of the items and every interaction with them leave
     training (the server knows only their content); each user's latest interaction with a cold item is
     the test, the one before it validation (users with none are not evaluated, with one only tested)."""

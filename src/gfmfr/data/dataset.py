@@ -1,4 +1,5 @@
-"""Preprocessing (binarise, de-duplicate, k-core, re-index) and the leave-one-out split.
+"""Preprocessing (binarise, de-duplicate, k-core, re-index) and the split: the source's own
+(``split_label``), leave-one-out by time, or cold items.
 
 Every row that does not reach the split is counted in :attr:`Dataset.report` under a reason.
 Duplicate policy: a (user, item) pair seen more than once keeps its earliest interaction
@@ -53,6 +54,8 @@ class Dataset:
     """Item image paths aligned with the item index, if any."""
     item_features: dict[str, np.ndarray] = field(default_factory=dict)
     """Precomputed content features per modality aligned with the item index."""
+    features_from: str = "precomputed"
+    """Which content a modality with both a feature file and raw content uses (``data.features``)."""
     report: dict[str, Any] = field(default_factory=dict)
     """Counts after preprocessing, split sizes and ``dropped`` (reason -> count)."""
     cold_items: np.ndarray | None = None
@@ -137,7 +140,8 @@ def _check_items(frame: pd.DataFrame, items: RawItems, source: str) -> None:
 
 
 def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems | None = None) -> Dataset:
-    """Preprocess ``raw`` and split it leave-one-out by timestamp (stable: ties keep file order)."""
+    """Preprocess ``raw`` and split it (``cfg.split``): by the source's ``split_label`` or leave-one-out by
+    timestamp (stable: ties keep file order), or into cold items."""
     frame = raw.interactions
     dropped: dict[str, int] = {}
     items = items if items is not None else raw.items
@@ -151,11 +155,16 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
         frame = frame[keep]
     frame = _drop_duplicates(frame, cfg.duplicates, raw.source, dropped)
     frame = _kcore(frame, cfg.kcore, dropped)
-    sizes = frame.groupby("user_id")["item_id"].transform("size")
-    short = sizes < MIN_INTERACTIONS
+    labelled = cfg.split == "auto" and "split_label" in frame.columns
+    if labelled:  # a user needs one training interaction; the held-out ones are the source's
+        short = ~frame["split_label"].eq(0).groupby(frame["user_id"]).transform("any")
+        reason = "users_without_training_interactions"
+    else:
+        short = frame.groupby("user_id")["item_id"].transform("size") < MIN_INTERACTIONS
+        reason = "users_with_fewer_than_3"
     if short.any():
-        dropped["interactions_of_users_with_fewer_than_3"] = int(short.sum())
-        dropped["users_with_fewer_than_3"] = int(frame.loc[short, "user_id"].nunique())
+        dropped[f"interactions_of_{reason}"] = int(short.sum())
+        dropped[reason] = int(frame.loc[short, "user_id"].nunique())
         frame = frame[~short]
     if frame.empty:
         raise DataError(raw.source, "no interactions left after preprocessing")
@@ -180,6 +189,10 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
             bad = int(np.flatnonzero(n_train == 0)[0])
             raise DataError(raw.source, f"user {user_ids[bad]!r} has only cold items: nothing left to train on "
                             f"(lower data.cold_item_fraction or filter users)")
+    elif labelled:
+        valid, test, in_train = _given_split(users, seq, frame["split_label"].to_numpy()[order],
+                                             line[order], n_users, user_ids, raw.source)
+        n_train = np.bincount(users[in_train], minlength=n_users)
     else:
         test = seq[ends - 1]
         valid = seq[ends - 2]
@@ -224,8 +237,8 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
         "density": float(len(seq) / (n_users * len(item_ids))),
         "dropped": dropped,
     }
+    dataset.report["split"] = "split_label" if labelled else cfg.split.replace("auto", "leave-one-out")
     if cold_items is not None:
-        dataset.report["split"] = "cold-items"
         dataset.report["cold_items"] = len(cold_items)
     if items is not None:
         dataset.report["catalogue_items_without_interactions"] = len(set(items.item_ids) - set(item_ids.tolist()))
@@ -255,6 +268,27 @@ def _cold_split(users: np.ndarray, seq: np.ndarray, n_items: int, n_users: int, 
     valid[two] = seq[cold_pos[last[two] - 1]]
     dropped["interactions_with_cold_items"] = int(is_cold.sum())
     return cold_items, test, valid, in_train
+
+
+def _given_split(users: np.ndarray, seq: np.ndarray, labels: np.ndarray, lines: np.ndarray, n_users: int,
+                 user_ids: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The split the source gives (``split_label``) of the chronological (``users``, ``seq``) interactions:
+    each user's validation and test item (-1 where the source has none left, e.g. a held-out repeat of
+    a training item removed as a duplicate) and which interactions train. A second held-out row of one
+    kind for a user is an error naming its line."""
+    held = {}
+    for label, name in ((1, "validation"), (2, "test")):
+        rows = np.flatnonzero(labels == label)
+        owners = users[rows]
+        again = np.flatnonzero(owners[1:] == owners[:-1])  # rows are grouped by user
+        if len(again):
+            row = rows[again[0] + 1]
+            raise DataError(source, f"user {user_ids[users[row]]!r} has a second {name} interaction",
+                            line=int(lines[row]), field="split_label")
+        items = np.full(n_users, -1, np.int64)
+        items[owners] = seq[rows]
+        held[name] = items
+    return held["validation"], held["test"], labels == 0
 
 
 def _item_index(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,6 +325,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         content = Path(cfg.content)
         items = read_items_csv(content / "items.csv", content)
     dataset = build_dataset(raw, cfg, name=name, items=items)
+    dataset.features_from = cfg.features
     if dataset.item_image is not None:
         missing = sum(1 for p in dataset.item_image if p is not None and not p.exists())
         dataset.report["items_without_image"] = sum(1 for p in dataset.item_image if p is None)

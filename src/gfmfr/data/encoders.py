@@ -169,26 +169,47 @@ def encode_images(paths: list[Path | None], batch_size: int = 64, cache: Feature
 
 
 def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64) -> ContentFeatures:
-    """Content features of ``dataset``'s items: precomputed files if present, else encoded (cached)."""
+    """Content features of ``dataset``'s items, for each of ``modalities`` it has: the precomputed file, the
+    raw content encoded (cached), or both side by side, as ``dataset.features_from`` says (``data.features``).
+    Side by side, each block is scaled to a mean row norm of 1, so that neither dominates a later PCA."""
     feats: dict[str, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}
     report: dict = {}
     for m in modalities:
         t0 = time.perf_counter()
-        if m in dataset.item_features:
-            feats[m] = dataset.item_features[m]
-            masks[m] = np.ones(dataset.n_items, bool)
-            report[m] = {"precomputed": True}
-        elif m == "text" and dataset.item_text is not None:
-            feats[m], masks[m], report[m] = encode_texts(dataset.item_text, batch_size)
-        elif m == "image" and dataset.item_image is not None:
-            feats[m], masks[m], report[m] = encode_images(dataset.item_image, batch_size)
-        else:
+        raw = dataset.item_text if m == "text" else dataset.item_image if m == "image" else None
+        pre = dataset.item_features.get(m)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        report[m] = {}
+        if pre is not None and (raw is None or dataset.features_from != "encoded"):
+            parts.append((pre, np.ones(dataset.n_items, bool)))
+            report[m]["precomputed"] = True
+        if raw is not None and (pre is None or dataset.features_from != "precomputed"):
+            x, mask, report[m]["encoded"] = (encode_texts if m == "text" else encode_images)(raw, batch_size)
+            parts.append((x, mask))
+        if not parts:
             log.warning("no %s content for %s", m, dataset.name)
+            del report[m]
             continue
+        if len(parts) == 1:
+            feats[m], masks[m] = parts[0]
+        else:
+            feats[m] = np.concatenate([x / max(float(np.linalg.norm(x[k], axis=1).mean()), 1e-12)
+                                       for x, k in parts], axis=1).astype(np.float32)
+            masks[m] = np.logical_and.reduce([k for _, k in parts])
         report[m]["seconds"] = time.perf_counter() - t0
         report[m]["dim"] = int(feats[m].shape[1])
     return ContentFeatures(feats, masks, report)
+
+
+def present_modalities(wanted: tuple[str, ...], features: dict[str, np.ndarray], who: str) -> tuple[str, ...]:
+    """Those of ``wanted`` that the data has features for (a model uses whichever it has); none is a
+    ValueError naming ``who``."""
+    present = tuple(m for m in wanted if m in features)
+    if not present:
+        raise ValueError(f"{who} needs item content ({', '.join(wanted)}); the dataset has none: give a content "
+                         "folder (--content DIR with items.csv) or feature files (text_features.npy, ...)")
+    return present
 
 
 def encode_content(cfg: DataConfig, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64) -> ContentFeatures:

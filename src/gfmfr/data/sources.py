@@ -4,9 +4,13 @@ Layouts:
 - built-in ``ml-100k``: the RecBole 1.2.1 wheel's atomic files (see :mod:`gfmfr.data.ml100k`);
 - generic folder: ``interactions.csv`` (``user_id,item_id[,rating][,timestamp]``) and an optional
   ``items.csv`` (``item_id,text,image,...``) whose ``image`` paths are relative to the folder;
-- the official GFMFR/FedVLR layout: ``inter.csv`` (``userId,itemId,rating,timestamp``) plus
-  ``text_features.npy`` / ``image_features.npy`` with one row per ``itemId`` (0 .. n-1);
+- the official GFMFR/FedVLR layout: ``inter.csv`` (``userID,itemID,rating,timestamp[,split_label]``)
+  plus ``text_features.npy`` / ``image_features.npy`` with one row per ``itemID`` (0 .. n-1), and
+  optionally ``items.csv`` (``itemID,text,...``) with the raw text beside the precomputed features;
 - RecBole atomic files: ``NAME.inter`` (and optionally ``NAME.item``), tab-separated, typed headers.
+
+Column names are matched whatever their case and underscores (``userID``, ``userId`` and ``user_id`` are
+one column). A ``split_label`` column (0 train, 1 validation, 2 test) is a split given by the source.
 """
 
 from __future__ import annotations
@@ -44,11 +48,37 @@ class RawData:
     """Interactions as read, before any preprocessing."""
 
     interactions: pd.DataFrame
-    """Columns ``user_id``, ``item_id`` (str), ``rating``, ``timestamp`` (float, NaN if absent), ``line``."""
+    """Columns ``user_id``, ``item_id`` (str), ``rating``, ``timestamp`` (float, NaN if absent), ``line``, and
+    ``split_label`` (0 train, 1 validation, 2 test) where the source gives its own split."""
     source: str
     """File the interactions came from, for messages."""
     items: RawItems | None = None
     """Item side information, if the source has any."""
+
+
+SPLIT_LABELS = {0: "train", 1: "valid", 2: "test"}
+"""The values of a ``split_label`` column (the FedVLR/GFMFR layout's)."""
+
+
+def _key(name: str) -> str:
+    """A column name as matched: lower case, without underscores, spaces or dashes."""
+    return "".join(c for c in str(name).lower() if c not in "_ -")
+
+
+def canonical_columns(frame: pd.DataFrame, names: list[str], path: Path) -> pd.DataFrame:
+    """``frame`` with each column that matches one of ``names`` (:func:`_key`) renamed to it; two columns
+    matching one name is an error naming the header."""
+    wanted = {_key(n): n for n in names}
+    rename: dict[str, str] = {}
+    for column in frame.columns:
+        ours = wanted.get(_key(column))
+        if ours is None:
+            continue
+        if ours in rename.values():
+            first = next(c for c, o in rename.items() if o == ours)
+            raise DataError(path, f"columns {first!r} and {column!r} both read as {ours!r}", line=1, field=column)
+        rename[column] = ours
+    return frame.rename(columns=rename)
 
 
 def _require_columns(frame: pd.DataFrame, required: list[str], path: Path) -> None:
@@ -74,28 +104,34 @@ def _numeric(frame: pd.DataFrame, column: str, path: Path, first_line: int) -> n
     return values.to_numpy(dtype=np.float64)
 
 
-def _interaction_frame(
-    frame: pd.DataFrame, path: Path, columns: dict[str, str], first_line: int = 2
-) -> pd.DataFrame:
-    """Normalise a raw table to the RawData.interactions schema (``columns`` maps ours -> theirs)."""
-    _require_columns(frame, [columns["user_id"], columns["item_id"]], path)
+def _interaction_frame(frame: pd.DataFrame, path: Path, first_line: int = 2) -> pd.DataFrame:
+    """Normalise a raw table to the RawData.interactions schema (columns matched by :func:`_key`)."""
+    frame = canonical_columns(frame, ["user_id", "item_id", "rating", "timestamp", "split_label"], path)
+    _require_columns(frame, ["user_id", "item_id"], path)
     out = pd.DataFrame(
         {
-            "user_id": frame[columns["user_id"]].astype(str).str.strip(),
-            "item_id": frame[columns["item_id"]].astype(str).str.strip(),
+            "user_id": frame["user_id"].astype(str).str.strip(),
+            "item_id": frame["item_id"].astype(str).str.strip(),
         }
     )
     for name in ("user_id", "item_id"):
         empty = (out[name] == "") | (out[name] == "nan")
         if empty.any():
             pos = int(np.flatnonzero(empty.to_numpy())[0])
-            raise DataError(path, "empty id", line=first_line + pos, field=columns[name])
+            raise DataError(path, "empty id", line=first_line + pos, field=name)
     for name in ("rating", "timestamp"):
-        theirs = columns.get(name)
-        if theirs is not None and theirs in frame.columns:
-            out[name] = _numeric(frame.rename(columns={theirs: name}), name, path, first_line)
+        if name in frame.columns:
+            out[name] = _numeric(frame, name, path, first_line)
         else:
             out[name] = 1.0 if name == "rating" else np.nan
+    if "split_label" in frame.columns:
+        labels = _numeric(frame, "split_label", path, first_line)
+        bad = ~np.isin(labels, list(SPLIT_LABELS))
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise DataError(path, f"split label {frame['split_label'].iloc[pos]!r} is not one of 0 (train), "
+                            "1 (validation), 2 (test)", line=first_line + pos, field="split_label")
+        out["split_label"] = labels.astype(np.int64)
     out["line"] = np.arange(first_line, first_line + len(out), dtype=np.int64)
     return out
 
@@ -112,7 +148,7 @@ def read_csv(path: Path, **kwargs) -> pd.DataFrame:
 
 def read_items_csv(path: Path, base: Path | None = None) -> RawItems:
     """``items.csv`` with ``item_id`` and optional ``text`` / ``image`` (relative to ``base``)."""
-    frame = read_csv(path)
+    frame = canonical_columns(read_csv(path), ["item_id", "text", "image"], path)
     _require_columns(frame, ["item_id"], path)
     ids = frame["item_id"].astype(str).str.strip()
     dup = ids.duplicated()
@@ -133,52 +169,67 @@ def read_generic_folder(folder: Path) -> RawData:
     """``interactions.csv`` plus an optional ``items.csv``."""
     path = folder / "interactions.csv"
     frame = read_csv(path)
-    inter = _interaction_frame(
-        frame, path, {"user_id": "user_id", "item_id": "item_id", "rating": "rating", "timestamp": "timestamp"}
-    )
+    inter = _interaction_frame(frame, path)
     items = read_items_csv(folder / "items.csv", folder) if (folder / "items.csv").exists() else None
     return RawData(interactions=inter, source=str(path), items=items)
 
 
 def load_feature_matrix(path: Path, n_rows: int) -> np.ndarray:
-    """A ``.npy`` feature matrix with exactly ``n_rows`` finite rows."""
+    """A ``.npy`` matrix of real numbers (any float or integer dtype, any width) with exactly ``n_rows``
+    finite rows, as float32."""
     try:
         matrix = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DataError(path, f"cannot read as .npy: {exc}") from exc
     if matrix.ndim != 2:
         raise DataError(path, f"expected a 2-D matrix, got shape {matrix.shape}")
+    if matrix.dtype.kind not in "fiu":
+        raise DataError(path, f"expected real numbers, got dtype {matrix.dtype}")
     if matrix.shape[0] != n_rows:
         raise DataError(path, f"has {matrix.shape[0]} rows, expected {n_rows} (one per item)")
+    matrix = matrix.astype(np.float32)
     bad = ~np.isfinite(matrix)
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
         raise DataError(path, f"non-finite value {matrix[row, col]} (row {row}, column {col})", line=row, field=str(col))
-    return matrix.astype(np.float32)
+    return matrix
 
 
 def read_fedvlr_folder(folder: Path) -> RawData:
-    """The official GFMFR/FedVLR layout: ``inter.csv`` plus per-item ``*_features.npy``."""
+    """The official GFMFR/FedVLR layout: ``inter.csv`` plus per-item ``*_features.npy`` and, optionally,
+    ``items.csv`` with the items' raw text. Item ids are row indices into the feature files: the catalogue
+    is ``items.csv``'s rows where there is one, else ids 0 .. max(itemID)."""
     path = folder / "inter.csv"
-    frame = read_csv(path)
-    inter = _interaction_frame(
-        frame, path, {"user_id": "userId", "item_id": "itemId", "rating": "rating", "timestamp": "timestamp"}
-    )
-    items = None
-    feats: dict[str, np.ndarray] = {}
-    for modality in ("text", "image"):
-        fpath = folder / f"{modality}_features.npy"
-        if fpath.exists():
-            feats[modality] = fpath  # type: ignore[assignment]
-    if feats:
-        ids = pd.to_numeric(inter["item_id"], errors="coerce")
-        if ids.isna().any():
-            pos = int(np.flatnonzero(ids.isna().to_numpy())[0])
-            raise DataError(path, "itemId must be an integer row index into the feature files", line=2 + pos, field="itemId")
+    inter = _interaction_frame(read_csv(path), path)
+    files = {m: folder / f"{m}_features.npy" for m in ("text", "image")}
+    files = {m: f for m, f in files.items() if f.exists()}
+    raw_items = read_items_csv(folder / "items.csv", folder) if (folder / "items.csv").exists() else None
+    if not files:
+        return RawData(interactions=inter, source=str(path), items=raw_items)
+    ids = pd.to_numeric(inter["item_id"], errors="coerce")
+    bad = ids.isna() | (ids < 0) | (ids != ids.round())
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(path, f"itemID {inter['item_id'].iloc[pos]!r} is not a row index into the feature files",
+                        line=2 + pos, field="item_id")
+    if raw_items is not None:
+        expected = [str(i) for i in range(len(raw_items.item_ids))]
+        if raw_items.item_ids != expected:
+            pos = next(k for k, (a, b) in enumerate(zip(raw_items.item_ids, expected)) if a != b)
+            raise DataError(raw_items.source, f"item ids must be the feature rows 0, 1, ... in order; got "
+                            f"{raw_items.item_ids[pos]!r} at row {pos}", line=2 + pos, field="item_id")
+        n_rows = len(expected)
+    else:
         n_rows = int(ids.max()) + 1
-        matrices = {m: load_feature_matrix(p, n_rows) for m, p in feats.items()}  # type: ignore[arg-type]
-        n_rows = next(iter(matrices.values())).shape[0]
-        items = RawItems(item_ids=[str(i) for i in range(n_rows)], features=matrices, source=str(folder))
+    beyond = ids >= n_rows
+    if beyond.any():
+        pos = int(np.flatnonzero(beyond.to_numpy())[0])
+        raise DataError(path, f"itemID {inter['item_id'].iloc[pos]!r} has no row in items.csv ({n_rows} items)",
+                        line=2 + pos, field="item_id")
+    matrices = {m: load_feature_matrix(f, n_rows) for m, f in files.items()}
+    items = RawItems(item_ids=[str(i) for i in range(n_rows)], features=matrices, source=str(folder))
+    if raw_items is not None:
+        items.text, items.image = raw_items.text, raw_items.image
     return RawData(interactions=inter, source=str(path), items=items)
 
 
@@ -195,10 +246,7 @@ def read_atomic_folder(folder: Path, name: str | None = None) -> RawData:
     if not inters:
         raise DataError(folder, "no .inter file found")
     path = inters[0]
-    inter = _interaction_frame(
-        read_atomic_table(path), path,
-        {"user_id": "user_id", "item_id": "item_id", "rating": "rating", "timestamp": "timestamp"},
-    )
+    inter = _interaction_frame(read_atomic_table(path), path)
     items = None
     item_path = path.with_suffix(".item")
     if item_path.exists():

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from gfmfr.config import MultimodalConfig
-from gfmfr.data.encoders import reduce_features, standardise
+from gfmfr.data.encoders import present_modalities, reduce_features, standardise
 from gfmfr.models.base import FederatedRecommender, Params, ParamSpec
 
 FEDVLR_VIEWS = ("sum", "mlp", "gate")
@@ -38,13 +38,10 @@ FEDVLR_VIEWS = ("sum", "mlp", "gate")
 
 def content_tables(features: dict[str, np.ndarray], masks: dict[str, np.ndarray], modalities: tuple[str, ...],
                    dim: int | None, seed: int) -> dict[str, torch.Tensor]:
-    """Per modality, the PCA-reduced, standardised [n_items, k] features (missing items are zero rows)."""
-    missing = [m for m in modalities if m not in features]
-    if missing or not modalities:
-        raise ValueError(f"the content baselines need {list(modalities) or 'a modality'}; the dataset has "
-                         f"{sorted(features)} (use --content DIR)")
+    """Per modality of ``modalities`` the data has, the PCA-reduced, standardised [n_items, k] features
+    (missing items are zero rows)."""
     out = {}
-    for m in modalities:
+    for m in present_modalities(modalities, features, "the content baselines"):
         mask = np.asarray(masks[m], bool)
         out[m] = standardise(reduce_features(features[m], mask, dim, seed), torch.from_numpy(mask))
     return out

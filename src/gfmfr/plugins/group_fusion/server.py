@@ -28,7 +28,7 @@ import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
-from gfmfr.data.encoders import reduce_features
+from gfmfr.data.encoders import present_modalities, reduce_features
 from gfmfr.federation.aggregation import group_sums
 from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
 from gfmfr.federation.plugin import ServerHalf
@@ -133,12 +133,11 @@ class GFMFRServer(ServerHalf):
 
             content = dataset_features(dataset, self.cfg.modalities)
             features, masks = content.features, content.mask
-        missing = [m for m in self.cfg.modalities if m not in features]
-        if missing:
-            raise ValueError(f"GFMFR needs {missing} features; the dataset has {sorted(features)} (use --content DIR)")
-        self.masks = [torch.from_numpy(np.asarray(masks[m], bool)) for m in self.cfg.modalities]
+        self.modalities = present_modalities(self.cfg.modalities, features, "GFMFR")
+        """The modalities fused: those of ``gfmfr.modalities`` the data has."""
+        self.masks = [torch.from_numpy(np.asarray(masks[m], bool)) for m in self.modalities]
         self.features = [reduce_features(features[m], self.masks[i].numpy(), self.cfg.content_dim, cfg.seed)
-                         for i, m in enumerate(self.cfg.modalities)]
+                         for i, m in enumerate(self.modalities)]
         warm = dataset.warm_items
         self.known = None if warm is None else torch.zeros(self.n_items, dtype=torch.bool).index_fill_(
             0, torch.from_numpy(warm), True)
