@@ -81,8 +81,11 @@ def test_content_tables_errors_and_shape(planted):
                             ("text", "image"), 8, 0)
     assert tables["text"].shape == (data.n_items, 8)
     torch.testing.assert_close(tables["image"].mean(0), torch.zeros(8), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="use --content"):
+    with pytest.raises(ValueError, match="no item content.*--content DIR"):
         content_tables(data.item_features, {}, ("audio",), 8, 0)
+    only_text = content_tables({"text": data.item_features["text"]}, {"text": np.ones(data.n_items, bool)},
+                               ("text", "image"), 8, 0)
+    assert list(only_text) == ["text"]  # whichever modalities the data has
     with pytest.raises(ValueError, match="views"):
         wrap(build_model(data.n_items, small_config("fcf").model), "fedvlr", tables, replace(MM, views=("nope",)))
 
@@ -338,3 +341,43 @@ def test_a_run_early_stopping_ended_is_the_run_any_longer_round_cap_makes():
     central = {"model": {"name": "fcf"}, "training": "centralised"}
     assert differing_settings(stored({**central, "federation": {"rounds": 400}}, 12),
                               from_dict({**central, "federation": {"rounds": 1000}})) == []
+
+
+def test_compare_runs_every_method_on_every_dataset_of_its_axis(tmp_path, planted_folder):
+    """A plan's [[datasets]] runs each method x seed once per dataset, each in its own folder and report,
+    and the top report has one section per dataset, its table with HR@50 and NDCG@50 beside NDCG@10."""
+    from gfmfr.compare import load_plan, run_path
+
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = (planted_folder / "interactions.csv").read_text().splitlines()
+    (other / "interactions.csv").write_text("\n".join(rows[: len(rows) * 2 // 3]) + "\n")
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f"""
+seeds = [0]
+models = ["fcf"]
+baselines = ["popularity"]
+[config]
+model = {{ dim = 8 }}
+federation = {{ rounds = 2, batch_size = 32 }}
+[[datasets]]
+label = "Planted"
+set = {{ "data.dataset" = "{planted_folder}" }}
+[[datasets]]
+label = "Other set"
+set = {{ "data.dataset" = "{other}" }}
+""")
+    out = tmp_path / "report"
+    assert main(["compare", "--config", str(plan_path), "--out", str(out), "--no-progress"]) == 0
+    plan = load_plan(plan_path)
+    users = {}
+    for folder in ("planted", "other-set"):
+        for method in plan.methods:
+            result = json.loads(run_path(out / folder, method, 0).read_text())
+            users[folder] = result["data"]["users"] if "data" in result else users.get(folder)
+        assert (out / folder / "report.md").exists()
+    assert users["planted"] != users["other-set"]  # each ran on its own data
+    report = (out / "report.md").read_text()
+    assert "## Planted" in report and "## Other set" in report
+    assert report.count("| method | seeds | HR@10 | NDCG@10 | HR@50 | NDCG@50 |") == 2
+    assert "](planted/convergence.png)" in report

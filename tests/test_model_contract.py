@@ -76,7 +76,7 @@ def test_reproducible_with_seed(planted, name):
 
 def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rounds=2):
     """Rounds trained batched (in chunks and blocks) and with the one-client step, one client after
-    another, give the same global parameters and client states (1e-5)."""
+    another, give the same global parameters and client states (to float32 round-off, TOL)."""
     from gfmfr.federation.aggregation import RoundAggregate
     from gfmfr.federation.plugin import end_round
     from tests.test_client_training import assert_same_states

@@ -18,6 +18,14 @@ A plan is a TOML file::
 
 (``plugins`` is read as ``variants``: its old name, from when MM-X and FedVLR were chosen as plug-ins.)
 
+Datasets are an axis of the plan: each ``[[datasets]]`` entry runs every method x seed once more with
+its own settings on top of ``[config]``, in ``OUT/<dataset>/``, with a report of its own; ``OUT/report.md``
+then holds one section per dataset::
+
+    [[datasets]]
+    label = "KU"
+    set = { "data.dataset" = "../shared/datasets/ku" }
+
 Each run writes ``OUT/runs/<method>/seed<k>/results.json``. A run whose results file exists
 with the same resolved configuration is reused, so an interrupted comparison resumes where it
 stopped. Paths in the plan are relative to the working directory, as on the command line.
@@ -51,7 +59,7 @@ VARIANTS = {"none": ("", {}), "mmx": ("MM-", {"wrapper": "mmx"}), "fedvlr": ("Fe
             "gfmfr": ("GFMFR-", {"plugin": "gfmfr"})}
 """A variant of every plan model X: its label prefix and settings."""
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50")
-PLAN_KEYS = {"seeds", "models", "variants", "plugins", "centralised", "baselines", "config", "methods"}
+PLAN_KEYS = {"seeds", "models", "variants", "plugins", "centralised", "baselines", "config", "methods", "datasets"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,12 @@ class Method:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9]+", "-", self.label).strip("-").lower()
+        return slug(self.label)
+
+
+def slug(label: str) -> str:
+    """A label as a folder name."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,15 @@ class Plan:
     seeds: tuple[int, ...]
     methods: tuple[Method, ...]
     config: dict[str, Any] = field(default_factory=dict)
+    datasets: tuple[tuple[str, dict[str, Any]], ...] = ()
+    """The dataset axis: (label, settings over ``config``) per dataset; empty: ``config``'s one dataset."""
+
+    def per_dataset(self) -> list[tuple[str, Plan]]:
+        """(label, plan of that dataset alone) per dataset of the axis; ``[("", self)]`` without one."""
+        if not self.datasets:
+            return [("", self)]
+        return [(label, Plan(self.seeds, self.methods, apply_overrides(self.config, [
+            f"{k}={v}" for k, v in _flatten(settings).items()]))) for label, settings in self.datasets]
 
     def run_config(self, method: Method, seed: int) -> RunConfig:
         values = apply_overrides(self.config, [f"{k}={v}" for k, v in _flatten(method.settings).items()])
@@ -131,9 +153,17 @@ def load_plan(path: str | Path) -> Plan:
         raise ConfigError(f"{path}: method labels must be distinct: {labels}")
     if not methods:
         raise ConfigError(f"{path}: the plan has no methods (give models, baselines, centralised or methods)")
-    plan = Plan(seeds, tuple(methods), raw.get("config", {}))
-    for method in methods:
-        plan.run_config(method, seeds[0])
+    datasets = []
+    for i, entry in enumerate(raw.get("datasets", [])):
+        if "label" not in entry or not isinstance(entry.get("set"), dict):
+            raise ConfigError(f"{path}: datasets[{i}] needs a label and a 'set' table")
+        datasets.append((str(entry["label"]), entry["set"]))
+    if len({slug(label) for label, _ in datasets}) != len(datasets):
+        raise ConfigError(f"{path}: dataset labels must be distinct: {[label for label, _ in datasets]}")
+    plan = Plan(seeds, tuple(methods), raw.get("config", {}), tuple(datasets))
+    for _, one in plan.per_dataset():
+        for method in methods:
+            one.run_config(method, seeds[0])
     return plan
 
 
@@ -217,11 +247,12 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
 
     out = Path(out)
     todo = []
-    for method in plan.methods:
-        for seed in plan.seeds:
-            cfg, path = plan.run_config(method, seed), run_path(out, method, seed)
-            if finished(path, cfg) is None and finished(path.with_name("failed.json"), cfg) is None:
-                todo.append((method, seed, cfg, path))
+    for label, one in plan.per_dataset():
+        for method in one.methods:
+            for seed in one.seeds:
+                cfg, path = one.run_config(method, seed), run_path(out / slug(label), method, seed)
+                if finished(path, cfg) is None and finished(path.with_name("failed.json"), cfg) is None:
+                    todo.append((method, seed, cfg, path))
 
     def failed(method: Method, seed: int, cfg: RunConfig, path: Path, error: str) -> None:
         # a diverged run is a result too; the others go on
@@ -391,8 +422,29 @@ def _fmt(cell: tuple[float, float]) -> str:
 
 
 def render_report(plan: Plan, out: str | Path) -> Path:
-    """Write ``report.md``, ``report.json`` and the plots from the finished runs."""
+    """Write ``report.md``, ``report.json`` and the plots from the finished runs: with a dataset axis, one
+    report per dataset in its folder and, in ``out``, their sections one after the other."""
     out = Path(out)
+    if not plan.datasets:
+        return render_one_report(plan, out)
+    lines = ["# Comparison report", "", "One section per dataset; each one's runs and plots are in its folder.", ""]
+    summaries = {}
+    for label, one in plan.per_dataset():
+        folder = out / slug(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        body = render_one_report(one, folder).read_text().splitlines()[1:]  # less its title
+        lines += [f"## {label}", ""]
+        for line in body:
+            line = re.sub(r"\]\(([^)/]+\.png)\)", rf"]({slug(label)}/\1)", line)
+            lines.append("#" + line if line.startswith("#") else line.replace("`runs/", f"`{slug(label)}/runs/"))
+        summaries[label] = json.loads((folder / "report.json").read_text())
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps({"datasets": summaries}, indent=2))
+    return out / "report.md"
+
+
+def render_one_report(plan: Plan, out: Path) -> Path:
+    """``render_report`` of a plan on one dataset."""
     results = collect(plan, out)
     summary = summarise(plan, results)
     plots = render_plots(plan, results, out)

@@ -67,8 +67,10 @@ class DataConfig:
 class ModelConfig:
     """The base recommender and its optimiser settings (docs/method.md, 'Base models')."""
 
-    name: Literal["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "random"] = "fedrap"
-    """One of ``popularity``, ``random``, ``fcf``, ``fedncf``, ``pfedrec``, ``fedrap``."""
+    name: Literal["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "content-knn", "random"] = "fedrap"
+    """A federated base model (``fcf``, ``fedncf``, ``pfedrec``, ``fedrap``) or a baseline that scores without
+    training: ``popularity``, ``content-knn`` (mean content cosine to the user's items, over
+    ``multimodal.modalities``) or ``random``."""
     dim: int = 64
     """Latent size d of user and item vectors."""
     hidden: tuple[int, ...] = (32,)
@@ -645,7 +647,7 @@ def to_toml(cfg: RunConfig) -> str:
     return tomli_w.dumps(ready(to_dict(cfg)))
 
 
-SCORE_BASELINES = ("popularity", "random")
+SCORE_BASELINES = ("popularity", "content-knn", "random")
 """Models that score without training (:mod:`gfmfr.models.baselines`)."""
 
 
@@ -656,9 +658,13 @@ def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
     values = to_dict(cfg)
     del values["runtime"]
     if cfg.model.name in SCORE_BASELINES:  # they read the data, the evaluation, the seed and their name only
-        for section in ("federation", "gfmfr", "multimodal", "centralised", "privacy"):
+        for section in ("federation", "gfmfr", "centralised", "privacy"):
             values.pop(section, None)
         values["model"] = {"name": cfg.model.name}
+        if cfg.model.name == "content-knn":
+            values["multimodal"] = {"modalities": values["multimodal"]["modalities"]}
+        else:
+            del values["multimodal"]
         return values
     if cfg.model.name != "fedrap":  # FedRAP's own settings
         for key in [k for k in values["model"] if k.startswith("fedrap_")]:

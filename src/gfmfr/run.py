@@ -35,8 +35,7 @@ def peak_rss_mb() -> float:
 def run_baseline(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     """Popularity or random scores through the same evaluation and results schema."""
     t0 = time.perf_counter()
-    cls = BASELINES[cfg.model.name]
-    model = cls(dataset) if cfg.model.name == "popularity" else cls(dataset, cfg.seed)
+    model = BASELINES[cfg.model.name](dataset, cfg)
     evaluator = Evaluator(dataset, cfg.eval, cfg.seed, cfg.runtime.eval_batch)
     valid = evaluator.evaluate(model.score, "valid")
     test = evaluator.evaluate(model.score, "test")

@@ -207,7 +207,7 @@ def present_modalities(wanted: tuple[str, ...], features: dict[str, np.ndarray],
     ValueError naming ``who``."""
     present = tuple(m for m in wanted if m in features)
     if not present:
-        raise ValueError(f"{who} needs item content ({', '.join(wanted)}); the dataset has none: give a content "
+        raise ValueError(f"{who}: the data has no item content ({', '.join(wanted)}); give a content "
                          "folder (--content DIR with items.csv) or feature files (text_features.npy, ...)")
     return present
 

@@ -105,7 +105,7 @@ class Evaluator:
         ranks = self.ranks(score_fn, split)
         out = metrics_from_ranks(ranks, self.cfg.ks)
         if self.cfg.tail_max_count:
-            tail = torch.from_numpy(self.tail_users(split))
+            tail = torch.from_numpy(self.tail_users(split)[self.evaluated_users(split)])
             out["tail users"] = float(tail.sum())
             if tail.any():
                 out.update({f"tail {k}": v for k, v in metrics_from_ranks(ranks[tail], self.cfg.ks).items()})
@@ -114,7 +114,11 @@ class Evaluator:
     def sums(self, score_fn: ScoreFn, split: str, users: np.ndarray) -> dict[str, float]:
         """The metrics of ``users`` as sums over them, with their count ``users`` (and ``tail users``):
         what a node reports, so that the server's :func:`metrics_from_sums` over every node's sums is
-        :meth:`evaluate` over every user (full ranking is per user)."""
+        :meth:`evaluate` over every user (full ranking is per user). Users without a held-out item in
+        ``split`` are left out, as :meth:`evaluate` leaves them out."""
+        targets = self.dataset.valid_items if split == "valid" else self.dataset.test_items
+        users = np.asarray(users, np.int64)
+        users = users[targets[users] >= 0]
         ranks = self.ranks(score_fn, split, users)
         out = {k: v * len(users) for k, v in metrics_from_ranks(ranks, self.cfg.ks).items()} if len(users) else {}
         out["users"] = float(len(users))
@@ -127,10 +131,10 @@ class Evaluator:
         return out
 
     def tail_users(self, split: str) -> np.ndarray:
-        """[n_users] bool: the user's held-out item has at most ``tail_max_count`` training interactions."""
+        """[n_users] bool: the user has a held-out item with at most ``tail_max_count`` training interactions."""
         d = self.dataset
         targets = d.valid_items if split == "valid" else d.test_items
-        return self.item_counts[targets] <= self.cfg.tail_max_count
+        return (targets >= 0) & (self.item_counts[targets] <= self.cfg.tail_max_count)
 
 
 def metrics_from_sums(parts: list[dict[str, float]]) -> dict[str, float]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from gfmfr.config import ModelConfig
 from gfmfr.models.base import FederatedRecommender, Params, ParamSpec
-from gfmfr.models.baselines import Popularity, RandomScores
+from gfmfr.models.baselines import ContentKNN, Popularity, RandomScores
 from gfmfr.models.fcf import FCF
 from gfmfr.models.fedncf import FedNCF
 from gfmfr.models.fedrap import FedRAP
 from gfmfr.models.pfedrec import PFedRec
 
 FEDERATED_MODELS: dict[str, type[FederatedRecommender]] = {m.name: m for m in (FCF, FedNCF, PFedRec, FedRAP)}
-BASELINES = {"popularity": Popularity, "random": RandomScores}
+BASELINES = {"popularity": Popularity, "content-knn": ContentKNN, "random": RandomScores}
 
 
 def build_model(n_items: int, cfg: ModelConfig) -> FederatedRecommender:

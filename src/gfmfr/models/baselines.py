@@ -1,10 +1,14 @@
-"""Non-learned baselines: item popularity and uniform random scores."""
+"""Non-learned baselines: item popularity, content similarity and uniform random scores.
+
+Each is built from the dataset and the run's config and scores a batch of users at once.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
 
 
@@ -13,11 +17,35 @@ class Popularity:
 
     name = "popularity"
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset, cfg: RunConfig):
         self.counts = torch.from_numpy(np.bincount(dataset.train_items, minlength=dataset.n_items).astype(np.float32))
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         return self.counts.expand(len(users), -1)
+
+
+class ContentKNN:
+    """Content kNN: an item's score is its mean cosine similarity to the user's training items, over the
+    content the data has (each modality of ``multimodal.modalities`` weighs the same). What item content
+    alone says about a user's next item, with no collaborative signal at all."""
+
+    name = "content-knn"
+
+    def __init__(self, dataset: Dataset, cfg: RunConfig):
+        from gfmfr.data.encoders import dataset_features, present_modalities
+
+        content = dataset_features(dataset, cfg.multimodal.modalities)
+        blocks = []
+        for m in present_modalities(cfg.multimodal.modalities, content.features, "content kNN"):
+            x = torch.from_numpy(content.features[m]) * torch.from_numpy(content.mask[m])[:, None]
+            blocks.append(torch.nn.functional.normalize(x, dim=1))
+        self.unit = torch.cat(blocks, 1) / len(blocks)
+        self.dataset = dataset
+
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        d = self.dataset
+        profile = torch.stack([self.unit[torch.from_numpy(d.user_train(u))].mean(0) for u in users])
+        return profile @ self.unit.T
 
 
 class RandomScores:
@@ -25,9 +53,9 @@ class RandomScores:
 
     name = "random"
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: Dataset, cfg: RunConfig):
         self.n_items = dataset.n_items
-        self.seed = seed
+        self.seed = cfg.seed
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         from gfmfr.data.sampling import uniform
