@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any
 
-from gfmfr.config import ConfigError, apply_overrides, from_dict, load_toml
+from gfmfr.config import SCORE_BASELINES, ConfigError, apply_overrides, from_dict, load_toml
 from gfmfr.data.errors import DataError
 from gfmfr.serving.errors import ModelError
 
@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from gfmfr.coldstart import cold_rows
 
         sys.stdout.write(format_table(cold_rows(results, cfg), cfg.eval.ks) + "\n")
-    elif cfg.training == "federated" and cfg.model.name not in ("popularity", "random") and not args.no_reference:
+    elif cfg.training == "federated" and cfg.model.name not in SCORE_BASELINES and not args.no_reference:
         from gfmfr.data.dataset import load_dataset
         from gfmfr.standing import references, standing_line
 
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration as TOML (every default included)")
     common(p)
-    p.add_argument("--model", help="fcf, fedncf, pfedrec, fedrap, popularity or random")
+    p.add_argument("--model", choices=["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "content-knn", "random"],
+                   help="a federated base model, or a baseline that scores without training")
     p.add_argument("--plugin", choices=["none", "gfmfr"], help="plug-in on the federation (GFMFR)")
     p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"],
                    help="wrap the base model with item content: MM-X or FedVLR")
@@ -268,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train and evaluate one model")
     common(p)
-    p.add_argument("--model", help="fcf, fedncf, pfedrec, fedrap, popularity or random")
+    p.add_argument("--model", choices=["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "content-knn", "random"],
+                   help="a federated base model, or a baseline that scores without training")
     p.add_argument("--plugin", choices=["none", "gfmfr"], help="GFMFR on the federation of the base model")
     p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"],
                    help="wrap the base model with item content: MM-X or FedVLR")

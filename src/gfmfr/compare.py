@@ -48,13 +48,13 @@ from typing import Any
 
 import numpy as np
 
-from gfmfr.config import (ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, from_stored, load_toml,
+from gfmfr.config import (SCORE_BASELINES, ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, from_stored, load_toml,
                           same_rounds_under_caps, to_dict, to_toml)
 
 log = logging.getLogger(__name__)
 
 MODEL_LABELS = {"fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP",
-                "popularity": "Popularity", "random": "Random"}
+                "popularity": "Popularity", "content-knn": "Content kNN", "random": "Random"}
 VARIANTS = {"none": ("", {}), "mmx": ("MM-", {"wrapper": "mmx"}), "fedvlr": ("FedVLR-", {"wrapper": "fedvlr"}),
             "gfmfr": ("GFMFR-", {"plugin": "gfmfr"})}
 """A variant of every plan model X: its label prefix and settings."""
@@ -145,7 +145,7 @@ def load_plan(path: str | Path) -> Plan:
         settings = apply_overrides({}, [f"{k}={v}" for k, v in _flatten(extra.get("set", {})).items()])
         model = settings.get("model", {}).get("name", raw.get("config", {}).get("model", {}).get("name", ""))
         kind = "centralised" if settings.get("training") == "centralised" else "federated"
-        kind = "baseline" if model in ("popularity", "random") else kind
+        kind = "baseline" if model in SCORE_BASELINES else kind
         plain = all(settings.get(k, "none") in ("none", None) for k in ("plugin", "wrapper"))
         methods.append(Method(extra["label"], settings, kind, model, "none" if plain else "other"))
     labels = [m.label for m in methods]
