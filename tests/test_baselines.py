@@ -206,17 +206,17 @@ set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsil
     assert json.loads(mm.read_text())["config"]["federation"]["rounds"] == 3
 
 
-def test_compare_plan_errors_name_the_file(tmp_path, caplog):
+def test_compare_plan_errors_name_the_file(tmp_path, capsys):
     plan = tmp_path / "plan.toml"
     plan.write_text('seeds = [0]\nmodels = ["fcf"]\nplugins = ["nope"]\n')
     assert main(["compare", "--config", str(plan), "--out", str(tmp_path / "r")]) == 2
-    assert "plan.toml: plugins: unknown 'nope'" in caplog.text
+    assert "plan.toml: plugins: unknown 'nope'" in capsys.readouterr().err
     plan.write_text('seeds = [0]\nmodel = ["fcf"]\n')
     assert main(["compare", "--config", str(plan), "--out", str(tmp_path / "r")]) == 2
-    assert "unknown key(s) ['model']" in caplog.text
+    assert "unknown key(s) ['model']" in capsys.readouterr().err
     plan.write_text('seeds = [0]\nmodels = ["fcf"]\n[config]\nfederation.rounds = "many"\n')
     assert main(["compare", "--config", str(plan), "--out", str(tmp_path / "r")]) == 2
-    assert "federation.rounds: cannot read 'many'" in caplog.text
+    assert "federation.rounds: cannot read 'many'" in capsys.readouterr().err
 
 
 def test_gap_closed_keeps_its_sign_when_the_bound_is_not_above_the_base():

@@ -33,11 +33,27 @@ def test_run_writes_results(planted_folder, tmp_path, capsys, model):
     assert "HR@10" in capsys.readouterr().out
 
 
-def test_bad_input_exits_with_named_error(tmp_path, caplog):
+def test_bad_input_exits_with_named_error(tmp_path, capsys):
     (tmp_path / "interactions.csv").write_text("user_id,item\n1,2\n")
     assert main(["data", "--dataset", str(tmp_path)]) == 2
-    assert "interactions.csv, line 1, field 'item_id'" in caplog.text
+    err = capsys.readouterr().err
+    assert err.startswith("gfmfr: error: ") and "interactions.csv, line 1, field 'item_id'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["run", "--dataset", str(tmp_path), "--set", "model.nope=1"]) == 2
+    # a value that cannot train is refused at load, naming the key
+    assert main(["run", "--dataset", str(tmp_path), "-v", "--set", "model.lr=-1"]) == 2
+    assert "model.lr: must be above 0" in capsys.readouterr().err
+
+
+def test_usual_manners(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("gfmfr ")
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "--seed", "3"])  # data trains nothing: no seed
+    assert exit_.value.code == 2
 
 
 def test_run_centralised(planted_folder, tmp_path, capsys):

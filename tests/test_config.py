@@ -58,7 +58,7 @@ def test_a_bad_choice_on_the_command_line_is_one_line_and_exit_2(capsys, caplog)
     from gfmfr.cli import main
 
     assert main(["run", "--set", "gfmfr.fusion=mpl"]) == 2
-    assert "gfmfr.fusion: must be one of 'sum', 'mlp'" in caplog.text
+    assert "gfmfr.fusion: must be one of 'sum', 'mlp'" in capsys.readouterr().err
 
 
 def test_moved_keys_still_load():

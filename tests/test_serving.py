@@ -97,7 +97,7 @@ def test_recommend_cli(planted_folder, tmp_path, capsys, caplog):
     lines = (tmp_path / "all.csv").read_text().strip().splitlines()
     assert lines[0] == "user,rank,item,score" and len(lines) == 1 + 80 * 2
     assert main(["recommend", "--run", str(out), "--user", "nobody"]) == 2
-    assert "user 'nobody' is not in this model" in caplog.text
+    assert "user 'nobody' is not in this model" in capsys.readouterr().err
 
 
 def test_titles_come_from_the_item_text():
@@ -134,4 +134,5 @@ def test_recommend_cli_ranks_new_items_from_their_text(planted_folder, tmp_path,
     assert len(got) == 2 + 60 - seen  # every item u3 has not interacted with, and the new ones
     (tmp_path / "clash.csv").write_text("item_id,text\nn1,x\n7,y\n")
     assert main(["recommend", "--run", str(out), "--user", "u3", "--new-items", str(tmp_path / "clash.csv")]) == 2
-    assert "line 3" in caplog.text and "already in the model's catalogue" in caplog.text
+    err = capsys.readouterr().err
+    assert "line 3" in err and "already in the model's catalogue" in err

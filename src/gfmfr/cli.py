@@ -236,22 +236,49 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gfmfr", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that shows each option's default, where it has one of its own (not left to the config)."""
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
+    # -v is accepted before and after the subcommand; the subcommand's copy leaves the value alone unless given
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and a traceback with every error")
+    parser = argparse.ArgumentParser(prog="gfmfr", description=__doc__, parents=[verbose])
+    parser.set_defaults(verbose=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('gfmfr')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add_parser(name, parents=[verbose], formatter_class=_DefaultsShown, **kwargs)
+
+    sub.add_parser = add  # type: ignore[method-assign]
+
+    def common(p: argparse.ArgumentParser, split: bool = True, training: bool = True) -> None:
+        """The options that choose the data and the configuration (and, for commands that train, the
+        split, the seed and the threads)."""
         p.add_argument("--dataset", help="ml-100k or a data folder")
         p.add_argument("--content", help="folder with items.csv and images")
-        p.add_argument("--split", choices=["auto", "leave-one-out", "cold-items"],
-                       help="auto (default: the data's own split_label where it has one, else leave-one-out), "
-                            "leave-one-out by time, or hold out cold items (data.cold_item_fraction) and "
-                            "rank them from their content")
+        if split:
+            p.add_argument("--split", choices=["auto", "leave-one-out", "cold-items"],
+                           help="auto (default: the data's own split_label where it has one, else leave-one-out), "
+                                "leave-one-out by time, or hold out cold items (data.cold_item_fraction) and "
+                                "rank them from their content")
         p.add_argument("--config", help="TOML config file")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config field")
-        p.add_argument("--seed", type=int, help="random seed")
-        p.add_argument("--threads", type=int, help="torch threads (runtime.threads; 0: one per core)")
+        if training:
+            p.add_argument("--seed", type=int, help="random seed")
+            p.add_argument("--threads", type=int, help="torch threads (runtime.threads; 0: one per core)")
 
     p = sub.add_parser("config", help="print the resolved configuration as TOML (every default included)")
     common(p)
@@ -263,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="print the data report")
-    common(p)
+    common(p, training=False)
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_data)
 
@@ -290,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="search learning rates, local epochs and plug-in knobs on validation (Optuna)")
     common(p)
-    p.add_argument("--model", help="fcf, fedncf, pfedrec or fedrap")
+    p.add_argument("--model", choices=["fcf", "fedncf", "pfedrec", "fedrap"], help="the federated base model to tune")
     p.add_argument("--plugin", choices=["none", "gfmfr"], help="plug-in whose knobs are searched too")
     p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"], help="model wrapper whose knobs are searched too")
     p.add_argument("--space", help="TOML file declaring the search space (default: see gfmfr.tune.default_space)")
@@ -321,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("encode", help="encode item text and images on the server (cached)")
-    common(p)
+    common(p, split=False, training=False)
     p.add_argument("--modality", action="append", choices=["text", "image"], default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_encode)
@@ -338,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelError) as exc:
-        log.error("%s", exc)
+        if args.verbose:
+            log.exception("user error")
+        sys.stderr.write(f"gfmfr: error: {exc}\n")
         return 2
 
 

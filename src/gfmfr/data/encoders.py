@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gfmfr.config import DataConfig
+from gfmfr.config import ConfigError, DataConfig
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.data.ml100k import cache_dir
 
@@ -204,10 +204,10 @@ def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "i
 
 def present_modalities(wanted: tuple[str, ...], features: dict[str, np.ndarray], who: str) -> tuple[str, ...]:
     """Those of ``wanted`` that the data has features for (a model uses whichever it has); none is a
-    ValueError naming ``who``."""
+    :class:`ConfigError` naming ``who``."""
     present = tuple(m for m in wanted if m in features)
     if not present:
-        raise ValueError(f"{who}: the data has no item content ({', '.join(wanted)}); give a content "
+        raise ConfigError(f"{who}: the data has no item content ({', '.join(wanted)}); give a content "
                          "folder (--content DIR with items.csv) or feature files (text_features.npy, ...)")
     return present
 
