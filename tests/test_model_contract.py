@@ -78,7 +78,7 @@ def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rou
     """Rounds trained batched (in chunks and blocks) and with the one-client step, one client after
     another, give the same global parameters and client states (to float32 round-off, TOL)."""
     from gfmfr.federation.aggregation import RoundAggregate
-    from gfmfr.federation.plugin import end_round
+    from gfmfr.federation.plugin import end_round, move_shared
     from tests.test_client_training import assert_same_states
 
     cfg = replace(cfg, runtime=replace(cfg.runtime, client_chunk=50, client_block=7))
@@ -92,6 +92,7 @@ def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rou
         agg.add(one.train_one_by_one(users, t))
         one.state.shared, _ = agg.finish(one.server_opt)
         end_round(one.plugins, one.model, t, {})
+        one.state.shared = move_shared(one.plugins, one.state.shared, t)
     assert_same_states(fed, one, users)
 
 

@@ -33,7 +33,7 @@ from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.batched import LocalData, train_clients
 from gfmfr.federation.client_step import client_step
 from gfmfr.federation.messages import LocalUpdate, TrainInstruction
-from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
+from gfmfr.federation.plugin import Plugin, end_round, move_shared, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.validation import surviving
 from gfmfr.privacy.dp import privatise
@@ -164,6 +164,7 @@ class Federation:
             seconds["aggregate"] += time.perf_counter() - t1
         self.state.shared, loss = agg.finish(self.server_opt)
         up, down, extra = end_round(self.plugins, self.model, round_, seconds)
+        self.state.shared = move_shared(self.plugins, self.state.shared, round_)
         return RoundLog(round_, len(users), loss, seconds, up, down, rejected=agg.rejected, extra=extra)
 
     def train_one_by_one(self, users: np.ndarray, round_: int, want_signatures: bool | None = None) -> LocalUpdate:

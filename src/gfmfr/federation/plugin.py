@@ -93,6 +93,11 @@ class ServerHalf(ABC):
     def end_round(self, model: FederatedRecommender, round_: int) -> PluginReport:
         """Server work once the round's uploads are aggregated."""
 
+    def move_shared(self, shared: Params, round_: int) -> Params:
+        """The global parameters the next round starts from, given those FedAvg made of ``round_``
+        (unchanged by default; GFMFR pulls the item table towards its fused content vectors)."""
+        return shared
+
     def summary(self) -> dict[str, Any]:
         """Figures for ``results.json`` once training ends."""
         return {}
@@ -116,6 +121,13 @@ class Plugin:
 def wants_signatures(plugins: tuple[Plugin, ...], round_: int) -> bool:
     """Whether clients upload their head signatures in ``round_`` (a plug-in groups them by it)."""
     return any(p.server.wants_signatures(round_) for p in plugins)
+
+
+def move_shared(plugins: tuple[Plugin, ...], shared: Params, round_: int) -> Params:
+    """The global parameters after every plug-in's :meth:`ServerHalf.move_shared`, in order."""
+    for plugin in plugins:
+        shared = plugin.server.move_shared(shared, round_)
+    return shared
 
 
 def end_round(plugins: tuple[Plugin, ...], model: FederatedRecommender, round_: int,

@@ -41,7 +41,7 @@ from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.checkpoint import client_tensors, server_tensors
 from gfmfr.federation.engine import RoundLog, participants, privacy_setup, spent
 from gfmfr.federation.messages import LocalUpdate
-from gfmfr.federation.plugin import Plugin, end_round, wants_signatures
+from gfmfr.federation.plugin import Plugin, end_round, move_shared, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
 from gfmfr.flower import wire
@@ -237,6 +237,7 @@ class FedRecStrategy(Strategy):
             _, metrics = self.aggregate_train(t + 1, replies)
             seconds = {"train": t1 - t0, "aggregate": time.perf_counter() - t1}
             up, down, extra = end_round(self.plugins, self.model, t, seconds)
+            self.shared = move_shared(self.plugins, self.shared, t)
             entry = RoundLog(t, len(sampled), float(metrics["loss"]), seconds, up, down, rejected=self.rejected,
                              extra=extra, epsilon=self.ledger.spend(t) if self.ledger is not None else None)
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:

@@ -28,7 +28,7 @@ import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
-from gfmfr.data.encoders import present_modalities, reduce_features
+from gfmfr.data.encoders import present_modalities, reduce_features, standardise
 from gfmfr.federation.aggregation import group_sums
 from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
 from gfmfr.federation.plugin import ServerHalf
@@ -147,6 +147,7 @@ class GFMFRServer(ServerHalf):
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
         self.targets: torch.Tensor | None = None  # [G, n_items, d]: C_g of the last server round (0 if empty)
         self.fused: torch.Tensor | None = None  # [G, n_items, d]: Q_g of the last server round (0 if empty)
+        self.pull: torch.Tensor | None = None  # [n_items, d]: content vectors the table moves to after this round
         self._chunks: list[dict[str, Any]] = []
         self._stats = np.zeros(3)  # sums of the clients' distillation weight, KL and steps since the last server round
         self.noise: CentralNoise | None = None  # central DP: group sums and sizes are noised
@@ -244,6 +245,8 @@ class GFMFRServer(ServerHalf):
                 head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
+            if self.cfg.content_pull > 0:
+                self.pull = self.content_vectors(present, counts[present], targets)
         self.preferences = torch.full((G, self.n_items), 0.5)
         self.preferences[present] = prefs
         self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
@@ -262,6 +265,32 @@ class GFMFRServer(ServerHalf):
                 "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
             },
         )
+
+    def content_vectors(self, groups: torch.Tensor, sizes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[n_items, d]: each item's vector from its content alone, the ``sizes``-weighted mean over
+        ``groups`` of the fused Q_g(i) without the item-ID view (``gfmfr.content_pull``'s target)."""
+        weights = (sizes / sizes.sum())[:, None, None]
+        if self.cfg.pull_target == "ridge":
+            x = torch.cat([standardise(f, m) for f, m in zip(self.features, self.masks)], 1)
+            c = (weights * targets).sum(0)
+            mu = c.mean(0)
+            w = torch.linalg.solve(x.T @ x + torch.eye(x.shape[1]), x.T @ (c - mu))
+            return mu + x @ w
+        hidden = torch.ones(self.n_items, dtype=torch.bool)
+        return (weights * self.fusion(groups, drop=hidden)).sum(0)
+
+    def move_shared(self, shared: Params, round_: int) -> Params:
+        """The item table pulled ``gfmfr.content_pull`` of the way to the content vectors of this server
+        round (the items training knows; a cold item's row stays as it is)."""
+        if self.pull is None:
+            return shared
+        pull, self.pull = self.pull, None
+        table = self.model.item_table
+        rows = shared[table]
+        step = self.cfg.content_pull * (pull - rows)
+        if self.known is not None:
+            step = step * self.known[:, None]
+        return {**shared, table: rows + step}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {"group": torch.from_numpy(self.grouping.group.copy()),
