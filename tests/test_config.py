@@ -176,3 +176,19 @@ def test_a_stored_config_is_read_as_the_run_that_made_it():
     assert from_stored(old).gfmfr.anneal_rounds == 100
     assert from_stored({"plugin": "gfmfr", "federation": {"rounds": 100}}).gfmfr.anneal_rounds == 400
     assert from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}}).gfmfr.anneal_rounds == 400
+
+
+def test_the_configuration_reference_is_the_code():
+    """docs/config.md is generated from the config dataclasses: every field is there with its default and
+    its docstring, and the committed file is what ``python -m gfmfr.docs`` writes today."""
+    import dataclasses
+
+    from gfmfr import config
+    from gfmfr.docs import OUT, main, render
+
+    text = render()
+    for section in (config.DataConfig, config.GFMFRConfig, config.PrivacyConfig):
+        for f in dataclasses.fields(section):
+            assert f"| `{f.name}` |" in text
+    assert "| `content_pull` | float | `0.5` |" in text
+    assert main(["--check"]) == 0, f"{OUT} is out of date: run python -m gfmfr.docs"
