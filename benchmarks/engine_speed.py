@@ -1,6 +1,6 @@
 """Seconds per round, peak RSS, batched-vs-naive ratio and evaluation speed on ML-100K.
 
-Setting (issue 3): 943 clients, 5 local epochs, 4 negatives, batch 256, d = 64.
+Setting: 943 clients, 5 local epochs, 4 negatives, batch 256, d = 64.
 The naive round trains one client after another with the one-client step (plain dense PyTorch:
 full item-table copies, autograd, torch.optim.SGD, as the reference code trains; what a device
 runs); the "1-by-1" round calls the batched engine with one client at a time; the batched round

@@ -1,5 +1,5 @@
 """The privacy audit: what an honest-but-curious server learns of a client's training positives
-from its uploads (issue 17). Attacks: :mod:`gfmfr.privacy.audit`.
+from its uploads. Attacks: :mod:`gfmfr.privacy.audit`.
 
 A federation (default FCF, ML-100K, seed 0) trains ``--rounds`` rounds; in the next round every
 client (or ``--clients`` of them) trains once more and uploads its item rows and its head signature

@@ -1,6 +1,6 @@
 """Median seconds of a batched training round on ML-100K, for A/B comparisons between commits.
 
-Setting of issue 3 (943 clients, 5 local epochs, 4 negatives, batch 256, d = 64); no naive loop
+The engine benchmark's setting (943 clients, 5 local epochs, 4 negatives, batch 256, d = 64); no naive loop
 and no evaluation, so one model takes seconds. On a noisy machine, alternate the two versions:
 
     for i in 1 2 3; do for tree in ../old ../new; do

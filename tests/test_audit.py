@@ -1,4 +1,4 @@
-"""The privacy audit's attacks work where they should and fail where noise hides the signal (issue 17)."""
+"""The privacy audit's attacks work where they should and fail where noise hides the signal."""
 
 import numpy as np
 import torch

@@ -1,5 +1,5 @@
 """Resume after a crash: a killed run continued with --resume computes what the uninterrupted run
-computes, bit for bit (issue 17)."""
+computes, bit for bit."""
 
 from __future__ import annotations
 

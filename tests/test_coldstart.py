@@ -1,4 +1,4 @@
-"""The cold-items split, its evaluation protocol, and the cold items' vectors from content (issue 18)."""
+"""The cold-items split, its evaluation protocol, and the cold items' vectors from content."""
 
 from __future__ import annotations
 

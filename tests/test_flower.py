@@ -1,4 +1,4 @@
-"""The Flower backend gives the in-process engine's numbers (issue 16).
+"""The Flower backend gives the in-process engine's numbers.
 
 Most tests drive the real ServerApp and ClientApp code through :class:`gfmfr.flower.local.LocalGrid`
 (Flower messages and records, no Ray): node counts from 1 to one user per node in seconds. One

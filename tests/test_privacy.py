@@ -1,4 +1,4 @@
-"""Differential privacy: clipping, noise, accounting, stopping at a target epsilon (issue 17)."""
+"""Differential privacy: clipping, noise, accounting, stopping at a target epsilon."""
 
 from dataclasses import replace
 

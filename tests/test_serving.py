@@ -1,4 +1,4 @@
-"""Saved models and recommendations (issue 18)."""
+"""Saved models and recommendations."""
 
 from dataclasses import replace
 

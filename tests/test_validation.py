@@ -1,4 +1,4 @@
-"""Bad uploads are rejected, and clients drop out (issue 17)."""
+"""Bad uploads are rejected, and clients drop out."""
 
 from dataclasses import replace
 

@@ -1,4 +1,4 @@
-"""``gfmfr compare``: every method x seed of a plan, one report (issue 5).
+"""``gfmfr compare``: every method x seed of a plan, one report.
 
 A plan is a TOML file::
 

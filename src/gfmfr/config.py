@@ -85,9 +85,8 @@ class ModelConfig:
     weight_decay: float = 1e-4
     """L2 weight decay on every parameter (SGD-style, applied each local step)."""
     fedrap_head: Literal["mlp", "dot"] = "dot"
-    """FedRAP head: ``dot`` (the FedRAP paper) or ``mlp`` (the GFMFR reference variant). On ML-100K the
-    per-client MLP head memorises each client's pairs: validation NDCG@10 0.0547 ± 0.0036 (3 seeds,
-    session 14) against the dot head's 0.0772 (seed 0; docs/results.md, session 15)."""
+    """FedRAP head: ``dot`` (the FedRAP paper) or ``mlp`` (the GFMFR reference variant, whose per-client MLP
+    memorises each client's few pairs)."""
     fedrap_lambda: float = 0.1
     """FedRAP v1: weight of the -||D_u - C||^2 term once ramped up (lambda_t = v1 tanh(t/10))."""
     fedrap_mu: float = 1e-3
@@ -101,17 +100,15 @@ class FederationConfig:
     """Rounds, client sampling, local training and aggregation (docs/method.md, 'One round t')."""
 
     rounds: int = 1000
-    """Maximum number of communication rounds; early stopping ends runs first. On ML-100K with one
-    local epoch FCF, PFedRec and FedRAP peak between rounds 100 and 250, while FedNCF, the slowest
-    learner, was still improving at round 400, the cap until session 15 (docs/results.md). Under DP
-    without ``privacy.noise_multiplier`` the noise is calibrated over this many rounds: set it to the
-    rounds the run should last."""
+    """Maximum number of communication rounds; early stopping ends runs first (the base models peak
+    between rounds 40 and 700 on the datasets measured). Under DP without ``privacy.noise_multiplier``
+    the noise is calibrated over this many rounds: set it to the rounds the run should last."""
     client_fraction: float = 1.0
     """Fraction of clients sampled per round (seeded)."""
     local_epochs: int = 1
-    """Local epochs per round over the client's positives and sampled negatives. One: with 5 (the
-    reference code's) every base model overfits its local data within a round and stalls near
-    popularity (FCF test NDCG@10 .039 against .063 with one; docs/results.md)."""
+    """Local epochs per round over the client's positives and sampled negatives. One: with more, every
+    base model overfits its few local interactions within a round (the reference code's 5 stall near
+    popularity)."""
     batch_size: int = 256
     """Local minibatch size."""
     loss_average: Literal["batch", "nominal"] = "batch"
@@ -153,17 +150,15 @@ class FederationConfig:
     eval_every: int = 1
     """Validate every N rounds (the last round is always validated)."""
     early_stop_patience: int = 60
-    """Stop at a validation this many rounds after the best one (0: never stop early). Validation
-    NDCG@10 on 943 users is noisy from round to round, and training stalls: 10 stopped runs on a
-    plateau they later left, and so did 30 (FedNCF seed 0 stalled for 37 rounds and stopped at
-    round 90 with validation 0.0484; run on, it reached 0.0748 at round 398; 73 of 139 ML-100K runs
-    made a new best after a stall of 20 rounds or more). docs/results.md, session 14."""
+    """Stop at a validation this many rounds after the best one (0: never stop early). Validation on a
+    few hundred users is noisy from round to round and training stalls for tens of rounds before it
+    improves again, hence a long patience."""
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
     """User-level differential privacy: DP-FedAvg (McMahan et al., ICLR 2018) with its privacy
-    spent from Google's ``dp-accounting`` (RDP), and noise on GFMFR's head signatures (issue 17)."""
+    spent from Google's ``dp-accounting`` (RDP), and noise on GFMFR's head signatures."""
 
     mode: Literal["off", "central", "local"] = "off"
     """``central``: every client's whole update (item tables whole) is clipped to L2 norm ``clip`` and
@@ -240,20 +235,16 @@ class GFMFRConfig:
     ML-100K's 1,682: one step is one epoch there). Warm-started, so they add up over rounds; 50 cost
     as much as the clients' training on ML-100K and were no better in the ablation."""
     server_every: int = 5
-    """Run the server work (grouping, group targets, fusion, teacher) every N rounds, from round 0;
-    in between, clients distil towards the last preferences and upload no signatures. With the KL
-    term on the negatives, a teacher refreshed every 5 rounds is what carries GFMFR's gain on
-    well-trained bases (FCF, 3 seeds: test NDCG@10 +0.0048 against +0.0003/-0.0025 refreshed every
-    round), and it cuts GFMFR-FCF's round from 2.8x to 1.3x FCF's (docs/results.md, session 9)."""
+    """Run the server work (grouping, group targets, fusion, teacher, content pull) every N rounds, from
+    round 0; in between, clients distil towards the last preferences and upload no signatures. A teacher
+    that moves slowly is what makes the KL term on the negatives help, and it costs a fifth."""
     server_lr: float = 0.01
     """Adam learning rate of the fusion model."""
     fusion_loss: Literal["mse", "score"] = "score"
     """What fitting Q_g(i) to the group target C_g(i) minimises: ``score``, (head_u(Q_g(i)) -
     head_u(C_g(i)))^2 over up to ``score_members`` sampled members u of the group, the error in the
     scores the members (and the teacher) read off the vectors; ``mse``, ||Q_g(i) - C_g(i)||^2 (the
-    paper's). With ``item_view_dropout = 0.25``, ``score`` raised validation NDCG@10 over the base on
-    every seed (FCF 6/6, +0.0062; PFedRec 3/3, +0.0051) against +0.0015 and +0.0066 for the paper's
-    ``mse``, and test by +0.0027 and +0.0036 (docs/results.md, session 13)."""
+    paper's)."""
     score_members: int = 16
     """Members sampled per group and server round by ``fusion_loss = "score"``."""
     item_view_dropout: float = 0.25
@@ -265,10 +256,8 @@ class GFMFRConfig:
     """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
     distill_on: Literal["all", "negatives"] = "negatives"
     """Training pairs the KL term covers: ``negatives``, only the sampled unobserved items, where the
-    group's preference is information the client lacks; or ``all``, every training pair (the
-    paper's). On well-trained bases (ML-100K, 3 seeds, docs/results.md session 9) ``all`` lowers FCF's
-    test NDCG@10 by 0.0030 and validation by 0.0065; ``negatives`` with ``server_every = 5`` raises
-    them by 0.0048 and 0.0062 on every seed."""
+    group's preference is information the client lacks; or ``all``, every training pair (the paper's),
+    which pulls a client's own positives towards a group average."""
     ema_decay: float = 0.9
     """Decay of the moving average r_t of L_base / L_KL."""
     anneal_rounds: int | None = 400
@@ -284,11 +273,7 @@ class GFMFRConfig:
     paper's). ``client``: p_g(i) recentred per client and batch, in logit space, on the client's own
     mean logit over the covered pairs: only which items the group prefers is passed on, so the first
     teachers, built from nearly untrained tables (p about 0.4-0.5 for every item), do not hold the
-    client's negatives up. It reaches 90% of the centralised bound in 1.04x / 1.12x / 1.00x / 1.12x the
-    base's rounds on FCF / PFedRec / FedRAP / FedNCF against 1.23x / 1.31x / 1.18x / 1.18x, with
-    validation NDCG@10 over the base +0.0054 / +0.0039 / +0.0048 / -0.0017 against +0.0053 / +0.0038 /
-    +0.0064 / +0.0011 (docs/results.md, session 17): the time-to-quality choice for FCF and PFedRec;
-    ``group`` keeps FedRAP's and FedNCF's gain."""
+    client's negatives up. It reaches a given quality in fewer rounds on FCF and PFedRec."""
     max_ratio: float = 1.0
     """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
     content_dim: int | None = 128
@@ -354,7 +339,7 @@ class RuntimeConfig:
     ``gfmfr recommend`` (FedRAP's is 395 MB on ML-100K: a large ``gfmfr compare`` plan may turn it off)."""
     backend: Literal["in-process", "flower"] = "in-process"
     """``in-process``: the batched engine in this process; ``flower``: Flower's simulation engine, one
-    ClientApp per node, each hosting a partition of the users (the same numbers, issue 16)."""
+    ClientApp per node, each hosting a partition of the users (the same numbers)."""
     nodes: int = 2
     """Simulated Flower nodes (``backend = "flower"``); the users are split into this many partitions."""
 

@@ -4,14 +4,13 @@ Two settings matter on a small CPU machine that other jobs share:
 
 - OpenMP's wait policy. With the default, torch's worker threads spin after each parallel
   region; when another process holds a core, a spinning worker takes the time slice the thread
-  doing the work needed, and rounds ran 5-40x slower (docs/results.md, "Threads"). ``PASSIVE``
-  makes idle workers sleep. OpenMP reads the policy once, when torch loads, so
-  :mod:`gfmfr` sets it on import (``OMP_WAIT_POLICY``, unless the user set it).
-- The thread count (``runtime.threads``, default one per core): with the passive wait, two
-  threads on 2 cores kept FCF's quiet speed and lost 25-34% when another job held a core,
-  against 2.3-3.8x with OpenMP's default spinning; one thread was 15-50% slower when quiet.
-  The same count applies to NumPy's and SciPy's BLAS (OpenBLAS keeps its own pool, one thread per
-  core, whose idle threads also spin): GFMFR's grouping (distances, eigenvectors) runs there.
+  doing the work needed. ``PASSIVE`` makes idle workers sleep. OpenMP reads the policy once, when
+  torch loads, so :mod:`gfmfr` sets it on import (``OMP_WAIT_POLICY``, unless the user set it).
+- The thread count (``runtime.threads``, default one per core). The same count applies to NumPy's
+  and SciPy's BLAS (OpenBLAS keeps its own pool, whose idle threads also spin): GFMFR's grouping
+  (distances, eigenvectors) runs there.
+
+``benchmarks/threads.py`` measures both, quiet and with a busy core.
 """
 
 from __future__ import annotations

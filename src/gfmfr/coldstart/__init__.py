@@ -1,4 +1,4 @@
-"""Cold-start items (issue 18): the item-vector sources (:mod:`.sources`) and their evaluation
+"""Cold-start items: the item-vector sources (:mod:`.sources`) and their evaluation
 (:class:`ColdStart`) on the ``cold-items`` split."""
 
 from __future__ import annotations

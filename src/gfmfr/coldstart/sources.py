@@ -1,4 +1,4 @@
-"""Where a cold item's vector comes from (issue 18): items no client has ever interacted with.
+"""Where a cold item's vector comes from: items no client has ever interacted with.
 
 On the ``cold-items`` split (:func:`gfmfr.data.dataset.build_dataset`) no client trains a cold
 item's row of the shared item table, so the server stands in for it from the item's public

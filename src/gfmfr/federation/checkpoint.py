@@ -1,4 +1,4 @@
-"""Checkpoints of an in-process federation: resume a killed run where it stopped (issue 17).
+"""Checkpoints of an in-process federation: resume a killed run where it stopped.
 
 After every round the engine writes everything the next round reads into one safetensors file,
 atomically (a temporary file, then a rename): the global shared parameters, every client's private

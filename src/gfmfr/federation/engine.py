@@ -136,7 +136,7 @@ class Federation:
         self._ahead: tuple[tuple[int, int], Future[LocalData]] | None = None
         self.ledger, self.noise = privacy_setup(cfg, dataset.n_users, model, plugins)
         self.cold: ColdStart | None = None
-        if dataset.cold_items is not None:  # cold items are scored from their content (issue 18)
+        if dataset.cold_items is not None:  # cold items are scored from their content
             self.cold = ColdStart(dataset, model, cfg, plugins, self.state)
 
     def train_round(self, round_: int) -> RoundLog:

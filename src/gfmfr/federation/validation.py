@@ -1,11 +1,11 @@
-"""Screening of client uploads before they are averaged (issue 17: bad uploads are rejected).
+"""Screening of client uploads before they are averaged: bad uploads are rejected.
 
 A client's upload is rejected when any value it sends is NaN or infinite, or when the norm of its
 update per local step (its upload minus the parameters it started from, item tables whole: the rows
 it did not train changed by weight decay only) is more than ``federation.reject_norm`` times the
-median of the clients screened with it. Per step, because a heavy user takes more steps: on ML-100K
-the largest honest ratio to the median was 13 in the first 8 rounds of the four base models (35
-without the division), hence a default of 100, which still catches an update scaled by 1e3. A rejected client is left out of the average; its own private
+median of the clients screened with it. Per step, because a heavy user takes more steps, which keeps
+honest clients within a small multiple of the median (the default of 100 leaves room for them and still
+catches an update scaled by 1e3). A rejected client is left out of the average; its own private
 state is its own business. The engine and the Flower server screen per-client uploads; a Flower
 node screens its users before it sums them.
 """

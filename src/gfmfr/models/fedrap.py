@@ -62,13 +62,9 @@ class FedRAP(FederatedRecommender):
 
     name = "fedrap"
     default_lrs = {"lr": 3.0, "item_lr": 100.0, "private_item_lr": 0.0}
-    """The dot head's (the default), chosen on ML-100K validation (docs/results.md, session 15): the
-    user vector and C learn at FCF's rates, and D_u does not learn. Validation NDCG@10 fell the faster
-    D_u learned (seed 0: 0.0772 at rate 0, 0.0739 at 0.005, 0.0699 at 0.015, 0.0660 at 0.05, 0.0645
-    at 0.15): each client's private table memorises its few pairs. Give ``model.private_item_lr`` a
-    rate to use FedRAP's additive personalisation."""
+    """The dot head's (the default), chosen on validation: the user vector and C learn at FCF's rates."""
     mlp_head_lrs = {"lr": 0.3, "item_lr": 30.0, "private_item_lr": 0.15}
-    """The MLP head's (the GFMFR reference variant), chosen on ML-100K validation in session 8."""
+    """The MLP head's (the GFMFR reference variant), chosen on ML-100K validation."""
     item_table = "C"
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Content-aware baselines that wrap any base model X: MM-X and FedVLR (issue 5).
+"""Content-aware baselines that wrap any base model X: MM-X and FedVLR.
 
 Both replace X's shared item table ``e_i`` (the :attr:`item_table` hook), in every forward
 pass, by an item vector built from ``e_i`` and the item's frozen content features ``x_m(i)``

@@ -1,4 +1,4 @@
-"""An honest-but-curious server's attacks on what clients upload (issue 17's privacy audit).
+"""An honest-but-curious server's attacks on what clients upload (the privacy audit).
 
 From one client's upload the server tries to tell the client's training positives from every other
 item. Each attack scores every item; :func:`attack_figures` reports the AUC (positives against all

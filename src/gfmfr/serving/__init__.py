@@ -1,2 +1,2 @@
-"""From a trained federation to recommendations (issue 18): the saved model (:mod:`.saved`) and
+"""From a trained federation to recommendations: the saved model (:mod:`.saved`) and
 top-K ranking for its users (:mod:`.recommend`)."""

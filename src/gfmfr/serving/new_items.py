@@ -1,4 +1,4 @@
-"""Items added at serving time, known only by their content (issue 18).
+"""Items added at serving time, known only by their content.
 
 The server encodes a new item's text and image with the encoders the run's content came from,
 reduces them as it reduced the catalogue's (:class:`~gfmfr.data.encoders.ContentReduction`) and

@@ -1,4 +1,4 @@
-"""Top-K recommendations from a saved federation (issue 18).
+"""Top-K recommendations from a saved federation.
 
 A user's items are scored as its client scores them on its device: the model's forward pass with
 its private parameters and the global shared ones (:meth:`FederationState.score`, the evaluation's
