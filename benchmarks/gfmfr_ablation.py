@@ -33,14 +33,11 @@ VARIANTS: dict[str, list[str]] = {
     "fusion=gate": ["gfmfr.fusion=gate"],
     "fusion=attention": ["gfmfr.fusion=attention"],
     "fusion=mixture": ["gfmfr.fusion=mixture"],
-    "no-distill": ["gfmfr.distill=false"],
     "kmeans": ["gfmfr.grouping=kmeans"],
     "mean-head-teacher": ["gfmfr.teacher=mean_head"],
     "no-item-view": ["gfmfr.item_view=false"],
     "server-steps=50": ["gfmfr.server_steps=50"],
     "distill-all": ["gfmfr.distill_on=all"],
-    "nominal-loss": ["federation.loss_average=nominal"],
-    "distill-negatives-nominal-loss": ["gfmfr.distill_on=negatives", "federation.loss_average=nominal"],
 }
 
 

@@ -55,9 +55,8 @@ def assert_uploads_agree(batched, one, shared):
 
 @pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
 @pytest.mark.parametrize("round_", [0, 3])
-@pytest.mark.parametrize("loss_average", ["batch", "nominal"])
-def test_batched_matches_the_one_client_step(planted, name, round_, loss_average):
-    cfg = small_config(name, local_epochs=2, loss_average=loss_average)
+def test_batched_matches_the_one_client_step(planted, name, round_):
+    cfg = small_config(name, local_epochs=2)
     fed = Federation(planted, build_model(planted.n_items, cfg.model), cfg)
     users = np.array([5, 11, 2])
     if round_:  # the clients already hold private rows from an earlier round
@@ -89,29 +88,6 @@ def test_lazy_weight_decay_matches_dense_sgd_when_it_settles_mid_round(planted, 
     np.testing.assert_array_equal(update.row_item, uploads.row_item)
     torch.testing.assert_close(update.rows[table], uploads.rows[table], rtol=1e-4, atol=1e-6)
     assert_same_states(fed, one, user)
-
-
-def test_nominal_loss_average_weighs_a_partial_batch_by_its_fill(planted):
-    """Client 5's last batch of an epoch is partial: 'nominal' shrinks that step, so parameters differ."""
-    from gfmfr.federation.batched import LocalData, batch_weight
-
-    cfg = small_config("fcf", local_epochs=2)
-    data = LocalData(planted, np.array([5]), cfg.federation, cfg.seed, 0)
-    fills = [int(data.batch(s).mask.sum()) for s in range(len(data.active))]
-    assert fills[-1] < cfg.federation.batch_size == fills[0]
-    nominal = replace(cfg.federation, loss_average="nominal")
-    weights = batch_weight(data.batch(len(data.active) - 1).mask, nominal)
-    torch.testing.assert_close(weights, torch.tensor([fills[-1] / cfg.federation.batch_size]))
-    users = {}
-    for mode in ("batch", "nominal"):
-        c = small_config("fcf", local_epochs=2, loss_average=mode)
-        model = build_model(planted.n_items, c.model)
-        fed = Federation(planted, model, c)
-        train_clients(model, fed.state, np.array([5]), planted, c.federation, c.seed, 0)
-        users[mode] = fed.state.private["user"][5]
-    assert not torch.allclose(users["batch"], users["nominal"])
-    with pytest.raises(ValueError, match="loss_average"):
-        batch_weight(data.batch(0).mask, replace(cfg.federation, loss_average="sum"))
 
 
 def test_decay_factor_out_of_range_is_rejected():

@@ -61,17 +61,17 @@ def test_a_bad_choice_on_the_command_line_is_one_line_and_exit_2(capsys, caplog)
     assert "gfmfr.fusion: must be one of 'sum', 'mlp'" in capsys.readouterr().err
 
 
-def test_moved_keys_still_load():
+def test_a_retired_key_is_an_error_that_says_what_to_write():
     from gfmfr.config import from_dict
 
-    cfg = from_dict({"federation": {"client_chunk": 7, "prefetch": False}, "eval": {"user_batch": 9},
-                     "gfmfr": {"server_epochs": 3}})
-    assert (cfg.runtime.client_chunk, cfg.runtime.prefetch, cfg.runtime.eval_batch) == (7, False, 9)
-    assert cfg.gfmfr.server_steps == 3
-    # a deleted option loads where its stored value is what the code now does, and fails otherwise
-    assert from_dict({"gfmfr": {"regroup_every": 1}}).gfmfr == from_dict({}).gfmfr
-    with pytest.raises(ConfigError, match="regroup_every"):
-        from_dict({"gfmfr": {"regroup_every": 5}})
+    with pytest.raises(ConfigError, match=r"config.federation.client_chunk: no longer a setting; write runtime.client_chunk"):
+        from_dict({"federation": {"client_chunk": 7}})
+    with pytest.raises(ConfigError, match=r"gfmfr.distill: no longer a setting; delete it"):
+        from_dict({"gfmfr": {"distill": True}})
+    with pytest.raises(ConfigError, match=r"config.plugin: 'mmx' is a model wrapper: write wrapper"):
+        from_dict({"plugin": "mmx"})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['regroup_every'\]"):
+        from_dict({"gfmfr": {"regroup_every": 1}})
 
 
 def test_example_configs_load():
@@ -83,18 +83,6 @@ def test_example_configs_load():
     assert examples
     for path in examples:
         from_dict(load_toml(path), where=str(path))
-
-
-def test_stored_configs_of_deleted_options_and_old_plugin_names_still_load():
-    """A config stored before MM-X / FedVLR became wrappers, or before GFMFR's pruned options were
-    deleted, loads when it asked for what the code now computes, and fails on a key otherwise."""
-    cfg = from_dict({"plugin": "mmx"})
-    assert (cfg.plugin, cfg.wrapper) == ("none", "mmx")
-    old = {"plugin": "gfmfr", "gfmfr": {"schedule": "cosine", "kl_scale": 1.0, "score_with": "global",
-                                        "distill_into": "all", "send": "items", "warm_start": True}}
-    assert from_dict(old).gfmfr == from_dict({"plugin": "gfmfr"}).gfmfr
-    with pytest.raises(ConfigError, match="score_with"):
-        from_dict({"gfmfr": {"score_with": "group"}})
 
 
 def _fields():
@@ -166,16 +154,16 @@ def test_the_score_baselines_config_knows_are_the_models_that_score_without_trai
     assert set(SCORE_BASELINES) == set(BASELINES)
 
 
-def test_a_stored_config_is_read_as_the_run_that_made_it():
-    """A run or checkpoint stored before ``gfmfr.anneal_rounds`` existed annealed over its round cap;
-    a config that leaves the field out today takes the default."""
+def test_a_stored_config_is_read_through_todays_schema():
+    """A field added since a run was stored takes its default; a retired one makes it another run."""
     from gfmfr.config import from_stored, to_dict
 
     old = to_dict(from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}}))
-    del old["gfmfr"]["anneal_rounds"]
-    assert from_stored(old).gfmfr.anneal_rounds == 100
-    assert from_stored({"plugin": "gfmfr", "federation": {"rounds": 100}}).gfmfr.anneal_rounds == 400
-    assert from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}}).gfmfr.anneal_rounds == 400
+    del old["gfmfr"]["content_pull"]
+    assert from_stored(old).gfmfr.content_pull == from_dict({}).gfmfr.content_pull
+    old["federation"]["loss_average"] = "batch"
+    with pytest.raises(ConfigError, match="loss_average"):
+        from_stored(old)
 
 
 def test_the_configuration_reference_is_the_code():

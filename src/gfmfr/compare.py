@@ -16,7 +16,6 @@ A plan is a TOML file::
     label = "GFMFR-FedRAP (k-means)"
     set = { plugin = "gfmfr", "model.name" = "fedrap", "gfmfr.grouping" = "kmeans" }
 
-(``plugins`` is read as ``variants``: its old name, from when MM-X and FedVLR were chosen as plug-ins.)
 
 Datasets are an axis of the plan: each ``[[datasets]]`` entry runs every method x seed once more with
 its own settings on top of ``[config]``, in ``OUT/<dataset>/``, with a report of its own; ``OUT/report.md``
@@ -59,7 +58,7 @@ VARIANTS = {"none": ("", {}), "mmx": ("MM-", {"wrapper": "mmx"}), "fedvlr": ("Fe
             "gfmfr": ("GFMFR-", {"plugin": "gfmfr"})}
 """A variant of every plan model X: its label prefix and settings."""
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50")
-PLAN_KEYS = {"seeds", "models", "variants", "plugins", "centralised", "baselines", "config", "methods", "datasets"}
+PLAN_KEYS = {"seeds", "models", "variants", "centralised", "baselines", "config", "methods", "datasets"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def load_plan(path: str | Path) -> Plan:
     for model in raw.get("centralised", []):
         methods.append(Method(f"{MODEL_LABELS.get(model, model)} (centralised)",
                               {"model": {"name": model}, "training": "centralised"}, "centralised", model))
-    key = "variants" if "variants" in raw or "plugins" not in raw else "plugins"
+    key = "variants"
     for model in raw.get("models", []):
         for variant in raw.get(key, ["none"]):
             if variant not in VARIANTS:

@@ -111,14 +111,6 @@ class FederationConfig:
     popularity)."""
     batch_size: int = 256
     """Local minibatch size."""
-    loss_average: Literal["batch", "nominal"] = "batch"
-    """How a minibatch's base loss is averaged: ``batch``, over the pairs the batch holds (the usual
-    mean, as in the base models' code; the learning rates were tuned with it), or ``nominal``, summed
-    and divided by ``batch_size``, so that every pair weighs the same. With ``batch`` a client's nearly
-    empty last batch (1 pair, say) takes a full-size step on that pair, which started the divergence
-    of GFMFR-FedRAP with the KL term on negatives; ``nominal`` removes it but also shrinks every step
-    of a light client (one batch of 100 pairs weighs 100/256) and lowered the base models' validation
-    NDCG@10 (docs/results.md)."""
     num_negatives: int = 4
     """Sampled non-interacted items per positive, resampled every round."""
     weighted_aggregation: bool = False
@@ -252,8 +244,6 @@ class GFMFRConfig:
     Volkovs et al., NeurIPS 2017), so that Q_g(i) from content alone, all an unseen item has, is fitted
     too: it puts new and cold items' vectors on the known items' scale (all-items NDCG@10 of cold items
     0.0209 against 0.0000 on FCF). 0: the item view is always there (the paper's)."""
-    distill: bool = True
-    """Add the distillation term to client training (False: grouping and fusion only, no effect)."""
     distill_on: Literal["all", "negatives"] = "negatives"
     """Training pairs the KL term covers: ``negatives``, only the sampled unobserved items, where the
     group's preference is information the client lacks; or ``all``, every training pair (the paper's),
@@ -444,43 +434,26 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-MOVED = {("federation", "client_chunk"): ("runtime", "client_chunk"),
-         ("federation", "client_block"): ("runtime", "client_block"),
-         ("federation", "prefetch"): ("runtime", "prefetch"),
-         ("eval", "user_batch"): ("runtime", "eval_batch"),
-         ("gfmfr", "server_epochs"): ("gfmfr", "server_steps")}
-"""Keys renamed or moved since earlier versions: old configs and stored results still load (on
-ML-100K one fusion step is one epoch, so ``server_epochs`` reads as ``server_steps``)."""
+RETIRED = {
+    ("federation", "client_chunk"): "write runtime.client_chunk",
+    ("federation", "client_block"): "write runtime.client_block",
+    ("federation", "prefetch"): "write runtime.prefetch",
+    ("federation", "loss_average"): "delete it: a batch's loss is the mean over the pairs it holds",
+    ("eval", "user_batch"): "write runtime.eval_batch",
+    ("gfmfr", "server_epochs"): "write gfmfr.server_steps",
+    ("gfmfr", "distill"): "delete it: GFMFR always distils (plugin = \"none\" runs the base model alone)",
+}
+"""Keys this project no longer reads, with what to write instead: a config that has one is an error
+that says so (:func:`from_dict`)."""
 
 
-REMOVED = {("gfmfr", "regroup_every"): (1,), ("gfmfr", "item_view_per_group"): (False,),
-           ("gfmfr", "warm_start"): (True,), ("gfmfr", "distill_into"): ("all",),
-           ("gfmfr", "kl_average"): ("nominal",), ("gfmfr", "kl_scale"): (1.0,),
-           ("gfmfr", "schedule"): ("cosine",), ("gfmfr", "send"): ("items", "all"),
-           ("gfmfr", "score_with"): ("global",)}
-"""Options deleted since earlier versions, with the values that meant what the code does now: a stored
-config that has one of them still loads (the key is dropped); any other value is an error. Each
-deletion and the ablation that decided it: docs/results.md, 'Pruned options'. (``send`` changed only
-the bytes counted; a client now receives its group's whole preference row.)"""
-
-
-WRAPPERS_ONCE_PLUGINS = ("mmx", "fedvlr")
-"""MM-X and FedVLR were chosen as ``plugin`` before they became model wrappers: ``plugin = "mmx"``
-still reads as ``wrapper = "mmx"``."""
-
-
-def _migrate(values: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
-    if out.get("plugin") in WRAPPERS_ONCE_PLUGINS:
-        out["wrapper"], out["plugin"] = out["plugin"], "none"
-    for (section, key), same in REMOVED.items():
-        if isinstance(out.get(section), dict) and key in out[section] and out[section][key] in same:
-            del out[section][key]
-    for (section, key), (new_section, new_key) in MOVED.items():
-        if isinstance(out.get(section), dict) and key in out[section]:
-            value = out[section].pop(key)
-            out.setdefault(new_section, {}).setdefault(new_key, value)
-    return out
+def _retired(values: dict[str, Any], where: str) -> None:
+    if values.get("plugin") in ("mmx", "fedvlr"):
+        raise ConfigError(f"{where}.plugin: {values['plugin']!r} is a model wrapper: write wrapper = "
+                          f"\"{values['plugin']}\"")
+    for (section, key), instead in RETIRED.items():
+        if isinstance(values.get(section), dict) and key in values[section]:
+            raise ConfigError(f"{where}.{section}.{key}: no longer a setting; {instead}")
 
 
 RANGES: dict[tuple[str, str], tuple[Any, str]] = {
@@ -539,13 +512,8 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
 
 
 def from_stored(values: dict[str, Any]) -> RunConfig:
-    """A configuration as a finished run or a checkpoint recorded it, read through today's schema: a
-    field added since takes its default, except that a whole GFMFR section written before
-    ``gfmfr.anneal_rounds`` existed annealed over ``federation.rounds``, and is read so."""
-    gfmfr = values.get("gfmfr")
-    if isinstance(gfmfr, dict) and "ema_decay" in gfmfr and "anneal_rounds" not in gfmfr:
-        rounds = values.get("federation", {}).get("rounds", FederationConfig.rounds)
-        values = {**values, "gfmfr": {**gfmfr, "anneal_rounds": rounds}}
+    """A configuration as a finished run or a checkpoint recorded it, read through today's schema (a field
+    added since takes its default; one retired since is a :class:`ConfigError`)."""
     return from_dict(values, "stored config")
 
 
@@ -565,10 +533,10 @@ def same_rounds_under_caps(stored: RunConfig, cfg: RunConfig, ran: int) -> bool:
 
 
 def from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
-    """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults; keys that
-    moved, :data:`MOVED`, are read at their new place). A value out of its range (:data:`RANGES`) is a
-    :class:`ConfigError` naming the key."""
-    cfg = _build(RunConfig, _migrate(values), where)
+    """Build a validated :class:`RunConfig` from nested dicts (missing keys take defaults). A retired key
+    (:data:`RETIRED`) or a value out of its range (:data:`RANGES`) is a :class:`ConfigError` naming the key."""
+    _retired(values, where)
+    cfg = _build(RunConfig, values, where)
     for (section, key), (ok, allowed) in RANGES.items():
         value = getattr(getattr(cfg, section), key)
         if not ok(value):

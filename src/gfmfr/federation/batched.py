@@ -26,7 +26,7 @@ import torch
 from gfmfr.config import FederationConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import STREAM_SHUFFLE, hash_fold, hash_u64, to_unit, training_negatives
-from gfmfr.federation.client_step import Batch, batch_weight  # noqa: F401 (batch_weight re-exported)
+from gfmfr.federation.client_step import Batch
 from gfmfr.federation.fast import LazyDecay, keep_freed_memory, ranges
 from gfmfr.federation.messages import Hints, LocalUpdate
 from gfmfr.federation.plugin import LossContext, LossTerm
@@ -183,7 +183,7 @@ def train_clients(
                      .view(len(pos), -1, *t.shape[1:]).requires_grad_(n in decayed) for n, t in tables.items()}
             p = {n: t.index_select(0, idx).requires_grad_() for n, t in dense.items()}
             logits = model.forward(p, items)
-            loss = model.base_loss(p, items, logits, part.labels, part.mask, round_) * batch_weight(part.mask, cfg)
+            loss = model.base_loss(p, items, logits, part.labels, part.mask, round_)
             base = loss.detach()
             for term, hint, own in zip(terms, hints, scalars):
                 ctx = LossContext(model, p, items, logits, base, part, hint.take(pos),

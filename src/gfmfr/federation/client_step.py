@@ -38,15 +38,6 @@ class Batch:
     """[A, B] 1 for a real example, 0 for padding."""
 
 
-def batch_weight(mask: torch.Tensor, cfg: FederationConfig) -> torch.Tensor | float:
-    """Factor on each client's per-batch mean base loss: 1, or its fill / ``batch_size`` (``loss_average``)."""
-    if cfg.loss_average == "batch":
-        return 1.0
-    if cfg.loss_average == "nominal":
-        return mask.sum(1) / cfg.batch_size
-    raise ValueError(f"federation.loss_average must be 'batch' or 'nominal', got {cfg.loss_average!r}")
-
-
 def client_step(
     model: FederatedRecommender,
     cfg: FederationConfig,
@@ -94,7 +85,7 @@ def client_step(
             p = {n: leaves[n][None] for n in kinds.dense}
             rows = {n: leaves[n][batch.items] for n in kinds.tables}
             logits = model.forward(p, rows)
-            loss = model.base_loss(p, rows, logits, batch.labels, batch.mask, round_) * batch_weight(batch.mask, cfg)
+            loss = model.base_loss(p, rows, logits, batch.labels, batch.mask, round_)
             base = loss.detach()
             for term, hint, own in zip(terms, hints, scalars):
                 ctx = LossContext(model, p, rows, logits, base, batch, hint, own, {}, round_, cfg.batch_size)

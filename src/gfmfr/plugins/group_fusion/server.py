@@ -182,7 +182,7 @@ class GFMFRServer(ServerHalf):
 
     def hints(self, users: np.ndarray, round_: int) -> Hints:
         """Each client's group preferences p_g of the last server round (none before its group has any)."""
-        if not self.cfg.distill or self.preferences is None:
+        if self.preferences is None:
             return Hints.none(len(users))
         return Hints(self.preferences, self.grouping.group[users])
 
@@ -200,7 +200,7 @@ class GFMFRServer(ServerHalf):
         })
 
     def end_round(self, model: FederatedRecommender, round_: int) -> PluginReport:
-        hint_bytes = 4 * self.n_items if self.cfg.distill and self.preferences is not None else 0
+        hint_bytes = 4 * self.n_items if self.preferences is not None else 0
         if not self.server_work(round_):  # clients keep distilling towards the last preferences
             return PluginReport(bytes_down=hint_bytes)
         table = model.item_table
