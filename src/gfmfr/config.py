@@ -269,13 +269,12 @@ class GFMFRConfig:
     content_dim: int | None = 128
     """Server-side PCA of each modality's frozen features to this many dimensions (None: keep all)."""
     content_pull: float = 0.5
-    """After each server round, the server moves every known item's row of the global item table towards
-    its content vector: the group-size-weighted mean over the groups of the fused Q_g(i) from content
-    alone (the fusion model without the item-ID view). It moves this share times R^2, the share of the
-    group targets' variance over items that the content vectors explain: where content explains the
-    item table, every client's item vectors carry the fusion's content knowledge from the next round
-    on; where it does not, the table stays the clients'. 0: the paper's GFMFR, whose clients see content
-    only through the distilled preferences."""
+    """After each server round, the server moves every known item's row of the global item table this
+    share of the way to its content vector: the group-size-weighted mean over the groups of the fused
+    Q_g(i) from content alone (the fusion model without the item-ID view). The part of the table the
+    content does not explain shrinks, and every client's item vectors carry the fusion's content
+    knowledge from the next round on. 0: the paper's GFMFR, whose clients see content only through
+    the distilled preferences."""
     pull_target: Literal["fusion", "ridge"] = "fusion"
     """Where the content vectors come from: the group fusion model, or a ridge regression from content."""
 

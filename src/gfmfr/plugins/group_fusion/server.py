@@ -116,17 +116,6 @@ def signature_upload_bytes(model: FederatedRecommender) -> int:
     return sum(4 * math.prod(specs[n].shape) for n in model.head_params() if not specs[n].shared)
 
 
-def explained(content: torch.Tensor, targets: torch.Tensor, sizes: torch.Tensor) -> float:
-    """The share of the group targets' variance over items that the ``content`` vectors [n_items, d]
-    explain: 1 - sum ||C_g(i) - q(i)||^2 / sum ||C_g(i) - mean_i C_g||^2 over the groups (weighted by
-    ``sizes``) and items, each side centred over the items (a shift shared by every item changes no
-    ranking), clamped to [0, 1]."""
-    w = (sizes / sizes.sum())[:, None, None]
-    centred = targets - targets.mean(1, keepdim=True)
-    residual = centred - (content - content.mean(0))[None]
-    return float((1 - (w * residual.square()).sum() / (w * centred.square()).sum().clamp_min(1e-12)).clamp(0, 1))
-
-
 class GFMFRServer(ServerHalf):
     """Grouping, group fusion and the teacher's preferences, on the server."""
 
@@ -159,7 +148,6 @@ class GFMFRServer(ServerHalf):
         self.targets: torch.Tensor | None = None  # [G, n_items, d]: C_g of the last server round (0 if empty)
         self.fused: torch.Tensor | None = None  # [G, n_items, d]: Q_g of the last server round (0 if empty)
         self.pull: torch.Tensor | None = None  # [n_items, d]: content vectors the table moves to after this round
-        self.pull_share = 0.0  # how far it moves: content_pull times the share of the targets the content explains
         self._chunks: list[dict[str, Any]] = []
         self._stats = np.zeros(3)  # sums of the clients' distillation weight, KL and steps since the last server round
         self.noise: CentralNoise | None = None  # central DP: group sums and sizes are noised
@@ -259,7 +247,6 @@ class GFMFRServer(ServerHalf):
                 prefs = teacher_mean_head(model, heads, fused)
             if self.cfg.content_pull > 0:
                 self.pull = self.content_vectors(present, counts[present], targets)
-                self.pull_share = self.cfg.content_pull * explained(self.pull, targets, counts[present])
         self.preferences = torch.full((G, self.n_items), 0.5)
         self.preferences[present] = prefs
         self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
@@ -276,7 +263,6 @@ class GFMFRServer(ServerHalf):
                 "group_sizes": counts.int().tolist(), "fusion_loss": fusion_loss,
                 "distill_weight_mean": w_sum / n if n else 0.0, "distill_kl_mean": kl_sum / n if n else 0.0,
                 "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
-                "content_pull": self.pull_share,
             },
         )
 
@@ -301,7 +287,7 @@ class GFMFRServer(ServerHalf):
         pull, self.pull = self.pull, None
         table = self.model.item_table
         rows = shared[table]
-        step = self.pull_share * (pull - rows)
+        step = self.cfg.content_pull * (pull - rows)
         if self.known is not None:
             step = step * self.known[:, None]
         return {**shared, table: rows + step}
