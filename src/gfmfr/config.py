@@ -275,8 +275,6 @@ class GFMFRConfig:
     content does not explain shrinks, and every client's item vectors carry the fusion's content
     knowledge from the next round on. 0: the paper's GFMFR, whose clients see content only through
     the distilled preferences."""
-    pull_target: Literal["fusion", "ridge"] = "fusion"
-    """Where the content vectors come from: the group fusion model, or a ridge regression from content."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
-from gfmfr.data.encoders import present_modalities, reduce_features, standardise
+from gfmfr.data.encoders import present_modalities, reduce_features
 from gfmfr.federation.aggregation import group_sums
 from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
 from gfmfr.federation.plugin import ServerHalf
@@ -246,7 +246,7 @@ class GFMFRServer(ServerHalf):
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
             if self.cfg.content_pull > 0:
-                self.pull = self.content_vectors(present, counts[present], targets)
+                self.pull = self.content_vectors(present, counts[present])
         self.preferences = torch.full((G, self.n_items), 0.5)
         self.preferences[present] = prefs
         self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
@@ -266,16 +266,10 @@ class GFMFRServer(ServerHalf):
             },
         )
 
-    def content_vectors(self, groups: torch.Tensor, sizes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def content_vectors(self, groups: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """[n_items, d]: each item's vector from its content alone, the ``sizes``-weighted mean over
         ``groups`` of the fused Q_g(i) without the item-ID view (``gfmfr.content_pull``'s target)."""
         weights = (sizes / sizes.sum())[:, None, None]
-        if self.cfg.pull_target == "ridge":
-            x = torch.cat([standardise(f, m) for f, m in zip(self.features, self.masks)], 1)
-            c = (weights * targets).sum(0)
-            mu = c.mean(0)
-            w = torch.linalg.solve(x.T @ x + torch.eye(x.shape[1]), x.T @ (c - mu))
-            return mu + x @ w
         hidden = torch.ones(self.n_items, dtype=torch.bool)
         return (weights * self.fusion(groups, drop=hidden)).sum(0)
 
