@@ -159,8 +159,8 @@ def test_a_stored_config_is_read_through_todays_schema():
     from gfmfr.config import from_stored, to_dict
 
     old = to_dict(from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}}))
-    del old["gfmfr"]["content_pull"]
-    assert from_stored(old).gfmfr.content_pull == from_dict({}).gfmfr.content_pull
+    del old["gfmfr"]["content_prior"]
+    assert from_stored(old).gfmfr.content_prior == from_dict({}).gfmfr.content_prior
     old["federation"]["loss_average"] = "batch"
     with pytest.raises(ConfigError, match="loss_average"):
         from_stored(old)
@@ -178,5 +178,5 @@ def test_the_configuration_reference_is_the_code():
     for section in (config.DataConfig, config.GFMFRConfig, config.PrivacyConfig):
         for f in dataclasses.fields(section):
             assert f"| `{f.name}` |" in text
-    assert "| `content_pull` | float | `0.5` |" in text
+    assert "| `content_prior` | float | `20.0` |" in text
     assert main(["--check"]) == 0, f"{OUT} is out of date: run python -m gfmfr.docs"

@@ -376,26 +376,32 @@ def test_item_view_dropout_hides_the_item_view_and_new_items_are_content_alone()
     assert math.isfinite(loss)
 
 
-def test_content_pull_moves_the_item_table_halfway_to_content_alone(planted):
-    """After a server round the item table is C + content_pull (Q - C), with Q the groups' fused vectors
-    from content alone: two items with the same content get the same Q, whatever their ID rows."""
+def test_content_prior_moves_each_row_by_the_clients_that_trained_it(planted):
+    """After a server round item i's row is C_i + kappa / (kappa + t_i) (Q_i - C_i): Q the groups' fused
+    vectors from content alone (two items with the same content get the same Q, whatever their ID rows),
+    t_i the participants that trained row i in the round."""
     tables = {}
-    for pull in (0.0, 0.5, 1.0):
-        fed, plugin = gfmfr_federation(planted, gfmfr_config("fcf", content_pull=pull))
+    for kappa in (0.0, 5.0, 1e9):
+        fed, plugin = gfmfr_federation(planted, gfmfr_config("fcf", content_prior=kappa))
         twins = fed.dataset.item_features
         for m in twins:
             twins[m] = twins[m].copy()
             twins[m][1] = twins[m][0]
-        plugin.__init__(fed.dataset, fed.model, gfmfr_config("fcf", content_pull=pull))
+        plugin.__init__(fed.dataset, fed.model, gfmfr_config("fcf", content_prior=kappa))
         fed.train_round(0)
-        tables[pull] = fed.state.shared["item"].clone()
-    content = tables[1.0]
-    torch.testing.assert_close(content[0], content[1])  # content alone: the item-ID view is hidden
-    assert not torch.allclose(tables[0.0][0], tables[0.0][1])
-    torch.testing.assert_close(tables[0.5], (tables[0.0] + content) / 2, atol=1e-5, rtol=1e-5)
+        tables[kappa] = fed.state.shared["item"].clone()
+    base, content = tables[0.0], tables[1e9]
+    torch.testing.assert_close(content[0], content[1], atol=1e-5, rtol=1e-5)  # content alone
+    assert not torch.allclose(base[0], base[1])
+    gap, moved = content - base, tables[5.0] - base
+    share = (moved * gap).sum(1) / gap.square().sum(1)
+    torch.testing.assert_close(moved, share[:, None] * gap, atol=1e-5, rtol=1e-4)
+    touches = 5.0 * (1 - share) / share  # t_i: a whole number of the 80 participants
+    assert ((touches - touches.round()).abs() < 1e-2).all() and touches.max() <= planted.n_users
+    assert touches.min() >= 1 and touches.float().std() > 0
 
 
-def test_content_pull_lifts_a_sparse_federation_whose_content_knows_the_items(planted):
+def test_content_prior_lifts_a_sparse_federation_whose_content_knows_the_items(planted):
     """Four interactions per user, item content that carries the item communities: FCF's item rows are
     mostly noise, and pulling them to the content vectors lifts validation on both seeds."""
     from tests.conftest import dataset_from_frame, planted_frame
@@ -404,9 +410,9 @@ def test_content_pull_lifts_a_sparse_federation_whose_content_knows_the_items(pl
     gains = []
     for seed in (0, 1):
         scores = {}
-        for pull in (0.0, 0.5):
-            cfg = gfmfr_config("fcf", content_pull=pull, server_every=2)
+        for pull in (0.0, 20.0):
+            cfg = gfmfr_config("fcf", content_prior=pull, server_every=2)
             cfg = replace(cfg, seed=seed, federation=replace(cfg.federation, rounds=30, local_epochs=1))
             scores[pull] = run(cfg, dataset=sparse)["valid"]["NDCG@10"]
-        gains.append(scores[0.5] - scores[0.0])
+        gains.append(scores[20.0] - scores[0.0])
     assert min(gains) > 0.02, gains

@@ -268,13 +268,16 @@ class GFMFRConfig:
     """Cap on L_base / L_KL: when student and teacher already agree, the raw ratio explodes."""
     content_dim: int | None = 128
     """Server-side PCA of each modality's frozen features to this many dimensions (None: keep all)."""
-    content_pull: float = 0.5
-    """After each server round, the server moves every known item's row of the global item table this
-    share of the way to its content vector: the group-size-weighted mean over the groups of the fused
-    Q_g(i) from content alone (the fusion model without the item-ID view). The part of the table the
-    content does not explain shrinks, and every client's item vectors carry the fusion's content
-    knowledge from the next round on. 0: the paper's GFMFR, whose clients see content only through
-    the distilled preferences."""
+    content_prior: float = 20.0
+    """Strength kappa of the content prior on the item table, in clients. After each server round the
+    server moves item i's row of the global item table a share kappa / (kappa + t_i) of the way to its
+    content vector, t_i being how many participants trained that row in the round (its positives and
+    sampled negatives). The content vector is the group-size-weighted mean over the groups of the fused
+    Q_g(i) from content alone (the fusion model without the item-ID view). An item that many clients
+    train keeps its collaborative row; one that few train leans on its content: the posterior mean
+    under a Gaussian prior centred on the content vector, as in collaborative topic regression. Every
+    client's item vectors carry the fusion's content knowledge from the next round on. 0: the paper's
+    GFMFR, whose clients see content only through the distilled preferences."""
 
 
 @dataclass(frozen=True)
@@ -484,7 +487,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("gfmfr", "server_lr"): (lambda v: v > 0, "above 0"),
     ("gfmfr", "ema_decay"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("gfmfr", "max_ratio"): (lambda v: v > 0, "above 0"),
-    ("gfmfr", "content_pull"): (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("gfmfr", "content_prior"): (lambda v: v >= 0, "at least 0"),
     ("gfmfr", "pca_variance"): (lambda v: v is None or 0 < v <= 1, "in (0, 1], or none"),
     ("gfmfr", "content_dim"): (lambda v: v is None or v >= 1, "at least 1, or none"),
     ("multimodal", "content_lr"): (lambda v: v > 0, "above 0"),

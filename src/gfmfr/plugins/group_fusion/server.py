@@ -147,7 +147,8 @@ class GFMFRServer(ServerHalf):
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
         self.targets: torch.Tensor | None = None  # [G, n_items, d]: C_g of the last server round (0 if empty)
         self.fused: torch.Tensor | None = None  # [G, n_items, d]: Q_g of the last server round (0 if empty)
-        self.pull: torch.Tensor | None = None  # [n_items, d]: content vectors the table moves to after this round
+        self.pull: tuple[torch.Tensor, torch.Tensor] | None = None
+        """After a server round: the content vectors [n_items, d] the item table moves to, and how far [n_items]."""
         self._chunks: list[dict[str, Any]] = []
         self._stats = np.zeros(3)  # sums of the clients' distillation weight, KL and steps since the last server round
         self.noise: CentralNoise | None = None  # central DP: group sums and sizes are noised
@@ -245,8 +246,11 @@ class GFMFRServer(ServerHalf):
                 head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
-            if self.cfg.content_pull > 0:
-                self.pull = self.content_vectors(present, counts[present])
+            if self.cfg.content_prior > 0:
+                touches = torch.bincount(torch.from_numpy(np.concatenate([c["update"].row_item for c in chunks])),
+                                         minlength=self.n_items).float()
+                self.pull = (self.content_vectors(present, counts[present]),
+                             self.cfg.content_prior / (self.cfg.content_prior + touches))
         self.preferences = torch.full((G, self.n_items), 0.5)
         self.preferences[present] = prefs
         self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
@@ -268,23 +272,22 @@ class GFMFRServer(ServerHalf):
 
     def content_vectors(self, groups: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """[n_items, d]: each item's vector from its content alone, the ``sizes``-weighted mean over
-        ``groups`` of the fused Q_g(i) without the item-ID view (``gfmfr.content_pull``'s target)."""
+        ``groups`` of the fused Q_g(i) without the item-ID view (the content prior's centre)."""
         weights = (sizes / sizes.sum())[:, None, None]
         hidden = torch.ones(self.n_items, dtype=torch.bool)
         return (weights * self.fusion(groups, drop=hidden)).sum(0)
 
     def move_shared(self, shared: Params, round_: int) -> Params:
-        """The item table pulled ``gfmfr.content_pull`` of the way to the content vectors of this server
-        round (the items training knows; a cold item's row stays as it is)."""
+        """The item table moved towards the content vectors of this server round, each row by its share
+        (``gfmfr.content_prior``; the items training knows: a cold item's row stays as it is)."""
         if self.pull is None:
             return shared
-        pull, self.pull = self.pull, None
+        (content, share), self.pull = self.pull, None
+        if self.known is not None:
+            share = share * self.known
         table = self.model.item_table
         rows = shared[table]
-        step = self.cfg.content_pull * (pull - rows)
-        if self.known is not None:
-            step = step * self.known[:, None]
-        return {**shared, table: rows + step}
+        return {**shared, table: rows + share[:, None] * (content - rows)}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {"group": torch.from_numpy(self.grouping.group.copy()),
