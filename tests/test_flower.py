@@ -240,7 +240,7 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
         flower = run_local(cfg, 2, tmp_path)
     finally:
         client_app.make_client_app = make
-    assert_same_rounds(flower, run(cfg))
+    assert_same_rounds(flower, run(cfg), tol=1e-4)  # dense sums: float32 round-off, which flips near-ties deep in a ranking (MRR)
 
     kinds = __import__("gfmfr.models", fromlist=["build_model"]).build_model(60, cfg.model).kinds
     allowed = {"users", "row_client", "row_item", "num_samples", "loss"} | {f"shared/{n}" for n in kinds.shared_dense} \

@@ -127,6 +127,8 @@ class GFMFRServer(ServerHalf):
                 raise ValueError(f"gfmfr.{name} must be at least 1, got {getattr(self.cfg, name)}")
         self.seed = cfg.seed
         self.model = model
+        self.dense = cfg.privacy.mode != "off" or cfg.federation.upload == "dense"
+        """Whether clients send every row of the item table (under DP, or ``federation.upload = "dense"``)."""
         self.n_items = dataset.n_items
         if features is None:
             from gfmfr.data.encoders import dataset_features
@@ -247,8 +249,11 @@ class GFMFRServer(ServerHalf):
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
             if self.cfg.content_prior > 0:
-                touches = torch.bincount(torch.from_numpy(np.concatenate([c["update"].row_item for c in chunks])),
-                                         minlength=self.n_items).float()
+                if self.dense:  # every row is sent: which ones a client trained is not known
+                    touches = torch.full((self.n_items,), float(len(users)))
+                else:
+                    touches = torch.bincount(torch.from_numpy(np.concatenate([c["update"].row_item for c in chunks])),
+                                             minlength=self.n_items).float()
                 self.pull = (self.content_vectors(present, counts[present]),
                              self.cfg.content_prior / (self.cfg.content_prior + touches))
         self.preferences = torch.full((G, self.n_items), 0.5)
