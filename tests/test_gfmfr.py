@@ -196,6 +196,7 @@ def test_end_to_end_smoke_every_base_model(planted, name):
     extra = hist[-1]["extra"]
     assert sum(extra["group_sizes"]) == planted.n_users and len(extra["group_sizes"]) == 4
     assert 0 < extra["teacher_mean"] < 1 and extra["teacher_std_over_items"] > 0
+    assert 0 < extra["content_share"] < 1  # the content prior moved every row part of the way
     for phase in ("grouping", "fusion", "teacher"):
         assert phase in hist[-1]["seconds"]
     size = build_model(planted.n_items, gfmfr_config(name).model).upload_bytes()

@@ -272,6 +272,7 @@ class GFMFRServer(ServerHalf):
                 "group_sizes": counts.int().tolist(), "fusion_loss": fusion_loss,
                 "distill_weight_mean": w_sum / n if n else 0.0, "distill_kl_mean": kl_sum / n if n else 0.0,
                 "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
+                "content_share": float(self.pull[1].mean()) if self.pull is not None else 0.0,
             },
         )
 
