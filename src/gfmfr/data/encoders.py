@@ -185,7 +185,8 @@ def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "i
             parts.append((pre, np.ones(dataset.n_items, bool)))
             report[m]["precomputed"] = True
         if raw is not None and (pre is None or dataset.features_from != "precomputed"):
-            x, mask, report[m]["encoded"] = (encode_texts if m == "text" else encode_images)(raw, batch_size)
+            x, mask, counts = (encode_texts if m == "text" else encode_images)(raw, batch_size)
+            report[m].update(counts)
             parts.append((x, mask))
         if not parts:
             log.warning("no %s content for %s", m, dataset.name)
