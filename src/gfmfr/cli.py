@@ -238,7 +238,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-class _DefaultsShown(argparse.HelpFormatter):
+EXAMPLES = {
+    "config": "gfmfr config --model fcf --plugin gfmfr > run.toml",
+    "data": "gfmfr data --dataset ../shared/datasets/ku --json",
+    "run": "gfmfr run --dataset ml-100k --model fcf --plugin gfmfr --out runs/gfmfr",
+    "tune": "gfmfr tune --dataset ml-100k --model fcf --plugin gfmfr --budget 1800 --out runs/tune",
+    "compare": "gfmfr compare --config benchmarks/datasets.toml --out runs/report --jobs 2",
+    "recommend": "gfmfr recommend --run runs/gfmfr --user 196 -k 10",
+    "encode": "gfmfr encode --content ../shared/datasets/ml-100k-content",
+}
+"""One example per subcommand, shown at the end of its ``--help``."""
+
+
+class _DefaultsShown(argparse.RawDescriptionHelpFormatter):
     """Help that shows each option's default, where it has one of its own (not left to the config)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -272,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_parser = sub.add_parser
 
     def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return add_parser(name, parents=[verbose], formatter_class=_DefaultsShown, **kwargs)
+        epilog = f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else None
+        return add_parser(name, parents=[verbose], formatter_class=_DefaultsShown, epilog=epilog, **kwargs)
 
     sub.add_parser = add  # type: ignore[method-assign]
 
