@@ -41,7 +41,7 @@ def test_content_folder_joins(ml100k):
 
 def test_default_fcf_trains_well_past_popularity(ml100k):
     """The defaults (one local epoch, early stopping on validation) train FCF to convergence: at
-    seed 0 it reaches test NDCG@10 .063 against popularity's .0425 (docs/results.md)."""
+    seed 0 it reaches test NDCG@10 .063 against popularity's .0425."""
     cfg = from_dict({"model": {"name": "fcf"}, "seed": 0})
     res = run(cfg, dataset=ml100k)
     pop = run(from_dict({"model": {"name": "popularity"}}), dataset=ml100k)

@@ -254,7 +254,7 @@ class GFMFRConfig:
     """T of the distillation weight's cosine anneal, w_t = r_t cos(pi t / 2T) (docs/method.md step 8),
     reaching zero at round T. Kept apart from the round cap ``federation.rounds`` so that a longer
     budget for a slow base model does not change GFMFR's schedule; 400 is the T of every measured
-    GFMFR run (docs/results.md). None: ``federation.rounds`` (the paper's T, the last round)."""
+    GFMFR run. None: ``federation.rounds`` (the paper's T, the last round)."""
     teacher: Literal["members", "mean_head"] = "members"
     """Group preference p_g(i): ``members`` averages the members' predicted probabilities on Q_g(i);
     ``mean_head`` scores Q_g(i) with the members' averaged head parameters (docs/method.md step 7)."""
@@ -337,7 +337,7 @@ class RuntimeConfig:
     threads: int = 0
     """Torch intra-op threads (0: one per core). With OpenMP's passive wait (set on import), one per
     core keeps a quiet machine's speed and loses at most about a third when another job holds a core
-    (``benchmarks/threads.py``, docs/results.md); parallel sweeps should give each run 1."""
+    (``benchmarks/threads.py``); parallel sweeps should give each run 1."""
 
 
 @dataclass(frozen=True)
