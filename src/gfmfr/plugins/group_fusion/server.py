@@ -1,4 +1,4 @@
-"""GFMFR's server half (docs/method.md, steps 4-7).
+"""GFMFR's server half (docs/method.md, steps 4-7 and 9).
 
 After FedAvg in a server round t (every ``server_every`` rounds, from round 0): group the
 participants by their uploaded head signatures (:mod:`.grouping`), average each group's
@@ -7,7 +7,10 @@ the public content (:mod:`.fusion`), and score every fused vector with the membe
 p_g(i) = mean over members u of sigmoid(head_u(Q_g(i))) (:func:`teacher_members`; the paper's
 mean head, :func:`teacher_mean_head`, is ``teacher = "mean_head"``). From round t + 1 each client
 of group g receives p_g, its :class:`~gfmfr.federation.messages.Hints` row, with the shared
-parameters; the client half (:mod:`.client`) distils towards it.
+parameters; the client half (:mod:`.client`) distils towards it. Before that broadcast the server
+moves each row of the global item table towards the item's fused vector from content alone, by
+kappa / (kappa + t_i) with t_i the participants that trained the row (:meth:`GFMFRServer.move_shared`,
+``gfmfr.content_prior``).
 
 It sees only what clients upload (their trained item-table rows and, in server rounds, their
 head signatures) and the public content. It touches the base model only through its hooks:
