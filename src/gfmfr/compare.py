@@ -16,7 +16,6 @@ A plan is a TOML file::
     label = "GFMFR-FedRAP (k-means)"
     set = { plugin = "gfmfr", "model.name" = "fedrap", "gfmfr.grouping" = "kmeans" }
 
-
 Datasets are an axis of the plan: each ``[[datasets]]`` entry runs every method x seed once more with
 its own settings on top of ``[config]``, in ``OUT/<dataset>/``, with a report of its own; ``OUT/report.md``
 then holds one section per dataset::
@@ -130,11 +129,10 @@ def load_plan(path: str | Path) -> Plan:
     for model in raw.get("centralised", []):
         methods.append(Method(f"{MODEL_LABELS.get(model, model)} (centralised)",
                               {"model": {"name": model}, "training": "centralised"}, "centralised", model))
-    key = "variants"
     for model in raw.get("models", []):
-        for variant in raw.get(key, ["none"]):
+        for variant in raw.get("variants", ["none"]):
             if variant not in VARIANTS:
-                raise ConfigError(f"{path}: {key}: unknown {variant!r}; choose from {sorted(VARIANTS)}")
+                raise ConfigError(f"{path}: variants: unknown {variant!r}; choose from {sorted(VARIANTS)}")
             prefix, settings = VARIANTS[variant]
             methods.append(Method(prefix + MODEL_LABELS.get(model, model), {"model": {"name": model}, **settings},
                                   "federated", model, variant))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from gfmfr.data.dataset import Dataset
-from gfmfr.federation.fast import ranges
+from gfmfr.models.baselines import mean_rows
 from gfmfr.models.base import FederatedRecommender, Params
 
 SOURCES = ("gfmfr", "mmx", "ifedrec", "knn", "random")
@@ -185,10 +185,4 @@ class ContentNeighbours(ColdSource):
         self.cold = unit[torch.from_numpy(dataset.cold_items)]
 
     def scores(self, model: FederatedRecommender, params: Params, users: np.ndarray) -> torch.Tensor:
-        d = self.dataset
-        counts = torch.from_numpy(d.train_counts[users])
-        rows = torch.repeat_interleave(torch.arange(len(users)), counts)
-        items = torch.from_numpy(d.train_items[ranges(d.train_indptr[users], d.train_counts[users])])
-        profile = torch.zeros(len(users), self.unit.shape[1]).index_add_(0, rows, self.unit[items])
-        profile /= counts.clamp_min(1)[:, None]
-        return profile @ self.cold.T
+        return mean_rows(self.dataset, self.unit, users) @ self.cold.T

@@ -10,6 +10,7 @@ import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
+from gfmfr.federation.fast import ranges
 
 
 class Popularity:
@@ -22,6 +23,15 @@ class Popularity:
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         return self.counts.expand(len(users), -1)
+
+
+def mean_rows(dataset: Dataset, table: torch.Tensor, users: np.ndarray) -> torch.Tensor:
+    """[U, k]: each of ``users``' mean of ``table``'s rows [n_items, k] over its training items (0 for none)."""
+    counts = torch.from_numpy(dataset.train_counts[users])
+    owner = torch.repeat_interleave(torch.arange(len(users)), counts)
+    items = torch.from_numpy(dataset.train_items[ranges(dataset.train_indptr[users], dataset.train_counts[users])])
+    sums = torch.zeros(len(users), table.shape[1]).index_add_(0, owner, table[items])
+    return sums / counts.clamp_min(1)[:, None]
 
 
 class ContentKNN:
@@ -43,9 +53,7 @@ class ContentKNN:
         self.dataset = dataset
 
     def score(self, users: np.ndarray) -> torch.Tensor:
-        d = self.dataset
-        profile = torch.stack([self.unit[torch.from_numpy(d.user_train(u))].mean(0) for u in users])
-        return profile @ self.unit.T
+        return mean_rows(self.dataset, self.unit, users) @ self.unit.T
 
 
 class RandomScores:
