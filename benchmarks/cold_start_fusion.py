@@ -28,7 +28,7 @@ from gfmfr.config import from_dict
 from gfmfr.data.dataset import load_dataset
 from gfmfr.federation.engine import Federation
 from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion
-from gfmfr.run import build_run_model
+from gfmfr.build import build_run_model
 from gfmfr.runtime import use_threads
 
 

@@ -29,7 +29,7 @@ def measure(model_name: str, rounds: int, naive_clients: int) -> dict:
     from gfmfr.federation.batched import train_clients
     from gfmfr.federation.engine import Federation
     from gfmfr.models import build_model
-    from gfmfr.run import peak_rss_mb
+    from gfmfr.results import peak_rss_mb
 
     cfg = from_dict({"model": {"name": model_name, "dim": 64},
                      "federation": {"local_epochs": 5, "num_negatives": 4, "batch_size": 256}})

@@ -31,7 +31,7 @@ def build(dataset, cfgs: list) -> tuple[list, list[float]]:
     """A federation per configuration, and the seconds building each took (GFMFR's content reduction
     included)."""
     from gfmfr.federation.engine import Federation
-    from gfmfr.run import build_run_model
+    from gfmfr.build import build_run_model
 
     feds, seconds = [], []
     for cfg in cfgs:

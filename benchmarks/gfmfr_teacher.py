@@ -49,7 +49,7 @@ def main() -> None:
     from gfmfr.config import apply_overrides, from_dict
     from gfmfr.data.dataset import load_dataset
     from gfmfr.federation.engine import Federation
-    from gfmfr.run import build_run_model
+    from gfmfr.build import build_run_model
 
     values = apply_overrides({"seed": args.seed, "data": {"content": args.content}},
                              [f"model.name={args.model}", "plugin=gfmfr", *args.set])

@@ -47,7 +47,7 @@ def main() -> None:
     from gfmfr.data.sources import RawData
     from gfmfr.federation.engine import Federation
     from gfmfr.models import build_model
-    from gfmfr.run import peak_rss_mb
+    from gfmfr.results import peak_rss_mb
 
     data = build_dataset(RawData(synthetic_ml1m(), "synthetic-ml1m"), DataConfig(), "synthetic-ml1m")
     cfg = from_dict({"model": {"name": "fedrap", "dim": 64}, "runtime": {"client_chunk": args.chunk}})

@@ -33,7 +33,7 @@ from gfmfr.federation.engine import Federation
 from gfmfr.privacy import audit
 from gfmfr.privacy.accounting import PrivacyLedger, RoundReleases
 from gfmfr.privacy.dp import clip_updates, privatise
-from gfmfr.run import build_run_model
+from gfmfr.build import build_run_model
 
 log = logging.getLogger("privacy_audit")
 

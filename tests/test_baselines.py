@@ -13,7 +13,8 @@ from gfmfr.config import CentralisedConfig, MultimodalConfig
 from gfmfr.federation.batched import train_clients
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
-from gfmfr.run import build_run_model, run
+from gfmfr.build import build_run_model
+from gfmfr.run import run
 from test_gfmfr import with_features
 from test_model_contract import assert_batched_equals_one_client_at_a_time, small_config
 

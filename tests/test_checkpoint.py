@@ -17,7 +17,7 @@ import pytest
 from gfmfr.federation.checkpoint import CHECKPOINT
 from gfmfr.federation.engine import Federation
 from gfmfr.models import build_model
-from gfmfr.run import build_run_model
+from gfmfr.build import build_run_model
 from tests.test_gfmfr import gfmfr_config, with_features
 from tests.test_model_contract import small_config
 

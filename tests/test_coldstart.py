@@ -150,7 +150,7 @@ def test_new_items_get_the_vectors_the_cold_start_evaluation_scored(content_fede
     torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=1e-5)
     # the catalogue's reductions are fitted once per model: a fresh load reads them from the model folder
     from gfmfr.data.encoders import ContentReduction
-    from gfmfr.serving.new_items import REDUCTIONS
+    from gfmfr.serving.saved import REDUCTIONS
 
     assert (tmp_path / "model" / REDUCTIONS).exists()
     with pytest.MonkeyPatch.context() as mp:
@@ -165,7 +165,7 @@ def test_new_items_get_the_vectors_the_cold_start_evaluation_scored(content_fede
 
 def test_new_items_need_a_content_model(content_federation, tmp_path):
     from gfmfr.serving.errors import ModelError
-    from gfmfr.serving.new_items import content_source
+    from gfmfr.serving.saved import content_source
     from gfmfr.serving.saved import load_model
 
     cfg = from_dict({"data": {"split": "cold-items"}, "model": {"name": "fcf", "dim": 8},

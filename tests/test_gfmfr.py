@@ -71,7 +71,7 @@ def test_the_anneal_length_is_gfmfrs_own_not_the_round_cap():
 
 
 def test_distillation_mask_by_hand():
-    from gfmfr.federation.client_step import Batch
+    from gfmfr.federation.batch import Batch
     from gfmfr.plugins.group_fusion.client import distill_mask, masked_mean
 
     batch = Batch(np.array([0, 1]), torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1.0, 0, 0], [1, 1, 0]]),

@@ -11,7 +11,8 @@ import torch
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.engine import Federation
 from gfmfr.models import build_model
-from gfmfr.run import build_run_model, run
+from gfmfr.build import build_run_model
+from gfmfr.run import run
 from gfmfr.serving.recommend import blocks, top_k
 from gfmfr.serving.saved import ModelError, load_model, save_model
 from tests.test_gfmfr import gfmfr_config, with_features

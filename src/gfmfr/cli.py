@@ -4,15 +4,36 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import json
 import logging
 import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
-from gfmfr.config import SCORE_BASELINES, ConfigError, apply_overrides, from_dict, load_toml
+import numpy as np
+
+from gfmfr.coldstart import cold_rows
+from gfmfr.compare import compare, load_plan, render_report
+from gfmfr.config import (
+    SCORE_BASELINES,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_toml,
+    to_toml,
+)
+from gfmfr.data.dataset import load_dataset
+from gfmfr.data.encoders import encode_content
 from gfmfr.data.errors import DataError
+from gfmfr.run import run
 from gfmfr.serving.errors import ModelError
+from gfmfr.serving.new_items import new_item_scores, new_item_vectors, read_new_items
+from gfmfr.serving.recommend import blocks, top_k
+from gfmfr.serving.saved import load_model
+from gfmfr.standing import references, standing_line
+from gfmfr.tune import load_space, tune
 
 log = logging.getLogger("gfmfr")
 
@@ -65,14 +86,12 @@ def format_table(rows: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the resolved configuration (defaults, then ``--config``, flags and ``--set``) as TOML
     that ``gfmfr run --config`` reads back."""
-    from gfmfr.config import to_toml
 
     sys.stdout.write(to_toml(_config(args)))
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from gfmfr.data.dataset import load_dataset
 
     dataset = load_dataset(_config(args).data)
     if args.json:
@@ -97,7 +116,6 @@ def writable_folder(path: str | None, flag: str = "--out") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gfmfr.run import run
 
     cfg = _config(args)
     if args.resume and not args.out:
@@ -121,12 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     rows = {"valid": results["valid"], "test": results["test"]}
     if cfg.data.split == "cold-items":  # no reference ranks cold items: each source's row instead
-        from gfmfr.coldstart import cold_rows
 
         sys.stdout.write(format_table(cold_rows(results, cfg), cfg.eval.ks) + "\n")
     elif cfg.training == "federated" and cfg.model.name not in SCORE_BASELINES and not args.no_reference:
-        from gfmfr.data.dataset import load_dataset
-        from gfmfr.standing import references, standing_line
 
         refs = references(load_dataset(cfg.data), cfg)
         rows.update({"pop": refs["popularity"]["test"], "central": refs["centralised"]["test"]})
@@ -142,7 +157,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from gfmfr.tune import load_space, tune
 
     values = _config_values(args)
     space = load_space(args.space) if args.space else None
@@ -157,7 +171,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from gfmfr.data.encoders import encode_content
 
     cfg = _config(args)
     if cfg.data.content is None:
@@ -168,7 +181,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from gfmfr.compare import compare, load_plan, render_report
 
     plan = load_plan(args.config)
     if args.report_only:
@@ -181,12 +193,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    import time
 
-    import numpy as np
 
-    from gfmfr.serving.recommend import blocks, top_k
-    from gfmfr.serving.saved import load_model
 
     if (args.user is None) == (not args.all_users):
         raise ConfigError("recommend: give --user ID or --all-users (with --out FILE)")
@@ -216,7 +224,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     user = np.array([saved.user_index(args.user)])
     ids, titles, extra = saved.item_ids, saved.titles, None
     if args.new_items:
-        from gfmfr.serving.new_items import new_item_scores, new_item_vectors, read_new_items
 
         new = read_new_items(args.new_items, saved)
         extra = new_item_scores(saved, user, new_item_vectors(saved, new))
@@ -271,7 +278,6 @@ def gfmfr_line(results: dict[str, Any], cfg: Any) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
 
     # -v is accepted before and after the subcommand; the subcommand's copy leaves the value alone unless given
     verbose = argparse.ArgumentParser(add_help=False)

@@ -40,14 +40,33 @@ import re
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gfmfr.config import (SCORE_BASELINES, ConfigError, RunConfig, apply_overrides, bearing_dict, from_dict, from_stored, load_toml,
-                          same_rounds_under_caps, to_dict, to_toml)
+from gfmfr.coldstart import SOURCES, primary_source
+from gfmfr.config import (
+    SCORE_BASELINES,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    bearing_dict,
+    from_dict,
+    from_stored,
+    load_toml,
+    same_rounds_under_caps,
+    to_dict,
+    to_toml,
+)
+from gfmfr.data.dataset import load_dataset
+from gfmfr.federation.checkpoint import CHECKPOINT, matches
+from gfmfr.results import resolved_settings
+from gfmfr.run import run
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +211,6 @@ def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
     stored = _flatten(bearing_dict(stored_cfg))
     wanted = _flatten(bearing_dict(cfg))
     if "resolved" in results:
-        from gfmfr.run import resolved_settings
 
         stored |= _flatten(results["resolved"], "resolved.")
         wanted |= _flatten(resolved_settings(cfg), "resolved.")
@@ -208,7 +226,6 @@ def _clear_stale(folder: Path, cfg: RunConfig) -> None:
     """Before (re)running ``cfg`` in ``folder``: drop a checkpoint of another configuration (an
     interrupted run of another plan) and results that :func:`finished` found of another one; a
     checkpoint of ``cfg`` stays, for the run to resume from."""
-    from gfmfr.federation.checkpoint import CHECKPOINT, matches
 
     if (folder / CHECKPOINT).exists() and not matches(folder / CHECKPOINT, cfg):
         (folder / CHECKPOINT).unlink()
@@ -234,13 +251,8 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
 
     ``jobs > 1`` runs that many at once, each a ``gfmfr run`` child process with one thread (on a
     small machine, two one-thread runs finish sooner than two runs one after the other)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from gfmfr.data.dataset import load_dataset
-    from gfmfr.run import run
 
     out = Path(out)
     todo = []
@@ -387,7 +399,6 @@ def cold_start(plan: Plan, results: dict[str, list[dict[str, Any]]]) -> list[dic
     seeds of the test metrics among the cold items and (``all ...``) among all items. A method's own
     source (:func:`gfmfr.coldstart.primary_source`) selected its best round; the others were scored at
     that round. Content kNN and random vectors do not depend on the method: shown once per model."""
-    from gfmfr.coldstart import SOURCES, primary_source
 
     rows, shown = [], set()
     for method in plan.methods:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
+
 
 class ConfigError(ValueError):
     """A configuration value or key that does not exist or does not parse."""
@@ -619,7 +621,6 @@ def to_toml(cfg: RunConfig) -> str:
     """The resolved config as a TOML document that :func:`load_toml` and ``gfmfr run --config`` read
     back to the same config (TOML has no null: ``None`` is written as the string ``"none"``, which an
     optional field reads back as ``None``)."""
-    import tomli_w
 
     def ready(values: Any) -> Any:
         if isinstance(values, dict):

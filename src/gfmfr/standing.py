@@ -15,6 +15,8 @@ from typing import Any
 
 from gfmfr.config import RunConfig, bearing_dict
 from gfmfr.data.dataset import Dataset
+from gfmfr.data.ml100k import cache_dir
+from gfmfr.run import run
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,6 @@ def centralised_config(cfg: RunConfig) -> RunConfig:
 
 def references(dataset: Dataset, cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Test and validation metrics of popularity and of the centralised bound, for ``cfg``'s data and seed."""
-    from gfmfr.data.ml100k import cache_dir
-    from gfmfr.run import run
 
     pop = run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="popularity"),
                                   training="federated", plugin="none"), dataset=dataset)

@@ -35,7 +35,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gfmfr.config import ConfigError, RunConfig, apply_overrides, from_dict, load_toml, to_toml
+import optuna
+
+from gfmfr.build import build_run_model
+from gfmfr.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_toml,
+    to_toml,
+)
+from gfmfr.data.dataset import load_dataset
+from gfmfr.federation.engine import Federation
+from gfmfr.models import FEDERATED_MODELS
+from gfmfr.runtime import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +95,6 @@ class Dimension:
 def default_space(cfg: RunConfig) -> list[Dimension]:
     """Learning rates (a decade around the model's defaults), local epochs, weight decay, and the
     plug-in's knobs."""
-    from gfmfr.models import FEDERATED_MODELS
 
     try:
         lrs = FEDERATED_MODELS[cfg.model.name].lrs_for(cfg.model)
@@ -132,12 +145,7 @@ def tune(base: dict[str, Any], out: str | Path, space: list[Dimension] | None = 
          budget_s: float = 3600.0, progress: bool = False) -> dict[str, Any]:
     """Search ``space`` around the base config (nested dicts); write ``best.toml`` and ``trials.csv``
     into ``out``; return the best trial's values and validation score."""
-    import optuna
 
-    from gfmfr.data.dataset import load_dataset
-    from gfmfr.federation.engine import Federation
-    from gfmfr.run import build_run_model
-    from gfmfr.runtime import use_threads
 
     cfg = from_dict(base)
     if cfg.training != "federated":

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from gfmfr.coldstart.sources import SOURCES, ColdSource
 from gfmfr.coldstart.evaluation import ColdStart, cold_rows, primary_source
+from gfmfr.coldstart.sources import SOURCES, ColdSource
 
 __all__ = ["SOURCES", "ColdSource", "ColdStart", "cold_rows", "primary_source"]

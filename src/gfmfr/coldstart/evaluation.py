@@ -8,21 +8,28 @@ test split is also scored with every other source the run can build, reported as
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from gfmfr.coldstart.sources import (SOURCES, AttributeNetwork, ColdSource, ContentNeighbours, GroupFused, Projected,
-                                     RandomVectors, content_matrix)
+from gfmfr.coldstart.sources import (
+    SOURCES,
+    AttributeNetwork,
+    ColdSource,
+    ContentNeighbours,
+    GroupFused,
+    Projected,
+    RandomVectors,
+    content_matrix,
+)
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
+from gfmfr.data.encoders import dataset_features
 from gfmfr.eval.evaluator import Evaluator
+from gfmfr.federation.plugin import Plugin
+from gfmfr.federation.state import FederationState
 from gfmfr.models.base import FederatedRecommender
-
-if TYPE_CHECKING:
-    from gfmfr.federation.plugin import Plugin
-    from gfmfr.federation.state import FederationState
+from gfmfr.models.wrappers import content_tables
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +89,6 @@ class ColdStart:
 
     @staticmethod
     def _content(dataset: Dataset, cfg: RunConfig) -> dict[str, torch.Tensor]:
-        from gfmfr.data.encoders import dataset_features
-        from gfmfr.models.wrappers import content_tables
 
         mm = cfg.multimodal
         features = dataset_features(dataset, mm.modalities)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from gfmfr.data.dataset import Dataset
-from gfmfr.models.baselines import mean_rows
 from gfmfr.models.base import FederatedRecommender, Params
+from gfmfr.models.baselines import mean_rows
+from gfmfr.models.wrappers import MMX
 
 SOURCES = ("gfmfr", "mmx", "ifedrec", "knn", "random")
 
@@ -103,7 +104,6 @@ class Projected(VectorSource):
     name = "mmx"
 
     def __init__(self, model: FederatedRecommender, dataset: Dataset):
-        from gfmfr.models.wrappers import MMX
 
         if not isinstance(model, MMX):
             raise ValueError("the 'mmx' cold source needs wrapper = \"mmx\"")

@@ -21,6 +21,7 @@ import pandas as pd
 
 from gfmfr.config import DataConfig
 from gfmfr.data.errors import DataError
+from gfmfr.data.ml100k import load_ml100k
 from gfmfr.data.sources import RawData, RawItems, read_folder, read_items_csv
 
 log = logging.getLogger(__name__)
@@ -315,7 +316,6 @@ def _attach_items(dataset: Dataset, items: RawItems) -> None:
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Read, preprocess and split the dataset that ``cfg`` names, adding ``cfg.content`` if given."""
     if cfg.dataset == "ml-100k":
-        from gfmfr.data.ml100k import load_ml100k
 
         raw, name = load_ml100k(), "ml-100k"
     else:

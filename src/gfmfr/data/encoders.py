@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 from tqdm import tqdm
 
 from gfmfr.config import ConfigError, DataConfig
@@ -222,7 +223,6 @@ def _reduce(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> tupl
     """:func:`reduce_features` and the fitted PCA (None when the features are kept as they are)."""
     x = np.asarray(x, np.float32)
     if dim is not None and x.shape[1] > dim and mask.sum() > dim:
-        from sklearn.decomposition import PCA
 
         pca = PCA(n_components=dim, random_state=seed)
         reduced = np.zeros((len(x), dim), np.float32)

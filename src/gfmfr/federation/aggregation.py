@@ -9,7 +9,6 @@ cost O(rows used), not O(clients x items), and give exactly the dense FedAvg res
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,13 +16,11 @@ import torch
 from gfmfr.config import FederationConfig
 from gfmfr.federation.fast import scatter_rows
 from gfmfr.federation.messages import LocalUpdate
+from gfmfr.federation.plugin import Plugin
+from gfmfr.federation.server_steps import ServerOptimizer
 from gfmfr.federation.validation import keep_screened, screening
 from gfmfr.models.base import Params
-
-if TYPE_CHECKING:
-    from gfmfr.federation.plugin import Plugin
-    from gfmfr.federation.server_steps import ServerOptimizer
-    from gfmfr.privacy.dp import CentralNoise
+from gfmfr.privacy.dp import CentralNoise, clip_updates
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +126,6 @@ class RoundAggregate:
         update, rejected = keep_screened(update, self.shared, self.cfg)
         self.rejected += rejected
         if self.noise is not None:
-            from gfmfr.privacy.dp import clip_updates
 
             update = clip_updates(update, self.shared, self.noise.clip)
         self.fedavg.add(update, self.shared)

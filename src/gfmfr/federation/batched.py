@@ -25,8 +25,14 @@ import torch
 
 from gfmfr.config import FederationConfig
 from gfmfr.data.dataset import Dataset
-from gfmfr.data.sampling import STREAM_SHUFFLE, hash_fold, hash_u64, to_unit, training_negatives
-from gfmfr.federation.client_step import Batch
+from gfmfr.data.sampling import (
+    STREAM_SHUFFLE,
+    hash_fold,
+    hash_u64,
+    to_unit,
+    training_negatives,
+)
+from gfmfr.federation.batch import Batch
 from gfmfr.federation.fast import LazyDecay, keep_freed_memory, ranges
 from gfmfr.federation.messages import Hints, LocalUpdate
 from gfmfr.federation.plugin import LossContext, LossTerm

@@ -13,19 +13,36 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from gfmfr.config import ConfigError, RunConfig, bearing_dict, from_stored, same_rounds_under_caps
+from gfmfr.config import (
+    ConfigError,
+    RunConfig,
+    bearing_dict,
+    from_stored,
+    same_rounds_under_caps,
+)
 from gfmfr.eval.selection import BestRound
+from gfmfr.federation.history import RoundLog
+from gfmfr.federation.plugin import Plugin
+from gfmfr.federation.server_steps import ServerOptimizer
 from gfmfr.federation.state import FederationState, save_tensors
 
-if TYPE_CHECKING:
-    from gfmfr.federation.engine import Federation
-    from gfmfr.federation.plugin import Plugin
-
 CHECKPOINT = "checkpoint.safetensors"
+
+
+class Resumable(Protocol):
+    """What a checkpoint holds of a federation (:class:`gfmfr.federation.engine.Federation` is one)."""
+
+    cfg: RunConfig
+    state: FederationState
+    plugins: tuple[Plugin, ...]
+    server_opt: ServerOptimizer
+    history: list[RoundLog]
 
 
 def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,7 +89,7 @@ def load_federation_tensors(state: FederationState, plugins: tuple[Plugin, ...],
         plugin.server.load_state(_part(tensors, f"plugin{k}"), infos[k])
 
 
-def save(fed: Federation, best: BestRound, path: Path) -> None:
+def save(fed: Resumable, best: BestRound, path: Path) -> None:
     """Everything the rounds after ``fed.history[-1]`` need, in one file written atomically."""
     tensors, plugins = federation_tensors(fed.state, fed.plugins)
     for name, moments in fed.server_opt.state.items():
@@ -82,13 +99,8 @@ def save(fed: Federation, best: BestRound, path: Path) -> None:
     save_tensors(tensors, path, metadata={"gfmfr": json.dumps(info)})
 
 
-def load(fed: Federation, best: BestRound, path: Path) -> int:
+def load(fed: Resumable, best: BestRound, path: Path) -> int:
     """Restore ``fed`` and ``best`` from ``path``; the next round to run."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from gfmfr.federation.engine import RoundLog
-
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         info = json.loads(f.metadata()["gfmfr"])
@@ -130,8 +142,6 @@ def is_of(stored: Any, cfg: RunConfig, ran: int) -> bool:
 
 def matches(path: Path, cfg: RunConfig) -> bool:
     """Whether the checkpoint at ``path`` is of ``cfg``."""
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as f:
         info = json.loads(f.metadata()["gfmfr"])
     return is_of(info.get("config"), cfg, len(info.get("history", [])))

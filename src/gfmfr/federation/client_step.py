@@ -12,30 +12,15 @@ clients at once, held to this one by tests/test_client_training.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from gfmfr.config import FederationConfig
 from gfmfr.data.sampling import client_negatives, epoch_order
+from gfmfr.federation.batch import Batch
 from gfmfr.federation.messages import ClientState, Hints, TrainInstruction, Upload
 from gfmfr.federation.plugin import LossContext, LossTerm
 from gfmfr.models.base import FederatedRecommender
-
-
-@dataclass
-class Batch:
-    """One local step of A clients (A = 1 here; the batched engine steps many at once)."""
-
-    users: np.ndarray
-    """Client id of each of the A clients."""
-    items: torch.Tensor
-    """[A, B] item id of each example."""
-    labels: torch.Tensor
-    """[A, B] 1 for a positive, 0 for a sampled negative."""
-    mask: torch.Tensor
-    """[A, B] 1 for a real example, 0 for padding."""
 
 
 def client_step(

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,41 +28,21 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.data.sampling import train_keys
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.eval.selection import BestRound
+from gfmfr.federation import checkpoint as ckpt
 from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.batched import LocalData, train_clients
 from gfmfr.federation.client_step import client_step
+from gfmfr.federation.history import RoundLog, spent
 from gfmfr.federation.messages import LocalUpdate, TrainInstruction
 from gfmfr.federation.plugin import Plugin, end_round, move_shared, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer
-from gfmfr.federation.validation import surviving
-from gfmfr.privacy.dp import privatise
 from gfmfr.federation.state import FederationState
+from gfmfr.federation.validation import surviving
 from gfmfr.models.base import FederatedRecommender
-
-if TYPE_CHECKING:
-    from gfmfr.privacy.accounting import PrivacyLedger
-    from gfmfr.privacy.dp import CentralNoise
+from gfmfr.privacy.accounting import PrivacyLedger, RoundReleases
+from gfmfr.privacy.dp import CentralNoise, privatise
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoundLog:
-    """One round of the per-round log."""
-
-    round: int
-    clients: int
-    loss: float
-    seconds: dict[str, float]
-    bytes_up_per_client: int
-    bytes_down_per_client: int
-    valid: dict[str, float] | None = None
-    rejected: int = 0
-    """Uploads the server rejected (non-finite, or an update norm far above the round's median)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Plug-ins' figures (:attr:`gfmfr.federation.messages.PluginReport.figures`)."""
-    epsilon: float | None = None
-    """Under DP, the privacy spent so far, epsilon at the run's delta (:mod:`gfmfr.privacy.accounting`)."""
 
 
 def sample_clients(n_clients: int, fraction: float, seed: int, round_: int, poisson: bool = False) -> np.ndarray:
@@ -86,11 +65,6 @@ def participants(n_clients: int, cfg: FederationConfig, seed: int, round_: int, 
     return surviving(sample_clients(n_clients, cfg.client_fraction, seed, round_, poisson), cfg.dropout, seed, round_)
 
 
-def spent(entry: RoundLog) -> str:
-    """The privacy spent so far, for a round's log line (empty without DP)."""
-    return "" if entry.epsilon is None else f", epsilon {entry.epsilon:.3g}"
-
-
 def privacy_setup(cfg: RunConfig, n_clients: int, model: FederatedRecommender, plugins: tuple[Plugin, ...]
                   ) -> tuple[PrivacyLedger | None, CentralNoise | None]:
     """The privacy ledger (None without DP) and the server's central noise (None unless central DP);
@@ -98,8 +72,6 @@ def privacy_setup(cfg: RunConfig, n_clients: int, model: FederatedRecommender, p
     p, fed = cfg.privacy, cfg.federation
     if p.mode == "off":
         return None, None
-    from gfmfr.privacy.accounting import PrivacyLedger, RoundReleases
-    from gfmfr.privacy.dp import CentralNoise
 
     def releases(t: int) -> RoundReleases:
         extra = sum(pl.server.noised_sums(t) for pl in plugins) if p.mode == "central" else 0
@@ -247,7 +219,6 @@ class Federation:
         ``on_best(round)`` runs after every round that becomes the best on validation (the run saves
         its model there, :mod:`gfmfr.serving.saved`).
         """
-        from gfmfr.federation import checkpoint as ckpt
 
         fed, ev = self.cfg.federation, self.cfg.eval
         best = BestRound(ev.select_metric, fed.early_stop_patience)

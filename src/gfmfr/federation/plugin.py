@@ -13,17 +13,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from gfmfr.federation.batch import Batch
 from gfmfr.federation.messages import Hints, LocalUpdate, Params, PluginReport
-
-if TYPE_CHECKING:
-    from gfmfr.privacy.dp import CentralNoise
-    from gfmfr.federation.client_step import Batch
-    from gfmfr.models.base import FederatedRecommender
+from gfmfr.models.base import FederatedRecommender
+from gfmfr.privacy.dp import CentralNoise
 
 
 @dataclass

@@ -22,10 +22,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from gfmfr.data.sampling import STREAM_INIT, uniform
 from gfmfr.federation.messages import ClientState
-from gfmfr.models.base import FederatedRecommender, ParamSpec, Params, init_tensor
+from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, init_tensor
 
 
 def client_init(spec: ParamSpec, name: str, clients: np.ndarray, std: float, seed: int) -> torch.Tensor:
@@ -371,7 +372,6 @@ class FileStore:
         return self.directory / f"client-{client}.safetensors"
 
     def load(self, client: int) -> ClientState:
-        from safetensors.torch import load_file
 
         path = self.path(client)
         if not path.exists():
@@ -400,7 +400,6 @@ class FileStore:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (and string ``metadata``) to ``path`` (safetensors) atomically: to a temporary
     file beside it, then a rename, so that a process killed mid-write leaves the previous file whole."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")

@@ -12,8 +12,9 @@ Flower's layout, by role:
   in its state directory, atomically), and the messages' encoding.
 - :mod:`.simulation`: ``gfmfr run --backend flower --nodes N`` through Flower's simulation engine.
 
-Importing this package sets Flower's and Ray's telemetry and update checks off and forbids
-``flwr run`` from installing dependencies at run time (it would install a CUDA torch).
+Importing this package (as importing any of its modules does first) sets Flower's and Ray's
+telemetry and update checks off and forbids ``flwr run`` from installing dependencies at run time
+(it would install a CUDA torch).
 """
 
 from __future__ import annotations

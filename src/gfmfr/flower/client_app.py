@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 

@@ -10,7 +10,6 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid

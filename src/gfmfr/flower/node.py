@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from gfmfr.build import build_client_model, build_client_terms
 from gfmfr.config import RunConfig, from_dict, load_toml
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.data.sampling import train_keys
@@ -97,7 +99,6 @@ class Node:
 
     @staticmethod
     def build(cfg: RunConfig, partition: int, partitions: int, state_dir: str | None) -> Node:
-        from gfmfr.run import build_client_model, build_client_terms
 
         full = _dataset(cfg)
         users = partition_users(full.n_users, partition, partitions)
@@ -122,7 +123,6 @@ class Node:
         if generation == self.generation:
             return
         if self.state_file is not None and self.state_file.exists():
-            from safetensors.torch import load_file
 
             tensors = load_file(self.state_file)
             self.state.load_private_tensors({k: v for k, v in tensors.items() if not k.startswith(("reply/", "meta/"))})
@@ -184,7 +184,6 @@ class Node:
     def exported(self) -> dict[str, torch.Tensor]:
         """The last snapshot (``meta/round`` and :meth:`FederationState.private_tensors`' keys)."""
         if self.state_file is not None and self.state_file.with_name(BEST_FILE).exists():
-            from safetensors.torch import load_file
 
             return load_file(self.state_file.with_name(BEST_FILE))
         if self.best is None:

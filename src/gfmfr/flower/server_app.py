@@ -11,16 +11,24 @@ MM-X's and FedVLR's features); it never uses the interactions.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
-import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from gfmfr.build import build_run_model
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.flower.node import run_config_of
 from gfmfr.flower.strategy import FedRecStrategy
+from gfmfr.results import federated_results, write_results
 from gfmfr.runtime import use_threads
+from gfmfr.serving.saved import (
+    MODEL_DIR,
+    ModelSaver,
+    content_fingerprint,
+    content_modalities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +36,6 @@ log = logging.getLogger(__name__)
 def main(grid: Grid, context: Context, overrides: dict[str, Any] | None = None, dataset: Dataset | None = None,
          result: dict[str, Any] | None = None) -> None:
     """Train and select as the in-process engine does; write ``out/results.json`` if the run config says where."""
-    from gfmfr.run import build_run_model, federated_results, write_results
 
     settings = {**context.run_config, **(overrides or {})}
     cfg = run_config_of(settings)
@@ -42,9 +49,7 @@ def main(grid: Grid, context: Context, overrides: dict[str, Any] | None = None, 
                               node_wait=float(settings.get("node-wait", 600)), keep_best=save)
     best = strategy.fit(grid)
     if save and strategy.kept is not None:
-        from pathlib import Path
 
-        from gfmfr.serving.saved import MODEL_DIR, ModelSaver, content_fingerprint, content_modalities
 
         saver = ModelSaver(Path(model_out) / MODEL_DIR, dataset, cfg, content_fingerprint(dataset, content_modalities(cfg)))
         saver.write(*strategy.best_model(grid))

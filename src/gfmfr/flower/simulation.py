@@ -12,9 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import gfmfr.flower  # noqa: F401  (Flower's environment, before flwr loads)
+from flwr.simulation import run_simulation
+
 from gfmfr.config import RunConfig, to_toml
 from gfmfr.data.dataset import Dataset
+from gfmfr.flower.client_app import make_client_app
+from gfmfr.flower.server_app import make_server_app
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +26,6 @@ def run_simulated(dataset: Dataset, cfg: RunConfig, state_root: str | None = Non
                   out: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg`` on ``cfg.runtime.nodes`` simulated Flower nodes; the body of ``results.json``.
     With ``out`` (and ``runtime.save_model``) the trained federation is saved in ``out/model/``."""
-    from flwr.simulation import run_simulation
-
-    from gfmfr.flower.client_app import make_client_app
-    from gfmfr.flower.server_app import make_server_app
-
     nodes = cfg.runtime.nodes
     if nodes < 1:
         raise ValueError(f"runtime.nodes must be at least 1, got {nodes}")

@@ -39,7 +39,8 @@ from gfmfr.eval.evaluator import metrics_from_sums
 from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.checkpoint import client_tensors, server_tensors
-from gfmfr.federation.engine import RoundLog, participants, privacy_setup, spent
+from gfmfr.federation.engine import participants, privacy_setup
+from gfmfr.federation.history import RoundLog, spent
 from gfmfr.federation.messages import LocalUpdate
 from gfmfr.federation.plugin import Plugin, end_round, move_shared, wants_signatures
 from gfmfr.federation.server_steps import build_server_optimizer

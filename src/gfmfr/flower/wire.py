@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.messages import Hints, LocalUpdate, Params
 
 
@@ -98,7 +99,6 @@ def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool
     decay factors: every other row's sum is that times the broadcast row, which the server has (with
     ``dense``, every row is sent and no item id).
     """
-    from gfmfr.federation.aggregation import FedAvg
 
     agg = FedAvg(weighted)
     agg.add(update, shared)

@@ -10,6 +10,8 @@ import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
+from gfmfr.data.encoders import dataset_features, present_modalities
+from gfmfr.data.sampling import uniform
 from gfmfr.federation.fast import ranges
 
 
@@ -42,7 +44,6 @@ class ContentKNN:
     name = "content-knn"
 
     def __init__(self, dataset: Dataset, cfg: RunConfig):
-        from gfmfr.data.encoders import dataset_features, present_modalities
 
         content = dataset_features(dataset, cfg.multimodal.modalities)
         blocks = []
@@ -66,6 +67,5 @@ class RandomScores:
         self.seed = cfg.seed
 
     def score(self, users: np.ndarray) -> torch.Tensor:
-        from gfmfr.data.sampling import uniform
 
         return torch.from_numpy(uniform(self.seed, 99, users[:, None], np.arange(self.n_items)[None, :]).astype(np.float32))

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs, rowdot
+from gfmfr.models.base import (
+    FederatedRecommender,
+    Params,
+    ParamSpec,
+    mlp_apply,
+    mlp_specs,
+    rowdot,
+)
 
 
 class FedNCF(FederatedRecommender):

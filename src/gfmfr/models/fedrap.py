@@ -23,7 +23,14 @@ import math
 import torch
 
 from gfmfr.config import ModelConfig
-from gfmfr.models.base import FederatedRecommender, Params, ParamSpec, mlp_apply, mlp_specs, rowdot
+from gfmfr.models.base import (
+    FederatedRecommender,
+    Params,
+    ParamSpec,
+    mlp_apply,
+    mlp_specs,
+    rowdot,
+)
 
 
 class _Regulariser(torch.autograd.Function):

@@ -12,8 +12,8 @@ A noised head signature is a Gaussian mechanism of sensitivity 2 ``signature_cli
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +33,7 @@ def accountant() -> dp_accounting.rdp.RdpAccountant:
     """A fresh RDP accountant over :data:`ORDERS`, add-or-remove-one adjacency."""
     return dp_accounting.rdp.RdpAccountant(list(ORDERS))
 
-from gfmfr.config import PrivacyConfig
+from gfmfr.config import ConfigError, PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,6 @@ def calibrate_sigma(cfg: PrivacyConfig, q: float, rounds: int, releases: Callabl
     floor = accountant()
     floor.compose(event(1e6))  # what the rest (signatures) spends with next to no noise on the updates
     if floor.get_epsilon(delta) >= target:
-        from gfmfr.config import ConfigError
 
         raise ConfigError(f"privacy.target_epsilon: {target} is spent by the signatures alone over {rounds} "
                           "rounds; raise privacy.signature_noise or the target")

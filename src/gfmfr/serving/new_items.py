@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gfmfr.data.encoders import ContentReduction
+from gfmfr.coldstart.sources import score_vectors
+from gfmfr.data.encoders import (
+    encode_images,
+    encode_texts,
+)
 from gfmfr.data.errors import DataError
+from gfmfr.data.sources import read_items_csv
 from gfmfr.serving.errors import ModelError
-from gfmfr.serving.saved import SavedModel, title_of
+from gfmfr.serving.saved import SavedModel, content_source, title_of
 
 log = logging.getLogger(__name__)
-
-REDUCTIONS = "content_reductions.safetensors"
-"""Where a model folder keeps its catalogue's content reductions, once fitted."""
-
 
 @dataclass
 class NewItems:
@@ -41,22 +42,9 @@ class NewItems:
         return len(self.ids)
 
 
-def content_source(saved: SavedModel) -> tuple[tuple[str, ...], int | None]:
-    """The modalities and reduced size of the run's content model; a :class:`ModelError` if it has none."""
-    cfg = saved.cfg
-    if cfg.plugin == "gfmfr":
-        return tuple(cfg.gfmfr.modalities), cfg.gfmfr.content_dim
-    if cfg.wrapper == "mmx":
-        return tuple(cfg.multimodal.modalities), cfg.multimodal.content_dim
-    raise ModelError("new items need a model that builds item vectors from content: GFMFR (plugin = \"gfmfr\") "
-                     f"or MM-X (wrapper = \"mmx\"); this one is {cfg.wrapper}/{cfg.model.name}/{cfg.plugin}")
-
-
 def read_new_items(path: str | Path, saved: SavedModel) -> NewItems:
     """``items.csv`` (``item_id`` and ``text`` and/or ``image``, image paths relative to its folder), encoded
     with the run's encoders. An id the model already has is a :class:`DataError` naming its line."""
-    from gfmfr.data.encoders import encode_images, encode_texts
-    from gfmfr.data.sources import read_items_csv
 
     path = Path(path)
     raw = read_items_csv(path)
@@ -77,42 +65,6 @@ def read_new_items(path: str | Path, saved: SavedModel) -> NewItems:
         raise DataError(path, f"no new item has any of the model's content ({', '.join(modalities)})")
     titles = [title_of(raw.text[k] if raw.text else None, i) for k, i in enumerate(raw.item_ids)]
     return NewItems(list(raw.item_ids), titles, features, masks)
-
-
-def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
-    """Each modality's reduction of the catalogue's content (PCA and standardisation, as the server fitted
-    them for training): read from the model folder (``REDUCTIONS``, checked against the content
-    fingerprint), else fitted and kept there, so that later processes skip the PCA. Callers use the
-    cached :attr:`SavedModel.content_reductions`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from gfmfr.data.encoders import dataset_features
-    from gfmfr.federation.state import save_tensors
-
-    modalities, dim = content_source(saved)
-    key = {"fingerprint": str(saved.fingerprint), "modalities": ",".join(modalities), "dim": str(dim)}
-    path = saved.folder / REDUCTIONS if saved.folder is not None else None
-    if path is not None and path.exists():
-        with safe_open(path, "pt") as f:
-            kept = f.metadata() or {}
-        if all(kept.get(k) == v for k, v in key.items()):
-            tensors = load_file(path)
-            return {m: ContentReduction.from_tensors({k[len(m) + 1:]: v for k, v in tensors.items()
-                                                      if k.startswith(m + "/")})
-                    for m in modalities if f"{m}/mean" in tensors}
-    if saved.dataset is None:
-        raise ModelError("new items need the run's data (its catalogue content fits the reduction)")
-    catalogue = dataset_features(saved.dataset, modalities)
-    reductions = {m: ContentReduction.fit(catalogue.features[m], catalogue.mask[m], dim, saved.cfg.seed)
-                  for m in modalities if m in catalogue.features}
-    if path is not None:
-        try:
-            save_tensors({f"{m}/{k}": v.contiguous() for m, r in reductions.items() for k, v in r.tensors().items()},
-                         path, metadata=key)
-        except OSError as exc:
-            log.warning("could not keep the content reductions in %s (%s); they are refitted next time", path, exc)
-    return reductions
 
 
 def new_item_vectors(saved: SavedModel, new: NewItems) -> torch.Tensor:
@@ -143,7 +95,6 @@ def new_item_vectors(saved: SavedModel, new: NewItems) -> torch.Tensor:
 
 def new_item_scores(saved: SavedModel, users: np.ndarray, vectors: torch.Tensor) -> torch.Tensor:
     """Logits [U, N] of the new items' ``vectors`` under each user's own head (its group's table for GFMFR)."""
-    from gfmfr.coldstart.sources import score_vectors
 
     users = np.asarray(users, np.int64)
     group = saved.plugins[0].server.grouping.group[users] if len(vectors) > 1 else None

@@ -13,30 +13,38 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
+from gfmfr.build import build_run_model
+from gfmfr.coldstart.sources import GroupFused, Projected, VectorSource
 from gfmfr.config import RunConfig, from_dict, to_dict
+from gfmfr.data import load_dataset
 from gfmfr.data.dataset import Dataset
+from gfmfr.data.encoders import ContentReduction, dataset_features
 from gfmfr.federation.checkpoint import federation_tensors, load_federation_tensors
+from gfmfr.federation.engine import Federation
+from gfmfr.federation.plugin import Plugin
 from gfmfr.federation.state import FederationState, save_tensors
+from gfmfr.models import build_model
 from gfmfr.serving.errors import ModelError
 
-if TYPE_CHECKING:
-    from gfmfr.coldstart.sources import VectorSource
-    from gfmfr.data.encoders import ContentReduction
-    from gfmfr.federation.engine import Federation
-    from gfmfr.federation.plugin import Plugin
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 TENSORS = "model.safetensors"
 FORMAT = 1
+REDUCTIONS = "content_reductions.safetensors"
+"""Where a model folder keeps its catalogue's content reductions, once fitted."""
 
 
 def content_modalities(cfg: RunConfig) -> tuple[str, ...]:
@@ -52,7 +60,6 @@ def content_fingerprint(dataset: Dataset, modalities: tuple[str, ...]) -> str | 
     """SHA-256 of the content features ``modalities`` of ``dataset`` (None when there are none)."""
     if not modalities:
         return None
-    from gfmfr.data.encoders import dataset_features
 
     content = dataset_features(dataset, modalities)
     h = hashlib.sha256()
@@ -151,7 +158,6 @@ class SavedModel:
         """Where a cold-items run's held-out items get their vectors, built once: GFMFR's fused vectors
         or MM-X's projection (:mod:`gfmfr.coldstart.sources`); None without a cold split, a content model
         or (GFMFR) a fusion model yet."""
-        from gfmfr.coldstart.sources import GroupFused, Projected
 
         if self.dataset is None or self.dataset.cold_items is None:
             return None
@@ -170,8 +176,7 @@ class SavedModel:
     @functools.cached_property
     def content_reductions(self) -> dict[str, ContentReduction]:
         """The catalogue's content reductions by modality, fitted or read once
-        (:func:`gfmfr.serving.new_items.catalogue_reductions`)."""
-        from gfmfr.serving.new_items import catalogue_reductions
+        (:func:`catalogue_reductions`)."""
 
         return catalogue_reductions(self)
 
@@ -189,8 +194,6 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
     if at hand (needed for plug-ins' server halves and the content check; loaded from the config
     otherwise, only when needed). Shapes are checked against the rebuilt model, and with
     ``check_content`` the fingerprint against the content features the config names."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     folder = Path(run)
     if (folder / MODEL_DIR / TENSORS).exists():
@@ -209,10 +212,8 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
     cfg = from_dict(info["config"], where=f"{path}: config")
     n_items, n_users = len(info["items"]), len(info["users"])
 
-    from gfmfr.run import build_run_model
 
     if dataset is None and (cfg.plugin != "none" or cfg.wrapper != "none" or cfg.data.split == "cold-items"):
-        from gfmfr.data import load_dataset
 
         dataset = load_dataset(cfg.data)
     if dataset is not None and (dataset.n_items, dataset.n_users) != (n_items, n_users):
@@ -224,7 +225,6 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
             raise ModelError(f"{path}: saved with other content features than {cfg.data.content or cfg.data.dataset} "
                              f"gives now (fingerprint {info['content_fingerprint'][:12]} against {str(now)[:12]})")
     if dataset is None:
-        from gfmfr.models import build_model
 
         model, plugins = build_model(n_items, cfg.model), ()
     else:
@@ -239,3 +239,46 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
     return SavedModel(cfg, int(info["round"]), state, plugins, info["users"], info["items"], info["titles"],
                       tensors["interactions/indptr"].numpy(), tensors["interactions/items"].numpy(),
                       info["content_fingerprint"], info, dataset, folder)
+
+
+def content_source(saved: SavedModel) -> tuple[tuple[str, ...], int | None]:
+    """The modalities and reduced size of the run's content model; a :class:`ModelError` if it has none."""
+    cfg = saved.cfg
+    if cfg.plugin == "gfmfr":
+        return tuple(cfg.gfmfr.modalities), cfg.gfmfr.content_dim
+    if cfg.wrapper == "mmx":
+        return tuple(cfg.multimodal.modalities), cfg.multimodal.content_dim
+    raise ModelError("new items need a model that builds item vectors from content: GFMFR (plugin = \"gfmfr\") "
+                     f"or MM-X (wrapper = \"mmx\"); this one is {cfg.wrapper}/{cfg.model.name}/{cfg.plugin}")
+
+
+def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
+    """Each modality's reduction of the catalogue's content (PCA and standardisation, as the server fitted
+    them for training): read from the model folder (``REDUCTIONS``, checked against the content
+    fingerprint), else fitted and kept there, so that later processes skip the PCA. Callers use the
+    cached :attr:`SavedModel.content_reductions`."""
+
+
+    modalities, dim = content_source(saved)
+    key = {"fingerprint": str(saved.fingerprint), "modalities": ",".join(modalities), "dim": str(dim)}
+    path = saved.folder / REDUCTIONS if saved.folder is not None else None
+    if path is not None and path.exists():
+        with safe_open(path, "pt") as f:
+            kept = f.metadata() or {}
+        if all(kept.get(k) == v for k, v in key.items()):
+            tensors = load_file(path)
+            return {m: ContentReduction.from_tensors({k[len(m) + 1:]: v for k, v in tensors.items()
+                                                      if k.startswith(m + "/")})
+                    for m in modalities if f"{m}/mean" in tensors}
+    if saved.dataset is None:
+        raise ModelError("new items need the run's data (its catalogue content fits the reduction)")
+    catalogue = dataset_features(saved.dataset, modalities)
+    reductions = {m: ContentReduction.fit(catalogue.features[m], catalogue.mask[m], dim, saved.cfg.seed)
+                  for m in modalities if m in catalogue.features}
+    if path is not None:
+        try:
+            save_tensors({f"{m}/{k}": v.contiguous() for m, r in reductions.items() for k, v in r.tensors().items()},
+                         path, metadata=key)
+        except OSError as exc:
+            log.warning("could not keep the content reductions in %s (%s); they are refitted next time", path, exc)
+    return reductions

@@ -13,9 +13,15 @@ from __future__ import annotations
 import torch
 
 from gfmfr.config import GFMFRConfig
-from gfmfr.federation.client_step import Batch
+from gfmfr.federation.batch import Batch
 from gfmfr.federation.plugin import LossContext
-from gfmfr.plugins.group_fusion.distill import bernoulli_kl, distill_weight, ema, masked_mean, recentre
+from gfmfr.plugins.group_fusion.distill import (
+    bernoulli_kl,
+    distill_weight,
+    ema,
+    masked_mean,
+    recentre,
+)
 
 
 def distill_mask(batch: Batch, on: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
-from gfmfr.data.encoders import present_modalities, reduce_features
+from gfmfr.data.encoders import dataset_features, present_modalities, reduce_features
 from gfmfr.federation.aggregation import group_sums
 from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
 from gfmfr.federation.plugin import ServerHalf
@@ -134,7 +134,6 @@ class GFMFRServer(ServerHalf):
         """Whether clients send every row of the item table (under DP, or ``federation.upload = "dense"``)."""
         self.n_items = dataset.n_items
         if features is None:
-            from gfmfr.data.encoders import dataset_features
 
             content = dataset_features(dataset, self.cfg.modalities)
             features, masks = content.features, content.mask
