@@ -25,8 +25,8 @@ def default_lrs(model: str, extra: list[str]) -> dict[str, float]:
     from gfmfr.config import apply_overrides, from_dict
     from gfmfr.models import FEDERATED_MODELS
 
-    cfg = from_dict(apply_overrides({"model": {"name": model}}, extra))
-    return dict(FEDERATED_MODELS[model].lrs_for(cfg.model))
+    from_dict(apply_overrides({"model": {"name": model}}, extra))
+    return dict(FEDERATED_MODELS[model].default_lrs)
 
 
 def point(model: str, fu: float, fi: float, seed: int, extra: list[str], out: Path, report_only: bool = False) -> dict:
@@ -42,11 +42,17 @@ def point(model: str, fu: float, fi: float, seed: int, extra: list[str], out: Pa
     if "error" in res:
         return {**head, **res}
     hist = res["history"]
-    return {**head, "best_round": res["best_round"],
-            "rounds": len(hist), "valid": res["valid"]["NDCG@10"], "test": res["test"]["NDCG@10"],
-            "test_hr50": res["test"]["HR@50"], "test_ndcg50": res["test"]["NDCG@50"],
-            "s_per_round": res["seconds_per_round"],
-            "eval_s": sum(h["seconds"].get("evaluate", 0) for h in hist) / len(hist)}
+    return {
+        **head,
+        "best_round": res["best_round"],
+        "rounds": len(hist),
+        "valid": res["valid"]["NDCG@10"],
+        "test": res["test"]["NDCG@10"],
+        "test_hr50": res["test"]["HR@50"],
+        "test_ndcg50": res["test"]["NDCG@50"],
+        "s_per_round": res["seconds_per_round"],
+        "eval_s": sum(h["seconds"].get("evaluate", 0) for h in hist) / len(hist),
+    }
 
 
 def main() -> None:
@@ -64,21 +70,28 @@ def main() -> None:
     grid = list(itertools.product(args.models, args.user_factors, args.item_factors, args.seeds))
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda g: point(*g, args.set, out, args.report_only), grid))
-    sys.stdout.write("| model | lr x | item_lr x | seed | rounds | best round | valid NDCG@10 | test NDCG@10 | test HR@50 | test NDCG@50 | s/round | eval s |\n")
+    sys.stdout.write(
+        "| model | lr x | item_lr x | seed | rounds | best round | valid NDCG@10 | test NDCG@10 | test HR@50 "
+        "| test NDCG@50 | s/round | eval s |\n"
+    )
     sys.stdout.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in rows:
         if "error" in r:
             sys.stdout.write(f"| {r['model']} | {r['fu']:g} | {r['fi']:g} | {r['seed']} | failed: {r['error']} |\n")
             continue
         sys.stdout.write(
-            f"| {r['model']} | {r['fu']:g} | {r['fi']:g} | {r['seed']} | {r['rounds']} | {r['best_round']} | {r['valid']:.4f} | "
-            f"{r['test']:.4f} | {r['test_hr50']:.3f} | {r['test_ndcg50']:.4f} | {r['s_per_round']:.2f} | {r['eval_s']:.2f} |\n")
+            f"| {r['model']} | {r['fu']:g} | {r['fi']:g} | {r['seed']} | {r['rounds']} | {r['best_round']} "
+            f"| {r['valid']:.4f} | {r['test']:.4f} | {r['test_hr50']:.3f} | {r['test_ndcg50']:.4f} "
+            f"| {r['s_per_round']:.2f} | {r['eval_s']:.2f} |\n"
+        )
     for model in args.models:
         ok = [r for r in rows if r["model"] == model and "error" not in r]
         if ok:
             best = max(ok, key=lambda r: r["valid"])
-            sys.stdout.write(f"best on validation, {model}: lr x{best['fu']:g}, item_lr x{best['fi']:g} "
-                             f"(valid {best['valid']:.4f}, test {best['test']:.4f})\n")
+            sys.stdout.write(
+                f"best on validation, {model}: lr x{best['fu']:g}, item_lr x{best['fi']:g} "
+                f"(valid {best['valid']:.4f}, test {best['test']:.4f})\n"
+            )
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ import time
 import numpy as np
 import torch
 
+from gfmfr.build import build_run_model
 from gfmfr.coldstart.sources import VectorSource
 from gfmfr.config import from_dict
 from gfmfr.data.dataset import load_dataset
 from gfmfr.federation.engine import Federation
 from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion
-from gfmfr.build import build_run_model
 from gfmfr.runtime import use_threads
 
 
@@ -42,8 +42,16 @@ class Fixed(VectorSource):
         return self.group[users] if len(self.vectors) > 1 else None
 
 
-def fit_score_space(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, chol: torch.Tensor,
-                    items: torch.Tensor, steps: int, lr: float, dropout: float = 0.0) -> float:
+def fit_score_space(
+    fusion: GroupFusion,
+    groups: torch.Tensor,
+    targets: torch.Tensor,
+    chol: torch.Tensor,
+    items: torch.Tensor,
+    steps: int,
+    lr: float,
+    dropout: float = 0.0,
+) -> float:
     """Minimise mean_{g,i} ||L_g^T (Q_g(i) - C_g(i))||^2 with L_g L_g^T the members' second moment."""
     opt = torch.optim.Adam(fusion.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
@@ -66,17 +74,24 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     use_threads(1)  # before any torch work
-    cfg = from_dict({"seed": args.seed, "plugin": "gfmfr", "model": {"name": "fcf"},
-                     "data": {"dataset": "ml-100k", "content": "../shared/datasets/ml-100k-content",
-                              "split": "cold-items"},
-                     "federation": {"rounds": args.rounds}})
+    cfg = from_dict(
+        {
+            "seed": args.seed,
+            "plugin": "gfmfr",
+            "model": {"name": "fcf"},
+            "data": {"dataset": "ml-100k", "content": "../shared/datasets/ml-100k-content", "split": "cold-items"},
+            "federation": {"rounds": args.rounds},
+        }
+    )
     data = load_dataset(cfg.data)
     model, plugins = build_run_model(data, cfg)
     fed = Federation(data, model, cfg, plugins)
     t0 = time.perf_counter()
     best = fed.fit()
-    print(f"trained: best round {best['round']} of {len(fed.history)} in {time.perf_counter() - t0:.0f} s; "
-          f"test NDCG@10 (GFMFR source) {best['test']['NDCG@10']:.4f}")
+    print(
+        f"trained: best round {best['round']} of {len(fed.history)} in {time.perf_counter() - t0:.0f} s; "
+        f"test NDCG@10 (GFMFR source) {best['test']['NDCG@10']:.4f}"
+    )
     server = plugins[0].server
     group = server.grouping.group
     cold = torch.from_numpy(data.cold_items)
@@ -94,8 +109,9 @@ def main() -> None:
     chol = torch.stack(chol)
 
     def fresh(item_view: bool) -> GroupFusion:
-        return GroupFusion(G, model.dim, server.features, server.masks, cfg.gfmfr.fusion, args.seed, item_view,
-                           server.known)
+        return GroupFusion(
+            G, model.dim, server.features, server.masks, cfg.gfmfr.fusion, args.seed, item_view, server.known
+        )
 
     def vectors(fusion: GroupFusion) -> torch.Tensor:
         with torch.no_grad():
@@ -111,8 +127,9 @@ def main() -> None:
         rows[f"refit score{'' if item_view else ', no item view'} (loss {loss:.3f})"] = vectors(f)
     for dropout in (0.25, 0.5):
         f = fresh(True)
-        loss = fit_fusion(f, present, targets, args.steps, cfg.gfmfr.server_lr, seed=args.seed, items=warm,
-                          item_view_dropout=dropout)
+        loss = fit_fusion(
+            f, present, targets, args.steps, cfg.gfmfr.server_lr, seed=args.seed, items=warm, item_view_dropout=dropout
+        )
         rows[f"refit mse, item-view dropout {dropout}"] = vectors(f)
         f = fresh(True)
         loss = fit_score_space(f, present, targets, chol, warm, args.steps, cfg.gfmfr.server_lr, dropout)
@@ -121,10 +138,14 @@ def main() -> None:
     print(f"{'source':<40}{'valid NDCG@10':>15}{'test NDCG@10':>15}{'test HR@50':>12}{'all NDCG@10':>13}")
     for name, vec in rows.items():
         source = Fixed(name, vec, group)
-        scores = {split: fed.evaluator.evaluate(lambda us: fed.cold.score(source, us), split)
-                  for split in ("valid", "test")}
-        print(f"{name:<40}{scores['valid']['NDCG@10']:>15.4f}{scores['test']['NDCG@10']:>15.4f}"
-              f"{scores['test']['HR@50']:>12.4f}{scores['test']['all NDCG@10']:>13.4f}")
+        scores = {
+            split: fed.evaluator.evaluate(lambda us, source=source: fed.cold.score(source, us), split)
+            for split in ("valid", "test")
+        }
+        print(
+            f"{name:<40}{scores['valid']['NDCG@10']:>15.4f}{scores['test']['NDCG@10']:>15.4f}"
+            f"{scores['test']['HR@50']:>12.4f}{scores['test']['all NDCG@10']:>13.4f}"
+        )
 
 
 if __name__ == "__main__":

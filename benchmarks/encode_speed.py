@@ -1,6 +1,6 @@
 """Server-side encoding time of the item content: cold (empty cache) and cached.
 
-    python benchmarks/encode_speed.py --content ../shared/datasets/ml-100k-content
+python benchmarks/encode_speed.py --content ../shared/datasets/ml-100k-content
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ def main() -> None:
         for label in ("cold", "cached"):
             t0 = time.perf_counter()
             result = dataset_features(dataset)
-            report = {m: {k: v for k, v in r.items() if k in ("encoded", "reused", "seconds")} for m, r in result.report.items()}
+            report = {
+                m: {k: v for k, v in r.items() if k in ("encoded", "reused", "seconds")}
+                for m, r in result.report.items()
+            }
             sys.stdout.write(f"{label}: {time.perf_counter() - t0:.1f} s total {json.dumps(report)}\n")
 
 

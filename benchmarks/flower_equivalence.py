@@ -34,13 +34,22 @@ def main() -> None:
     from gfmfr.flower.local import LocalGrid
     from gfmfr.run import run
 
-    sys.stdout.write("| model | plug-in | nodes | max abs diff, per-round valid metrics | test NDCG@10 "
-                     "(Flower / in-process) | s |\n|---|---|---|---|---|---|\n")
+    sys.stdout.write(
+        "| model | plug-in | nodes | max abs diff, per-round valid metrics | test NDCG@10 "
+        "(Flower / in-process) | s |\n|---|---|---|---|---|---|\n"
+    )
     dataset = None
     for model in args.models:
         for plugin in args.plugins:
-            cfg = from_dict({"data": {"dataset": "ml-100k", "content": args.content}, "model": {"name": model},
-                             "plugin": plugin, "federation": {"rounds": args.rounds}, "runtime": {"threads": 1}})
+            cfg = from_dict(
+                {
+                    "data": {"dataset": "ml-100k", "content": args.content},
+                    "model": {"name": model},
+                    "plugin": plugin,
+                    "federation": {"rounds": args.rounds},
+                    "runtime": {"threads": 1},
+                }
+            )
             dataset = dataset if dataset is not None else load_dataset(cfg.data)
             inprocess = run(cfg, dataset=dataset)
             for nodes in args.nodes:
@@ -49,10 +58,15 @@ def main() -> None:
                 result: dict = {}
                 grid = LocalGrid(client_app.make_client_app({"config": to_toml(cfg)}), nodes)
                 server_app.main(grid, Context(1, 0, {}, RecordDict(), {}), {"config": to_toml(cfg)}, dataset, result)
-                diff = max(abs(a["valid"][k] - b["valid"][k]) for a, b in zip(result["history"], inprocess["history"])
-                           for k in b["valid"])
-                sys.stdout.write(f"| {model} | {plugin} | {nodes} | {diff:.1e} | {result['test']['NDCG@10']:.6f} / "
-                                 f"{inprocess['test']['NDCG@10']:.6f} | {time.perf_counter() - t0:.0f} |\n")
+                diff = max(
+                    abs(a["valid"][k] - b["valid"][k])
+                    for a, b in zip(result["history"], inprocess["history"])
+                    for k in b["valid"]
+                )
+                sys.stdout.write(
+                    f"| {model} | {plugin} | {nodes} | {diff:.1e} | {result['test']['NDCG@10']:.6f} / "
+                    f"{inprocess['test']['NDCG@10']:.6f} | {time.perf_counter() - t0:.0f} |\n"
+                )
                 sys.stdout.flush()
 
 

@@ -34,8 +34,11 @@ VARIANTS = ("in-process", "local-2", "flower-2", "flower-16", "in-process-100", 
 def config(model: str, variant: str, rounds: int):
     from gfmfr.config import from_dict
 
-    values = {"model": {"name": model}, "federation": {"rounds": rounds, "early_stop_patience": 0},
-              "runtime": {"threads": 1}}
+    values = {
+        "model": {"name": model},
+        "federation": {"rounds": rounds, "early_stop_patience": 0},
+        "runtime": {"threads": 1},
+    }
     if variant in ("in-process-100", "one-user-per-node"):
         values["federation"].update(client_fraction=100 / 943, eval_every=rounds)
     if variant.startswith("flower-"):
@@ -112,19 +115,26 @@ def measure(model: str, variant: str, rounds: int) -> dict:
         results = run(cfg)
     wall = time.perf_counter() - t0
     per_round = [sum(h["seconds"].values()) for h in results["history"]]
-    return {"model": model, "variant": variant, "seconds_per_round": float(np.mean(per_round[1:])),
-            "round_seconds": per_round, "wall": wall, "peak_rss_mb": rss.stop(),
-            "valid": [h["valid"] for h in results["history"]], "flower": results.get("flower")}
+    return {
+        "model": model,
+        "variant": variant,
+        "seconds_per_round": float(np.mean(per_round[1:])),
+        "round_seconds": per_round,
+        "wall": wall,
+        "peak_rss_mb": rss.stop(),
+        "valid": [h["valid"] for h in results["history"]],
+        "flower": results.get("flower"),
+    }
 
 
 def serialise(model: str) -> dict:
     """Seconds to encode and decode one round's uploads of every ML-100K user, and their size."""
     from gfmfr.data.dataset import load_dataset
+    from gfmfr.federation.batched import train_clients
     from gfmfr.federation.engine import Federation
     from gfmfr.flower import wire
-    from gfmfr.models import build_model
-    from gfmfr.federation.batched import train_clients
     from gfmfr.flower.strategy import record_bytes
+    from gfmfr.models import build_model
 
     cfg = config(model, "in-process", 1)
     data = load_dataset(cfg.data)
@@ -150,34 +160,48 @@ def main() -> None:
         out = serialise(model) if variant == "serialise" else measure(model, variant, args.rounds)
         sys.stdout.write("RESULT " + json.dumps(out) + "\n")
         return
-    sys.stdout.write("| model | variant | s/round | vs in-process | peak RSS MB | max |valid diff| | "
-                     "bytes down / up per client |\n|---|---|---|---|---|---|---|\n")
+    sys.stdout.write(
+        "| model | variant | s/round | vs in-process | peak RSS MB | max |valid diff| | "
+        "bytes down / up per client |\n|---|---|---|---|---|---|---|\n"
+    )
     for model in args.models:
         base: dict[str, dict] = {}
         for variant in [*args.variants, "serialise"]:
-            proc = subprocess.run([sys.executable, __file__, "--one", model, variant, "--rounds", str(args.rounds)],
-                                  capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", model, variant, "--rounds", str(args.rounds)],
+                capture_output=True,
+                text=True,
+            )
+            line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
                 sys.stdout.write(f"| {model} | {variant} | failed: {proc.stderr.strip().splitlines()[-1:]} |\n")
                 continue
-            r = json.loads(line[len("RESULT "):])
+            r = json.loads(line[len("RESULT ") :])
             if variant == "serialise":
-                sys.stdout.write(f"\n{model}: encoding one round's uploads of 943 users ({r['bytes'] / 2**20:.1f} MiB) "
-                                 f"{r['encode_s']:.3f} s, decoding {r['decode_s']:.3f} s\n\n")
+                sys.stdout.write(
+                    f"\n{model}: encoding one round's uploads of 943 users ({r['bytes'] / 2**20:.1f} MiB) "
+                    f"{r['encode_s']:.3f} s, decoding {r['decode_s']:.3f} s\n\n"
+                )
                 continue
             twin = base.get("in-process-100" if variant == "one-user-per-node" else "in-process")
             diff = ""
             if twin is not None and variant.startswith(("local", "flower", "one")):
-                diff = max((abs(a[k] - b[k]) for a, b in zip(r["valid"], twin["valid"]) if a and b for k in b),
-                           default=float("nan"))
+                diff = max(
+                    (abs(a[k] - b[k]) for a, b in zip(r["valid"], twin["valid"]) if a and b for k in b),
+                    default=float("nan"),
+                )
                 diff = f"{diff:.1e}"
-            ratio = f"+{r['seconds_per_round'] - twin['seconds_per_round']:.2f} s" \
-                if twin is not None and not variant.startswith("in-process") else ""
+            ratio = (
+                f"+{r['seconds_per_round'] - twin['seconds_per_round']:.2f} s"
+                if twin is not None and not variant.startswith("in-process")
+                else ""
+            )
             wire_bytes = r["flower"]["wire_bytes_per_client"] if r.get("flower") else None
             bytes_col = f"{wire_bytes['down']:,.0f} / {wire_bytes['up']:,.0f}" if wire_bytes else ""
-            sys.stdout.write(f"| {model} | {variant} | {r['seconds_per_round']:.2f} | {ratio} | "
-                             f"{r['peak_rss_mb']:.0f} | {diff} | {bytes_col} |\n")
+            sys.stdout.write(
+                f"| {model} | {variant} | {r['seconds_per_round']:.2f} | {ratio} | "
+                f"{r['peak_rss_mb']:.0f} | {diff} | {bytes_col} |\n"
+            )
             sys.stdout.flush()
             base[variant] = r
 

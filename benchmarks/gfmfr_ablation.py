@@ -49,8 +49,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     jobs = [
-        ({"model": args.model, "variant": variant, "seed": seed, "set": sorted(args.set)},
-         [f"model.name={args.model}", "plugin=gfmfr", *args.set, *VARIANTS[variant]])
+        (
+            {"model": args.model, "variant": variant, "seed": seed, "set": sorted(args.set)},
+            [f"model.name={args.model}", "plugin=gfmfr", *args.set, *VARIANTS[variant]],
+        )
         for seed in args.seeds
         for variant in args.variants
     ]

@@ -30,8 +30,8 @@ PHASES = ("train", "aggregate", "grouping", "group_targets", "fusion", "teacher"
 def build(dataset, cfgs: list) -> tuple[list, list[float]]:
     """A federation per configuration, and the seconds building each took (GFMFR's content reduction
     included)."""
-    from gfmfr.federation.engine import Federation
     from gfmfr.build import build_run_model
+    from gfmfr.federation.engine import Federation
 
     feds, seconds = [], []
     for cfg in cfgs:
@@ -88,14 +88,23 @@ def to_target(dataset, cfgs: list, target: float, max_rounds: int) -> list[tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fcf", "fedrap"])
-    parser.add_argument("--variant", nargs="+", action="append", metavar="LABEL [KEY=VALUE ...]",
-                        help="a label and GFMFR-run overrides; repeatable (default: the defaults)")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        metavar="LABEL [KEY=VALUE ...]",
+        help="a label and GFMFR-run overrides; repeatable (default: the defaults)",
+    )
     parser.add_argument("--rounds", type=int, default=11, help="rounds per run; the mean is over all but the first")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--content", default="../shared/datasets/ml-100k-content")
-    parser.add_argument("--target", type=float, default=None,
-                        help="instead of seconds per phase: rounds and wall seconds until validation NDCG@10 "
-                             "first reaches this (90%% of centralised FCF's: time_to_quality.py prints it)")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="instead of seconds per phase: rounds and wall seconds until validation NDCG@10 "
+        "first reaches this (90%% of centralised FCF's: time_to_quality.py prints it)",
+    )
     parser.add_argument("--max-rounds", type=int, default=400, help="with --target: give up after these rounds")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -118,24 +127,32 @@ def main() -> None:
     for name in args.models:
         # a variant runs GFMFR unless its overrides say otherwise (plugin=none wrapper=mmx, say)
         runs = [["base", "plugin=none"], *[[v[0], "plugin=gfmfr", *v[1:]] for v in variants]]
-        cfgs = [from_dict(apply_overrides({"model": {"name": name}, "data": {"content": args.content},
-                                           "seed": args.seed}, sets)) for _, *sets in runs]
+        cfgs = [
+            from_dict(
+                apply_overrides({"model": {"name": name}, "data": {"content": args.content}, "seed": args.seed}, sets)
+            )
+            for _, *sets in runs
+        ]
         if dataset is None:
             dataset = load_dataset(cfgs[0].data)
         if args.target is not None:
             reached = to_target(dataset, cfgs, args.target, args.max_rounds)
             base_s = reached[0][1]
             for (label, *_), (rounds, secs) in zip(runs, reached):
-                sys.stdout.write(f"| {name} {label} | {args.seed} | {rounds or 'never'} | {secs:.1f} | "
-                                 f"{secs / base_s:.2f} |\n")
+                sys.stdout.write(
+                    f"| {name} {label} | {args.seed} | {rounds or 'never'} | {secs:.1f} | {secs / base_s:.2f} |\n"
+                )
             sys.stdout.flush()
             continue
         measured = measure(dataset, cfgs, args.rounds)
         base = sum(measured[0].values())
         for (label, *_), secs in zip(runs, measured):
             total = sum(secs.values())
-            sys.stdout.write(f"| {name} {label} | " + " | ".join(f"{secs[p]:.3f}" for p in PHASES)
-                             + f" | {total:.3f} | {total / base:.2f} |\n")
+            sys.stdout.write(
+                f"| {name} {label} | "
+                + " | ".join(f"{secs[p]:.3f}" for p in PHASES)
+                + f" | {total:.3f} | {total / base:.2f} |\n"
+            )
         sys.stdout.flush()
 
 

@@ -46,13 +46,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
 
+    from gfmfr.build import build_run_model
     from gfmfr.config import apply_overrides, from_dict
     from gfmfr.data.dataset import load_dataset
     from gfmfr.federation.engine import Federation
-    from gfmfr.build import build_run_model
 
-    values = apply_overrides({"seed": args.seed, "data": {"content": args.content}},
-                             [f"model.name={args.model}", "plugin=gfmfr", *args.set])
+    values = apply_overrides(
+        {"seed": args.seed, "data": {"content": args.content}}, [f"model.name={args.model}", "plugin=gfmfr", *args.set]
+    )
     cfg = from_dict(values)
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(cfg.data)
@@ -70,9 +71,11 @@ def main() -> None:
         "own head x Q_g": lambda users: own_head_scores(fed, users, gfmfr.fused[group_of(users)]),
         "own head x C_g": lambda users: own_head_scores(fed, users, gfmfr.targets[group_of(users)]),
         "own head x global": lambda users: own_head_scores(
-            fed, users, fed.state.shared[table].expand(len(users), *fed.state.shared[table].shape)),
-        "student + teacher": lambda users: fed.state.score(users) + torch.logit(
-            gfmfr.preferences[group_of(users)], eps=1e-6),
+            fed, users, fed.state.shared[table].expand(len(users), *fed.state.shared[table].shape)
+        ),
+        "student + teacher": lambda users: (
+            fed.state.score(users) + torch.logit(gfmfr.preferences[group_of(users)], eps=1e-6)
+        ),
     }
     rows = []
     header = f"{'round':>5}" + "".join(f"{name:>20}" for name in scorers)
@@ -85,8 +88,9 @@ def main() -> None:
         sys.stdout.flush()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": args.model, "seed": args.seed, "set": args.set,
-                                              "valid_ndcg10": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"model": args.model, "seed": args.seed, "set": args.set, "valid_ndcg10": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ def synthetic_ml1m(seed: int = 0, n_users: int = 6040, n_items: int = 3706, tota
         users.append(np.full(len(chosen), u))
         items.append(chosen)
     users, items = np.concatenate(users), np.concatenate(items)
-    return pd.DataFrame({"user_id": users.astype(str), "item_id": items.astype(str), "rating": 4.0,
-                         "timestamp": rng.permutation(len(users)).astype(float), "line": np.arange(2, len(users) + 2)})
+    return pd.DataFrame(
+        {
+            "user_id": users.astype(str),
+            "item_id": items.astype(str),
+            "rating": 4.0,
+            "timestamp": rng.permutation(len(users)).astype(float),
+            "line": np.arange(2, len(users) + 2),
+        }
+    )
 
 
 def main() -> None:
@@ -52,17 +59,27 @@ def main() -> None:
     data = build_dataset(RawData(synthetic_ml1m(), "synthetic-ml1m"), DataConfig(), "synthetic-ml1m")
     cfg = from_dict({"model": {"name": "fedrap", "dim": 64}, "runtime": {"client_chunk": args.chunk}})
     fed = Federation(data, build_model(data.n_items, cfg.model), cfg)
-    sys.stdout.write(f"{data.n_users} clients x {data.n_items} items, {len(data.train_items)} training positives; "
-                     f"rss before training {peak_rss_mb():.0f} MB\n")
+    sys.stdout.write(
+        f"{data.n_users} clients x {data.n_items} items, {len(data.train_items)} training positives; "
+        f"rss before training {peak_rss_mb():.0f} MB\n"
+    )
     rows = []
     for t in range(args.rounds):
         t0 = time.perf_counter()
         fed.train_round(t)
-        rows.append({"round": t, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                     "private_state_mb": fed.state.private_nbytes() / 2**20})
+        rows.append(
+            {
+                "round": t,
+                "seconds": time.perf_counter() - t0,
+                "peak_rss_mb": peak_rss_mb(),
+                "private_state_mb": fed.state.private_nbytes() / 2**20,
+            }
+        )
         sys.stdout.write(json.dumps(rows[-1]) + "\n")
     dense_d = data.n_users * data.n_items * cfg.model.dim * 4 / 2**20
-    sys.stdout.write(f"peak RSS {peak_rss_mb():.0f} MB (target 8192); dense D_u for all clients would be {dense_d:.0f} MB\n")
+    sys.stdout.write(
+        f"peak RSS {peak_rss_mb():.0f} MB (target 8192); dense D_u for all clients would be {dense_d:.0f} MB\n"
+    )
 
 
 if __name__ == "__main__":

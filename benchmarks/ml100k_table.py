@@ -33,10 +33,15 @@ def run_one(overrides: dict, dataset) -> dict:
     n = len(res["history"])
     last = res["history"][-1]
     return {
-        "test": {m: res["test"][m] for m in METRICS}, "valid": {m: res["valid"][m] for m in METRICS},
-        "best_round": res["best_round"], "rounds_run": n, "seconds_per_round": res["seconds_per_round"],
-        "phase_seconds_per_round": {k: v / n for k, v in seconds.items()}, "peak_rss_mb": res["peak_rss_mb"],
-        "bytes_up_per_client": last["bytes_up_per_client"], "bytes_down_per_client": last["bytes_down_per_client"],
+        "test": {m: res["test"][m] for m in METRICS},
+        "valid": {m: res["valid"][m] for m in METRICS},
+        "best_round": res["best_round"],
+        "rounds_run": n,
+        "seconds_per_round": res["seconds_per_round"],
+        "phase_seconds_per_round": {k: v / n for k, v in seconds.items()},
+        "peak_rss_mb": res["peak_rss_mb"],
+        "bytes_up_per_client": last["bytes_up_per_client"],
+        "bytes_down_per_client": last["bytes_down_per_client"],
         "extra": {k: v for k, v in last.get("extra", {}).items() if not isinstance(v, list)},
     }
 
@@ -57,6 +62,7 @@ def summarize(rows: list[dict], group_keys: list[str], baseline: tuple[str, str]
     With ``baseline = (key, value)`` (e.g. ``("plugin", "none")``), each line also gets the mean paired
     difference of test and valid NDCG@10 against the row with ``key = value`` and the same other spec.
     """
+
     def ndcg(r: dict, split: str) -> float:
         return r["result"][split]["NDCG@10"]
 
@@ -123,8 +129,13 @@ def run_grid(jobs: list[tuple[dict, list[str]]], content: str, out: Path) -> lis
                 logging.warning("%s: diverged: %s", key, row["diverged"])
             else:
                 r = row["result"]
-                logging.warning("%s: test NDCG@10 %.4f (best round %d, %.2f s/round)", key, r["test"]["NDCG@10"],
-                                r["best_round"], r["seconds_per_round"])
+                logging.warning(
+                    "%s: test NDCG@10 %.4f (best round %d, %.2f s/round)",
+                    key,
+                    r["test"]["NDCG@10"],
+                    r["best_round"],
+                    r["seconds_per_round"],
+                )
         rows.append(done[key])
     return rows
 
@@ -144,8 +155,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     jobs = [
-        ({"model": model, "plugin": plugin, "seed": seed, "set": sorted(args.set)},
-         [f"model.name={model}", f"plugin={plugin}", *args.set])
+        (
+            {"model": model, "plugin": plugin, "seed": seed, "set": sorted(args.set)},
+            [f"model.name={model}", f"plugin={plugin}", *args.set],
+        )
         for seed in args.seeds  # seed outermost: an interrupted run leaves a balanced table
         for model in args.models
         for plugin in args.plugins

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from gfmfr.build import build_run_model
 from gfmfr.config import PrivacyConfig, apply_overrides, from_dict
 from gfmfr.data import load_dataset
 from gfmfr.federation.batched import train_clients
@@ -33,7 +34,6 @@ from gfmfr.federation.engine import Federation
 from gfmfr.privacy import audit
 from gfmfr.privacy.accounting import PrivacyLedger, RoundReleases
 from gfmfr.privacy.dp import clip_updates, privatise
-from gfmfr.build import build_run_model
 
 log = logging.getLogger("privacy_audit")
 
@@ -51,8 +51,11 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cfg = from_dict(apply_overrides({"seed": args.seed, "model": {"name": args.model},
-                                     "federation": {"rounds": args.rounds + 1}}, args.set))
+    cfg = from_dict(
+        apply_overrides(
+            {"seed": args.seed, "model": {"name": args.model}, "federation": {"rounds": args.rounds + 1}}, args.set
+        )
+    )
     dataset = load_dataset(cfg.data)
     model, plugins = build_run_model(dataset, cfg)
     fed = Federation(dataset, model, cfg, plugins)
@@ -62,29 +65,33 @@ def main() -> None:
     log.info("trained %d rounds in %.0f s", args.rounds, time.perf_counter() - t0)
 
     rng = np.random.default_rng(args.seed)
-    users = np.arange(dataset.n_users) if not args.clients else np.sort(
-        rng.choice(dataset.n_users, args.clients, replace=False))
+    users = (
+        np.arange(dataset.n_users)
+        if not args.clients
+        else np.sort(rng.choice(dataset.n_users, args.clients, replace=False))
+    )
     shared = {n: v.clone() for n, v in fed.state.shared.items()}
-    update = train_clients(model, fed.state, users, dataset, cfg.federation, cfg.seed, args.rounds,
-                           want_signatures=True)
+    update = train_clients(
+        model, fed.state, users, dataset, cfg.federation, cfg.seed, args.rounds, want_signatures=True
+    )
     table = model.item_table
     g = shared[table]
     signature_norms = np.linalg.norm(update.signatures.numpy(), axis=1)
     log.info("audited %d clients; signature norm median %.3f", len(update.users), np.median(signature_norms))
 
-    variants = {"sparse rows": update, "dense": update,
-                "central DP": clip_updates(update, shared, cfg.privacy.clip)}
+    variants = {"sparse rows": update, "dense": update, "central DP": clip_updates(update, shared, cfg.privacy.clip)}
     for eps in args.epsilons:
         p = PrivacyConfig(mode="local", clip=cfg.privacy.clip, target_epsilon=eps)
         sigma = PrivacyLedger(p, dataset.n_users, 1.0, args.dp_rounds, lambda t: RoundReleases()).sigma
-        variants[f"local DP eps={eps:g} (sigma {sigma:.3g})"] = privatise(update, shared, p, sigma, cfg.seed,
-                                                                         args.rounds)
+        variants[f"local DP eps={eps:g} (sigma {sigma:.3g})"] = privatise(
+            update, shared, p, sigma, cfg.seed, args.rounds
+        )
     signatures = {"signature": update.signatures}
     for s in args.signature_noise:
         p = dataclasses.replace(cfg.privacy, signature_noise=s)
         signatures[f"signature, noise {s:g} (clip {p.signature_clip:g})"] = privatise(
-            dataclasses.replace(update, signatures=update.signatures.clone()), shared, p, None, cfg.seed,
-            args.rounds).signatures
+            dataclasses.replace(update, signatures=update.signatures.clone()), shared, p, None, cfg.seed, args.rounds
+        ).signatures
 
     figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for i, user in enumerate(update.users):
@@ -105,10 +112,13 @@ def main() -> None:
                 figures.setdefault((name, attack), []).append(audit.attack_figures(scores, positives, seed=i))
         for name, sig in signatures.items():
             figures.setdefault((name, "signature"), []).append(
-                audit.attack_figures(audit.score_signature(model, sig[i], g), positives, seed=i))
+                audit.attack_figures(audit.score_signature(model, sig[i], g), positives, seed=i)
+            )
 
-    print(f"\nprivacy audit: {args.model} on {cfg.data.dataset}, round {args.rounds}, {len(update.users)} clients, "
-          f"clip {cfg.privacy.clip:g}")
+    print(
+        f"\nprivacy audit: {args.model} on {cfg.data.dataset}, round {args.rounds}, {len(update.users)} clients, "
+        f"clip {cfg.privacy.clip:g}"
+    )
     print(f"{'upload':<36} {'attack':<17} {'AUC':>6} {'P@10':>6}")
     for (name, attack), values in figures.items():
         auc, prec = np.mean(values, axis=0)

@@ -30,8 +30,12 @@ def main() -> None:
     from gfmfr.federation.engine import Federation
     from gfmfr.models import build_model
 
-    cfg = from_dict({"model": {"name": args.model, "dim": 64},
-                     "federation": {"local_epochs": 5, "num_negatives": 4, "batch_size": 256}})
+    cfg = from_dict(
+        {
+            "model": {"name": args.model, "dim": 64},
+            "federation": {"local_epochs": 5, "num_negatives": 4, "batch_size": 256},
+        }
+    )
     data = load_dataset(cfg.data)
     fed = Federation(data, build_model(data.n_items, cfg.model), cfg)
     times = []

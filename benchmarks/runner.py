@@ -9,13 +9,31 @@ import sys
 from pathlib import Path
 
 
-def run_point(folder: Path, model: str, sets: list[str], seed: int, plugin: str = "none",
-              content: str | None = None) -> dict:
+def run_point(
+    folder: Path, model: str, sets: list[str], seed: int, plugin: str = "none", content: str | None = None
+) -> dict:
     """Results of ``gfmfr run`` with these overrides (run now unless ``folder/results.json`` exists);
     ``{"error": last stderr line}`` if the run failed."""
     if not (folder / "results.json").exists():
-        cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--model", model, "--plugin", plugin, "--seed", str(seed),
-               "--out", str(folder), "--no-progress", "--no-reference", "--resume", "--set", "runtime.threads=1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gfmfr.cli",
+            "run",
+            "--model",
+            model,
+            "--plugin",
+            plugin,
+            "--seed",
+            str(seed),
+            "--out",
+            str(folder),
+            "--no-progress",
+            "--no-reference",
+            "--resume",
+            "--set",
+            "runtime.threads=1",
+        ]
         if content:
             cmd += ["--content", content]
         for s in sets:

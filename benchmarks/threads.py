@@ -72,7 +72,9 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fcf", "fedrap"])
-    parser.add_argument("--rounds", type=int, default=6, help="rounds (train + validation); median of all but the first")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="rounds (train + validation); median of all but the first"
+    )
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args()
@@ -90,7 +92,9 @@ def main() -> None:
             rows.append((model, setting, quiet["threads"], quiet["seconds"], busy["seconds"]))
             sys.stderr.write(f"{rows[-1]}\n")
     base = {m: q for m, s, _, q, _ in rows if s == "before"}
-    sys.stdout.write("| model | setting | threads | quiet s/round | contended s/round | contended / quiet | quiet / before-quiet |\n")
+    sys.stdout.write(
+        "| model | setting | threads | quiet s/round | contended s/round | contended / quiet | quiet / before-quiet |\n"
+    )
     sys.stdout.write("|---|---|---|---|---|---|---|\n")
     for model, setting, n, quiet, busy in rows:
         rel = f"{quiet / base[model]:.2f}" if model in base else "-"

@@ -32,8 +32,13 @@ from runner import first_reach, run_point
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fcf", "pfedrec", "fedncf", "fedrap"])
-    parser.add_argument("--variant", nargs="+", action="append", metavar="LABEL [KEY=VALUE ...]",
-                        help="a label and its overrides (plugin=NAME picks the plug-in); repeatable")
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        metavar="LABEL [KEY=VALUE ...]",
+        help="a label and its overrides (plugin=NAME picks the plug-in); repeatable",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--set", action="append", default=[], help="override for every run")
     parser.add_argument("--content", default=None, help="content folder (needed by plug-ins)")
@@ -48,8 +53,14 @@ def main() -> None:
     out = Path(args.out)
     variants = args.variant or [["defaults"]]
     with ThreadPoolExecutor(args.jobs) as pool:
-        bounds = dict(zip(args.seeds, pool.map(
-            lambda s: run_point(out / f"centralised_fcf_s{s}", "fcf", ["training=centralised"], s), args.seeds)))
+        bounds = dict(
+            zip(
+                args.seeds,
+                pool.map(
+                    lambda s: run_point(out / f"centralised_fcf_s{s}", "fcf", ["training=centralised"], s), args.seeds
+                ),
+            )
+        )
         grid = list(itertools.product(args.models, variants, args.seeds))
 
         def one(g):
@@ -59,9 +70,15 @@ def main() -> None:
             return run_point(out / f"{model}_{label}_s{seed}", model, sets, seed, plugin, args.content)
 
         results = list(pool.map(one, grid))
-    sys.stdout.write(f"target: {args.fraction:.0%} of centralised FCF's validation NDCG@10 "
-                     + ", ".join(f"seed {s}: {args.fraction * b['valid']['NDCG@10']:.4f}" for s, b in bounds.items()) + "\n\n")
-    sys.stdout.write("| model | variant | seed | rounds to target | seconds to target | rounds run | best valid | test at best | s/round (all phases) |\n")
+    sys.stdout.write(
+        f"target: {args.fraction:.0%} of centralised FCF's validation NDCG@10 "
+        + ", ".join(f"seed {s}: {args.fraction * b['valid']['NDCG@10']:.4f}" for s, b in bounds.items())
+        + "\n\n"
+    )
+    sys.stdout.write(
+        "| model | variant | seed | rounds to target | seconds to target | rounds run | best valid | test at best "
+        "| s/round (all phases) |\n"
+    )
     sys.stdout.write("|---|---|---|---|---|---|---|---|---|\n")
     for (model, (label, *_), seed), res in zip(grid, results):
         if "error" in res:
@@ -70,9 +87,11 @@ def main() -> None:
         reach = first_reach(res, args.fraction * bounds[seed]["valid"]["NDCG@10"])
         hist = res["history"]
         per_round = float(np.mean([sum(h["seconds"].values()) for h in hist]))
-        cells = (f"{reach[0]} | {reach[1]:.1f}" if reach else "never | never")
-        sys.stdout.write(f"| {model} | {label} | {seed} | {cells} | {len(hist)} | {res['valid']['NDCG@10']:.4f} | "
-                         f"{res['test']['NDCG@10']:.4f} | {per_round:.2f} |\n")
+        cells = f"{reach[0]} | {reach[1]:.1f}" if reach else "never | never"
+        sys.stdout.write(
+            f"| {model} | {label} | {seed} | {cells} | {len(hist)} | {res['valid']['NDCG@10']:.4f} | "
+            f"{res['test']['NDCG@10']:.4f} | {per_round:.2f} |\n"
+        )
 
 
 def from_report(report: Path, fraction: float) -> None:
@@ -83,8 +102,11 @@ def from_report(report: Path, fraction: float) -> None:
         return {int(p.parent.name[4:]): json.loads(p.read_text()) for p in sorted(folder.glob("seed*/results.json"))}
 
     bounds = load(report / "runs" / "fcf-centralised")
-    sys.stdout.write(f"target: {fraction:.0%} of centralised FCF's validation NDCG@10 per seed "
-                     + ", ".join(f"{s}: {fraction * b['valid']['NDCG@10']:.4f}" for s, b in bounds.items()) + "\n\n")
+    sys.stdout.write(
+        f"target: {fraction:.0%} of centralised FCF's validation NDCG@10 per seed "
+        + ", ".join(f"{s}: {fraction * b['valid']['NDCG@10']:.4f}" for s, b in bounds.items())
+        + "\n\n"
+    )
     sys.stdout.write("| method | seeds | reached | rounds to target | seconds to target | s/round (all phases) |\n")
     sys.stdout.write("|---|---|---|---|---|---|\n")
     for folder in sorted((report / "runs").iterdir()):
@@ -94,7 +116,7 @@ def from_report(report: Path, fraction: float) -> None:
         reach = [first_reach(r, fraction * bounds[s]["valid"]["NDCG@10"]) for s, r in runs.items() if s in bounds]
         hit = [x for x in reach if x]
         per_round = np.mean([np.mean([sum(h["seconds"].values()) for h in r["history"]]) for r in runs.values()])
-        cells = (f"{np.mean([x[0] for x in hit]):.0f} | {np.mean([x[1] for x in hit]):.0f}" if hit else "never | never")
+        cells = f"{np.mean([x[0] for x in hit]):.0f} | {np.mean([x[1] for x in hit]):.0f}" if hit else "never | never"
         sys.stdout.write(f"| {folder.name} | {len(runs)} | {len(hit)}/{len(reach)} | {cells} | {per_round:.2f} |\n")
 
 

@@ -11,8 +11,9 @@ from gfmfr.data.dataset import Dataset, build_dataset
 from gfmfr.data.sources import RawData
 
 
-def planted_frame(n_users: int = 80, n_items: int = 60, n_groups: int = 4, per_user: int = 16,
-                  purity: float = 0.9, seed: int = 0) -> pd.DataFrame:
+def planted_frame(
+    n_users: int = 80, n_items: int = 60, n_groups: int = 4, per_user: int = 16, purity: float = 0.9, seed: int = 0
+) -> pd.DataFrame:
     """Users in ``n_groups`` communities, each interacting mostly with its community's items.
 
     Within a community, items have a skewed popularity; across communities global popularity is

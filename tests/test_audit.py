@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from tests.test_model_contract import small_config
 
 from gfmfr.config import PrivacyConfig
 from gfmfr.federation.batched import train_clients
@@ -9,7 +10,6 @@ from gfmfr.federation.engine import Federation
 from gfmfr.models import build_model
 from gfmfr.privacy import audit
 from gfmfr.privacy.dp import privatise
-from tests.test_model_contract import small_config
 
 
 def audited(planted, rounds=3):
@@ -18,8 +18,16 @@ def audited(planted, rounds=3):
     for t in range(rounds):
         fed.train_round(t)
     shared = {n: v.clone() for n, v in fed.state.shared.items()}
-    update = train_clients(fed.model, fed.state, np.arange(planted.n_users), planted, cfg.federation, cfg.seed,
-                           rounds, want_signatures=True)
+    update = train_clients(
+        fed.model,
+        fed.state,
+        np.arange(planted.n_users),
+        planted,
+        cfg.federation,
+        cfg.seed,
+        rounds,
+        want_signatures=True,
+    )
     return fed, shared, update
 
 
@@ -42,7 +50,9 @@ def test_attacks_recover_positives_from_plain_uploads_and_not_from_local_dp(plan
         sent[up.row_item] = True
         return audit.score_direction(delta, sent)
 
-    assert mean_auc(planted, update, shared, lambda up, d: audit.score_rows(up.row_item, n)) > 0.6  # 4 negatives a positive cover most of 60 items
+    assert (
+        mean_auc(planted, update, shared, lambda up, d: audit.score_rows(up.row_item, n)) > 0.6
+    )  # 4 negatives a positive cover most of 60 items
     assert mean_auc(planted, update, shared, direction_on_sent) > 0.95
     assert mean_auc(planted, update, shared, lambda up, d: audit.score_direction(d)) > 0.9  # dense: same signal
     noisy = privatise(update, shared, PrivacyConfig(mode="local", clip=1.0), 50.0, 0, 3)
@@ -54,8 +64,12 @@ def test_signature_attack_reads_the_user_vector_and_noise_hides_it(planted):
     g = shared["item"]
 
     def sig_auc(signatures):
-        return np.mean([audit.attack_figures(audit.score_signature(fed.model, signatures[i], g),
-                                             planted.user_train(int(u)))[0] for i, u in enumerate(update.users)])
+        return np.mean(
+            [
+                audit.attack_figures(audit.score_signature(fed.model, signatures[i], g), planted.user_train(int(u)))[0]
+                for i, u in enumerate(update.users)
+            ]
+        )
 
     assert sig_auc(update.signatures) > 0.8
     noised = privatise(update, shared, PrivacyConfig(signature_clip=1.0, signature_noise=100.0), None, 0, 10)

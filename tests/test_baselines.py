@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from gfmfr.models.wrappers import FedVLR, content_tables, wrap
+from gfmfr.build import build_run_model
 from gfmfr.cli import main
 from gfmfr.config import CentralisedConfig, MultimodalConfig
 from gfmfr.federation.batched import train_clients
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
-from gfmfr.build import build_run_model
+from gfmfr.models.wrappers import FedVLR, content_tables, wrap
 from gfmfr.run import run
 from test_gfmfr import with_features
 from test_model_contract import assert_batched_equals_one_client_at_a_time, small_config
@@ -61,11 +61,17 @@ def test_fedvlr_router_is_private_and_personal(planted, name):
     w = fed.state.private["router.w"]
     assert w.abs().sum() > 0 and not torch.allclose(w[0], w[1])  # each client routes its own way
     p = fed.state.client_params(np.arange(4))
-    items = {n: fed.state.shared[n][:5].expand(4, 5, *fed.state.shared[n].shape[1:])
-             for n, s in model.param_specs().items() if s.item_table and s.shared}
-    items.update({n: torch.zeros(4, 5, *s.shape) for n, s in model.param_specs().items() if s.item_table and not s.shared})
-    mix = model.router_weights(p, model.view_vectors(p, items[model.item_table],
-                                                      [items[f"content.{m}"] for m in model.modalities]))
+    items = {
+        n: fed.state.shared[n][:5].expand(4, 5, *fed.state.shared[n].shape[1:])
+        for n, s in model.param_specs().items()
+        if s.item_table and s.shared
+    }
+    items.update(
+        {n: torch.zeros(4, 5, *s.shape) for n, s in model.param_specs().items() if s.item_table and not s.shared}
+    )
+    mix = model.router_weights(
+        p, model.view_vectors(p, items[model.item_table], [items[f"content.{m}"] for m in model.modalities])
+    )
     torch.testing.assert_close(mix.sum(-1), torch.ones(4, 5))
 
 
@@ -78,14 +84,16 @@ def test_wrapper_batched_equals_one_client_at_a_time(planted, wrapper):
 
 def test_content_tables_errors_and_shape(planted):
     data = with_features(planted)
-    tables = content_tables(data.item_features, {m: np.ones(data.n_items, bool) for m in data.item_features},
-                            ("text", "image"), 8, 0)
+    tables = content_tables(
+        data.item_features, {m: np.ones(data.n_items, bool) for m in data.item_features}, ("text", "image"), 8, 0
+    )
     assert tables["text"].shape == (data.n_items, 8)
     torch.testing.assert_close(tables["image"].mean(0), torch.zeros(8), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="no item content.*--content DIR"):
         content_tables(data.item_features, {}, ("audio",), 8, 0)
-    only_text = content_tables({"text": data.item_features["text"]}, {"text": np.ones(data.n_items, bool)},
-                               ("text", "image"), 8, 0)
+    only_text = content_tables(
+        {"text": data.item_features["text"]}, {"text": np.ones(data.n_items, bool)}, ("text", "image"), 8, 0
+    )
     assert list(only_text) == ["text"]  # whichever modalities the data has
     with pytest.raises(ValueError, match="views"):
         wrap(build_model(data.n_items, small_config("fcf").model), "fedvlr", tables, replace(MM, views=("nope",)))
@@ -93,8 +101,9 @@ def test_content_tables_errors_and_shape(planted):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_centralised_upper_bound_learns_and_beats_federation(planted, name):
-    cfg = replace(small_config(name), training="centralised",
-                  centralised=CentralisedConfig(epochs=10, batch_size=64, lr=0.01))
+    cfg = replace(
+        small_config(name), training="centralised", centralised=CentralisedConfig(epochs=10, batch_size=64, lr=0.01)
+    )
     central = run(cfg, dataset=planted)
     fed = run(small_config(name), dataset=planted)
     pop = run(replace(cfg, model=replace(cfg.model, name="popularity")), dataset=planted)
@@ -158,8 +167,17 @@ set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsil
     out = tmp_path / "report"
     assert main(["compare", "--config", str(plan), "--out", str(out), "--no-progress"]) == 0
     text = (out / "report.md").read_text()
-    labels = ["Popularity", "Random", "FCF", "MM-FCF", "FedVLR-FCF", "GFMFR-FCF", "FCF (centralised)",
-              "GFMFR-FCF k-means", "FCF, DP epsilon 50"]
+    labels = [
+        "Popularity",
+        "Random",
+        "FCF",
+        "MM-FCF",
+        "FedVLR-FCF",
+        "GFMFR-FCF",
+        "FCF (centralised)",
+        "GFMFR-FCF k-means",
+        "FCF, DP epsilon 50",
+    ]
     rows = [line for line in text.split("## Against")[0].splitlines() if line.startswith("| ") and "±" in line]
     assert sorted(r.split(" | ")[0][2:] for r in rows) == sorted(labels)
     assert all(r.split(" | ")[1] == "2" for r in rows)  # every method ran both seeds
@@ -192,7 +210,10 @@ set = {{ "model.name" = "fcf", "privacy.mode" = "central", "privacy.target_epsil
     # the report names the runs made with another configuration than the plan's, and on which setting
     assert main(["compare", "--config", str(plan), "--out", str(out), "--report-only"]) == 0
     note = next(line for line in (out / "report.md").read_text().splitlines() if "another configuration" in line)
-    assert "federation.local_epochs in 1 run(s) (MM-FCF seed 0)" in note and "gfmfr.server_steps in 1 run(s) (GFMFR-FCF seed 0)" in note
+    assert (
+        "federation.local_epochs in 1 run(s) (MM-FCF seed 0)" in note
+        and "gfmfr.server_steps in 1 run(s) (GFMFR-FCF seed 0)" in note
+    )
     assert "FCF seed 1" not in note  # settings plain FCF never reads do not count
     moved = json.loads(lrs.read_text())
     moved["resolved"]["lr"] = 123.0  # as if the model's default learning rate had changed since: runs again
@@ -243,8 +264,12 @@ model = {{ dim = 8 }}
 federation = {{ rounds = 3, local_epochs = 1, batch_size = 32 }}
 """)
     for jobs, name in ((2, "a"), (1, "b")):
-        assert main(["compare", "--config", str(plan), "--out", str(tmp_path / name), "--no-progress",
-                     "--jobs", str(jobs)]) == 0
+        assert (
+            main(
+                ["compare", "--config", str(plan), "--out", str(tmp_path / name), "--no-progress", "--jobs", str(jobs)]
+            )
+            == 0
+        )
     for seed in (0, 1):
         a = json.loads((tmp_path / "a" / "runs" / "fcf" / f"seed{seed}" / "results.json").read_text())
         b = json.loads((tmp_path / "b" / "runs" / "fcf" / f"seed{seed}" / "results.json").read_text())
@@ -300,10 +325,18 @@ def test_scoring_with_broadcast_tables_computes_the_content_vectors_once(planted
         fed.train_round(t)
     users = np.arange(12)
     p = fed.state.client_params(users)
-    items = {n: fed.state.shared[n].expand(len(users), *fed.state.shared[n].shape)
-             for n, s in model.param_specs().items() if s.item_table and s.shared}
-    items.update({n: fed.state.private_rows[n].dense(users)
-                  for n, s in model.param_specs().items() if s.item_table and not s.shared})
+    items = {
+        n: fed.state.shared[n].expand(len(users), *fed.state.shared[n].shape)
+        for n, s in model.param_specs().items()
+        if s.item_table and s.shared
+    }
+    items.update(
+        {
+            n: fed.state.private_rows[n].dense(users)
+            for n, s in model.param_specs().items()
+            if s.item_table and not s.shared
+        }
+    )
     fast = model.forward(p, items)
     copies = lambda d: {n: t.contiguous().clone() for n, t in d.items()}  # noqa: E731 - no stride-0 rows
     torch.testing.assert_close(fast, model.forward(copies(p), copies(items)), rtol=1e-5, atol=1e-6)
@@ -323,20 +356,34 @@ def test_a_run_early_stopping_ended_is_the_run_any_longer_round_cap_makes():
     longer = from_dict({"model": {"name": "fcf"}, "federation": {"rounds": 1000}})
     assert differing_settings(stored(fcf, 210), longer) == []
     assert differing_settings(stored(fcf, 400), longer) == ["federation.rounds"]
-    assert differing_settings(stored(fcf, 210), from_dict({**fcf, "federation": {"rounds": 200}})) == ["federation.rounds"]
+    assert differing_settings(stored(fcf, 210), from_dict({**fcf, "federation": {"rounds": 200}})) == [
+        "federation.rounds"
+    ]
     dp = {"privacy": {"mode": "central", "noise_multiplier": 1.0}}
-    assert "federation.rounds" in differing_settings(stored({**fcf, **dp}, 210), from_dict({**dp, "model": {"name": "fcf"},
-                                                                                          "federation": {"rounds": 1000}}))
+    assert "federation.rounds" in differing_settings(
+        stored({**fcf, **dp}, 210), from_dict({**dp, "model": {"name": "fcf"}, "federation": {"rounds": 1000}})
+    )
     gfmfr = {**fcf, "plugin": "gfmfr", "federation": {"rounds": 100}}
     # annealed over its cap (anneal_rounds None), a GFMFR run is another under another cap
     over_cap = {**gfmfr, "gfmfr": {"anneal_rounds": None}}
-    assert differing_settings(stored(over_cap, 60), from_dict({**over_cap, "federation": {"rounds": 200}})) \
-        == ["federation.rounds"]
-    assert differing_settings(stored({**gfmfr, "gfmfr": {"anneal_rounds": 80}}, 60),
-                              from_dict({**gfmfr, "gfmfr": {"anneal_rounds": 80}, "federation": {"rounds": 200}})) == []
+    assert differing_settings(stored(over_cap, 60), from_dict({**over_cap, "federation": {"rounds": 200}})) == [
+        "federation.rounds"
+    ]
+    assert (
+        differing_settings(
+            stored({**gfmfr, "gfmfr": {"anneal_rounds": 80}}, 60),
+            from_dict({**gfmfr, "gfmfr": {"anneal_rounds": 80}, "federation": {"rounds": 200}}),
+        )
+        == []
+    )
     central = {"model": {"name": "fcf"}, "training": "centralised"}
-    assert differing_settings(stored({**central, "federation": {"rounds": 400}}, 12),
-                              from_dict({**central, "federation": {"rounds": 1000}})) == []
+    assert (
+        differing_settings(
+            stored({**central, "federation": {"rounds": 400}}, 12),
+            from_dict({**central, "federation": {"rounds": 1000}}),
+        )
+        == []
+    )
 
 
 def test_compare_runs_every_method_on_every_dataset_of_its_axis(tmp_path, planted_folder):

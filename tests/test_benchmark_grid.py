@@ -47,8 +47,10 @@ def test_run_grid_records_divergence_and_goes_on(tmp_path, monkeypatch):
 
 
 def test_summarize_pairs_each_seed_with_its_baseline():
-    rows = [{"spec": {"model": "fcf", "plugin": p, "seed": s}, "result": _result(v)}
-            for p, s, v in [("none", 0, 0.04), ("none", 1, 0.05), ("gfmfr", 0, 0.045), ("gfmfr", 1, 0.0475)]]
+    rows = [
+        {"spec": {"model": "fcf", "plugin": p, "seed": s}, "result": _result(v)}
+        for p, s, v in [("none", 0, 0.04), ("none", 1, 0.05), ("gfmfr", 0, 0.045), ("gfmfr", 1, 0.0475)]
+    ]
     lines = ml100k_table.summarize(rows, ["model", "plugin"], ("plugin", "none")).splitlines()
     gfmfr = lines[1].split(" | ")
     assert gfmfr[1] == "gfmfr"

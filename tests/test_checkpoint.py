@@ -13,13 +13,13 @@ import time
 from dataclasses import replace
 
 import pytest
+from tests.test_gfmfr import gfmfr_config, with_features
+from tests.test_model_contract import small_config
 
+from gfmfr.build import build_run_model
 from gfmfr.federation.checkpoint import CHECKPOINT
 from gfmfr.federation.engine import Federation
 from gfmfr.models import build_model
-from gfmfr.build import build_run_model
-from tests.test_gfmfr import gfmfr_config, with_features
-from tests.test_model_contract import small_config
 
 
 class Killed(Exception):
@@ -34,9 +34,17 @@ def same_history(a: list, b: list) -> None:
         assert x.extra == y.extra
 
 
-@pytest.mark.parametrize("name, plugin, dp", [("fcf", "none", "off"), ("fedrap", "none", "off"),
-                                              ("fedrap", "gfmfr", "off"), ("pfedrec", "gfmfr", "off"),
-                                              ("fcf", "none", "local"), ("fcf", "gfmfr", "central")])
+@pytest.mark.parametrize(
+    "name, plugin, dp",
+    [
+        ("fcf", "none", "off"),
+        ("fedrap", "none", "off"),
+        ("fedrap", "gfmfr", "off"),
+        ("pfedrec", "gfmfr", "off"),
+        ("fcf", "none", "local"),
+        ("fcf", "gfmfr", "central"),
+    ],
+)
 def test_a_run_stopped_after_any_round_resumes_bit_for_bit(planted, tmp_path, name, plugin, dp):
     data = with_features(planted)
     cfg = gfmfr_config(name, server_every=2) if plugin == "gfmfr" else small_config(name, rounds=6)
@@ -51,7 +59,7 @@ def test_a_run_stopped_after_any_round_resumes_bit_for_bit(planted, tmp_path, na
         path.parent.mkdir()
         model, plugins = build_run_model(data, cfg)
 
-        def kill(t, valid):
+        def kill(t, valid, stop_after=stop_after):
             if t == stop_after:
                 raise Killed
 
@@ -74,10 +82,10 @@ def test_a_checkpoint_of_another_configuration_is_refused(planted, tmp_path):
     other = replace(cfg, federation=replace(cfg.federation, local_epochs=1))
     with pytest.raises(ConfigError, match="another configuration"):
         Federation(planted, build_model(planted.n_items, other.model), other).fit(checkpoint=path, resume=True)
-    # a setting FCF never reads (FedRAP's head) is not another configuration of FCF's run
+    # a setting FCF never reads (FedRAP's lambda) is not another configuration of FCF's run
     from gfmfr.federation.checkpoint import matches
 
-    assert matches(path, replace(cfg, model=replace(cfg.model, fedrap_head="mlp")))
+    assert matches(path, replace(cfg, model=replace(cfg.model, fedrap_lambda=0.5)))
     assert not matches(path, other)
 
 
@@ -112,8 +120,9 @@ def test_an_interrupted_run_resumes_into_a_longer_round_cap(planted, tmp_path, a
     assert summary == whole.fit()
     same_history(resumed.history, whole.history)
     shorter = replace(cfg, federation=replace(cfg.federation, rounds=2))  # the rounds done exceed its cap
-    dp = replace(longer, privacy=replace(longer.privacy, mode="central", noise_multiplier=0.5, clip=5.0,
-                                        signature_noise=0.5))
+    dp = replace(
+        longer, privacy=replace(longer.privacy, mode="central", noise_multiplier=0.5, clip=5.0, signature_noise=0.5)
+    )
     from gfmfr.federation.checkpoint import bearing, is_of
 
     assert is_of(bearing(capped), longer, 3) and not is_of(bearing(capped), shorter, 3)
@@ -126,21 +135,44 @@ def test_kill_9_at_three_random_moments_then_resume(planted_folder, tmp_path):
     """`gfmfr run` killed with SIGKILL at 3 random moments (0-0.5 s after its first checkpoint) and
     continued with --resume each time: its results.json has the uninterrupted run's metrics at every
     round, bit for bit."""
-    cmd = [sys.executable, "-m", "gfmfr.cli", "run", "--dataset", str(planted_folder), "--model", "fedrap",
-           "--set", "federation.rounds=200", "--set", "model.dim=16", "--set", "eval.ks=10",
-           "--set", "federation.early_stop_patience=0", "--threads", "1", "--no-progress", "--no-reference"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gfmfr.cli",
+        "run",
+        "--dataset",
+        str(planted_folder),
+        "--model",
+        "fedrap",
+        "--set",
+        "federation.rounds=200",
+        "--set",
+        "model.dim=16",
+        "--set",
+        "eval.ks=10",
+        "--set",
+        "federation.early_stop_patience=0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-reference",
+    ]
     subprocess.run(cmd + ["--out", str(tmp_path / "whole")], check=True, capture_output=True)
     out = tmp_path / "killed"
     rng = random.Random(0)
     kills = 0
     for attempt in range(3):
         log = open(tmp_path / f"attempt{attempt}.log", "w")
-        proc = subprocess.Popen(cmd + ["--out", str(out), "--resume"], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd + ["--out", str(out), "--resume"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         before = (out / CHECKPOINT).stat().st_mtime_ns if (out / CHECKPOINT).exists() else None
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and (
-                not (out / CHECKPOINT).exists() or (out / CHECKPOINT).stat().st_mtime_ns == before):
+        while (
+            proc.poll() is None
+            and time.monotonic() < deadline
+            and (not (out / CHECKPOINT).exists() or (out / CHECKPOINT).stat().st_mtime_ns == before)
+        ):
             time.sleep(0.05)  # until this attempt has completed a round of its own
         # then a random moment (mid-round, mid-checkpoint, mid-evaluation) well within the run's
         # 200 rounds (about 1.5 s on a quiet machine)
@@ -156,7 +188,8 @@ def test_kill_9_at_three_random_moments_then_resume(planted_folder, tmp_path):
     subprocess.run(cmd + ["--out", str(out), "--resume"], check=True, capture_output=True)
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((out / "results.json").read_text())
-    assert [(h["round"], h["loss"], h["valid"]) for h in a["history"]] == \
-        [(h["round"], h["loss"], h["valid"]) for h in b["history"]]
+    assert [(h["round"], h["loss"], h["valid"]) for h in a["history"]] == [
+        (h["round"], h["loss"], h["valid"]) for h in b["history"]
+    ]
     assert a["test"] == b["test"] and a["best_round"] == b["best_round"]
     assert not (out / CHECKPOINT).exists()

@@ -20,8 +20,27 @@ def test_run_writes_results(planted_folder, tmp_path, capsys, model):
     out = tmp_path / "out"
     cfg = tmp_path / "c.toml"
     cfg.write_text("[federation]\nrounds = 3\nlocal_epochs = 1\nbatch_size = 32\n[model]\ndim = 8\n")
-    assert main(["run", "--dataset", str(planted_folder), "--model", model, "--out", str(out),
-                 "--config", str(cfg), "--seed", "2", "--set", "eval.ks=5,10", "--no-reference"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                str(planted_folder),
+                "--model",
+                model,
+                "--out",
+                str(out),
+                "--config",
+                str(cfg),
+                "--seed",
+                "2",
+                "--set",
+                "eval.ks=5,10",
+                "--no-reference",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["seed"] == 2 and res["config"]["model"]["name"] == model
     overall = {f"{m}@{k}" for m in ("HR", "NDCG", "Recall", "MRR") for k in (5, 10)} | {"MRR"}
@@ -58,8 +77,25 @@ def test_usual_manners(capsys):
 
 def test_run_centralised(planted_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["run", "--dataset", str(planted_folder), "--model", "fcf", "--centralised", "--out", str(out),
-                 "--set", "centralised.epochs=2", "--set", "model.dim=8"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                str(planted_folder),
+                "--model",
+                "fcf",
+                "--centralised",
+                "--out",
+                str(out),
+                "--set",
+                "centralised.epochs=2",
+                "--set",
+                "model.dim=8",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["training"] == "centralised" and len(res["history"]) == 2
     assert "fcf (centralised)" in capsys.readouterr().out
@@ -67,8 +103,20 @@ def test_run_centralised(planted_folder, tmp_path, capsys):
 
 def test_run_states_where_it_stands_and_caches_the_bound(planted_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GFMFR_CACHE", str(tmp_path / "cache"))
-    args = ["run", "--dataset", str(planted_folder), "--model", "pfedrec", "--no-progress",
-            "--set", "federation.rounds=3", "--set", "centralised.epochs=2", "--set", "model.dim=8"]
+    args = [
+        "run",
+        "--dataset",
+        str(planted_folder),
+        "--model",
+        "pfedrec",
+        "--no-progress",
+        "--set",
+        "federation.rounds=3",
+        "--set",
+        "centralised.epochs=2",
+        "--set",
+        "model.dim=8",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "x popularity" in out and "% of centralised FCF" in out
@@ -80,8 +128,23 @@ def test_run_states_where_it_stands_and_caches_the_bound(planted_folder, tmp_pat
 
 
 def test_run_shows_a_progress_bar_with_the_validation_score(planted_folder, tmp_path, capsys):
-    assert main(["run", "--dataset", str(planted_folder), "--model", "fcf", "--no-reference",
-                 "--set", "federation.rounds=3", "--set", "model.dim=8"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                str(planted_folder),
+                "--model",
+                "fcf",
+                "--no-reference",
+                "--set",
+                "federation.rounds=3",
+                "--set",
+                "model.dim=8",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "rounds" in err and "3/3" in err and "valid NDCG@10" in err and "best" in err
 

@@ -6,12 +6,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tests.test_model_contract import small_config
 
 from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.batched import train_clients
 from gfmfr.federation.engine import Federation
 from gfmfr.models import FEDERATED_MODELS, build_model
-from tests.test_model_contract import small_config
 
 TOL = {"rtol": 1e-4, "atol": 3e-5}
 """Float32 sums in another order: GFMFR-FCF's user vectors differ by up to 1.2e-5 after 4 rounds."""
@@ -62,13 +62,13 @@ def test_batched_matches_the_one_client_step(planted, name, round_):
     if round_:  # the clients already hold private rows from an earlier round
         train_clients(fed.model, fed.state, users, planted, cfg.federation, cfg.seed, round_ - 1)
     one = copy.deepcopy(fed)
-    update = train_clients(fed.model, fed.state, users, planted, cfg.federation, cfg.seed, round_,
-                           want_signatures=True)
+    update = train_clients(fed.model, fed.state, users, planted, cfg.federation, cfg.seed, round_, want_signatures=True)
     uploads = one.train_one_by_one(users, round_, want_signatures=True)
     assert_uploads_agree(update, uploads, fed.state.shared)
     assert_same_states(fed, one, users)
-    torch.testing.assert_close(uploads.signatures[np.argsort(uploads.users)],
-                               update.signatures[np.argsort(update.users)], **TOL)
+    torch.testing.assert_close(
+        uploads.signatures[np.argsort(uploads.users)], update.signatures[np.argsort(update.users)], **TOL
+    )
 
 
 @pytest.mark.parametrize("name", sorted(FEDERATED_MODELS))
@@ -102,8 +102,11 @@ def test_prefetched_chunks_train_exactly_as_built_in_place(planted):
     states = {}
     for prefetch in (False, True):
         cfg = small_config("fedrap", local_epochs=2)
-        cfg = replace(cfg, federation=replace(cfg.federation, client_fraction=0.8, rounds=3),
-                      runtime=replace(cfg.runtime, prefetch=prefetch, client_chunk=7))
+        cfg = replace(
+            cfg,
+            federation=replace(cfg.federation, client_fraction=0.8, rounds=3),
+            runtime=replace(cfg.runtime, prefetch=prefetch, client_chunk=7),
+        )
         model = build_model(planted.n_items, cfg.model)
         fed = Federation(planted, model, cfg)
         for t in range(3):

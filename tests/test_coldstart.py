@@ -9,12 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import dataset_from_frame, planted_frame
 from gfmfr.config import ConfigError, DataConfig, EvalConfig, from_dict
 from gfmfr.data.sampling import client_negatives, train_keys, training_negatives
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.run import run
-
-from conftest import dataset_from_frame, planted_frame
 
 COLD = DataConfig(split="cold-items")
 
@@ -82,8 +81,9 @@ def test_cold_split_settings_that_cannot_go_together():
         from_dict({"data": {"split": "cold-items"}, "runtime": {"backend": "flower"}})
 
 
-def content_frame(n_users: int = 200, n_items: int = 400, k: int = 16, d: int = 8, per_user: int = 30,
-                  seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+def content_frame(
+    n_users: int = 200, n_items: int = 400, k: int = 16, d: int = 8, per_user: int = 30, seed: int = 0
+) -> tuple[pd.DataFrame, np.ndarray]:
     """A planted federation whose item vectors are a linear map of the items' content: each user picks
     ``per_user`` items with probabilities softmax(3 u . v_i), v_i = A x_i."""
     rng = np.random.default_rng(seed)
@@ -108,13 +108,22 @@ def content_federation():
 
 
 def cold_config(**extra):
-    return from_dict({"seed": 0, "data": {"split": "cold-items"}, "model": {"name": "fcf", "dim": 8},
-                      "federation": {"rounds": 30, "early_stop_patience": 0},
-                      "multimodal": {"modalities": ["text"], "content_dim": None},
-                      "gfmfr": {"modalities": ["text"], "content_dim": None, "server_every": 2}, **extra})
+    return from_dict(
+        {
+            "seed": 0,
+            "data": {"split": "cold-items"},
+            "model": {"name": "fcf", "dim": 8},
+            "federation": {"rounds": 30, "early_stop_patience": 0},
+            "multimodal": {"modalities": ["text"], "content_dim": None},
+            "gfmfr": {"modalities": ["text"], "content_dim": None, "server_every": 2},
+            **extra,
+        }
+    )
 
 
-@pytest.mark.parametrize("extra, source", [({}, "ifedrec"), ({"wrapper": "mmx"}, "mmx"), ({"plugin": "gfmfr"}, "gfmfr")])
+@pytest.mark.parametrize(
+    "extra, source", [({}, "ifedrec"), ({"wrapper": "mmx"}, "mmx"), ({"plugin": "gfmfr"}, "gfmfr")]
+)
 def test_content_determined_cold_items_rank_far_above_random(content_federation, extra, source):
     result = run(cold_config(**extra), dataset=content_federation)
     test = result["test"]
@@ -165,11 +174,16 @@ def test_new_items_get_the_vectors_the_cold_start_evaluation_scored(content_fede
 
 def test_new_items_need_a_content_model(content_federation, tmp_path):
     from gfmfr.serving.errors import ModelError
-    from gfmfr.serving.saved import content_source
-    from gfmfr.serving.saved import load_model
+    from gfmfr.serving.saved import content_source, load_model
 
-    cfg = from_dict({"data": {"split": "cold-items"}, "model": {"name": "fcf", "dim": 8},
-                     "federation": {"rounds": 2}, "multimodal": {"modalities": ["text"], "content_dim": None}})
+    cfg = from_dict(
+        {
+            "data": {"split": "cold-items"},
+            "model": {"name": "fcf", "dim": 8},
+            "federation": {"rounds": 2},
+            "multimodal": {"modalities": ["text"], "content_dim": None},
+        }
+    )
     run(cfg, out=tmp_path, dataset=content_federation)
     with pytest.raises(ModelError, match="GFMFR .* or MM-X"):
         content_source(load_model(tmp_path, dataset=content_federation))
@@ -196,6 +210,9 @@ def test_recommend_scores_a_cold_runs_held_out_items_from_content_or_never(conte
         source.refresh(saved.state.shared)
         expected = scorer.score(source, users)
         finite = np.isfinite(rec.scores)  # the rest: items the user interacted with
-        torch.testing.assert_close(torch.from_numpy(rec.scores[finite]),
-                                   expected.gather(1, torch.from_numpy(rec.items))[torch.from_numpy(finite)],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(rec.scores[finite]),
+            expected.gather(1, torch.from_numpy(rec.items))[torch.from_numpy(finite)],
+            atol=1e-5,
+            rtol=1e-5,
+        )

@@ -40,15 +40,30 @@ def test_config_is_frozen():
 def test_to_toml_round_trips(tmp_path):
     from gfmfr.config import from_dict, load_toml, to_toml
 
-    cfg = from_dict({"seed": 3, "model": {"name": "fcf", "lr": 0.5, "hidden": [16, 8]}, "plugin": "gfmfr",
-                     "gfmfr": {"modalities": ["text"], "content_dim": None}, "federation": {"server_optimizer": "fedadam"}})
+    cfg = from_dict(
+        {
+            "seed": 3,
+            "model": {"name": "fcf", "lr": 0.5, "hidden": [16, 8]},
+            "plugin": "gfmfr",
+            "gfmfr": {"modalities": ["text"], "content_dim": None},
+            "federation": {"server_optimizer": "fedadam"},
+        }
+    )
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
     assert from_dict(load_toml(path)) == cfg
 
 
-@pytest.mark.parametrize("key, bad", [("gfmfr.fusion", "mpl"), ("plugin", "gfmrf"), ("model.name", "fmc"),
-                                      ("gfmfr.modalities", "text,audio"), ("federation.server_optimizer", "adam")])
+@pytest.mark.parametrize(
+    "key, bad",
+    [
+        ("gfmfr.fusion", "mpl"),
+        ("plugin", "gfmrf"),
+        ("model.name", "fmc"),
+        ("gfmfr.modalities", "text,audio"),
+        ("federation.server_optimizer", "adam"),
+    ],
+)
 def test_a_bad_choice_fails_on_load_naming_key_and_allowed_values(key, bad):
     with pytest.raises(ConfigError, match=rf"{key.split('.')[-1]}: must be one of .*got '{bad.split(',')[-1]}'"):
         from_dict(apply_overrides({}, [f"{key}={bad}"]))
@@ -64,7 +79,9 @@ def test_a_bad_choice_on_the_command_line_is_one_line_and_exit_2(capsys, caplog)
 def test_a_retired_key_is_an_error_that_says_what_to_write():
     from gfmfr.config import from_dict
 
-    with pytest.raises(ConfigError, match=r"config.federation.client_chunk: no longer a setting; write runtime.client_chunk"):
+    with pytest.raises(
+        ConfigError, match=r"config.federation.client_chunk: no longer a setting; write runtime.client_chunk"
+    ):
         from_dict({"federation": {"client_chunk": 7}})
     with pytest.raises(ConfigError, match=r"gfmfr.distill: no longer a setting; delete it"):
         from_dict({"gfmfr": {"distill": True}})
@@ -103,8 +120,9 @@ def _fields():
 def _values():
     from hypothesis import strategies as st
 
-    scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                       st.text(max_size=12))
+    scalar = st.one_of(
+        st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+    )
     return st.one_of(scalar, st.lists(scalar, max_size=3), st.dictionaries(st.text(max_size=4), scalar, max_size=2))
 
 
@@ -136,15 +154,18 @@ def test_what_a_run_reads_decides_whether_two_configs_are_the_same_run():
     from gfmfr.config import bearing_dict
 
     pop = from_dict({"model": {"name": "popularity"}})
-    assert bearing_dict(pop) == bearing_dict(from_dict({"model": {"name": "popularity"},
-                                                        "federation": {"early_stop_patience": 5}}))
+    assert bearing_dict(pop) == bearing_dict(
+        from_dict({"model": {"name": "popularity"}, "federation": {"early_stop_patience": 5}})
+    )
     assert bearing_dict(pop) != bearing_dict(from_dict({"model": {"name": "popularity"}, "eval": {"ks": [5]}}))
     fcf = from_dict({"model": {"name": "fcf"}})
-    assert bearing_dict(fcf) != bearing_dict(from_dict({"model": {"name": "fcf"}, "federation": {"early_stop_patience": 5}}))
+    assert bearing_dict(fcf) != bearing_dict(
+        from_dict({"model": {"name": "fcf"}, "federation": {"early_stop_patience": 5}})
+    )
     assert bearing_dict(fcf) == bearing_dict(from_dict({"model": {"name": "fcf"}, "gfmfr": {"groups": 3}}))
-    assert bearing_dict(fcf) == bearing_dict(from_dict({"model": {"name": "fcf", "fedrap_head": "mlp"}}))
+    assert bearing_dict(fcf) == bearing_dict(from_dict({"model": {"name": "fcf", "fedrap_lambda": 0.5}}))
     rap = from_dict({"model": {"name": "fedrap"}})
-    assert bearing_dict(rap) != bearing_dict(from_dict({"model": {"name": "fedrap", "fedrap_head": "mlp"}}))
+    assert bearing_dict(rap) != bearing_dict(from_dict({"model": {"name": "fedrap", "fedrap_lambda": 0.5}}))
 
 
 def test_the_score_baselines_config_knows_are_the_models_that_score_without_training():

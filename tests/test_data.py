@@ -3,11 +3,11 @@
 import numpy as np
 import pandas as pd
 import pytest
+from tests.conftest import dataset_from_frame
 
 from gfmfr.config import DataConfig
 from gfmfr.data.dataset import load_dataset
 from gfmfr.data.errors import DataError
-from tests.conftest import dataset_from_frame
 
 
 def frame(rows):
@@ -15,14 +15,27 @@ def frame(rows):
 
 
 def test_leave_one_out_by_timestamp_with_stable_ties():
-    d = dataset_from_frame(frame([
-        ("a", "1", 5, 30), ("a", "2", 5, 10), ("a", "3", 5, 20), ("a", "4", 5, 20),  # 3 and 4 tie: file order
-        ("b", "1", 5, 1), ("b", "2", 5, 2), ("b", "3", 5, 3),
-        ("c", "1", 5, 1), ("c", "2", 5, 2),  # fewer than 3: dropped
-    ]))
+    d = dataset_from_frame(
+        frame(
+            [
+                ("a", "1", 5, 30),
+                ("a", "2", 5, 10),
+                ("a", "3", 5, 20),
+                ("a", "4", 5, 20),  # 3 and 4 tie: file order
+                ("b", "1", 5, 1),
+                ("b", "2", 5, 2),
+                ("b", "3", 5, 3),
+                ("c", "1", 5, 1),
+                ("c", "2", 5, 2),  # fewer than 3: dropped
+            ]
+        )
+    )
     assert d.n_users == 2 and d.n_items == 4
     a = list(d.user_ids).index("a")
-    ids = lambda idx: [d.item_ids[i] for i in np.atleast_1d(idx)]
+
+    def ids(idx):
+        return [d.item_ids[i] for i in np.atleast_1d(idx)]
+
     assert ids(d.user_train(a)) == ["2", "3"]
     assert ids(d.valid_items[a]) == ["4"] and ids(d.test_items[a]) == ["1"]
     assert d.report["dropped"]["users_with_fewer_than_3"] == 1
@@ -47,8 +60,10 @@ def test_threshold_duplicates_and_kcore_are_counted():
 
 
 def test_generic_folder_and_items(tmp_path):
-    (tmp_path / "interactions.csv").write_text("user_id,item_id,rating,timestamp\n" + "".join(
-        f"u{u},i{i},4,{u * 10 + i}\n" for u in range(3) for i in range(4)))
+    (tmp_path / "interactions.csv").write_text(
+        "user_id,item_id,rating,timestamp\n"
+        + "".join(f"u{u},i{i},4,{u * 10 + i}\n" for u in range(3) for i in range(4))
+    )
     (tmp_path / "items.csv").write_text("item_id,text,image\ni0,first,img/0.jpg\ni1,second,\ni2,,\ni3,fourth,\n")
     d = load_dataset(DataConfig(dataset=str(tmp_path)))
     assert d.n_users == 3 and d.n_items == 4 and d.report["interactions"] == 12
@@ -56,11 +71,14 @@ def test_generic_folder_and_items(tmp_path):
     assert d.report["image_files_missing"] == 1  # img/0.jpg does not exist: warned and counted
 
 
-@pytest.mark.parametrize("content,message", [
-    ("user,item_id\n1,2\n", r"interactions.csv, line 1, field 'user_id': missing column"),
-    ("user_id,item_id,rating\n1,2,4\n1,3,x\n", r"interactions.csv, line 3, field 'rating'.*'x' is not a number"),
-    ("user_id,item_id,timestamp\n1,2,4\n1,3,yesterday\n", r"line 3, field 'timestamp'"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("user,item_id\n1,2\n", r"interactions.csv, line 1, field 'user_id': missing column"),
+        ("user_id,item_id,rating\n1,2,4\n1,3,x\n", r"interactions.csv, line 3, field 'rating'.*'x' is not a number"),
+        ("user_id,item_id,timestamp\n1,2,4\n1,3,yesterday\n", r"line 3, field 'timestamp'"),
+    ],
+)
 def test_bad_interactions_name_file_line_field(tmp_path, content, message):
     (tmp_path / "interactions.csv").write_text(content)
     with pytest.raises(DataError, match=message):
@@ -75,8 +93,9 @@ def test_unknown_item_is_an_error(tmp_path):
 
 
 def test_fedvlr_layout_and_feature_checks(tmp_path):
-    (tmp_path / "inter.csv").write_text("userId,itemId,rating,timestamp\n" + "".join(
-        f"{u},{i},5,{i}\n" for u in range(3) for i in range(4)))
+    (tmp_path / "inter.csv").write_text(
+        "userId,itemId,rating,timestamp\n" + "".join(f"{u},{i},5,{i}\n" for u in range(3) for i in range(4))
+    )
     np.save(tmp_path / "text_features.npy", np.ones((4, 8), np.float32))
     d = load_dataset(DataConfig(dataset=str(tmp_path)))
     assert d.item_features["text"].shape == (4, 8)
@@ -91,10 +110,14 @@ def test_fedvlr_layout_and_feature_checks(tmp_path):
 
 
 def test_recbole_atomic_layout(tmp_path):
-    (tmp_path / "toy.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
-        f"{u}\t{i}\t3\t{i}\n" for u in range(1, 4) for i in range(1, 6)))
-    (tmp_path / "toy.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n" + "".join(
-        f"{i}\tMovie {i}\t199{i}\tDrama\n" for i in range(1, 6)))
+    (tmp_path / "toy.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join(f"{u}\t{i}\t3\t{i}\n" for u in range(1, 4) for i in range(1, 6))
+    )
+    (tmp_path / "toy.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(f"{i}\tMovie {i}\t199{i}\tDrama\n" for i in range(1, 6))
+    )
     d = load_dataset(DataConfig(dataset=str(tmp_path)))
     assert d.n_items == 5 and d.item_text[0] == "Movie 1 (1991). Genres: Drama"
 
@@ -102,20 +125,6 @@ def test_recbole_atomic_layout(tmp_path):
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(DataError, match="nope"):
         load_dataset(DataConfig(dataset=str(tmp_path / "nope")))
-
-
-def test_max_train_per_user_keeps_the_first_k_and_the_same_held_out_items(planted_folder):
-    from gfmfr.config import DataConfig
-    from gfmfr.data.dataset import load_dataset
-
-    full = load_dataset(DataConfig(dataset=str(planted_folder)))
-    sparse = load_dataset(DataConfig(dataset=str(planted_folder), max_train_per_user=5))
-    assert (sparse.valid_items == full.valid_items).all() and (sparse.test_items == full.test_items).all()
-    assert (sparse.train_counts == np.minimum(full.train_counts, 5)).all()
-    for u in range(full.n_users):
-        assert (sparse.user_train(u) == full.user_train(u)[:5]).all()
-    assert sparse.report["dropped"]["train_interactions_beyond_max_train_per_user"] == int(
-        (full.train_counts - np.minimum(full.train_counts, 5)).sum())
 
 
 def test_random_bytes_and_rows_in_every_reader_raise_only_data_errors(tmp_path_factory):
@@ -129,15 +138,24 @@ def test_random_bytes_and_rows_in_every_reader_raise_only_data_errors(tmp_path_f
     from gfmfr.data.errors import DataError
     from gfmfr.data.sources import read_folder, read_items_csv
 
-    headers = ["user_id,item_id,rating,timestamp", "userId,itemId", "a,b", "",
-               "user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    headers = [
+        "user_id,item_id,rating,timestamp",
+        "userId,itemId",
+        "a,b",
+        "",
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+    ]
     cell = st.sampled_from(["1", "2", "x", "", "3.5", "-1", "1e400", "nan", "é", '"', "0"])
     table = st.tuples(st.sampled_from(headers), st.lists(st.lists(cell, min_size=1, max_size=5), max_size=8)).map(
-        lambda t: "\n".join([t[0]] + [("\t" if "\t" in t[0] else ",").join(r) for r in t[1]]).encode())
+        lambda t: "\n".join([t[0]] + [("\t" if "\t" in t[0] else ",").join(r) for r in t[1]]).encode()
+    )
 
     @settings(max_examples=150, deadline=None)
-    @given(st.sampled_from(["interactions.csv", "inter.csv", "ml.inter"]), st.one_of(st.binary(max_size=200), table),
-           st.one_of(st.none(), st.binary(max_size=80), table))
+    @given(
+        st.sampled_from(["interactions.csv", "inter.csv", "ml.inter"]),
+        st.one_of(st.binary(max_size=200), table),
+        st.one_of(st.none(), st.binary(max_size=80), table),
+    )
     def check(name, content, items):
         folder = tmp_path_factory.mktemp("fuzz")
         (folder / name).write_bytes(content)
@@ -162,9 +180,14 @@ def _published_layout(folder, header="userID,itemID,rating,timestamp,split_label
     return folder
 
 
-@pytest.mark.parametrize("header", ["userID,itemID,rating,timestamp,split_label",
-                                    "userId,itemId,rating,timestamp,split_label",
-                                    "user_id,item_id,Rating,TIMESTAMP,splitLabel"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "userID,itemID,rating,timestamp,split_label",
+        "userId,itemId,rating,timestamp,split_label",
+        "user_id,item_id,Rating,TIMESTAMP,splitLabel",
+    ],
+)
 def test_published_layout_reads_any_header_case_and_honours_its_split(tmp_path, header):
     d = load_dataset(DataConfig(dataset=str(_published_layout(tmp_path, header))))
     # timestamps run backwards, so leave-one-out by time would hold out items 1 and 0: the labels win
@@ -202,8 +225,15 @@ def test_feature_files_beside_raw_text_follow_data_features(tmp_path, monkeypatc
     (tmp_path / "items.csv").write_text("itemID,asin,text\n" + "".join(f"{i},A{i},item {i}\n" for i in range(4)))
     from gfmfr.data import encoders
 
-    monkeypatch.setattr(encoders, "encode_texts", lambda texts, batch_size=64: (
-        np.full((len(texts), 3), 2.0, np.float32), np.ones(len(texts), bool), {"encoded": len(texts)}))
+    monkeypatch.setattr(
+        encoders,
+        "encode_texts",
+        lambda texts, batch_size=64: (
+            np.full((len(texts), 3), 2.0, np.float32),
+            np.ones(len(texts), bool),
+            {"encoded": len(texts)},
+        ),
+    )
     widths = {}
     for choice in ("precomputed", "encoded", "both"):
         d = load_dataset(DataConfig(dataset=str(tmp_path), features=choice))

@@ -15,11 +15,14 @@ def test_encode_masks_missing_and_caches(tmp_path, monkeypatch):
     from gfmfr.data import encoders
 
     monkeypatch.setenv("GFMFR_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "interactions.csv").write_text("user_id,item_id\n" + "".join(f"u{u},{i}\n" for u in range(2) for i in range(4)))
+    (tmp_path / "interactions.csv").write_text(
+        "user_id,item_id\n" + "".join(f"u{u},{i}\n" for u in range(2) for i in range(4))
+    )
     Image.fromarray((np.random.default_rng(0).random((40, 30, 3)) * 255).astype("uint8")).save(tmp_path / "a.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "items.csv").write_text(
-        "item_id,text,image\n0,a war film,a.jpg\n1,a comedy,broken.jpg\n2,,\n3,a comedy,gone.jpg\n")
+        "item_id,text,image\n0,a war film,a.jpg\n1,a comedy,broken.jpg\n2,,\n3,a comedy,gone.jpg\n"
+    )
     cfg = DataConfig(dataset=str(tmp_path), content=str(tmp_path))
     first = encoders.encode_content(cfg)
     assert first.features["text"].shape == (4, 384) and first.features["image"].shape == (4, 1280)

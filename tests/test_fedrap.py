@@ -33,28 +33,10 @@ def test_ramp_is_not_zeroed():
     assert ramp(0.1, 0) == 0 and ramp(0.1, 10) == 0.1 * math.tanh(1.0) and ramp(0.1, 100) > 0.0999
 
 
-def test_each_head_has_its_own_default_learning_rates():
-    dot, mlp = FedRAP(10, ModelConfig(name="fedrap")), FedRAP(10, ModelConfig(name="fedrap", fedrap_head="mlp"))
-    assert (dot.lr, dot.item_lr, dot.private_item_lr) == tuple(FedRAP.default_lrs.values())
-    assert (mlp.lr, mlp.item_lr, mlp.private_item_lr) == tuple(FedRAP.mlp_head_lrs.values())
-    assert FedRAP(10, ModelConfig(name="fedrap", fedrap_head="mlp", lr=0.7)).lr == 0.7
-
-
-def test_the_mlp_head_keeps_the_model_contract(planted):
-    """The contract suite runs the default (dot) head; the GFMFR reference's MLP head learns the planted
-    structure too, and its batched round is the one-client step's."""
-    from dataclasses import replace
-
-    from gfmfr.config import from_dict
-    from gfmfr.models import build_model
-    from gfmfr.run import run
-    from test_model_contract import assert_batched_equals_one_client_at_a_time, small_config
-
-    cfg = small_config("fedrap")
-    cfg = replace(cfg, model=replace(cfg.model, fedrap_head="mlp"))
-    popularity = run(from_dict({"model": {"name": "popularity"}, "eval": {"ks": [10]}}), dataset=planted)
-    assert run(cfg, dataset=planted)["valid"]["HR@10"] > popularity["valid"]["HR@10"] + 0.2
-    assert_batched_equals_one_client_at_a_time(planted, build_model(planted.n_items, cfg.model), cfg)
+def test_unset_learning_rates_take_the_models_defaults():
+    model = FedRAP(10, ModelConfig(name="fedrap"))
+    assert (model.lr, model.item_lr, model.private_item_lr) == tuple(FedRAP.default_lrs.values())
+    assert FedRAP(10, ModelConfig(name="fedrap", lr=0.7)).lr == 0.7
 
 
 def test_a_private_table_that_cannot_learn_is_not_kept(planted):

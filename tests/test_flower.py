@@ -25,8 +25,9 @@ MODELS = ["fcf", "fedncf", "pfedrec", "fedrap"]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """40 users in 4 communities, with synthetic text and image features (FedVLR layout)."""
-    from conftest import dataset_from_frame, planted_frame
     from tests.test_gfmfr import with_features
+
+    from conftest import dataset_from_frame, planted_frame
 
     path = tmp_path_factory.mktemp("flower-data")
     frame = planted_frame(n_users=40)
@@ -41,15 +42,23 @@ def folder(tmp_path_factory):
 
 
 def small(folder, model, plugin="none", rounds=4, **federation):
-    return from_dict({
-        "data": {"dataset": str(folder)},
-        "model": {"name": model, "dim": 8, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
-        "federation": {"rounds": rounds, "local_epochs": 1, "batch_size": 32, "early_stop_patience": 0,
-                       **federation},
-        "eval": {"ks": [10], "tail_max_count": 5}, "plugin": plugin,
-        "gfmfr": {"groups": 3, "server_steps": 5, "server_every": 2, "content_dim": 8},
-        "runtime": {"threads": 1},
-    })
+    return from_dict(
+        {
+            "data": {"dataset": str(folder)},
+            "model": {"name": model, "dim": 8, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
+            "federation": {
+                "rounds": rounds,
+                "local_epochs": 1,
+                "batch_size": 32,
+                "early_stop_patience": 0,
+                **federation,
+            },
+            "eval": {"ks": [10], "tail_max_count": 5},
+            "plugin": plugin,
+            "gfmfr": {"groups": 3, "server_steps": 5, "server_every": 2, "content_dim": 8},
+            "runtime": {"threads": 1},
+        }
+    )
 
 
 def run_local(cfg, nodes, tmp_path, grid_hook=None, out=None):
@@ -60,8 +69,9 @@ def run_local(cfg, nodes, tmp_path, grid_hook=None, out=None):
 
     client_app._NODES.clear()
     result: dict = {}
-    grid = LocalGrid(client_app.make_client_app({"config": to_toml(cfg)}), nodes,
-                     {"state-dir": str(tmp_path / "state")})
+    grid = LocalGrid(
+        client_app.make_client_app({"config": to_toml(cfg)}), nodes, {"state-dir": str(tmp_path / "state")}
+    )
     if grid_hook is not None:
         grid = grid_hook(grid)
     overrides = {"config": to_toml(cfg), **({"out": str(out)} if out is not None else {})}
@@ -98,8 +108,9 @@ def test_flower_equals_in_process_for_every_model_and_node_count(folder, tmp_pat
 @pytest.mark.parametrize("wrapper", ["mmx", "fedvlr"])
 def test_content_wrappers_on_flower_equal_in_process(folder, tmp_path, wrapper):
     """MM-X and FedVLR (their content tables computed on each node, never sent) on 3 nodes."""
-    cfg = from_dict({**to_dict(small(folder, "fcf")), "wrapper": wrapper,
-                     "multimodal": {"content_dim": 8, "content_lr": 0.05}})
+    cfg = from_dict(
+        {**to_dict(small(folder, "fcf")), "wrapper": wrapper, "multimodal": {"content_dim": 8, "content_lr": 0.05}}
+    )
     assert_same_rounds(run_local(cfg, 3, tmp_path), run(cfg))
 
 
@@ -108,8 +119,17 @@ def test_differential_privacy_on_flower_equals_in_process(folder, tmp_path, mode
     """DP on 3 nodes (Poisson-sampled clients, clipped on the clients, seeded noise on the server or
     the clients): the same metrics and the same epsilon every round as in-process."""
     cfg = small(folder, "fcf", plugin, rounds=4, client_fraction=0.7)
-    cfg = from_dict({**to_dict(cfg), "privacy": {"mode": mode, "noise_multiplier": 0.3, "clip": 2.0,
-                                                  "signature_noise": 0.5 if plugin == "gfmfr" else 0.0}})
+    cfg = from_dict(
+        {
+            **to_dict(cfg),
+            "privacy": {
+                "mode": mode,
+                "noise_multiplier": 0.3,
+                "clip": 2.0,
+                "signature_noise": 0.5 if plugin == "gfmfr" else 0.0,
+            },
+        }
+    )
     inprocess, flower = run(cfg), run_local(cfg, 3, tmp_path)
     assert_same_rounds(flower, inprocess, tol=1e-4)
     assert [h["epsilon"] for h in flower["history"]] == [h["epsilon"] for h in inprocess["history"]]
@@ -160,6 +180,7 @@ def test_a_restarted_node_without_its_state_would_not_match(folder, tmp_path, mo
         return original(self, grid)
 
     monkeypatch.setattr(FedRecStrategy, "discover", discover)
+
     def persist_nothing(self):
         self.generation += 1
         return self.generation
@@ -173,8 +194,7 @@ def test_flower_simulation_engine_gives_the_in_process_numbers(folder, tmp_path)
     """Flower's own simulation engine (Ray, 3 nodes, one CPU each), GFMFR on FCF: same per-round numbers."""
     cfg = small(folder, "fcf", "gfmfr", rounds=3)
     inprocess = run(cfg)
-    cfg = from_dict({**to_dict(cfg),
-                     "runtime": {"backend": "flower", "nodes": 3, "threads": 1}})
+    cfg = from_dict({**to_dict(cfg), "runtime": {"backend": "flower", "nodes": 3, "threads": 1}})
     flower = run(cfg, tmp_path / "out")
     assert flower["flower"]["partitions"] == 3
     assert_same_rounds(flower, inprocess)
@@ -227,12 +247,17 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
                 if kind == "train":  # the node's private state as it is when the reply leaves
                     node = client_app._NODES[(1, int(context.node_config["partition-id"]))]
                     for name in node.model.kinds.private:
-                        value = node.state.private[name][node.state.slots(node.users)] \
-                            if name in node.model.kinds.private_dense else node.state.private_rows[name].dense(node.users)
+                        value = (
+                            node.state.private[name][node.state.slots(node.users)]
+                            if name in node.model.kinds.private_dense
+                            else node.state.private_rows[name].dense(node.users)
+                        )
                         secrets[name] = value.reshape(-1, value.shape[-1] if value.dim() > 2 else value[0].numel())
-                sent.append((kind, int(message.content["config"]["round"]) if kind == "train" else None,
-                             reply.content, secrets))
+                sent.append(
+                    (kind, int(message.content["config"]["round"]) if kind == "train" else None, reply.content, secrets)
+                )
                 return reply
+
         return Spy()
 
     client_app.make_client_app = spying
@@ -240,11 +265,17 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
         flower = run_local(cfg, 2, tmp_path)
     finally:
         client_app.make_client_app = make
-    assert_same_rounds(flower, run(cfg), tol=1e-4)  # dense sums: float32 round-off, which flips near-ties deep in a ranking (MRR)
+    assert_same_rounds(
+        flower, run(cfg), tol=1e-4
+    )  # dense sums: float32 round-off, which flips near-ties deep in a ranking (MRR)
 
     kinds = __import__("gfmfr.models", fromlist=["build_model"]).build_model(60, cfg.model).kinds
-    allowed = {"users", "row_client", "row_item", "num_samples", "loss"} | {f"shared/{n}" for n in kinds.shared_dense} \
-        | {f"rows/{n}" for n in kinds.shared_tables} | {f"decay/{n}" for n in kinds.shared_tables}
+    allowed = (
+        {"users", "row_client", "row_item", "num_samples", "loss"}
+        | {f"shared/{n}" for n in kinds.shared_dense}
+        | {f"rows/{n}" for n in kinds.shared_tables}
+        | {f"decay/{n}" for n in kinds.shared_tables}
+    )
     for kind, round_, content, secrets in sent:
         if kind != "train":
             assert set(content.array_records) == set() and kind in ("query", "evaluate")
@@ -259,8 +290,14 @@ def test_nothing_private_leaves_a_node(folder, tmp_path, model, plugin):
         else:  # otherwise the node's partial aggregate: sums over its users, no single client's upload
             arrays = wire.unpack(content["sums"])
             extra = {k for k in arrays if k.startswith("metric/")}
-            assert set(arrays) == {f"sum/{n}" for n in kinds.uploaded} | {f"rows/{n}" for n in kinds.shared_tables} \
-                | {f"decaysum/{n}" for n in kinds.shared_tables} | {"totals"} | extra
+            assert (
+                set(arrays)
+                == {f"sum/{n}" for n in kinds.uploaded}
+                | {f"rows/{n}" for n in kinds.shared_tables}
+                | {f"decaysum/{n}" for n in kinds.shared_tables}
+                | {"totals"}
+                | extra
+            )
             for n in kinds.shared_tables:  # dense: every row, so no item ids
                 np.testing.assert_array_equal(arrays[f"rows/{n}"].numpy(), np.arange(60))
         for name, secret in secrets.items():
@@ -347,8 +384,13 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
 
     def start(name: str, args: list[str]) -> None:
         log = open(tmp_path / f"{name}.log", "ab")
-        procs[name] = subprocess.Popen(args, env={**env, "FLWR_HOME": str(tmp_path / f"home-{name}")},
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs[name] = subprocess.Popen(
+            args,
+            env={**env, "FLWR_HOME": str(tmp_path / f"home-{name}")},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def stop(name: str) -> None:
         proc = procs.pop(name)
@@ -357,40 +399,60 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
             proc.wait()
 
     def node(p: int) -> None:
-        start(f"node{p}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                           "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config",
-                           f'partition-id={p} num-partitions=3 state-dir="{tmp_path / "state" / f"node-{p}"}"'])
+        start(
+            f"node{p}",
+            [
+                str(bin_dir / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                f'partition-id={p} num-partitions=3 state-dir="{tmp_path / "state" / f"node-{p}"}"',
+            ],
+        )
 
     t0 = time.monotonic()
     try:
-        start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                            "--port", str(link)])
+        start(
+            "superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)]
+        )
         _wait_for_port(link, 60)
         for p in range(3):
             node(p)
         home = tmp_path / "home-cli"
         home.mkdir()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-                                          f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+        )
         out = tmp_path / "out"
         run_config = f'config-file="{tmp_path / "run.toml"}" out="{out}" timeout=30'
-        cli = subprocess.Popen([str(bin_dir / "flwr"), "run", str(root), "test", "--run-config", run_config,
-                                "--stream"], env={**env, "FLWR_HOME": str(home)}, cwd=root,
-                               stdout=open(tmp_path / "flwr-run.log", "wb"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        cli = subprocess.Popen(
+            [str(bin_dir / "flwr"), "run", str(root), "test", "--run-config", run_config, "--stream"],
+            env={**env, "FLWR_HOME": str(home)},
+            cwd=root,
+            stdout=open(tmp_path / "flwr-run.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs["flwr-run"] = cli
         # node 1 has trained a round and its reply has left (a node killed halfway through sending
         # leaves the server waiting for Flower's 180 s upload-session expiry; that works too, slowly)
         log1 = tmp_path / "node1.log"
-        while "Sent successfully" not in log1.read_text(errors="replace").split("Sending: train message", 1)[-1] \
-                or "Sending: train message" not in log1.read_text(errors="replace"):
+        while "Sent successfully" not in log1.read_text(errors="replace").split("Sending: train message", 1)[
+            -1
+        ] or "Sending: train message" not in log1.read_text(errors="replace"):
             assert time.monotonic() - t0 < 600 and cli.poll() is None, (tmp_path / "flwr-run.log").read_text()
             time.sleep(0.2)
         stop("node1")
         node(1)
         while not (out / "results.json").exists():
-            assert time.monotonic() - t0 < 900 and cli.poll() in (None, 0), \
-                (tmp_path / "flwr-run.log").read_text(errors="replace")[-3000:]
+            assert time.monotonic() - t0 < 900 and cli.poll() in (None, 0), (tmp_path / "flwr-run.log").read_text(
+                errors="replace"
+            )[-3000:]
             time.sleep(1)
     finally:
         for name in list(procs):

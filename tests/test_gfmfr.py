@@ -10,12 +10,12 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from gfmfr.config import ModelConfig, from_dict
+from gfmfr.models import FEDERATED_MODELS, build_model
 from gfmfr.plugins import group_fusion
 from gfmfr.plugins.group_fusion.distill import bernoulli_kl, cosine_anneal, distill_weight, ema, recentre
 from gfmfr.plugins.group_fusion.fusion import EXPERTS, GroupFusion, fit_fusion
 from gfmfr.plugins.group_fusion.grouping import Grouping, align, cluster, prepare
 from gfmfr.plugins.group_fusion.server import teacher_mean_head, teacher_members
-from gfmfr.models import FEDERATED_MODELS, build_model
 from gfmfr.run import run
 
 
@@ -56,7 +56,9 @@ def test_distillation_functions_by_hand():
     kl = bernoulli_kl(torch.tensor([0.8, 0.3]), torch.tensor([0.0, math.log(0.3 / 0.7)]))
     expected = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
     torch.testing.assert_close(kl, torch.tensor([expected, 0.0]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)]))
+    torch.testing.assert_close(
+        distill_weight(torch.tensor([2.0]), 50, 100), torch.tensor([2.0 * math.cos(math.pi / 4)])
+    )
 
 
 def test_the_anneal_length_is_gfmfrs_own_not_the_round_cap():
@@ -74,8 +76,12 @@ def test_distillation_mask_by_hand():
     from gfmfr.federation.batch import Batch
     from gfmfr.plugins.group_fusion.client import distill_mask, masked_mean
 
-    batch = Batch(np.array([0, 1]), torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1.0, 0, 0], [1, 1, 0]]),
-                  torch.tensor([[1.0, 1, 1], [1, 1, 0]]))
+    batch = Batch(
+        np.array([0, 1]),
+        torch.zeros(2, 3, dtype=torch.long),
+        torch.tensor([[1.0, 0, 0], [1, 1, 0]]),
+        torch.tensor([[1.0, 1, 1], [1, 1, 0]]),
+    )
     torch.testing.assert_close(distill_mask(batch, "negatives"), torch.tensor([[0.0, 1, 1], [0, 0, 0]]))
     kl = torch.tensor([[3.0, 1.0, 2.0], [5.0, 7.0, 9.0]])
     torch.testing.assert_close(masked_mean(kl, distill_mask(batch, "all")), torch.tensor([2.0, 6.0]))
@@ -109,9 +115,16 @@ def test_a_flat_teacher_pulls_a_clients_scores_only_at_the_groups_level(level):
 
     logits = torch.full((1, 4), -2.0, requires_grad=True)
     batch = SimpleNamespace(items=torch.arange(4)[None], labels=torch.zeros(1, 4), mask=torch.ones(1, 4))
-    ctx = SimpleNamespace(hints=SimpleNamespace(table=torch.full((1, 4), 0.5), row=np.zeros(1, dtype=np.int64)),
-                          batch=batch, logits=logits, base_loss=torch.tensor([0.1]),
-                          state={"gfmfr_ratio": torch.tensor([float("nan")])}, figures={}, round=5, batch_size=4)
+    ctx = SimpleNamespace(
+        hints=SimpleNamespace(table=torch.full((1, 4), 0.5), row=np.zeros(1, dtype=np.int64)),
+        batch=batch,
+        logits=logits,
+        base_loss=torch.tensor([0.1]),
+        state={"gfmfr_ratio": torch.tensor([float("nan")])},
+        figures={},
+        round=5,
+        batch_size=4,
+    )
     DistillTerm(GFMFRConfig(teacher_level=level), 400).loss(ctx).sum().backward()
     if level == "group":
         assert (logits.grad < 0).all()  # descending the loss raises every score towards 0.5
@@ -124,7 +137,10 @@ def test_teachers_by_hand():
     signatures = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two members of group 0: their user vectors
     fused = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])  # Q_0 for two items
     members = teacher_members(model, signatures, torch.tensor([0, 0]), fused)
-    sig = lambda v: 1 / (1 + math.exp(-v))
+
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
     torch.testing.assert_close(members, torch.tensor([[(sig(2) + sig(0)) / 2, 0.5]]))
     mean_head = teacher_mean_head(model, model.head_from_signature(signatures.mean(0, keepdim=True)), fused)
     torch.testing.assert_close(mean_head, torch.tensor([[sig(1.0), 0.5]]))
@@ -153,8 +169,12 @@ def test_fusion_experts_fit_and_mask(expert, n_modalities):
 def test_bad_plugin_settings_fail_before_training(planted):
     from gfmfr.config import ConfigError
 
-    for field, value in (("distill_on", "positives"), ("teacher", "best"), ("grouping", "dbscan"),
-                         ("fusion", "concat")):
+    for field, value in (
+        ("distill_on", "positives"),
+        ("teacher", "best"),
+        ("grouping", "dbscan"),
+        ("fusion", "concat"),
+    ):
         with pytest.raises(ConfigError, match=f"gfmfr.{field}: must be one of"):  # on load, before any training
             gfmfr_config("fcf", **{field: value})
 
@@ -164,18 +184,23 @@ def with_features(dataset, seed=0):
     rng = np.random.default_rng(seed)
     d = copy.copy(dataset)
     group = np.array([int(i) // 15 for i in d.item_ids])
-    d.item_features = {"text": np.eye(4)[group] @ rng.normal(size=(4, 16)) + 0.1 * rng.normal(size=(d.n_items, 16)),
-                       "image": rng.normal(size=(d.n_items, 24))}
+    d.item_features = {
+        "text": np.eye(4)[group] @ rng.normal(size=(4, 16)) + 0.1 * rng.normal(size=(d.n_items, 16)),
+        "image": rng.normal(size=(d.n_items, 24)),
+    }
     return d
 
 
 def gfmfr_config(name, **gfmfr):
-    return from_dict({
-        "model": {"name": name, "dim": 16, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
-        "federation": {"rounds": 6, "local_epochs": 2, "batch_size": 32, "early_stop_patience": 0},
-        "eval": {"ks": [10]}, "plugin": "gfmfr",
-        "gfmfr": {"groups": 4, "server_steps": 20, "server_every": 1, **gfmfr},
-    })
+    return from_dict(
+        {
+            "model": {"name": name, "dim": 16, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
+            "federation": {"rounds": 6, "local_epochs": 2, "batch_size": 32, "early_stop_patience": 0},
+            "eval": {"ks": [10]},
+            "plugin": "gfmfr",
+            "gfmfr": {"groups": 4, "server_steps": 20, "server_every": 1, **gfmfr},
+        }
+    )
 
 
 def gfmfr_federation(planted, cfg):
@@ -286,7 +311,7 @@ def test_rbf_affinity_matches_pairwise_distances():
 
     x = np.random.default_rng(0).normal(size=(30, 50))
     d = pdist(x)
-    expected = np.exp(-squareform(d) ** 2 / (2 * np.median(d) ** 2))
+    expected = np.exp(-(squareform(d) ** 2) / (2 * np.median(d) ** 2))
     np.testing.assert_allclose(rbf_affinity(x), expected, rtol=1e-9, atol=1e-12)
 
 
@@ -316,12 +341,14 @@ def test_batched_equals_one_client_step_with_gfmfr(planted, name, prior):
     turn float32 round-off in the group targets into differences the prior writes into the table."""
     from tests.test_model_contract import assert_batched_equals_one_client_at_a_time
 
-    cfg = gfmfr_config(name, server_every=1 if prior else 2, teacher_level="client" if name == "fcf" else "group",
-                       content_prior=prior)
+    cfg = gfmfr_config(
+        name, server_every=1 if prior else 2, teacher_level="client" if name == "fcf" else "group", content_prior=prior
+    )
     data = with_features(planted)
     model = build_model(data.n_items, cfg.model)
-    assert_batched_equals_one_client_at_a_time(data, model, cfg, (group_fusion.build(data, model, cfg),),
-                                               rounds=2 if prior else 4)
+    assert_batched_equals_one_client_at_a_time(
+        data, model, cfg, (group_fusion.build(data, model, cfg),), rounds=2 if prior else 4
+    )
 
 
 def test_score_space_fusion_loss_by_hand():
@@ -336,8 +363,14 @@ def test_score_space_fusion_loss_by_hand():
     expected = (1 + 0 + 4 + 0 + 4 + 4) / 6
     assert float(score_error(model, heads, rows)(q, c)) == pytest.approx(expected)
     # an error along a direction no member reads costs nothing
-    assert float(score_error(model, {"user": torch.tensor([[1.0, 0.0]])}, torch.tensor([0]))(
-        torch.tensor([[[0.0, 5.0]]]), torch.zeros(1, 1, 2))) == 0.0
+    assert (
+        float(
+            score_error(model, {"user": torch.tensor([[1.0, 0.0]])}, torch.tensor([0]))(
+                torch.tensor([[[0.0, 5.0]]]), torch.zeros(1, 1, 2)
+            )
+        )
+        == 0.0
+    )
     labels = torch.tensor([0, 1, 1, -1, 0])
     picked = sample_members(labels, 3, 4, torch.Generator().manual_seed(0))
     assert len(picked) == 8 and set(labels[picked[:4]].tolist()) == {0} and set(labels[picked[4:]].tolist()) == {1}
@@ -351,8 +384,15 @@ def test_score_space_loss_of_linear_heads_equals_scoring_every_member(name, monk
 
     model = build_model(7, ModelConfig(name=name, dim=6))
     gen = torch.Generator().manual_seed(0)
-    heads = model.head_from_signature(torch.randn(9, model.head_signature(
-        {n: torch.zeros(1, *model.param_specs()[n].shape) for n in model.head_params()}).shape[1], generator=gen))
+    heads = model.head_from_signature(
+        torch.randn(
+            9,
+            model.head_signature({n: torch.zeros(1, *model.param_specs()[n].shape) for n in model.head_params()}).shape[
+                1
+            ],
+            generator=gen,
+        )
+    )
     rows = torch.tensor([0, 2, 2, 1, 0, 2, 1, 1, 0])
     q, c = torch.randn(3, 7, 6, generator=gen, requires_grad=True), torch.randn(3, 7, 6, generator=gen)
     fast = score_error(model, heads, rows)(q, c)

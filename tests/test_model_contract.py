@@ -17,12 +17,14 @@ MODELS = sorted(FEDERATED_MODELS)
 
 
 def small_config(name: str, **fed):
-    return from_dict({
-        "seed": 0,
-        "model": {"name": name, "dim": 16, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
-        "federation": {"rounds": 15, "local_epochs": 2, "batch_size": 32, "early_stop_patience": 0, **fed},
-        "eval": {"ks": [10]},
-    })
+    return from_dict(
+        {
+            "seed": 0,
+            "model": {"name": name, "dim": 16, "hidden": [8], "lr": 0.5, "item_lr": 5.0, "private_item_lr": 0.05},
+            "federation": {"rounds": 15, "local_epochs": 2, "batch_size": 32, "early_stop_patience": 0, **fed},
+            "eval": {"ks": [10]},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def test_private_parameters_never_uploaded(planted, name):
     assert not uploaded & set(model.private_names())
     assert set(model.private_names()), "every base model keeps something private"
     assert model.upload_bytes() == sum(
-        4 * int(np.prod(s.shape)) * (planted.n_items if s.item_table else 1) for s in model.param_specs().values() if s.shared
+        4 * int(np.prod(s.shape)) * (planted.n_items if s.item_table else 1)
+        for s in model.param_specs().values()
+        if s.shared
     )
 
 
@@ -77,9 +81,10 @@ def test_reproducible_with_seed(planted, name):
 def assert_batched_equals_one_client_at_a_time(data, model, cfg, plugins=(), rounds=2):
     """Rounds trained batched (in chunks and blocks) and with the one-client step, one client after
     another, give the same global parameters and client states (to float32 round-off, TOL)."""
+    from tests.test_client_training import assert_same_states
+
     from gfmfr.federation.aggregation import RoundAggregate
     from gfmfr.federation.plugin import end_round, move_shared
-    from tests.test_client_training import assert_same_states
 
     cfg = replace(cfg, runtime=replace(cfg.runtime, client_chunk=50, client_block=7))
     fed = Federation(data, model, cfg, plugins)

@@ -6,6 +6,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
+from tests.test_model_contract import small_config
 
 from gfmfr.config import ConfigError, PrivacyConfig, apply_overrides, from_dict
 from gfmfr.federation.aggregation import FedAvg
@@ -16,14 +17,14 @@ from gfmfr.models import build_model
 from gfmfr.privacy.accounting import PrivacyLedger, RoundReleases, accountant
 from gfmfr.privacy.dp import CentralNoise, add_local_noise, clip_updates, privatise
 from gfmfr.run import run
-from tests.test_model_contract import small_config
 
 
 def with_privacy(cfg, **privacy):
     return replace(cfg, privacy=replace(cfg.privacy, **privacy))
 
 
-def one_round(planted, name="fcf", users=np.arange(10)):
+def one_round(planted, name="fcf", users=None):
+    users = np.arange(10) if users is None else users
     cfg = small_config(name)
     fed = Federation(planted, build_model(planted.n_items, cfg.model), cfg)
     shared = {n: t.clone() for n, t in fed.state.shared.items()}
@@ -62,12 +63,13 @@ def test_local_noise_makes_dense_uploads_seeded_per_client(planted):
     noisy = add_local_noise(update, shared, 0.5, seed=0, round_=0)
     noise = noisy.rows["item"] - quiet.rows["item"]
     assert float(noise.std()) == pytest.approx(0.5, rel=0.05)
+
     # a client's noise depends on (seed, round, client) only, not on who trains with it
     def noise_of(users):
         up = train_clients(fed.model, fed.state, users, planted, fed.cfg.federation, 0, 1)
         pos = int(np.flatnonzero(up.users == 3)[0])
         diff = add_local_noise(up, shared, 0.5, 0, 0).rows["item"] - add_local_noise(up, shared, 0.0, 0, 0).rows["item"]
-        return diff[pos * n:(pos + 1) * n]
+        return diff[pos * n : (pos + 1) * n]
 
     assert torch.allclose(noise_of(np.array([3])), noise_of(np.array([1, 3, 7])), atol=1e-6)
 
@@ -89,11 +91,15 @@ def test_ledger_is_dp_accounting_and_calibration_spends_the_target():
     for t in range(50):
         eps = ledger.spend(t)
     direct = accountant()
-    direct.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(2.0)), 50))
-    assert eps == pytest.approx(direct.get_epsilon(1 / 1000 ** 1.1), rel=1e-9)
-    calibrated = PrivacyLedger(replace(p, noise_multiplier=None, target_epsilon=3.0), 1000, 1.0, 40,
-                               lambda t: RoundReleases())
+    direct.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(2.0)), 50
+        )
+    )
+    assert eps == pytest.approx(direct.get_epsilon(1 / 1000**1.1), rel=1e-9)
+    calibrated = PrivacyLedger(
+        replace(p, noise_multiplier=None, target_epsilon=3.0), 1000, 1.0, 40, lambda t: RoundReleases()
+    )
     for t in range(40):
         assert not calibrated.would_exceed(t)
         eps = calibrated.spend(t)
@@ -157,8 +163,7 @@ def test_poisson_sampling_under_dp_is_seeded():
 
 def test_signature_noise_clips_and_noises_each_signature(planted):
     fed, shared, _ = one_round(planted)
-    update = train_clients(fed.model, fed.state, np.arange(20), planted, fed.cfg.federation, 0, 1,
-                           want_signatures=True)
+    update = train_clients(fed.model, fed.state, np.arange(20), planted, fed.cfg.federation, 0, 1, want_signatures=True)
     raw = update.signatures.clone()
     p = PrivacyConfig(signature_clip=0.01, signature_noise=1e-9)
     out = privatise(update, shared, p, None, 0, 1).signatures
@@ -166,14 +171,19 @@ def test_signature_noise_clips_and_noises_each_signature(planted):
     assert torch.allclose(out / out.norm(dim=1, keepdim=True), raw / raw.norm(dim=1, keepdim=True), atol=1e-4)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"privacy": {"mode": "central"}}, "needs noise_multiplier or target_epsilon"),
-    ({"privacy": {"mode": "central", "noise_multiplier": 1}, "plugin": "gfmfr"}, "signature_noise"),
-    ({"privacy": {"mode": "central", "noise_multiplier": 1}, "federation": {"weighted_aggregation": True}},
-     "weighted_aggregation"),
-    ({"privacy": {"clip": 0}}, "privacy.clip"),
-    ({"privacy": {"mode": "laplace"}}, "privacy.mode"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"privacy": {"mode": "central"}}, "needs noise_multiplier or target_epsilon"),
+        ({"privacy": {"mode": "central", "noise_multiplier": 1}, "plugin": "gfmfr"}, "signature_noise"),
+        (
+            {"privacy": {"mode": "central", "noise_multiplier": 1}, "federation": {"weighted_aggregation": True}},
+            "weighted_aggregation",
+        ),
+        ({"privacy": {"clip": 0}}, "privacy.clip"),
+        ({"privacy": {"mode": "laplace"}}, "privacy.mode"),
+    ],
+)
 def test_dp_settings_that_cannot_work_are_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(apply_overrides(bad, []))

@@ -43,17 +43,22 @@ def test_amazon_scientific_carries_clip_features_and_raw_text():
     assert d.item_features["text"].shape == (1585, 512) and d.item_text[0].startswith("Vive Suction Cup")
 
 
-@pytest.mark.parametrize("settings", [
-    {"model": {"name": "fcf"}, "plugin": "gfmfr"},
-    {"model": {"name": "pfedrec"}, "plugin": "gfmfr"},
-    {"model": {"name": "fedncf"}, "plugin": "gfmfr"},
-    {"model": {"name": "fedrap"}, "plugin": "gfmfr"},
-    {"model": {"name": "fcf"}, "wrapper": "mmx"},
-    {"model": {"name": "fcf"}, "wrapper": "fedvlr"},
-    {"model": {"name": "fcf"}, "training": "centralised", "centralised": {"epochs": 2}},
-    {"model": {"name": "content-knn"}},
-], ids=lambda s: "-".join(str(v) for v in (s.get("plugin"), s.get("wrapper"), s.get("training"), s["model"]["name"])
-                          if v))
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"model": {"name": "fcf"}, "plugin": "gfmfr"},
+        {"model": {"name": "pfedrec"}, "plugin": "gfmfr"},
+        {"model": {"name": "fedncf"}, "plugin": "gfmfr"},
+        {"model": {"name": "fedrap"}, "plugin": "gfmfr"},
+        {"model": {"name": "fcf"}, "wrapper": "mmx"},
+        {"model": {"name": "fcf"}, "wrapper": "fedvlr"},
+        {"model": {"name": "fcf"}, "training": "centralised", "centralised": {"epochs": 2}},
+        {"model": {"name": "content-knn"}},
+    ],
+    ids=lambda s: "-".join(
+        str(v) for v in (s.get("plugin"), s.get("wrapper"), s.get("training"), s["model"]["name"]) if v
+    ),
+)
 def test_every_method_runs_on_ku(ku, settings):
     cfg = from_dict({**settings, "data": {"dataset": str(folder("ku"))}, "federation": {"rounds": 6}})
     res = run(cfg, dataset=ku)

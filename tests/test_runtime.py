@@ -14,8 +14,9 @@ from gfmfr.runtime import use_threads
 
 def _child(code: str, **env: str) -> str:
     base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**base, **env}, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_importing_gfmfr_asks_for_passive_wait_before_torch_loads():
@@ -45,15 +46,19 @@ def test_threads_flag_reaches_the_config():
 
 
 def test_use_threads_also_limits_numpy_and_scipy_blas():
-    code = ("import numpy, scipy.linalg, threadpoolctl; from gfmfr.runtime import use_threads; use_threads(1); "
-            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))")
+    code = (
+        "import numpy, scipy.linalg, threadpoolctl; from gfmfr.runtime import use_threads; use_threads(1); "
+        "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))"
+    )
     assert _child(code) == "[1]"
 
 
 def test_use_threads_also_limits_pools_that_load_later():
     """SciPy's OpenBLAS and scikit-learn's OpenMP load only when GFMFR groups clients, after the run
     chose its threads: they must come up at that count too (they spin on a shared machine)."""
-    code = ("import threadpoolctl; from gfmfr.runtime import use_threads; use_threads(1); "
-            "import scipy.linalg, sklearn.cluster; "
-            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))")
+    code = (
+        "import threadpoolctl; from gfmfr.runtime import use_threads; use_threads(1); "
+        "import scipy.linalg, sklearn.cluster; "
+        "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))"
+    )
     assert _child(code) == "[1]"

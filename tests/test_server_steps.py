@@ -43,7 +43,7 @@ def test_fedavgm_by_hand():
 def test_adaptive_by_hand(cls):
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     _, x2 = two_rounds(cls(lr, b1, b2, tau))
-    w, m, v = 1.0, 0.0, tau ** 2  # first coordinate of "w"
+    w, m, v = 1.0, 0.0, tau**2  # first coordinate of "w"
     for avg_offset in (0.5, 0.2):
         d = avg_offset
         m = b1 * m + (1 - b1) * d
@@ -89,8 +89,13 @@ def test_federation_trains_with_each_server_optimiser(planted, name):
     from gfmfr.models import build_model
 
     lr = 1.0 if name == "fedavgm" else 0.05
-    cfg = from_dict({"model": {"name": "fcf", "dim": 8}, "seed": 0,
-                     "federation": {"rounds": 3, "local_epochs": 1, "server_optimizer": name, "server_lr": lr}})
+    cfg = from_dict(
+        {
+            "model": {"name": "fcf", "dim": 8},
+            "seed": 0,
+            "federation": {"rounds": 3, "local_epochs": 1, "server_optimizer": name, "server_lr": lr},
+        }
+    )
     fed = Federation(planted, build_model(planted.n_items, cfg.model), cfg)
     before = fed.state.shared["item"].clone()
     fed.fit()

@@ -1,22 +1,21 @@
 """Saved models and recommendations."""
 
-from dataclasses import replace
-
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from tests.test_gfmfr import gfmfr_config, with_features
+from tests.test_model_contract import small_config
 
+from gfmfr.build import build_run_model
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.engine import Federation
 from gfmfr.models import build_model
-from gfmfr.build import build_run_model
 from gfmfr.run import run
 from gfmfr.serving.recommend import blocks, top_k
 from gfmfr.serving.saved import ModelError, load_model, save_model
-from tests.test_gfmfr import gfmfr_config, with_features
-from tests.test_model_contract import small_config
 
 
 @pytest.mark.parametrize("name", ["fcf", "fedrap"])
@@ -87,8 +86,24 @@ def test_recommend_cli(planted_folder, tmp_path, capsys, caplog):
     from gfmfr.cli import main
 
     out = tmp_path / "run"
-    assert main(["run", "--dataset", str(planted_folder), "--model", "fcf", "--set", "federation.rounds=3",
-                 "--out", str(out), "--no-progress", "--no-reference"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                str(planted_folder),
+                "--model",
+                "fcf",
+                "--set",
+                "federation.rounds=3",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-reference",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["recommend", "--run", str(out), "--user", "u3", "-k", "4", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -116,18 +131,53 @@ def test_recommend_cli_ranks_new_items_from_their_text(planted_folder, tmp_path,
 
     monkeypatch.setenv("GFMFR_CACHE", str(tmp_path / "cache"))
     genres = ["war", "comedy", "horror", "romance"]
-    (planted_folder / "items.csv").write_text("item_id,text\n" + "".join(
-        f"{i},Film {i} (1990). A {genres[i // 15]} film.\n" for i in range(60)))
+    (planted_folder / "items.csv").write_text(
+        "item_id,text\n" + "".join(f"{i},Film {i} (1990). A {genres[i // 15]} film.\n" for i in range(60))
+    )
     (tmp_path / "plan.toml").write_text(
         'plugin = "gfmfr"\n[model]\nname = "fcf"\ndim = 16\n[federation]\nrounds = 3\n'
-        '[gfmfr]\nmodalities = ["text"]\ngroups = 2\n')
+        '[gfmfr]\nmodalities = ["text"]\ngroups = 2\n'
+    )
     out = tmp_path / "run"
-    assert main(["run", "--dataset", str(planted_folder), "--content", str(planted_folder), "--config",
-                 str(tmp_path / "plan.toml"), "--out", str(out), "--no-progress", "--no-reference"]) == 0
-    (tmp_path / "new.csv").write_text("item_id,text\nn1,Brand New (2030). A war film.\nn2,Other (2031). A comedy film.\n")
+    assert (
+        main(
+            [
+                "run",
+                "--dataset",
+                str(planted_folder),
+                "--content",
+                str(planted_folder),
+                "--config",
+                str(tmp_path / "plan.toml"),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-reference",
+            ]
+        )
+        == 0
+    )
+    (tmp_path / "new.csv").write_text(
+        "item_id,text\nn1,Brand New (2030). A war film.\nn2,Other (2031). A comedy film.\n"
+    )
     capsys.readouterr()
-    assert main(["recommend", "--run", str(out), "--user", "u3", "-k", "100", "--new-items",
-                 str(tmp_path / "new.csv"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "recommend",
+                "--run",
+                str(out),
+                "--user",
+                "u3",
+                "-k",
+                "100",
+                "--new-items",
+                str(tmp_path / "new.csv"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)["items"]
     new = [it for it in got if it["new"]]
     assert {it["item"] for it in new} == {"n1", "n2"} and new[0]["title"] in ("Brand New (2030)", "Other (2031)")

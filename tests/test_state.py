@@ -8,8 +8,12 @@ def test_sparse_rows_store_decay_and_drop_zeros():
     store = SparseRows(n_items=5, row_shape=(2,))
     clients = np.array([7, 3])
     # position 0 (client 7) trains items 1, 4; position 1 (client 3) trains item 0 (to zero)
-    store.update(clients, np.array([0 * 5 + 1, 0 * 5 + 4, 1 * 5 + 0]),
-                 torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]), torch.ones(2))
+    store.update(
+        clients,
+        np.array([0 * 5 + 1, 0 * 5 + 4, 1 * 5 + 0]),
+        torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]),
+        torch.ones(2),
+    )
     assert store.items[7].tolist() == [1, 4] and 3 not in store.items  # an all-zero row is not kept
     # next round client 7 trains item 4 only: item 1 just decays
     store.update(np.array([7]), np.array([4]), torch.tensor([[5.0, 5.0]]), torch.tensor([0.5]))
@@ -27,7 +31,7 @@ def test_sparse_rows_lazy_decay_matches_eager_over_many_rounds():
     rng = np.random.default_rng(0)
     store = SparseRows(n_items=6, row_shape=(3,), capacity=2)
     eager = torch.zeros(4, 6, 3)
-    for r in range(60):
+    for _r in range(60):
         clients = np.sort(rng.choice(4, size=2, replace=False))
         decay = torch.tensor([0.4, 0.3])
         trained = [np.sort(rng.choice(6, size=2, replace=False)) for _ in clients]
@@ -44,8 +48,8 @@ def test_sparse_rows_lazy_decay_matches_eager_over_many_rounds():
 
 def test_client_init_depends_only_on_seed_client_and_name():
     """A client's initial private values do not depend on the federation's size or who else is in it."""
-    from gfmfr.federation.state import FederationState, client_init
     from gfmfr.config import ModelConfig
+    from gfmfr.federation.state import FederationState, client_init
     from gfmfr.models import build_model
     from gfmfr.models.base import ParamSpec
 
@@ -83,8 +87,11 @@ def test_file_store_round_trips_and_starts_clients_as_the_federation_does(tmp_pa
         assert torch.equal(fresh.params[n], t)
     assert fresh.rows["D"][0].size == 0 and np.isnan(fresh.scalars["gfmfr_ratio"])
 
-    state = ClientState({n: t + 1 for n, t in expected.params.items()},
-                        {"D": (np.array([3, 17]), torch.arange(16.0).view(2, 8))}, {"gfmfr_ratio": 0.25})
+    state = ClientState(
+        {n: t + 1 for n, t in expected.params.items()},
+        {"D": (np.array([3, 17]), torch.arange(16.0).view(2, 8))},
+        {"gfmfr_ratio": 0.25},
+    )
     store.save(7, state)
     again = FileStore(tmp_path / "node-0", template.initial_state).load(7)  # a restarted node
     for n, t in state.params.items():
@@ -104,13 +111,14 @@ def test_clients_kept_on_disk_train_as_the_in_process_federation(planted, tmp_pa
     restarted between rounds) give the in-process batched federation's parameters."""
     from dataclasses import replace
 
+    from tests.test_model_contract import small_config
+
     from gfmfr.federation.aggregation import FedAvg
     from gfmfr.federation.client_step import client_step
     from gfmfr.federation.engine import Federation, sample_clients
     from gfmfr.federation.messages import LocalUpdate, TrainInstruction
     from gfmfr.federation.state import FederationState, FileStore
     from gfmfr.models import build_model
-    from tests.test_model_contract import small_config
 
     cfg = small_config("fedrap")
     cfg = replace(cfg, federation=replace(cfg.federation, client_fraction=0.5))
@@ -122,8 +130,15 @@ def test_clients_kept_on_disk_train_as_the_in_process_federation(planted, tmp_pa
         store = FileStore(tmp_path, FederationState(model, 0, cfg.seed).initial_state)  # a fresh process each round
         uploads = []
         for u in sample_clients(planted.n_users, 0.5, cfg.seed, t):
-            new, upload = client_step(model, cfg.federation, cfg.seed, int(u), planted.user_train(int(u)),
-                                      store.load(int(u)), TrainInstruction(t, shared))
+            new, upload = client_step(
+                model,
+                cfg.federation,
+                cfg.seed,
+                int(u),
+                planted.user_train(int(u)),
+                store.load(int(u)),
+                TrainInstruction(t, shared),
+            )
             store.save(int(u), new)
             uploads.append(upload)
         agg = FedAvg()

@@ -28,9 +28,28 @@ choices = [2, 4]
 def _tune(planted_folder, tmp_path, name, trials=4):
     (tmp_path / "space.toml").write_text(SPACE)
     out = tmp_path / name
-    args = ["tune", "--dataset", str(planted_folder), "--model", "fcf", "--space", str(tmp_path / "space.toml"),
-            "--trials", str(trials), "--budget", "600", "--out", str(out), "--no-progress",
-            "--set", "federation.rounds=4", "--set", "federation.local_epochs=1", "--set", "model.dim=8"]
+    args = [
+        "tune",
+        "--dataset",
+        str(planted_folder),
+        "--model",
+        "fcf",
+        "--space",
+        str(tmp_path / "space.toml"),
+        "--trials",
+        str(trials),
+        "--budget",
+        "600",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "federation.rounds=4",
+        "--set",
+        "federation.local_epochs=1",
+        "--set",
+        "model.dim=8",
+    ]
     assert main(args) == 0
     return out
 
@@ -78,14 +97,24 @@ def test_unknown_key_in_space_is_a_config_error(planted_folder, tmp_path):
     from gfmfr.tune import tune
 
     with pytest.raises(ConfigError, match="model"):
-        tune({"data": {"dataset": str(planted_folder)}, "model": {"name": "fcf"}}, tmp_path,
-             [Dimension("model.speed", "float", 0.0, 1.0)], trials=1)
+        tune(
+            {"data": {"dataset": str(planted_folder)}, "model": {"name": "fcf"}},
+            tmp_path,
+            [Dimension("model.speed", "float", 0.0, 1.0)],
+            trials=1,
+        )
 
 
 def test_default_space_covers_rates_epochs_decay_and_plugin_knobs():
-    keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap", "fedrap_head": "mlp"}, "plugin": "gfmfr"}))}
-    assert {"model.lr", "model.item_lr", "model.private_item_lr", "federation.local_epochs",
-            "model.weight_decay", "gfmfr.groups"} <= keys
+    keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap"}, "plugin": "gfmfr"}))}
+    assert {
+        "model.lr",
+        "model.item_lr",
+        "model.private_item_lr",
+        "federation.local_epochs",
+        "model.weight_decay",
+        "gfmfr.groups",
+    } <= keys
     # FedRAP's default dot head keeps D_u still (rate 0): no log range around 0
     keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap"}}))}
     assert "model.private_item_lr" not in keys and "model.lr" in keys

@@ -5,12 +5,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tests.test_model_contract import small_config
 
 from gfmfr.federation import engine
 from gfmfr.federation.engine import Federation
 from gfmfr.federation.validation import keep_screened, screen, surviving, update_norms
 from gfmfr.models import build_model
-from tests.test_model_contract import small_config
 
 
 def test_update_norms_count_the_whole_item_table(planted):
@@ -73,8 +73,16 @@ def test_screening_keeps_clean_clients_and_drops_outliers():
 
     g = torch.zeros(4, 2)
     rows = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 1.0], [500.0, 0], [float("nan"), 0]])
-    update = LocalUpdate(np.arange(5), {}, {"t": rows}, np.arange(5), np.zeros(5, np.int64),
-                         {"t": torch.ones(5)}, np.ones(5), np.zeros(5))
+    update = LocalUpdate(
+        np.arange(5),
+        {},
+        {"t": rows},
+        np.arange(5),
+        np.zeros(5, np.int64),
+        {"t": torch.ones(5)},
+        np.ones(5),
+        np.zeros(5),
+    )
     cfg = small_config("fcf").federation
     assert screen(update, {"t": g}, replace(cfg, reject_norm=10.0)).tolist() == [True, True, True, False, False]
     assert screen(update, {"t": g}, replace(cfg, reject_norm=0.0)).tolist() == [True, True, True, True, False]

@@ -123,8 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.out and not (args.resume or args.overwrite):
         held = [name for name in ("results.json", "checkpoint.safetensors") if (Path(args.out) / name).exists()]
         if held:
-            raise ConfigError(f"--out {args.out} already holds a run ({', '.join(held)}); "
-                              "give --resume to continue it or --overwrite to start again")
+            raise ConfigError(
+                f"--out {args.out} already holds a run ({', '.join(held)}); "
+                "give --resume to continue it or --overwrite to start again"
+            )
     writable_folder(args.out)
     if args.overwrite and args.out:
         (Path(args.out) / "checkpoint.safetensors").unlink(missing_ok=True)
@@ -139,10 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     rows = {"valid": results["valid"], "test": results["test"]}
     if cfg.data.split == "cold-items":  # no reference ranks cold items: each source's row instead
-
         sys.stdout.write(format_table(cold_rows(results, cfg), cfg.eval.ks) + "\n")
     elif cfg.training == "federated" and cfg.model.name not in SCORE_BASELINES and not args.no_reference:
-
         refs = references(load_dataset(cfg.data), cfg)
         rows.update({"pop": refs["popularity"]["test"], "central": refs["centralised"]["test"]})
         sys.stdout.write(format_table(rows, cfg.eval.ks) + "\n")
@@ -160,8 +160,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     values = _config_values(args)
     space = load_space(args.space) if args.space else None
-    result = tune(values, args.out, space, trials=args.trials, budget_s=args.budget,
-                  progress=not (args.verbose or args.no_progress))
+    result = tune(
+        values,
+        args.out,
+        space,
+        trials=args.trials,
+        budget_s=args.budget,
+        progress=not (args.verbose or args.no_progress),
+    )
     sys.stdout.write(
         f"best of {result['complete']} finished trials ({result['trials']} started): validation "
         f"{result['value']:.4f} with {result['params']}\nconfig: {args.out}/best.toml (gfmfr run --config), "
@@ -194,8 +200,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
 
-
-
     if (args.user is None) == (not args.all_users):
         raise ConfigError("recommend: give --user ID or --all-users (with --out FILE)")
     if args.new_items and args.all_users:
@@ -218,13 +222,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                             fh.write(f"{saved.user_ids[u]},{rank},{saved.item_ids[i]},{s:.6g}\n")
         tmp.replace(args.out)
         t2 = time.perf_counter()
-        log.info("top-%d of %d users in %.2f s (%.0f users/s; loading %.2f s): %s", args.k, len(users), t2 - t1,
-                 len(users) / max(t2 - t1, 1e-9), t1 - t0, args.out)
+        log.info(
+            "top-%d of %d users in %.2f s (%.0f users/s; loading %.2f s): %s",
+            args.k,
+            len(users),
+            t2 - t1,
+            len(users) / max(t2 - t1, 1e-9),
+            t1 - t0,
+            args.out,
+        )
         return 0
     user = np.array([saved.user_index(args.user)])
     ids, titles, extra = saved.item_ids, saved.titles, None
     if args.new_items:
-
         new = read_new_items(args.new_items, saved)
         extra = new_item_scores(saved, user, new_item_vectors(saved, new))
         ids, titles = ids + new.ids, titles + new.titles
@@ -232,15 +242,19 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     rec = top_k(saved, user, args.k, extra)
     t2 = time.perf_counter()
-    items = [{"item": ids[i], "title": titles[i], "score": float(s), "new": bool(i >= saved.n_items)}
-             for i, s in zip(rec.items[0], rec.scores[0]) if np.isfinite(s)]
+    items = [
+        {"item": ids[i], "title": titles[i], "score": float(s), "new": bool(i >= saved.n_items)}
+        for i, s in zip(rec.items[0], rec.scores[0])
+        if np.isfinite(s)
+    ]
     if args.json:
         sys.stdout.write(json.dumps({"user": args.user, "round": saved.round, "items": items}, indent=1) + "\n")
     else:
         sys.stdout.write(f"top {len(items)} for user {args.user} (model of round {saved.round}):\n")
         for rank, it in enumerate(items, 1):
-            sys.stdout.write(f"{rank:>3}  {it['item']:>8}  {it['score']:8.4f}  {it['title']}"
-                             f"{'  (new)' if it['new'] else ''}\n")
+            sys.stdout.write(
+                f"{rank:>3}  {it['item']:>8}  {it['score']:8.4f}  {it['title']}{'  (new)' if it['new'] else ''}\n"
+            )
     log.debug("loading %.3f s, ranking %.4f s", t1 - t0, t2 - t1)
     return 0
 
@@ -262,7 +276,11 @@ class _DefaultsShown(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+        if (
+            action.default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+            and action.option_strings
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -271,18 +289,27 @@ def gfmfr_line(results: dict[str, Any], cfg: Any) -> str:
     """What GFMFR's content prior did: the mean share its item rows moved at each server round."""
     shares = [h["extra"]["content_share"] for h in results["history"] if "content_share" in h.get("extra", {})]
     if not shares or cfg.gfmfr.content_prior == 0:
-        return "GFMFR: content prior off (gfmfr.content_prior = 0): content reaches the clients only through distillation"
-    return (f"GFMFR: the content prior moved the item rows {100 * float(sum(shares) / len(shares)):.0f}% of the way to "
-            f"their content vectors per server round on average (kappa {cfg.gfmfr.content_prior:g}; rows that "
-            "many clients train move less)")
+        return (
+            "GFMFR: content prior off (gfmfr.content_prior = 0): content reaches the clients only through distillation"
+        )
+    return (
+        f"GFMFR: the content prior moved the item rows {100 * float(sum(shares) / len(shares)):.0f}% of the way to "
+        f"their content vectors per server round on average (kappa {cfg.gfmfr.content_prior:g}; rows that "
+        "many clients train move less)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
 
     # -v is accepted before and after the subcommand; the subcommand's copy leaves the value alone unless given
     verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                         help="debug logging, and a traceback with every error")
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging, and a traceback with every error",
+    )
     parser = argparse.ArgumentParser(prog="gfmfr", description=__doc__, parents=[verbose])
     parser.set_defaults(verbose=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('gfmfr')}")
@@ -301,10 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", help="ml-100k or a data folder")
         p.add_argument("--content", help="folder with items.csv and images")
         if split:
-            p.add_argument("--split", choices=["auto", "leave-one-out", "cold-items"],
-                           help="auto (default: the data's own split_label where it has one, else leave-one-out), "
-                                "leave-one-out by time, or hold out cold items (data.cold_item_fraction) and "
-                                "rank them from their content")
+            p.add_argument(
+                "--split",
+                choices=["auto", "leave-one-out", "cold-items"],
+                help="auto (default: the data's own split_label where it has one, else leave-one-out), "
+                "leave-one-out by time, or hold out cold items (data.cold_item_fraction) and "
+                "rank them from their content",
+            )
         p.add_argument("--config", help="TOML config file")
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config field")
         if training:
@@ -313,11 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration as TOML (every default included)")
     common(p)
-    p.add_argument("--model", choices=["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "content-knn", "random"],
-                   help="a federated base model, or a baseline that scores without training")
+    p.add_argument(
+        "--model",
+        choices=["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "content-knn", "random"],
+        help="a federated base model, or a baseline that scores without training",
+    )
     p.add_argument("--plugin", choices=["none", "gfmfr"], help="plug-in on the federation (GFMFR)")
-    p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"],
-                   help="wrap the base model with item content: MM-X or FedVLR")
+    p.add_argument(
+        "--wrapper", choices=["none", "mmx", "fedvlr"], help="wrap the base model with item content: MM-X or FedVLR"
+    )
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="print the data report")
@@ -327,23 +361,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train and evaluate one model")
     common(p)
-    p.add_argument("--model", choices=["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "content-knn", "random"],
-                   help="a federated base model, or a baseline that scores without training")
+    p.add_argument(
+        "--model",
+        choices=["fcf", "fedncf", "pfedrec", "fedrap", "popularity", "content-knn", "random"],
+        help="a federated base model, or a baseline that scores without training",
+    )
     p.add_argument("--plugin", choices=["none", "gfmfr"], help="GFMFR on the federation of the base model")
-    p.add_argument("--wrapper", choices=["none", "mmx", "fedvlr"],
-                   help="wrap the base model with item content: MM-X or FedVLR")
-    p.add_argument("--centralised", action="store_true",
-                   help="train the base model on all data in one place (the upper bound), no federation")
-    p.add_argument("--backend", choices=["in-process", "flower"],
-                   help="in-process batched engine (default) or Flower's simulation engine")
+    p.add_argument(
+        "--wrapper", choices=["none", "mmx", "fedvlr"], help="wrap the base model with item content: MM-X or FedVLR"
+    )
+    p.add_argument(
+        "--centralised",
+        action="store_true",
+        help="train the base model on all data in one place (the upper bound), no federation",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["in-process", "flower"],
+        help="in-process batched engine (default) or Flower's simulation engine",
+    )
     p.add_argument("--nodes", type=int, help="simulated Flower nodes, each hosting a partition of the users")
     p.add_argument("--out", help="output folder for results.json")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run whose checkpoint --out holds (a killed run), bit for bit")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose checkpoint --out holds (a killed run), bit for bit",
+    )
     p.add_argument("--overwrite", action="store_true", help="start again in an --out that already holds a run")
     p.add_argument("--no-progress", action="store_true", help="log a line per round instead of a progress bar")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip the popularity and centralised-bound (cached) test rows after a federated run")
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the popularity and centralised-bound (cached) test rows after a federated run",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tune", help="search learning rates, local epochs and plug-in knobs on validation (Optuna)")
@@ -373,9 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="items per user")
     p.add_argument("--json", action="store_true", help="as JSON")
     p.add_argument("--out", help="CSV file for --all-users")
-    p.add_argument("--new-items", metavar="ITEMS_CSV",
-                   help="items.csv of new items (item_id, text, image): encoded on the server and ranked with the "
-                        "known items from their content alone (GFMFR or MM-X runs)")
+    p.add_argument(
+        "--new-items",
+        metavar="ITEMS_CSV",
+        help="items.csv of new items (item_id, text, image): encoded on the server and ranked with the "
+        "known items from their content alone (GFMFR or MM-X runs)",
+    )
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("encode", help="encode item text and images on the server (cached)")

@@ -4,7 +4,7 @@ A plan is a TOML file::
 
     seeds = [0, 1, 2]
     models = ["fcf", "fedrap"]                     # federated base models X
-    variants = ["none", "mmx", "fedvlr", "gfmfr"]  # each on every model: X, MM-X, FedVLR-X (wrappers), GFMFR-X (plug-in)
+    variants = ["none", "mmx", "fedvlr", "gfmfr"]  # on every model: X, MM-X, FedVLR-X (wrappers), GFMFR-X (plug-in)
     centralised = ["fedrap"]                       # the centralised upper bound of these models
     baselines = ["popularity", "random"]
 
@@ -43,7 +43,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -70,10 +70,21 @@ from gfmfr.run import run
 
 log = logging.getLogger(__name__)
 
-MODEL_LABELS = {"fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP",
-                "popularity": "Popularity", "content-knn": "Content kNN", "random": "Random"}
-VARIANTS = {"none": ("", {}), "mmx": ("MM-", {"wrapper": "mmx"}), "fedvlr": ("FedVLR-", {"wrapper": "fedvlr"}),
-            "gfmfr": ("GFMFR-", {"plugin": "gfmfr"})}
+MODEL_LABELS = {
+    "fcf": "FCF",
+    "fedncf": "FedNCF",
+    "pfedrec": "PFedRec",
+    "fedrap": "FedRAP",
+    "popularity": "Popularity",
+    "content-knn": "Content kNN",
+    "random": "Random",
+}
+VARIANTS = {
+    "none": ("", {}),
+    "mmx": ("MM-", {"wrapper": "mmx"}),
+    "fedvlr": ("FedVLR-", {"wrapper": "fedvlr"}),
+    "gfmfr": ("GFMFR-", {"plugin": "gfmfr"}),
+}
 """A variant of every plan model X: its label prefix and settings."""
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50")
 PLAN_KEYS = {"seeds", "models", "variants", "centralised", "baselines", "config", "methods", "datasets"}
@@ -115,8 +126,17 @@ class Plan:
         """(label, plan of that dataset alone) per dataset of the axis; ``[("", self)]`` without one."""
         if not self.datasets:
             return [("", self)]
-        return [(label, Plan(self.seeds, self.methods, apply_overrides(self.config, [
-            f"{k}={v}" for k, v in _flatten(settings).items()]))) for label, settings in self.datasets]
+        return [
+            (
+                label,
+                Plan(
+                    self.seeds,
+                    self.methods,
+                    apply_overrides(self.config, [f"{k}={v}" for k, v in _flatten(settings).items()]),
+                ),
+            )
+            for label, settings in self.datasets
+        ]
 
     def run_config(self, method: Method, seed: int) -> RunConfig:
         values = apply_overrides(self.config, [f"{k}={v}" for k, v in _flatten(method.settings).items()])
@@ -146,20 +166,35 @@ def load_plan(path: str | Path) -> Plan:
     for name in raw.get("baselines", []):
         methods.append(Method(MODEL_LABELS.get(name, name), {"model": {"name": name}}, "baseline", name))
     for model in raw.get("centralised", []):
-        methods.append(Method(f"{MODEL_LABELS.get(model, model)} (centralised)",
-                              {"model": {"name": model}, "training": "centralised"}, "centralised", model))
+        methods.append(
+            Method(
+                f"{MODEL_LABELS.get(model, model)} (centralised)",
+                {"model": {"name": model}, "training": "centralised"},
+                "centralised",
+                model,
+            )
+        )
     for model in raw.get("models", []):
         for variant in raw.get("variants", ["none"]):
             if variant not in VARIANTS:
                 raise ConfigError(f"{path}: variants: unknown {variant!r}; choose from {sorted(VARIANTS)}")
             prefix, settings = VARIANTS[variant]
-            methods.append(Method(prefix + MODEL_LABELS.get(model, model), {"model": {"name": model}, **settings},
-                                  "federated", model, variant))
+            methods.append(
+                Method(
+                    prefix + MODEL_LABELS.get(model, model),
+                    {"model": {"name": model}, **settings},
+                    "federated",
+                    model,
+                    variant,
+                )
+            )
     for i, extra in enumerate(raw.get("methods", [])):
         if "label" not in extra or not isinstance(extra.get("set", {}), dict):
             raise ConfigError(f"{path}: methods[{i}] needs a label and a 'set' table")
         settings = apply_overrides({}, [f"{k}={v}" for k, v in _flatten(extra.get("set", {})).items()])
-        model = settings.get("model", {}).get("name", raw.get("config", {}).get("model", {}).get("name", ""))
+        planned: dict[str, Any] = raw.get("config", {}).get("model", {})
+        own = cast(dict[str, Any], settings.get("model", {}))
+        model = own.get("name", planned.get("name", ""))
         kind = "centralised" if settings.get("training") == "centralised" else "federated"
         kind = "baseline" if model in SCORE_BASELINES else kind
         plain = all(settings.get(k, "none") in ("none", None) for k in ("plugin", "wrapper"))
@@ -211,13 +246,15 @@ def differing_settings(results: dict[str, Any], cfg: RunConfig) -> list[str]:
     stored = _flatten(bearing_dict(stored_cfg))
     wanted = _flatten(bearing_dict(cfg))
     if "resolved" in results:
-
         stored |= _flatten(results["resolved"], "resolved.")
         wanted |= _flatten(resolved_settings(cfg), "resolved.")
     differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     ran = len(results.get("history", []))
-    if differing == ["federation.rounds"] and ran < stored_cfg.federation.rounds \
-            and same_rounds_under_caps(stored_cfg, cfg, ran):
+    if (
+        differing == ["federation.rounds"]
+        and ran < stored_cfg.federation.rounds
+        and same_rounds_under_caps(stored_cfg, cfg, ran)
+    ):
         return []  # early stopping ended it before either cap, which bore on no round: cfg's run
     return differing
 
@@ -235,11 +272,27 @@ def _clear_stale(folder: Path, cfg: RunConfig) -> None:
 def _run_in_subprocess(cfg: RunConfig, folder: Path) -> str | None:
     """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(to_toml(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))))
+    (folder / "config.toml").write_text(
+        to_toml(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1)))
+    )
     _clear_stale(folder, cfg)
-    proc = subprocess.run([sys.executable, "-m", "gfmfr.cli", "run", "--config", str(folder / "config.toml"),
-                           "--out", str(folder), "--no-progress", "--no-reference", "--resume"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gfmfr.cli",
+            "run",
+            "--config",
+            str(folder / "config.toml"),
+            "--out",
+            str(folder),
+            "--no-progress",
+            "--no-reference",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode == 0:
         return None
     lines = proc.stderr.strip().splitlines()
@@ -251,8 +304,6 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
 
     ``jobs > 1`` runs that many at once, each a ``gfmfr run`` child process with one thread (on a
     small machine, two one-thread runs finish sooner than two runs one after the other)."""
-
-
 
     out = Path(out)
     todo = []
@@ -273,8 +324,15 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
         if jobs > 1:
             with ThreadPoolExecutor(jobs) as pool:
                 # a run another compare on the same folder finished meanwhile is not run again
-                futures = {pool.submit(lambda c, p: None if finished(p, c) else _run_in_subprocess(c, p.parent),
-                                       cfg, path): (m, s, cfg, path) for m, s, cfg, path in todo}
+                futures = {
+                    pool.submit(lambda c, p: None if finished(p, c) else _run_in_subprocess(c, p.parent), cfg, path): (
+                        m,
+                        s,
+                        cfg,
+                        path,
+                    )
+                    for m, s, cfg, path in todo
+                }
                 for future in as_completed(futures):
                     error = future.result()
                     if error is not None and error.startswith("FloatingPointError"):
@@ -355,8 +413,13 @@ def gaps(plan: Plan, results: dict[str, list[dict[str, Any]]], table: dict[str, 
     centralised bound (centralised FCF where the plan has none for that model): paired test and
     valid NDCG@10 differences over the seeds both finished, the share of the bound reached, and
     the gap closed."""
-    base_of = {m.model: m.label for m in plan.methods if m.kind == "federated" and m.variant == "none"
-               and m.settings in ({"model": {"name": m.model}}, {"model": {"name": m.model}, "plugin": "none"})}
+    base_of = {
+        m.model: m.label
+        for m in plan.methods
+        if m.kind == "federated"
+        and m.variant == "none"
+        and m.settings in ({"model": {"name": m.model}}, {"model": {"name": m.model}, "plugin": "none"})
+    }
     bound_of = {m.model: m.label for m in plan.methods if m.kind == "centralised" and m.variant == "none"}
     popularity = next((m.label for m in plan.methods if m.kind == "baseline" and m.model == "popularity"), None)
     out = []
@@ -375,8 +438,11 @@ def gaps(plan: Plan, results: dict[str, list[dict[str, Any]]], table: dict[str, 
                 diffs = [a[split]["NDCG@10"] - b[split]["NDCG@10"] for a, b in pairs]
                 row[f"paired {split} diff"] = mean_std(diffs) if diffs else (float("nan"), 0.0)
                 row[f"paired {split} diffs"] = diffs
-            tail = [a["test"]["tail MRR"] - b["test"]["tail MRR"] for a, b in pairs
-                    if "tail MRR" in a["test"] and "tail MRR" in b["test"]]
+            tail = [
+                a["test"]["tail MRR"] - b["test"]["tail MRR"]
+                for a, b in pairs
+                if "tail MRR" in a["test"] and "tail MRR" in b["test"]
+            ]
             if tail:  # users whose test item is long-tail (eval.tail_max_count)
                 row["paired tail test diff"] = mean_std(tail)
         bound = bound_of.get(m.model, bound_of.get("fcf"))
@@ -389,8 +455,13 @@ def gaps(plan: Plan, results: dict[str, list[dict[str, Any]]], table: dict[str, 
     return out
 
 
-COLD_LABELS = {"gfmfr": "GFMFR fused Q_g(i)", "mmx": "MM-X projection", "ifedrec": "IFedRec-style network",
-               "knn": "content kNN", "random": "random vectors"}
+COLD_LABELS = {
+    "gfmfr": "GFMFR fused Q_g(i)",
+    "mmx": "MM-X projection",
+    "ifedrec": "IFedRec-style network",
+    "knn": "content kNN",
+    "random": "random vectors",
+}
 COLD_METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50")
 
 
@@ -414,8 +485,13 @@ def cold_start(plan: Plan, results: dict[str, list[dict[str, Any]]]) -> list[dic
                 if (method.model, source) in shown:
                     continue
                 shown.add((method.model, source))
-            row: dict[str, Any] = {"method": method.label, "model": method.model, "source": source,
-                                   "selects": source == own, "seeds": len(runs)}
+            row: dict[str, Any] = {
+                "method": method.label,
+                "model": method.model,
+                "source": source,
+                "selects": source == own,
+                "seeds": len(runs),
+            }
             for protocol in ("", "all "):
                 for metric in COLD_METRICS:
                     key = f"{prefix}{protocol}{metric}"
@@ -456,20 +532,33 @@ def render_one_report(plan: Plan, out: Path) -> Path:
     results = collect(plan, out)
     summary = summarise(plan, results)
     plots = render_plots(plan, results, out)
-    lines = ["# Comparison report", "",
-             f"Seeds: {', '.join(map(str, plan.seeds))}. Test metrics at the best validation round "
-             "(mean ± sample std over seeds); seconds per training round (per epoch for centralised runs).", ""]
+    lines = [
+        "# Comparison report",
+        "",
+        f"Seeds: {', '.join(map(str, plan.seeds))}. Test metrics at the best validation round "
+        "(mean ± sample std over seeds); seconds per training round (per epoch for centralised runs).",
+        "",
+    ]
     private = any("epsilon" in row for row in summary["table"].values())
     header = ["method", "seeds", *METRICS, "s/round", "best round"] + (["epsilon spent"] if private else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in summary["table"].items():
-        cells = [label, str(row["seeds"]), *(_fmt(row[m]) for m in METRICS),
-                 f"{row['seconds_per_round'][0]:.2f}", f"{row['best_round'][0]:.1f}"]
+        cells = [
+            label,
+            str(row["seeds"]),
+            *(_fmt(row[m]) for m in METRICS),
+            f"{row['seconds_per_round'][0]:.2f}",
+            f"{row['best_round'][0]:.1f}",
+        ]
         if private:
             cells.append(f"{row['epsilon'][0]:.3g}" if "epsilon" in row else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    failed = [f"{m.label} seed {s}" for m in plan.methods for s in plan.seeds
-              if run_path(out, m, s).with_name("failed.json").exists() and not run_path(out, m, s).exists()]
+    failed = [
+        f"{m.label} seed {s}"
+        for m in plan.methods
+        for s in plan.seeds
+        if run_path(out, m, s).with_name("failed.json").exists() and not run_path(out, m, s).exists()
+    ]
     if failed:
         lines += ["", f"Diverged (see failed.json, not in the means): {', '.join(failed)}."]
     missing = [m.label for m in plan.methods if len(results[m.label]) < len(plan.seeds)]
@@ -481,49 +570,76 @@ def render_one_report(plan: Plan, out: Path) -> Path:
             for key in differing_settings(r, plan.run_config(m, r["config"]["seed"])):
                 stale.setdefault(key, []).append(f"{m.label} seed {r['config']['seed']}")
     if stale:
-        lines += ["", "Ran with another configuration than the plan's today (a default changed since, or the plan): "
-                  + "; ".join(f"{key} in {len(runs)} run(s) ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''})"
-                              for key, runs in sorted(stale.items())) + "."]
+        lines += [
+            "",
+            "Ran with another configuration than the plan's today (a default changed since, or the plan): "
+            + "; ".join(
+                f"{key} in {len(runs)} run(s) ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''})"
+                for key, runs in sorted(stale.items())
+            )
+            + ".",
+        ]
     if summary["gaps"]:
-        lines += ["", "## Against the base model and the centralised bound", "",
-                  "Test NDCG@10 of each federated method and its multiple of popularity's; the paired difference with its base model (same "
-                  "model, no plug-in) over the seeds both finished, test and valid (mean ± std), and on test over "
-                  "the users whose test item is long-tail (eval.tail_max_count training interactions or fewer; "
-                  "MRR over the whole ranking, since few of them reach any top K); "
-                  "the share of "
-                  "the centralised bound reached (its model's, else centralised FCF's); and the share of the "
-                  "base-to-bound gap closed "
-                  "(\"—\" where the bound is not above the base by more than its seed std).", "",
-                  "| method | NDCG@10 | x popularity | paired test diff | paired valid diff | paired long-tail test MRR diff "
-                  "| bound | of bound | gap closed |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Against the base model and the centralised bound",
+            "",
+            "Test NDCG@10 of each federated method and its multiple of popularity's; the paired difference with its "
+            "base model (same "
+            "model, no plug-in) over the seeds both finished, test and valid (mean ± std), and on test over "
+            "the users whose test item is long-tail (eval.tail_max_count training interactions or fewer; "
+            "MRR over the whole ranking, since few of them reach any top K); "
+            "the share of "
+            "the centralised bound reached (its model's, else centralised FCF's); and the share of the "
+            "base-to-bound gap closed "
+            '("—" where the bound is not above the base by more than its seed std).',
+            "",
+            "| method | NDCG@10 | x popularity | paired test diff | paired valid diff | paired long-tail test MRR diff "
+            "| bound | of bound | gap closed |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for g in summary["gaps"]:
-            diff = {k: (f"{g[k][0]:+.4f} ± {g[k][1]:.4f}" if k in g else "—")
-                    for k in ("paired test diff", "paired valid diff", "paired tail test diff")}
+            diff = {
+                k: (f"{g[k][0]:+.4f} ± {g[k][1]:.4f}" if k in g else "—")
+                for k in ("paired test diff", "paired valid diff", "paired tail test diff")
+            }
             of = f"{g['of_bound']:.0%}" if "of_bound" in g else "—"
             closed = f"{g['gap_closed']:+.0%}" if g.get("gap_closed") is not None else "—"
             pop = f"{g['x_popularity']:.2f}" if "x_popularity" in g else "—"
-            lines.append(f"| {g['method']} | {g['NDCG@10']:.4f} | {pop} | {diff['paired test diff']} | "
-                         f"{diff['paired valid diff']} | {diff['paired tail test diff']} | {g.get('centralised', '—')} | "
-                         f"{of} | {closed} |")
+            lines.append(
+                f"| {g['method']} | {g['NDCG@10']:.4f} | {pop} | {diff['paired test diff']} | "
+                f"{diff['paired valid diff']} | {diff['paired tail test diff']} | {g.get('centralised', '—')} | "
+                f"{of} | {closed} |"
+            )
     cold = cold_start(plan, results)
     summary["cold_start"] = cold
     if cold:
-        lines += ["", "## Cold-start items", "",
-                  "Test metrics of the held-out cold items (data.cold_item_fraction of the items; no client ever saw "
-                  "them), ranked among the cold items and, in the last two columns, among all items (a source "
-                  "without item vectors ranks the cold items only). Each source's vectors are scored with the "
-                  "user's own head. The source marked * selected its run's best round on validation; the others "
-                  "are scored at that round.", "",
-                  "| method | source | seeds | " + " | ".join(COLD_METRICS) + " | all NDCG@10 | all HR@50 |",
-                  "|" + "---|" * (len(COLD_METRICS) + 5)]
+        lines += [
+            "",
+            "## Cold-start items",
+            "",
+            "Test metrics of the held-out cold items (data.cold_item_fraction of the items; no client ever saw "
+            "them), ranked among the cold items and, in the last two columns, among all items (a source "
+            "without item vectors ranks the cold items only). Each source's vectors are scored with the "
+            "user's own head. The source marked * selected its run's best round on validation; the others "
+            "are scored at that round.",
+            "",
+            "| method | source | seeds | " + " | ".join(COLD_METRICS) + " | all NDCG@10 | all HR@50 |",
+            "|" + "---|" * (len(COLD_METRICS) + 5),
+        ]
         for row in cold:
             cells = [_fmt(row[m]) if m in row else "—" for m in (*COLD_METRICS, "all NDCG@10", "all HR@50")]
-            lines.append(f"| {row['method']} | {COLD_LABELS[row['source']]}{' *' if row['selects'] else ''} | "
-                         f"{row['seeds']} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {row['method']} | {COLD_LABELS[row['source']]}{' *' if row['selects'] else ''} | "
+                f"{row['seeds']} | " + " | ".join(cells) + " |"
+            )
         plots.update(render_cold_plot(cold, out))
-    titles = {"convergence": "Validation NDCG@10 per round", "groups": "GFMFR client groups over rounds",
-              "time": "Seconds per round", "cold_start": "Cold-item test NDCG@10 by source"}
+    titles = {
+        "convergence": "Validation NDCG@10 per round",
+        "groups": "GFMFR client groups over rounds",
+        "time": "Seconds per round",
+        "cold_start": "Cold-item test NDCG@10 by source",
+    }
     for key, name in plots.items():
         lines += ["", f"## {titles[key]}", "", f"![{titles[key]}]({name})"]
     lines += ["", "Runs: `runs/<method>/seed<k>/results.json` (configuration, per-round history, metrics)."]
@@ -541,8 +657,12 @@ def render_cold_plot(rows: list[dict[str, Any]], out: Path) -> dict[str, str]:
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
     labels = [f"{r['method']}: {COLD_LABELS[r['source']]}" for r in rows]
-    ax.barh(labels, [r["NDCG@10"][0] for r in rows], xerr=[r["NDCG@10"][1] for r in rows],
-            color=[f"C{sorted({r['model'] for r in rows}).index(r['model'])}" for r in rows])
+    ax.barh(
+        labels,
+        [r["NDCG@10"][0] for r in rows],
+        xerr=[r["NDCG@10"][1] for r in rows],
+        color=[f"C{sorted({r['model'] for r in rows}).index(r['model'])}" for r in rows],
+    )
     ax.set_xlabel("test NDCG@10 among the cold items (mean ± std over seeds)")
     ax.invert_yaxis()
     fig.tight_layout()
@@ -587,8 +707,11 @@ def render_plots(plan: Plan, results: dict[str, list[dict[str, Any]]], out: Path
     plots["convergence"] = "convergence.png"
 
     # groups: first seed of every GFMFR method, one panel per stored round
-    grouped = [(m.label, results[m.label][0]["gfmfr_groups"]) for m in plan.methods
-               if results[m.label] and results[m.label][0].get("gfmfr_groups")]
+    grouped = [
+        (m.label, results[m.label][0]["gfmfr_groups"])
+        for m in plan.methods
+        if results[m.label] and results[m.label][0].get("gfmfr_groups")
+    ]
     if grouped:
         cols = max(len(snaps) for _, snaps in grouped)
         fig, axes = plt.subplots(len(grouped), cols, figsize=(2.6 * cols, 2.6 * len(grouped)), squeeze=False)
@@ -615,7 +738,7 @@ def render_plots(plan: Plan, results: dict[str, list[dict[str, Any]]], out: Path
         phases: list[str] = []
         means: dict[str, dict[str, float]] = {}
         for label, runs in timed:
-            per = {}
+            per: dict[str, list[float]] = {}
             for r in runs:
                 for h in r["history"]:
                     for phase, sec in h["seconds"].items():

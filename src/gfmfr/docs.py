@@ -15,6 +15,7 @@ import re
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
 from gfmfr import config
 
@@ -27,8 +28,12 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
     for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+        ):
             docs[node.target.id] = markdown(str(after.value.value))
     return docs
 
@@ -61,7 +66,7 @@ def default_text(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def section_rows(cls: type) -> list[str]:
+def section_rows(cls: Any) -> list[str]:
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     instance = cls()
@@ -69,17 +74,23 @@ def section_rows(cls: type) -> list[str]:
         if dataclasses.is_dataclass(hints[f.name]):
             continue
         text = docs.get(f.name, "").replace("|", "\\|")
-        rows.append(f"| `{f.name}` | {type_name(hints[f.name])} | `{default_text(getattr(instance, f.name))}` | {text} |")
+        rows.append(
+            f"| `{f.name}` | {type_name(hints[f.name])} | `{default_text(getattr(instance, f.name))}` | {text} |"
+        )
     return rows
 
 
 def render() -> str:
     """``docs/config.md`` as the code defines it."""
-    lines = ["# Configuration reference", "",
-             "Generated from `src/gfmfr/config.py` by `python -m gfmfr.docs`; do not edit by hand. A run reads a",
-             "TOML file (`--config FILE`) whose sections are the headings below and takes `--set section.key=value`",
-             "overrides; `gfmfr config` prints the resolved configuration. Values outside a field's range are refused",
-             "when the configuration loads.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/gfmfr/config/schema.py` by `python -m gfmfr.docs`; do not edit by hand. A run reads a",
+        "TOML file (`--config FILE`) whose sections are the headings below and takes `--set section.key=value`",
+        "overrides; `gfmfr config` prints the resolved configuration. Values outside a field's range are refused",
+        "when the configuration loads.",
+        "",
+    ]
     top = config.RunConfig
     hints = typing.get_type_hints(top)
     lines += ["## Top level", "", *section_rows(top), ""]

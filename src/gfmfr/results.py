@@ -28,7 +28,9 @@ def federated_results(best: dict[str, Any], history: list[RoundLog], plugins: tu
     """The body of ``results.json`` of a federated run (either backend): selection, per-round log, plug-ins."""
     train_seconds = [sum(v for k, v in h.seconds.items() if k != "evaluate") for h in history]
     results = {
-        "best_round": best["round"], "valid": best["valid"], "test": best["test"],
+        "best_round": best["round"],
+        "valid": best["valid"],
+        "test": best["test"],
         "history": [asdict(h) for h in history],
         "seconds_per_round": float(np.mean(train_seconds)),
     }
@@ -49,8 +51,13 @@ def resolved_settings(cfg: RunConfig) -> dict[str, Any]:
 def write_results(cfg: RunConfig, dataset: Dataset, body: dict[str, Any], out: str | Path | None) -> dict[str, Any]:
     """The whole results dict (config, resolved defaults, data report, ``body``, peak RSS), written
     atomically to ``out/results.json`` if ``out`` is given."""
-    results = {"config": to_dict(cfg), "resolved": resolved_settings(cfg), "data": dataset.report, **body,
-               "peak_rss_mb": peak_rss_mb()}
+    results = {
+        "config": to_dict(cfg),
+        "resolved": resolved_settings(cfg),
+        "data": dataset.report,
+        **body,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -39,14 +39,17 @@ def run_baseline(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     test = evaluator.evaluate(model.score, "test")
     seconds = time.perf_counter() - t0
     return {
-        "best_round": 0, "valid": valid, "test": test,
+        "best_round": 0,
+        "valid": valid,
+        "test": test,
         "history": [{"round": 0, "valid": valid, "seconds": {"evaluate": seconds}}],
         "seconds_per_round": seconds,
     }
 
 
-def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out: str | Path | None = None,
-                  resume: bool = False) -> dict[str, Any]:
+def run_federated(
+    dataset: Dataset, cfg: RunConfig, progress: bool = False, out: str | Path | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Train a federated base model and report the test score at the best validation round."""
     if cfg.runtime.backend == "flower":
         from gfmfr.flower.simulation import run_simulated  # Flower is an optional extra
@@ -59,8 +62,9 @@ def run_federated(dataset: Dataset, cfg: RunConfig, progress: bool = False, out:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     on_best: Callable[[int], None] | None = None
     if out is not None and cfg.runtime.save_model:
-        on_best = ModelSaver(Path(out) / MODEL_DIR, dataset, cfg,
-                             content_fingerprint(dataset, content_modalities(cfg))).saver_of(fed)
+        on_best = ModelSaver(
+            Path(out) / MODEL_DIR, dataset, cfg, content_fingerprint(dataset, content_modalities(cfg))
+        ).saver_of(fed)
 
     best = fed.fit(progress=progress, checkpoint=checkpoint, resume=resume, on_best=on_best)
     return federated_results(best, fed.history, plugins)
@@ -74,8 +78,13 @@ def run_centralised(dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
     return train_centralised(dataset, model, cfg)
 
 
-def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None = None,
-        progress: bool = False, resume: bool = False) -> dict[str, Any]:
+def run(
+    cfg: RunConfig,
+    out: str | Path | None = None,
+    dataset: Dataset | None = None,
+    progress: bool = False,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Run ``cfg``; write ``out/results.json`` if ``out`` is given; return the results dict.
     ``progress`` shows a bar over the federated rounds; ``resume`` continues a killed in-process
     federated run from ``out``'s checkpoint."""
@@ -95,5 +104,3 @@ def run(cfg: RunConfig, out: str | Path | None = None, dataset: Dataset | None =
     if out is not None:
         (Path(out) / CHECKPOINT).unlink(missing_ok=True)  # the run is whole: results.json says it all
     return results
-
-

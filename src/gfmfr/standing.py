@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 from gfmfr.config import RunConfig, bearing_dict
 from gfmfr.data.dataset import Dataset
@@ -28,15 +28,20 @@ the field, trained in about a minute on ML-100K (centralised FedRAP takes ten)."
 
 def centralised_config(cfg: RunConfig) -> RunConfig:
     """The centralised FCF bound on ``cfg``'s data, evaluation and seed."""
-    return dataclasses.replace(cfg, training="centralised", plugin="none",
-                               model=dataclasses.replace(cfg.model, name=BOUND_MODEL))
+    return dataclasses.replace(
+        cfg, training="centralised", plugin="none", model=dataclasses.replace(cfg.model, name=cast(Any, BOUND_MODEL))
+    )
 
 
 def references(dataset: Dataset, cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Test and validation metrics of popularity and of the centralised bound, for ``cfg``'s data and seed."""
 
-    pop = run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="popularity"),
-                                  training="federated", plugin="none"), dataset=dataset)
+    pop = run(
+        dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, name="popularity"), training="federated", plugin="none"
+        ),
+        dataset=dataset,
+    )
     bound_cfg = centralised_config(cfg)
     bearing = bearing_dict(bound_cfg)
     # centralised training reads neither the federated learning rates nor the rounds: runs that
@@ -52,7 +57,9 @@ def references(dataset: Dataset, cfg: RunConfig) -> dict[str, dict[str, Any]]:
         log.info("training the centralised %s bound once (about a minute; cached in %s)", BOUND_MODEL, path)
         quiet = logging.getLogger("gfmfr.baselines.centralised")
         level = quiet.level
-        quiet.setLevel(logging.DEBUG if quiet.getEffectiveLevel() <= logging.DEBUG else logging.WARNING)  # lines with -v
+        quiet.setLevel(
+            logging.DEBUG if quiet.getEffectiveLevel() <= logging.DEBUG else logging.WARNING
+        )  # lines with -v
         try:
             res = run(bound_cfg, dataset=dataset)
         finally:
@@ -68,5 +75,7 @@ def standing_line(results: dict[str, Any], refs: dict[str, dict[str, Any]], metr
     ours = results["test"][metric]
     pop = refs["popularity"]["test"][metric]
     bound = refs["centralised"]["test"][metric]
-    return (f"test {metric} {ours:.4f}: {ours / pop:.2f}x popularity ({pop:.4f}), "
-            f"{100 * ours / bound:.0f}% of centralised {BOUND_MODEL.upper()} ({bound:.4f})")
+    return (
+        f"test {metric} {ours:.4f}: {ours / pop:.2f}x popularity ({pop:.4f}), "
+        f"{100 * ours / bound:.0f}% of centralised {BOUND_MODEL.upper()} ({bound:.4f})"
+    )

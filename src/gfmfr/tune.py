@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 
@@ -88,7 +88,7 @@ class Dimension:
         if self.kind == "float":
             return trial.suggest_float(self.key, self.low, self.high)
         if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high))
+            return trial.suggest_int(self.key, int(cast(float, self.low)), int(cast(float, self.high)))
         return trial.suggest_categorical(self.key, list(self.choices))
 
 
@@ -97,18 +97,19 @@ def default_space(cfg: RunConfig) -> list[Dimension]:
     plug-in's knobs."""
 
     try:
-        lrs = FEDERATED_MODELS[cfg.model.name].lrs_for(cfg.model)
+        lrs = FEDERATED_MODELS[cfg.model.name].default_lrs
     except KeyError:
         raise ConfigError(f"gfmfr tune trains a federated model, not {cfg.model.name!r}") from None
     # a rate whose default is 0 (FedRAP's D_u) stays off: a log scale has no decade around it
     space = [Dimension(f"model.{k}", "log", v / 10, v * 10) for k, v in lrs.items() if v > 0]
-    space += [Dimension("federation.local_epochs", "int", 1, 5),
-              Dimension("model.weight_decay", "log", 1e-6, 1e-4)]
+    space += [Dimension("federation.local_epochs", "int", 1, 5), Dimension("model.weight_decay", "log", 1e-6, 1e-4)]
     if cfg.plugin == "gfmfr":
-        space += [Dimension("gfmfr.groups", "int", 2, 10),
-                  Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives")),
-                  Dimension("gfmfr.teacher_level", "choice", choices=("group", "client")),
-                  Dimension("gfmfr.server_every", "int", 1, 10)]
+        space += [
+            Dimension("gfmfr.groups", "int", 2, 10),
+            Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives")),
+            Dimension("gfmfr.teacher_level", "choice", choices=("group", "client")),
+            Dimension("gfmfr.server_every", "int", 1, 10),
+        ]
     if cfg.wrapper != "none":
         space += [Dimension("multimodal.content_lr", "log", 1e-3, 1e-1)]
         if cfg.wrapper == "fedvlr":
@@ -129,7 +130,9 @@ def load_space(path: str | Path) -> list[Dimension]:
         if "type" not in spec:
             raise ConfigError(f"{path}: [{key!r}] needs a 'type' ({', '.join(KINDS)})")
         try:
-            space.append(Dimension(key, spec["type"], spec.get("low"), spec.get("high"), tuple(spec.get("choices", ()))))
+            space.append(
+                Dimension(key, spec["type"], spec.get("low"), spec.get("high"), tuple(spec.get("choices", ())))
+            )
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     if not space:
@@ -141,11 +144,16 @@ class _OutOfTime(Exception):
     """The wall-time budget ran out while a trial was training."""
 
 
-def tune(base: dict[str, Any], out: str | Path, space: list[Dimension] | None = None, trials: int = 50,
-         budget_s: float = 3600.0, progress: bool = False) -> dict[str, Any]:
+def tune(
+    base: dict[str, Any],
+    out: str | Path,
+    space: list[Dimension] | None = None,
+    trials: int = 50,
+    budget_s: float = 3600.0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Search ``space`` around the base config (nested dicts); write ``best.toml`` and ``trials.csv``
     into ``out``; return the best trial's values and validation score."""
-
 
     cfg = from_dict(base)
     if cfg.training != "federated":
@@ -186,8 +194,14 @@ def tune(base: dict[str, Any], out: str | Path, space: list[Dimension] | None = 
             trial.set_user_attr("seconds", time.perf_counter() - t0)
             trial.set_user_attr("rounds", len(fed.history))
         trial.set_user_attr("best_round", best["round"])
-        log.info("trial %d: validation %s %.4f at round %d with %s", trial.number, metric, best["score"],
-                 best["round"], values)
+        log.info(
+            "trial %d: validation %s %.4f at round %d with %s",
+            trial.number,
+            metric,
+            best["score"],
+            best["round"],
+            values,
+        )
         return float(best["score"])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -209,8 +223,10 @@ def tune(base: dict[str, Any], out: str | Path, space: list[Dimension] | None = 
     best = study.best_trial
     best_cfg = from_dict(apply_overrides(base, [f"{k}={v}" for k, v in best.params.items()]))
     body = to_toml(best_cfg)
-    header = (f"# gfmfr tune: best of {len(complete)} finished trials ({len(study.trials)} started), "
-              f"validation {metric} {best.value:.4f} at round {best.user_attrs.get('best_round')}\n")
+    header = (
+        f"# gfmfr tune: best of {len(complete)} finished trials ({len(study.trials)} started), "
+        f"validation {metric} {best.value:.4f} at round {best.user_attrs.get('best_round')}\n"
+    )
     (out / "best.toml").write_text(header + body)
     log.info("best trial %d: validation %s %.4f with %s", best.number, metric, best.value, best.params)
     return {"params": best.params, "value": best.value, "trials": len(study.trials), "complete": len(complete)}

@@ -49,10 +49,16 @@ class CentralParams:
         self.constants = {n: init.shared[n] for n in k.constant_tables}
         # per item, per user, or per (user, item) (zero-initialised like the federation's): [rows, k]
         self.rows: dict[str, torch.Tensor] = {}
-        self.rows.update({n: init.shared[n].reshape(self.n_items, -1).clone().requires_grad_() for n in k.shared_tables})
+        self.rows.update(
+            {n: init.shared[n].reshape(self.n_items, -1).clone().requires_grad_() for n in k.shared_tables}
+        )
         self.rows.update({n: init.private[n].reshape(n_users, -1).clone().requires_grad_() for n in k.private_dense})
-        self.rows.update({n: torch.zeros(n_users * self.n_items, int(np.prod(self.specs[n].shape)), requires_grad=True)
-                          for n in k.private_tables})
+        self.rows.update(
+            {
+                n: torch.zeros(n_users * self.n_items, int(np.prod(self.specs[n].shape)), requires_grad=True)
+                for n in k.private_tables
+            }
+        )
 
     def _row_index(self, name: str, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         if name in self.kinds.shared_tables:
@@ -103,7 +109,7 @@ def train_centralised(dataset: Dataset, model: FederatedRecommender, cfg: RunCon
     """Train ``model`` on all training pairs; best epoch on validation, test at that epoch."""
     cc, fed, ev = cfg.centralised, cfg.federation, cfg.eval
     params = CentralParams(model, dataset.n_users, cfg.seed)
-    optimisers = []
+    optimisers: list[torch.optim.Optimizer] = []
     if params.dense:
         optimisers.append(torch.optim.Adam(list(params.dense.values()), lr=cc.lr))
     if params.rows:
@@ -135,17 +141,30 @@ def train_centralised(dataset: Dataset, model: FederatedRecommender, cfg: RunCon
             losses.append(float(loss.detach()))
         t1 = time.perf_counter()
         valid = evaluator.evaluate(params.score, "valid")
-        entry = {"round": epoch, "loss": float(np.mean(losses)), "valid": valid,
-                 "seconds": {"train": t1 - t0, "evaluate": time.perf_counter() - t1}}
+        entry: dict[str, Any] = {
+            "round": epoch,
+            "loss": float(np.mean(losses)),
+            "valid": valid,
+            "seconds": {"train": t1 - t0, "evaluate": time.perf_counter() - t1},
+        }
         history.append(entry)
         if not np.isfinite(entry["loss"]):
             raise FloatingPointError(f"centralised training diverged in epoch {epoch}; lower centralised.lr")
         best.update(epoch, valid, lambda: evaluator.evaluate(params.score, "test"))
-        log.info("epoch %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)", epoch, entry["loss"],
-                 valid.get("HR@10", float("nan")), valid.get("NDCG@10", float("nan")), t1 - t0)
+        log.info(
+            "epoch %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)",
+            epoch,
+            entry["loss"],
+            valid.get("HR@10", float("nan")),
+            valid.get("NDCG@10", float("nan")),
+            t1 - t0,
+        )
         if best.stop(epoch, "epoch"):
             break
     return {
-        "best_round": best.round, "valid": best.valid, "test": best.test, "history": history,
+        "best_round": best.round,
+        "valid": best.valid,
+        "test": best.test,
+        "history": history,
         "seconds_per_round": float(np.mean([h["seconds"]["train"] for h in history])),
     }

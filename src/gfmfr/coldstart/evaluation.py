@@ -7,6 +7,7 @@ test split is also scored with every other source the run can build, reported as
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -38,14 +39,15 @@ def cold_rows(results: dict, cfg: RunConfig) -> dict[str, dict[str, float]]:
     """A cold-items run's metrics as table rows: validation and test with its own source, then the
     test of every source among the cold items (``test <source>``) and among all items (``all <source>``)."""
     test = results["test"]
-    names = [primary_source(cfg)] + sorted({k.split(" ")[0] for k in test if k.split(" ")[0] in SOURCES}
-                                           - {primary_source(cfg)})
+    names = [primary_source(cfg)] + sorted(
+        {k.split(" ")[0] for k in test if k.split(" ")[0] in SOURCES} - {primary_source(cfg)}
+    )
     rows = {f"valid {names[0]}": results["valid"]}
     for name in names:
         prefix = "" if name == names[0] else f"{name} "
-        rows[f"test {name}"] = {k[len(prefix):]: v for k, v in test.items() if k.startswith(prefix)}
+        rows[f"test {name}"] = {k[len(prefix) :]: v for k, v in test.items() if k.startswith(prefix)}
         if f"{prefix}all NDCG@10" in test:
-            rows[f"all {name}"] = {k[len(prefix) + 4:]: v for k, v in test.items() if k.startswith(f"{prefix}all ")}
+            rows[f"all {name}"] = {k[len(prefix) + 4 :]: v for k, v in test.items() if k.startswith(f"{prefix}all ")}
     return rows
 
 
@@ -64,10 +66,16 @@ class ColdStart:
     cold ones (:meth:`score`); :meth:`evaluate` runs the protocol with the run's source (and, on the
     test split, every other one)."""
 
-    def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
-                 plugins: tuple[Plugin, ...], state: FederationState):
+    def __init__(
+        self,
+        dataset: Dataset,
+        model: FederatedRecommender,
+        cfg: RunConfig,
+        plugins: tuple[Plugin, ...],
+        state: FederationState,
+    ):
         if dataset.cold_items is None:
-            raise ValueError("ColdStart needs the cold-items split (data.split = \"cold-items\")")
+            raise ValueError('ColdStart needs the cold-items split (data.split = "cold-items")')
         self.dataset, self.model, self.state = dataset, model, state
         self.cold = torch.from_numpy(dataset.cold_items)
         table, dim = model.item_table, model.dim
@@ -83,8 +91,10 @@ class ColdStart:
                 self.sources["gfmfr"] = GroupFused(plugin.server, dataset, dim)
         name = primary_source(cfg)
         if name not in self.sources:
-            raise ValueError(f"eval.cold_source {name!r} cannot be built for this run (it has "
-                             f"{sorted(self.sources)}; content sources need --content DIR)")
+            raise ValueError(
+                f"eval.cold_source {name!r} cannot be built for this run (it has "
+                f"{sorted(self.sources)}; content sources need --content DIR)"
+            )
         self.primary = self.sources[name]
 
     @staticmethod
@@ -111,6 +121,6 @@ class ColdStart:
                 if source is self.primary:
                     continue
                 source.refresh(shared)
-                metrics = evaluator.evaluate(lambda u, s=source: self.score(s, u), split, all_items=source.has_vectors)
+                metrics = evaluator.evaluate(functools.partial(self.score, source), split, all_items=source.has_vectors)
                 out.update({f"{name} {k}": v for k, v in metrics.items()})
         return out

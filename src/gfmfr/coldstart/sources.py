@@ -54,8 +54,9 @@ class ColdSource(ABC):
         """Scores [U, n_cold] of the cold items for ``users``, whose per-client parameters are ``params``."""
 
 
-def score_vectors(model: FederatedRecommender, params: Params, vectors: torch.Tensor,
-                  group: np.ndarray | None = None) -> torch.Tensor:
+def score_vectors(
+    model: FederatedRecommender, params: Params, vectors: torch.Tensor, group: np.ndarray | None = None
+) -> torch.Tensor:
     """Scores [U, N] of item ``vectors`` under the U users' heads (``params``): one table [1, N, d] for
     everyone, or one per group [G, N, d] with each user's group in ``group`` [U] (ungrouped: group 0)."""
     n_users = len(next(iter(params.values())))
@@ -90,7 +91,8 @@ class RandomVectors(VectorSource):
         self.table = table
         self.warm = torch.from_numpy(dataset.warm_items)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + 18)
-        self.noise = torch.randn(len(dataset.cold_items), dim, generator=gen)
+        n_cold = 0 if dataset.cold_items is None else len(dataset.cold_items)
+        self.noise = torch.randn(n_cold, dim, generator=gen)
         self.vectors = self.noise[None]
 
     def refresh(self, shared: Params) -> None:
@@ -142,11 +144,21 @@ class AttributeNetwork(VectorSource):
 
     name = "ifedrec"
 
-    def __init__(self, dataset: Dataset, content: torch.Tensor, table: str, dim: int, seed: int,
-                 steps: int = 200, lr: float = 0.01, weight_decay: float = 1e-4):
+    def __init__(
+        self,
+        dataset: Dataset,
+        content: torch.Tensor,
+        table: str,
+        dim: int,
+        seed: int,
+        steps: int = 200,
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+    ):
         torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(torch.nn.Linear(content.shape[1], 2 * dim), torch.nn.ReLU(),
-                                       torch.nn.Linear(2 * dim, dim))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(content.shape[1], 2 * dim), torch.nn.ReLU(), torch.nn.Linear(2 * dim, dim)
+        )
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=weight_decay)
         self.content = content
         self.table = table

@@ -107,7 +107,10 @@ def _drop_duplicates(frame: pd.DataFrame, policy: str, source: str, dropped: dic
         if policy == "error":
             row = ordered[dup].sort_values("line").iloc[0]
             raise DataError(
-                source, f"repeated (user, item) pair ({row.user_id}, {row.item_id})", line=int(row.line), field="item_id"
+                source,
+                f"repeated (user, item) pair ({row.user_id}, {row.item_id})",
+                line=int(row.line),
+                field="item_id",
             )
         if policy != "first":
             raise ValueError(f"data.duplicates must be 'first' or 'error', got {policy!r}")
@@ -135,8 +138,10 @@ def _check_items(frame: pd.DataFrame, items: RawItems, source: str) -> None:
     if unknown.any():
         row = frame[unknown].iloc[0]
         raise DataError(
-            source, f"item {row.item_id!r} is not in {items.source} ({int(unknown.sum())} such rows)",
-            line=int(row.line), field="item_id",
+            source,
+            f"item {row.item_id!r} is not in {items.source} ({int(unknown.sum())} such rows)",
+            line=int(row.line),
+            field="item_id",
         )
 
 
@@ -188,11 +193,15 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
         n_train = np.bincount(users[in_train], minlength=n_users)
         if (n_train == 0).any():
             bad = int(np.flatnonzero(n_train == 0)[0])
-            raise DataError(raw.source, f"user {user_ids[bad]!r} has only cold items: nothing left to train on "
-                            f"(lower data.cold_item_fraction or filter users)")
+            raise DataError(
+                raw.source,
+                f"user {user_ids[bad]!r} has only cold items: nothing left to train on "
+                f"(lower data.cold_item_fraction or filter users)",
+            )
     elif labelled:
-        valid, test, in_train = _given_split(users, seq, frame["split_label"].to_numpy()[order],
-                                             line[order], n_users, user_ids, raw.source)
+        valid, test, in_train = _given_split(
+            users, seq, frame["split_label"].to_numpy()[order], line[order], n_users, user_ids, raw.source
+        )
         n_train = np.bincount(users[in_train], minlength=n_users)
     else:
         test = seq[ends - 1]
@@ -201,14 +210,6 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
         in_train[ends - 1] = False
         in_train[ends - 2] = False
         n_train = counts - 2
-    if cfg.max_train_per_user:
-        # sparse-user regime: only each user's first k training interactions (chronologically);
-        # validation and test items stay the same
-        position = np.cumsum(in_train) - np.repeat(np.cumsum(n_train) - n_train, counts) - 1
-        before = n_train
-        in_train &= position < cfg.max_train_per_user
-        n_train = np.minimum(n_train, cfg.max_train_per_user)
-        dropped["train_interactions_beyond_max_train_per_user"] = int((before - n_train).sum())
     train_items = seq[in_train].astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(n_train)]).astype(np.int64)
 
@@ -246,8 +247,9 @@ def build_dataset(raw: RawData, cfg: DataConfig, name: str = "", items: RawItems
     return dataset
 
 
-def _cold_split(users: np.ndarray, seq: np.ndarray, n_items: int, n_users: int, cfg: DataConfig,
-                dropped: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _cold_split(
+    users: np.ndarray, seq: np.ndarray, n_items: int, n_users: int, cfg: DataConfig, dropped: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The ``cold-items`` split of the chronological (``users``, ``seq``) interactions: the cold items
     (a seeded ``cold_item_fraction`` of them), each user's latest and second-latest cold interaction
     (test and validation, -1 if none) and which interactions train (those with warm items)."""
@@ -271,8 +273,15 @@ def _cold_split(users: np.ndarray, seq: np.ndarray, n_items: int, n_users: int, 
     return cold_items, test, valid, in_train
 
 
-def _given_split(users: np.ndarray, seq: np.ndarray, labels: np.ndarray, lines: np.ndarray, n_users: int,
-                 user_ids: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _given_split(
+    users: np.ndarray,
+    seq: np.ndarray,
+    labels: np.ndarray,
+    lines: np.ndarray,
+    n_users: int,
+    user_ids: np.ndarray,
+    source: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The split the source gives (``split_label``) of the chronological (``users``, ``seq``) interactions:
     each user's validation and test item (-1 where the source has none left, e.g. a held-out repeat of
     a training item removed as a duplicate) and which interactions train. A second held-out row of one
@@ -284,8 +293,12 @@ def _given_split(users: np.ndarray, seq: np.ndarray, labels: np.ndarray, lines: 
         again = np.flatnonzero(owners[1:] == owners[:-1])  # rows are grouped by user
         if len(again):
             row = rows[again[0] + 1]
-            raise DataError(source, f"user {user_ids[users[row]]!r} has a second {name} interaction",
-                            line=int(lines[row]), field="split_label")
+            raise DataError(
+                source,
+                f"user {user_ids[users[row]]!r} has a second {name} interaction",
+                line=int(lines[row]),
+                field="split_label",
+            )
         items = np.full(n_users, -1, np.int64)
         items[owners] = seq[rows]
         held[name] = items
@@ -316,7 +329,6 @@ def _attach_items(dataset: Dataset, items: RawItems) -> None:
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Read, preprocess and split the dataset that ``cfg`` names, adding ``cfg.content`` if given."""
     if cfg.dataset == "ml-100k":
-
         raw, name = load_ml100k(), "ml-100k"
     else:
         raw, name = read_folder(cfg.dataset), Path(cfg.dataset).name

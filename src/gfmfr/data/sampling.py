@@ -11,6 +11,9 @@ import numpy as np
 
 from gfmfr.data.dataset import Dataset
 
+Key = np.ndarray | int | np.integer
+"""A hash key: an integer or an array of them."""
+
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
@@ -30,7 +33,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def hash_fold(state: np.ndarray | int, *keys: np.ndarray | int) -> np.ndarray:
+def hash_fold(state: Key, *keys: Key) -> np.ndarray:
     """Continue :func:`hash_u64` from ``state``: ``hash_fold(hash_u64(a, b), c) == hash_u64(a, b, c)``.
 
     A prefix shared by many elements (a user's) can be hashed once per user and gathered.
@@ -42,7 +45,7 @@ def hash_fold(state: np.ndarray | int, *keys: np.ndarray | int) -> np.ndarray:
     return np.asarray(out, dtype=np.uint64)
 
 
-def hash_u64(*keys: np.ndarray | int) -> np.ndarray:
+def hash_u64(*keys: Key) -> np.ndarray:
     """A well-mixed uint64 per element of the broadcast ``keys``."""
     return hash_fold(np.uint64(0), *keys)
 
@@ -58,8 +61,15 @@ def uniform(*keys: np.ndarray | int) -> np.ndarray:
 
 
 def sample_excluding(
-    users: np.ndarray, slots: np.ndarray, n_items: int, exclude_keys: np.ndarray, seed: int, stream: int, round_: int,
-    user_hash: np.ndarray | None = None, pool: np.ndarray | None = None,
+    users: np.ndarray,
+    slots: np.ndarray,
+    n_items: int,
+    exclude_keys: np.ndarray,
+    seed: int,
+    stream: int,
+    round_: int,
+    user_hash: np.ndarray | None = None,
+    pool: np.ndarray | None = None,
 ) -> np.ndarray:
     """One item per (user, slot), uniform over items whose key ``user * n_items + item`` is not excluded.
 
@@ -106,20 +116,29 @@ def training_negatives(
     owner = np.repeat(users, counts)
     slot = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     user_hash = np.repeat(hash_u64(seed, STREAM_NEGATIVES, round_, users), counts)
-    items = sample_excluding(owner, slot, dataset.n_items, keys, seed, STREAM_NEGATIVES, round_, user_hash,
-                             dataset.warm_items)
+    items = sample_excluding(
+        owner, slot, dataset.n_items, keys, seed, STREAM_NEGATIVES, round_, user_hash, dataset.warm_items
+    )
     return owner, items
 
 
-def client_negatives(positives: np.ndarray, n_items: int, num_negatives: int, seed: int, client: int,
-                     round_: int, pool: np.ndarray | None = None) -> np.ndarray:
+def client_negatives(
+    positives: np.ndarray,
+    n_items: int,
+    num_negatives: int,
+    seed: int,
+    client: int,
+    round_: int,
+    pool: np.ndarray | None = None,
+) -> np.ndarray:
     """One client's ``num_negatives`` per training positive in ``round_``, from its own positives only
     (and ``pool``, the items training knows, if not all): the same items :func:`training_negatives`
     draws for it among every client."""
     keys = np.sort(client * n_items + np.asarray(positives, np.int64))
     n = len(positives) * num_negatives
-    return sample_excluding(np.full(n, client, np.int64), np.arange(n), n_items, keys, seed, STREAM_NEGATIVES, round_,
-                            pool=pool)
+    return sample_excluding(
+        np.full(n, client, np.int64), np.arange(n), n_items, keys, seed, STREAM_NEGATIVES, round_, pool=pool
+    )
 
 
 def epoch_order(seed: int, client: int, round_: int, epoch: int, n: int) -> np.ndarray:
@@ -141,7 +160,7 @@ def eval_negatives(dataset: Dataset, split: str, n: int, seed: int) -> np.ndarra
         users = np.arange(start, min(start + 1024, dataset.n_users))
         keys = uniform(seed, stream, users[:, None], items[None, :])
         rows = np.repeat(users - start, np.diff(dataset.train_indptr)[users])
-        keys[rows, np.concatenate([dataset.user_train(u) for u in users])] = np.inf
+        keys[rows, np.concatenate([dataset.user_train(int(u)) for u in users])] = np.inf
         keys[users - start, dataset.valid_items[users]] = np.inf
         keys[users - start, dataset.test_items[users]] = np.inf
         if (np.isfinite(keys).sum(1) < n).any():

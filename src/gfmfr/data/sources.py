@@ -129,8 +129,12 @@ def _interaction_frame(frame: pd.DataFrame, path: Path, first_line: int = 2) -> 
         bad = ~np.isin(labels, list(SPLIT_LABELS))
         if bad.any():
             pos = int(np.flatnonzero(bad)[0])
-            raise DataError(path, f"split label {frame['split_label'].iloc[pos]!r} is not one of 0 (train), "
-                            "1 (validation), 2 (test)", line=first_line + pos, field="split_label")
+            raise DataError(
+                path,
+                f"split label {frame['split_label'].iloc[pos]!r} is not one of 0 (train), 1 (validation), 2 (test)",
+                line=first_line + pos,
+                field="split_label",
+            )
         out["split_label"] = labels.astype(np.int64)
     out["line"] = np.arange(first_line, first_line + len(out), dtype=np.int64)
     return out
@@ -191,7 +195,9 @@ def load_feature_matrix(path: Path, n_rows: int) -> np.ndarray:
     bad = ~np.isfinite(matrix)
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
-        raise DataError(path, f"non-finite value {matrix[row, col]} (row {row}, column {col})", line=row, field=str(col))
+        raise DataError(
+            path, f"non-finite value {matrix[row, col]} (row {row}, column {col})", line=row, field=str(col)
+        )
     return matrix
 
 
@@ -210,22 +216,34 @@ def read_fedvlr_folder(folder: Path) -> RawData:
     bad = ids.isna() | (ids < 0) | (ids != ids.round())
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(path, f"itemID {inter['item_id'].iloc[pos]!r} is not a row index into the feature files",
-                        line=2 + pos, field="item_id")
+        raise DataError(
+            path,
+            f"itemID {inter['item_id'].iloc[pos]!r} is not a row index into the feature files",
+            line=2 + pos,
+            field="item_id",
+        )
     if raw_items is not None:
         expected = [str(i) for i in range(len(raw_items.item_ids))]
         if raw_items.item_ids != expected:
             pos = next(k for k, (a, b) in enumerate(zip(raw_items.item_ids, expected)) if a != b)
-            raise DataError(raw_items.source, f"item ids must be the feature rows 0, 1, ... in order; got "
-                            f"{raw_items.item_ids[pos]!r} at row {pos}", line=2 + pos, field="item_id")
+            raise DataError(
+                raw_items.source,
+                f"item ids must be the feature rows 0, 1, ... in order; got {raw_items.item_ids[pos]!r} at row {pos}",
+                line=2 + pos,
+                field="item_id",
+            )
         n_rows = len(expected)
     else:
         n_rows = int(ids.max()) + 1
     beyond = ids >= n_rows
     if beyond.any():
         pos = int(np.flatnonzero(beyond.to_numpy())[0])
-        raise DataError(path, f"itemID {inter['item_id'].iloc[pos]!r} has no row in items.csv ({n_rows} items)",
-                        line=2 + pos, field="item_id")
+        raise DataError(
+            path,
+            f"itemID {inter['item_id'].iloc[pos]!r} has no row in items.csv ({n_rows} items)",
+            line=2 + pos,
+            field="item_id",
+        )
     matrices = {m: load_feature_matrix(f, n_rows) for m, f in files.items()}
     items = RawItems(item_ids=[str(i) for i in range(n_rows)], features=matrices, source=str(folder))
     if raw_items is not None:

@@ -30,15 +30,22 @@ class Evaluator:
     leaves it out for a scorer of the cold items alone).
     """
 
-    def __init__(self, dataset: Dataset, cfg: EvalConfig, seed: int = 0, user_batch: int = 256,
-                 item_counts: np.ndarray | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        cfg: EvalConfig,
+        seed: int = 0,
+        user_batch: int = 256,
+        item_counts: np.ndarray | None = None,
+    ):
         if cfg.protocol not in ("full", "sampled"):
             raise ValueError(f"eval.protocol must be 'full' or 'sampled', got {cfg.protocol!r}")
         self.dataset = dataset
         self.cfg = cfg
         self.user_batch = user_batch
-        self.item_counts = np.bincount(dataset.train_items, minlength=dataset.n_items) if item_counts is None \
-            else item_counts
+        self.item_counts = (
+            np.bincount(dataset.train_items, minlength=dataset.n_items) if item_counts is None else item_counts
+        )
         """Training interactions per item over the whole federation (the long-tail slice's definition,
         part of the protocol: a node that holds only its users' data is given it)."""
         self.cold: torch.Tensor | None = None
@@ -66,8 +73,9 @@ class Evaluator:
         targets = self.dataset.valid_items if split == "valid" else self.dataset.test_items
         return np.flatnonzero(targets >= 0)
 
-    def ranks(self, score_fn: ScoreFn, split: str, users: np.ndarray | None = None,
-              all_items: bool = False) -> torch.Tensor:
+    def ranks(
+        self, score_fn: ScoreFn, split: str, users: np.ndarray | None = None, all_items: bool = False
+    ) -> torch.Tensor:
         """Rank of the held-out item of every evaluated user (or of ``users``), [U]; on the cold-items
         split among the cold items, or with ``all_items`` among every item (both: [2, U])."""
         d = self.dataset
@@ -126,8 +134,12 @@ class Evaluator:
             tail = torch.from_numpy(self.tail_users(split)[users])
             out["tail users"] = float(tail.sum())
             if tail.any():
-                out.update({f"tail {k}": v * float(tail.sum())
-                            for k, v in metrics_from_ranks(ranks[tail], self.cfg.ks).items()})
+                out.update(
+                    {
+                        f"tail {k}": v * float(tail.sum())
+                        for k, v in metrics_from_ranks(ranks[tail], self.cfg.ks).items()
+                    }
+                )
         return out
 
     def tail_users(self, split: str) -> np.ndarray:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def pessimistic_ranks(scores: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+def pessimistic_ranks(
+    scores: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None = None
+) -> torch.Tensor:
     """1-based rank of ``target[u]`` among the candidates of row ``u``.
 
     scores: [U, N]; target: [U] column indices; candidates: optional [U, N] bool (the target

@@ -45,8 +45,12 @@ class BestRound:
 
     def state(self) -> dict[str, Any]:
         """The selection so far, JSON-ready (a checkpoint)."""
-        return {"round": self.round, "score": None if not np.isfinite(self.score) else float(self.score),
-                "valid": self.valid, "test": self.test}
+        return {
+            "round": self.round,
+            "score": None if not np.isfinite(self.score) else float(self.score),
+            "valid": self.valid,
+            "test": self.test,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.round, self.valid, self.test = state["round"], state["valid"], state["test"]

@@ -25,8 +25,9 @@ from gfmfr.privacy.dp import CentralNoise, clip_updates
 log = logging.getLogger(__name__)
 
 
-def group_sums(update: LocalUpdate, global_shared: Params, labels: np.ndarray, n_groups: int,
-               weights: torch.Tensor | None = None) -> Params:
+def group_sums(
+    update: LocalUpdate, global_shared: Params, labels: np.ndarray, n_groups: int, weights: torch.Tensor | None = None
+) -> Params:
     """``sum over the clients c of group k of weights[c] * upload_c``, [G, ...] per shared parameter.
 
     ``labels[c]`` is client c's group (-1: in none), ``weights`` [C] its weight (default 1). FedAvg is
@@ -76,8 +77,7 @@ class FedAvg:
 
     def add(self, update: LocalUpdate, global_shared: Params) -> None:
         w = self.client_weights(update)
-        sums = group_sums(update, global_shared, np.zeros(len(update.users), np.int64), 1,
-                          w if self.weighted else None)
+        sums = group_sums(update, global_shared, np.zeros(len(update.users), np.int64), 1, w if self.weighted else None)
         used = torch.from_numpy(update.row_item)
         trained = {}
         for name in update.rows:
@@ -99,8 +99,9 @@ class FedAvg:
         """The new global parameters (unchanged where nobody participated, and for constants)."""
         if self.total == 0:
             return dict(global_shared)
-        return {name: self.sums[name] / self.total if name in self.sums else value
-                for name, value in global_shared.items()}
+        return {
+            name: self.sums[name] / self.total if name in self.sums else value for name, value in global_shared.items()
+        }
 
 
 class RoundAggregate:
@@ -114,8 +115,15 @@ class RoundAggregate:
     noises the sum (:mod:`gfmfr.privacy.dp`).
     """
 
-    def __init__(self, cfg: FederationConfig, plugins: tuple[Plugin, ...], shared: Params, round_: int,
-                 noise: CentralNoise | None = None, private: bool = False):
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        plugins: tuple[Plugin, ...],
+        shared: Params,
+        round_: int,
+        noise: CentralNoise | None = None,
+        private: bool = False,
+    ):
         cfg = screening(cfg, private or noise is not None)
         self.cfg, self.plugins, self.shared, self.round, self.noise = cfg, plugins, shared, round_, noise
         self.fedavg = FedAvg(cfg.weighted_aggregation)
@@ -126,17 +134,27 @@ class RoundAggregate:
         update, rejected = keep_screened(update, self.shared, self.cfg)
         self.rejected += rejected
         if self.noise is not None:
-
             update = clip_updates(update, self.shared, self.noise.clip)
         self.fedavg.add(update, self.shared)
-        self._count(float(update.loss.sum(dtype=np.float64)), len(update.users),
-                    {k: float(v.sum()) for k, v in update.metrics.items()})
+        self._count(
+            float(update.loss.sum(dtype=np.float64)),
+            len(update.users),
+            {k: float(v.sum()) for k, v in update.metrics.items()},
+        )
         for plugin in self.plugins:
             if plugin.server.wants_signatures(self.round):
                 plugin.server.observe(update, self.shared, self.round)
 
-    def add_sums(self, sums: Params, total: float, trained_rows: dict[str, torch.Tensor], loss_sum: float,
-                 clients: int, figures: dict[str, float], rejected: int) -> None:
+    def add_sums(
+        self,
+        sums: Params,
+        total: float,
+        trained_rows: dict[str, torch.Tensor],
+        loss_sum: float,
+        clients: int,
+        figures: dict[str, float],
+        rejected: int,
+    ) -> None:
         """Fold in a node's partial aggregate (:func:`gfmfr.flower.wire.encode_sums`)."""
         self.fedavg.add_sums(sums, total, trained_rows)
         self.rejected += rejected
@@ -154,7 +172,8 @@ class RoundAggregate:
         loss = self.loss_sum / self.clients if self.clients else float("nan")
         if self.clients and not np.isfinite(loss):
             raise FloatingPointError(
-                f"training diverged in round {self.round} (mean local loss {loss}); lower model.lr / model.item_lr")
+                f"training diverged in round {self.round} (mean local loss {loss}); lower model.lr / model.item_lr"
+            )
         if self.noise is None:
             return server_opt.step(self.shared, self.fedavg.result(self.shared), self.fedavg.trained_rows), loss
         # every row moves under DP: which rows were trained is not released

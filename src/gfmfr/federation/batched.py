@@ -43,8 +43,15 @@ from gfmfr.models.base import FederatedRecommender, Params
 class LocalData:
     """The round's examples, row sets and minibatch schedule of a set of clients."""
 
-    def __init__(self, dataset: Dataset, users: np.ndarray, cfg: FederationConfig,
-                 seed: int, round_: int, train_keys: np.ndarray | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        users: np.ndarray,
+        cfg: FederationConfig,
+        seed: int,
+        round_: int,
+        train_keys: np.ndarray | None = None,
+    ):
         n_items, B, E = dataset.n_items, cfg.batch_size, cfg.local_epochs
         n_pos = dataset.train_counts[users]
         n_ex = n_pos * (1 + cfg.num_negatives)
@@ -81,7 +88,7 @@ class LocalData:
         # slot[b, k]: the example in place k of batch b (-1: padding). Sorted position k holds
         # example perm[k]; owners keep their layout, so its place within the client's shuffled
         # epoch is j[k], which fixes its batch and slot
-        slot = np.full(n_batches * B, -1, np.int64)
+        slot: np.ndarray = np.full(n_batches * B, -1, np.int64)
         batches_per_epoch = (steps // E)[owner]
         batch_in_epoch, within = j // B, j % B
         user_hash = hash_u64(seed, STREAM_SHUFFLE, round_, users.astype(np.uint64))
@@ -114,20 +121,25 @@ class LocalData:
         Yields (client positions, batch, table rows [A, W]), each block cut to the width W of its
         fullest batch (cutting blocks finer saves padding but costs more than it saves on ML-100K).
         """
-        lo, end = int(self.step_offset[s]), int(self.step_offset[s + 1])
-        for lo in range(lo, end, max_clients):
+        start, end = int(self.step_offset[s]), int(self.step_offset[s + 1])
+        for lo in range(start, end, max_clients):
             blk = slice(lo, min(end, lo + max_clients))
             width = int(self.batch_count[lo])
             pos = self.batch_client[blk]
-            batch = Batch(self.users[pos], self.batch_items[blk, :width], self.batch_labels[blk, :width],
-                          self.batch_mask[blk, :width])
+            batch = Batch(
+                self.users[pos],
+                self.batch_items[blk, :width],
+                self.batch_labels[blk, :width],
+                self.batch_mask[blk, :width],
+            )
             yield pos, batch, self.batch_rows[blk, :width]
 
     def batch(self, s: int) -> Batch:
         """The whole of step ``s`` (every active client, full width), clients in :meth:`blocks` order."""
         blk = slice(int(self.step_offset[s]), int(self.step_offset[s + 1]))
-        return Batch(self.users[self.batch_client[blk]], self.batch_items[blk], self.batch_labels[blk],
-                     self.batch_mask[blk])
+        return Batch(
+            self.users[self.batch_client[blk]], self.batch_items[blk], self.batch_labels[blk], self.batch_mask[blk]
+        )
 
 
 def train_clients(
@@ -172,8 +184,11 @@ def train_clients(
         else:
             tables[name] = state.shared[name][torch.from_numpy(data.row_item)].clone()
 
-    decayed = {n: LazyDecay(tables[n], 1 - specs[n].lr * specs[n].weight_decay, data.steps[data.row_client])
-               for n in tables if n in kinds.trainable}
+    decayed = {
+        n: LazyDecay(tables[n], 1 - specs[n].lr * specs[n].weight_decay, data.steps[data.row_client])
+        for n in tables
+        if n in kinds.trainable
+    }
     # gradients come scaled as the first table's update needs them, which saves a pass over its
     # [A, B, d] gradient; the dense updates divide the scale out for free
     lead = next(iter(decayed), None)
@@ -185,15 +200,30 @@ def train_clients(
         for pos, part, rows in data.blocks(s, block_clients):
             idx = torch.from_numpy(pos)
             flat_rows = rows.flatten()
-            items = {n: (decayed[n].gather(flat_rows, s) if n in decayed else t.index_select(0, flat_rows))
-                     .view(len(pos), -1, *t.shape[1:]).requires_grad_(n in decayed) for n, t in tables.items()}
+            items = {
+                n: (decayed[n].gather(flat_rows, s) if n in decayed else t.index_select(0, flat_rows))
+                .view(len(pos), -1, *t.shape[1:])
+                .requires_grad_(n in decayed)
+                for n, t in tables.items()
+            }
             p = {n: t.index_select(0, idx).requires_grad_() for n, t in dense.items()}
             logits = model.forward(p, items)
             loss = model.base_loss(p, items, logits, part.labels, part.mask, round_)
             base = loss.detach()
             for term, hint, own in zip(terms, hints, scalars):
-                ctx = LossContext(model, p, items, logits, base, part, hint.take(pos),
-                                  {k: v.index_select(0, idx) for k, v in own.items()}, {}, round_, cfg.batch_size)
+                ctx = LossContext(
+                    model,
+                    p,
+                    items,
+                    logits,
+                    base,
+                    part,
+                    hint.take(pos),
+                    {k: v.index_select(0, idx) for k, v in own.items()},
+                    {},
+                    round_,
+                    cfg.batch_size,
+                )
                 extra = term.loss(ctx)
                 for k, v in ctx.state.items():
                     own[k].index_copy_(0, idx, v.detach())
@@ -214,7 +244,7 @@ def train_clients(
                     if g is not None:
                         t.sub_(g, alpha=spec.lr / grad_scale)
                     dense[name].index_copy_(0, idx, t)
-                for name, g in zip(decayed, grads[len(p):]):
+                for name, g in zip(decayed, grads[len(p) :]):
                     if g is not None:
                         decayed[name].step(flat_rows, g.flatten(0, 1), specs[name].lr, s, grad_scale)
     for lazy in decayed.values():

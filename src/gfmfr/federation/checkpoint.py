@@ -50,11 +50,12 @@ def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def _part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
-def server_tensors(shared: dict[str, torch.Tensor], plugins: tuple[Plugin, ...]
-                   ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def server_tensors(
+    shared: dict[str, torch.Tensor], plugins: tuple[Plugin, ...]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """The server's half of :func:`federation_tensors`: the global shared parameters and each plug-in's
     server state, as named tensors and the plug-ins' JSON state."""
     tensors = _prefixed("shared", shared)
@@ -71,8 +72,9 @@ def client_tensors(private: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _prefixed("clients", private)
 
 
-def federation_tensors(state: FederationState, plugins: tuple[Plugin, ...]
-                       ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def federation_tensors(
+    state: FederationState, plugins: tuple[Plugin, ...]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """The trained federation as named tensors (the global shared parameters, every client's private
     state, each plug-in's server state) and the plug-ins' JSON state: what a checkpoint and a saved
     model (:mod:`gfmfr.serving.saved`) both keep."""
@@ -80,8 +82,9 @@ def federation_tensors(state: FederationState, plugins: tuple[Plugin, ...]
     return {**tensors, **client_tensors(state.private_tensors())}, infos
 
 
-def load_federation_tensors(state: FederationState, plugins: tuple[Plugin, ...], tensors: dict[str, torch.Tensor],
-                            infos: list[dict[str, Any]]) -> None:
+def load_federation_tensors(
+    state: FederationState, plugins: tuple[Plugin, ...], tensors: dict[str, torch.Tensor], infos: list[dict[str, Any]]
+) -> None:
     """Inverse of :func:`federation_tensors` (shapes are the caller's to check)."""
     state.shared.update(_part(tensors, "shared"))
     state.load_private_tensors(_part(tensors, "clients"))
@@ -94,8 +97,12 @@ def save(fed: Resumable, best: BestRound, path: Path) -> None:
     tensors, plugins = federation_tensors(fed.state, fed.plugins)
     for name, moments in fed.server_opt.state.items():
         tensors.update(_prefixed(f"opt/{name}", moments))
-    info = {"plugins": plugins, "history": [asdict(h) for h in fed.history], "best": best.state(),
-            "config": bearing(fed.cfg)}
+    info = {
+        "plugins": plugins,
+        "history": [asdict(h) for h in fed.history],
+        "best": best.state(),
+        "config": bearing(fed.cfg),
+    }
     save_tensors(tensors, path, metadata={"gfmfr": json.dumps(info)})
 
 

@@ -52,11 +52,12 @@ def client_step(
     start = {n: instruction.shared[n] for n in kinds.shared}
     start.update({n: state.params[n] for n in kinds.private_dense})
     for name in kinds.private_tables:  # held rows; every other row is zero
-        held, rows = state.rows.get(name, (np.empty(0, np.int64), torch.empty(0, *specs[name].shape)))
-        start[name] = torch.zeros(model.n_items, *specs[name].shape).index_copy_(0, torch.from_numpy(held), rows)
+        kept, kept_rows = state.rows.get(name, (np.empty(0, np.int64), torch.empty(0, *specs[name].shape)))
+        start[name] = torch.zeros(model.n_items, *specs[name].shape).index_copy_(0, torch.from_numpy(kept), kept_rows)
     leaves = {n: start[n].detach().clone().requires_grad_(n in kinds.trainable) for n in specs}
-    opt = torch.optim.SGD([{"params": [leaves[n]], "lr": specs[n].lr, "weight_decay": specs[n].weight_decay}
-                           for n in kinds.trainable])
+    opt = torch.optim.SGD(
+        [{"params": [leaves[n]], "lr": specs[n].lr, "weight_decay": specs[n].weight_decay} for n in kinds.trainable]
+    )
     scalars = [{k: torch.tensor([state.scalars.get(k, init)]) for k, init in t.state_init.items()} for t in terms]
     hints = [Hints.single(instruction.hints[k] if k < len(instruction.hints) else None) for k in range(len(terms))]
     metrics: dict[str, float] = {}
@@ -98,7 +99,8 @@ def client_step(
         num_samples=len(items),
         loss=total_loss / max(steps, 1),
         signature=model.head_signature({n: trained[n][None] for n in model.head_params()})[0]
-        if instruction.want_signature else None,
+        if instruction.want_signature
+        else None,
         metrics=metrics,
     )
     new_state = ClientState(

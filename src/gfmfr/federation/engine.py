@@ -65,8 +65,9 @@ def participants(n_clients: int, cfg: FederationConfig, seed: int, round_: int, 
     return surviving(sample_clients(n_clients, cfg.client_fraction, seed, round_, poisson), cfg.dropout, seed, round_)
 
 
-def privacy_setup(cfg: RunConfig, n_clients: int, model: FederatedRecommender, plugins: tuple[Plugin, ...]
-                  ) -> tuple[PrivacyLedger | None, CentralNoise | None]:
+def privacy_setup(
+    cfg: RunConfig, n_clients: int, model: FederatedRecommender, plugins: tuple[Plugin, ...]
+) -> tuple[PrivacyLedger | None, CentralNoise | None]:
     """The privacy ledger (None without DP) and the server's central noise (None unless central DP);
     plug-ins are told to noise what they release."""
     p, fed = cfg.privacy, cfg.federation
@@ -82,8 +83,13 @@ def privacy_setup(cfg: RunConfig, n_clients: int, model: FederatedRecommender, p
     if p.mode != "central":
         return ledger, None
     k = model.kinds
-    noise = CentralNoise(p.clip, ledger.sigma * p.clip, fed.client_fraction * (1 - fed.dropout) * n_clients,
-                         k.shared_dense + k.shared_tables, cfg.seed)
+    noise = CentralNoise(
+        p.clip,
+        ledger.sigma * p.clip,
+        fed.client_fraction * (1 - fed.dropout) * n_clients,
+        k.shared_dense + k.shared_tables,
+        cfg.seed,
+    )
     for plugin in plugins:
         plugin.server.use_noise(noise)
     return ledger, noise
@@ -126,8 +132,21 @@ class Federation:
             data = self.local_data(round_, k, chunk)
             self.prefetch(*((round_, k + 1) if k + 1 < len(chunks) else (round_ + 1, 0)))
             hints = tuple(p.server.hints(chunk, round_) for p in self.plugins)
-            update = train_clients(self.model, self.state, chunk, self.dataset, fed, self.cfg.seed, round_, terms,
-                                   hints, want, self.train_keys, self.cfg.runtime.client_block, data)
+            update = train_clients(
+                self.model,
+                self.state,
+                chunk,
+                self.dataset,
+                fed,
+                self.cfg.seed,
+                round_,
+                terms,
+                hints,
+                want,
+                self.train_keys,
+                self.cfg.runtime.client_block,
+                data,
+            )
             update = self.privatise(update, round_)
             t1 = time.perf_counter()
             agg.add(update)
@@ -149,9 +168,17 @@ class Federation:
         uploads = []
         for i, u in enumerate(users):
             instruction = TrainInstruction(round_, self.state.shared, tuple(h.of(i) for h in hints), want)
-            new, upload = client_step(self.model, self.cfg.federation, self.cfg.seed, int(u),
-                                      self.dataset.user_train(int(u)), self.state.load(int(u)), instruction, terms,
-                                      self.dataset.warm_items)
+            new, upload = client_step(
+                self.model,
+                self.cfg.federation,
+                self.cfg.seed,
+                int(u),
+                self.dataset.user_train(int(u)),
+                self.state.load(int(u)),
+                instruction,
+                terms,
+                self.dataset.warm_items,
+            )
             self.state.save(int(u), new)
             uploads.append(upload)
         return self.privatise(LocalUpdate.stack(uploads), round_)
@@ -191,8 +218,12 @@ class Federation:
             return
         chunks = self.chunks(round_)
         if k < len(chunks):
-            self._ahead = ((round_, k), self._pool.submit(
-                LocalData, self.dataset, chunks[k], self.cfg.federation, self.cfg.seed, round_, self.train_keys))
+            self._ahead = (
+                (round_, k),
+                self._pool.submit(
+                    LocalData, self.dataset, chunks[k], self.cfg.federation, self.cfg.seed, round_, self.train_keys
+                ),
+            )
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         """Logits [U, n_items] of ``users`` with the global and their private parameters."""
@@ -204,9 +235,16 @@ class Federation:
             return self.cold.evaluate(self.evaluator, split)
         return self.evaluator.evaluate(self.score, split)
 
-    def fit(self, progress: bool = False, on_validation: Callable[[int, dict[str, float]], None] | None = None,
-            evaluate_test: bool = True, log_rounds: bool = True, checkpoint: Path | None = None,
-            resume: bool = False, on_best: Callable[[int], None] | None = None) -> dict[str, Any]:
+    def fit(
+        self,
+        progress: bool = False,
+        on_validation: Callable[[int, dict[str, float]], None] | None = None,
+        evaluate_test: bool = True,
+        log_rounds: bool = True,
+        checkpoint: Path | None = None,
+        resume: bool = False,
+        on_best: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
         """Run every round; returns the selection summary (best round, valid and test metrics).
 
         ``progress`` shows a bar over rounds with the ETA and the latest validation score (the
@@ -232,8 +270,15 @@ class Federation:
             last = self.history[-1] if self.history else None
             if last is not None and last.valid is not None and best.stop(last.round):
                 return best.summary()
-        bar = tqdm(total=fed.rounds, initial=start, desc="rounds", unit="round", disable=not progress, leave=True,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=fed.rounds,
+            initial=start,
+            desc="rounds",
+            unit="round",
+            disable=not progress,
+            leave=True,
+            dynamic_ncols=True,
+        )
         line = log.debug if progress or not log_rounds else log.info
         every = self.cfg.runtime.checkpoint_every
         try:
@@ -247,17 +292,23 @@ class Federation:
                     t0 = time.perf_counter()
                     entry.valid = self.evaluate("valid")
                     entry.seconds["evaluate"] = time.perf_counter() - t0
-                    improved = best.update(t, entry.valid,
-                                           lambda: self.evaluate("test") if evaluate_test else {})
+                    improved = best.update(t, entry.valid, lambda: self.evaluate("test") if evaluate_test else {})
                     if improved and on_best is not None:
                         on_best(t)
                     line(
                         "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)%s",
-                        t, entry.loss, entry.valid.get("HR@10", float("nan")),
-                        entry.valid.get("NDCG@10", float("nan")), entry.seconds["train"], spent(entry),
+                        t,
+                        entry.loss,
+                        entry.valid.get("HR@10", float("nan")),
+                        entry.valid.get("NDCG@10", float("nan")),
+                        entry.seconds["train"],
+                        spent(entry),
                     )
-                    bar.set_postfix_str(f"valid {ev.select_metric} {entry.valid[ev.select_metric]:.4f}, "
-                                        f"best {best.score:.4f} @ {best.round}{spent(entry)}", refresh=False)
+                    bar.set_postfix_str(
+                        f"valid {ev.select_metric} {entry.valid[ev.select_metric]:.4f}, "
+                        f"best {best.score:.4f} @ {best.round}{spent(entry)}",
+                        refresh=False,
+                    )
                 else:
                     line("round %3d  loss %.4f  (%.2fs train)%s", t, entry.loss, entry.seconds["train"], spent(entry))
                 self.history.append(entry)

@@ -10,7 +10,7 @@ same messages stacked: :class:`LocalUpdate` is many uploads, :class:`Hints` many
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -139,7 +139,9 @@ class LocalUpdate:
             decay={n: torch.tensor([u.decay[n] for u in uploads]) for n in first.decay},
             num_samples=np.array([u.num_samples for u in uploads]),
             loss=np.array([u.loss for u in uploads]),
-            signatures=None if first.signature is None else torch.stack([u.signature for u in uploads]),
+            signatures=None
+            if first.signature is None
+            else torch.stack([cast(torch.Tensor, u.signature) for u in uploads]),
             metrics={k: np.array([u.metrics[k] for u in uploads]) for k in first.metrics},
         )
 
@@ -170,10 +172,14 @@ class LocalUpdate:
             decay={n: cat([u.decay[n] for u in updates], idx) for n in first.decay},
             num_samples=np.concatenate([u.num_samples for u in updates])[order],
             loss=np.concatenate([u.loss for u in updates])[order],
-            signatures=None if first.signatures is None else cat([u.signatures for u in updates], idx),
+            signatures=None
+            if first.signatures is None
+            else cat([cast(torch.Tensor, u.signatures) for u in updates], idx),
             # a node none of whose clients had a hint reports no figures: theirs are zero
-            metrics={k: np.concatenate([u.metrics.get(k, np.zeros(len(u.users))) for u in updates])[order]
-                     for k in sorted(set().union(*(u.metrics for u in updates)))},
+            metrics={
+                k: np.concatenate([u.metrics.get(k, np.zeros(len(u.users))) for u in updates])[order]
+                for k in sorted(set().union(*(u.metrics for u in updates)))
+            },
         )
 
     def dense(self, shared: Params) -> LocalUpdate:
@@ -188,9 +194,18 @@ class LocalUpdate:
             full[torch.from_numpy(self.row_client), torch.from_numpy(self.row_item)] = trained
             rows[name] = full.reshape(C * len(g), *g.shape[1:])
         n_items = len(shared[next(iter(self.rows))]) if self.rows else 0
-        return LocalUpdate(self.users, self.shared, rows, np.repeat(np.arange(C), n_items),
-                           np.tile(np.arange(n_items), C), self.decay, self.num_samples, self.loss,
-                           self.signatures, self.metrics)
+        return LocalUpdate(
+            self.users,
+            self.shared,
+            rows,
+            np.repeat(np.arange(C), n_items),
+            np.tile(np.arange(n_items), C),
+            self.decay,
+            self.num_samples,
+            self.loss,
+            self.signatures,
+            self.metrics,
+        )
 
     def upload(self, i: int) -> Upload:
         """Client ``i``'s upload (position ``i`` in :attr:`users`)."""

@@ -128,8 +128,9 @@ def move_shared(plugins: tuple[Plugin, ...], shared: Params, round_: int) -> Par
     return shared
 
 
-def end_round(plugins: tuple[Plugin, ...], model: FederatedRecommender, round_: int,
-              seconds: dict[str, float]) -> tuple[int, int, dict[str, Any]]:
+def end_round(
+    plugins: tuple[Plugin, ...], model: FederatedRecommender, round_: int, seconds: dict[str, float]
+) -> tuple[int, int, dict[str, Any]]:
     """Every plug-in's server work once the round is aggregated: their phases are added to
     ``seconds``; returns the bytes a client sends and receives this round (its shared parameters
     and the plug-ins' extras) and the plug-ins' figures for the round log."""

@@ -104,7 +104,7 @@ class _Adaptive(ServerOptimizer):
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
 
     def init_state(self, param: torch.Tensor) -> State:
-        return {"m": torch.zeros_like(param), "v": torch.full_like(param, self.tau ** 2)}
+        return {"m": torch.zeros_like(param), "v": torch.full_like(param, self.tau**2)}
 
     @abstractmethod
     def second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:

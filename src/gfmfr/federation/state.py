@@ -113,7 +113,8 @@ class SparseRows:
             self.pool = pool
 
     def update(self, clients: np.ndarray, keys: np.ndarray, values: torch.Tensor, decay: torch.Tensor) -> None:
-        """Store trained rows ``keys``/``values`` (keys sorted); every other held row of client i is scaled by ``decay[i]``.
+        """Store trained rows ``keys``/``values`` (keys sorted); every other held row of client i is scaled
+        by ``decay[i]``.
 
         A new row that is exactly zero is not kept.
         """
@@ -194,9 +195,11 @@ class SparseRows:
             "clients": torch.from_numpy(clients),
             "counts": torch.tensor([len(self.items[c]) for c in clients], dtype=torch.int64),
             "items": torch.from_numpy(np.concatenate([self.items[c] for c in clients]).astype(np.int64))
-            if len(clients) else torch.zeros(0, dtype=torch.int64),
+            if len(clients)
+            else torch.zeros(0, dtype=torch.int64),
             "slots": torch.from_numpy(np.concatenate([self.slots[c] for c in clients]).astype(np.int64))
-            if len(clients) else torch.zeros(0, dtype=torch.int64),
+            if len(clients)
+            else torch.zeros(0, dtype=torch.int64),
             "scale": torch.tensor([self.scale.get(int(c), 1.0) for c in clients], dtype=torch.float64),
             "pool": self.pool[: self.used].clone(),
         }
@@ -206,8 +209,8 @@ class SparseRows:
         clients, counts = raw["clients"].numpy(), raw["counts"].numpy()
         starts = np.concatenate([[0], np.cumsum(counts)])
         items, slots = raw["items"].numpy(), raw["slots"].numpy()
-        self.items = {int(c): items[starts[i]:starts[i + 1]].copy() for i, c in enumerate(clients)}
-        self.slots = {int(c): slots[starts[i]:starts[i + 1]].copy() for i, c in enumerate(clients)}
+        self.items = {int(c): items[starts[i] : starts[i + 1]].copy() for i, c in enumerate(clients)}
+        self.slots = {int(c): slots[starts[i] : starts[i + 1]].copy() for i, c in enumerate(clients)}
         self.scale = {int(c): float(v) for c, v in zip(clients, raw["scale"].tolist())}
         self.pool = raw["pool"].clone() if len(raw["pool"]) else torch.empty((1024, *self.row_shape))
         self.used = len(raw["pool"])
@@ -274,7 +277,9 @@ class FederationState:
         if self._all:
             return torch.from_numpy(clients)
         slot = np.searchsorted(self.clients, clients)
-        if (slot >= len(self.clients)).any() or (self.clients[np.minimum(slot, len(self.clients) - 1)] != clients).any():
+        if (slot >= len(self.clients)).any() or (
+            self.clients[np.minimum(slot, len(self.clients) - 1)] != clients
+        ).any():
             raise KeyError(f"this store does not hold client(s) {np.setdiff1d(clients, self.clients)[:5].tolist()}")
         return torch.as_tensor(slot)
 
@@ -291,8 +296,11 @@ class FederationState:
         kinds = self.model.kinds
         params: Params = {}
         for name in kinds.private_dense:
-            params[name] = self.same_init[name].clone() if kinds.specs[name].same_init else \
-                client_init(kinds.specs[name], name, np.array([client]), self.model.cfg.init_std, self.seed)[0]
+            params[name] = (
+                self.same_init[name].clone()
+                if kinds.specs[name].same_init
+                else client_init(kinds.specs[name], name, np.array([client]), self.model.cfg.init_std, self.seed)[0]
+            )
         rows = {n: (np.empty(0, np.int64), torch.empty(0, *r.row_shape)) for n, r in self.private_rows.items()}
         return ClientState(params, rows, dict(self.scalar_init))
 
@@ -335,19 +343,27 @@ class FederationState:
                 self.scalars[name] = value.clone()
         for name, rows in self.private_rows.items():
             prefix = f"rows/{name}/"
-            rows.load_raw({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            rows.load_raw({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     def client_params(self, clients: np.ndarray) -> Params:
         """Per-client parameters of ``clients``: shared ones broadcast, private ones gathered."""
         idx = self.slots(clients)
         kinds = self.model.kinds
-        return {n: self.shared[n].expand(len(clients), *kinds.specs[n].shape) if n in kinds.shared_dense
-                else self.private[n][idx] for n in kinds.dense}
+        return {
+            n: self.shared[n].expand(len(clients), *kinds.specs[n].shape)
+            if n in kinds.shared_dense
+            else self.private[n][idx]
+            for n in kinds.dense
+        }
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         """Logits [U, n_items] of every item for ``users`` with the current global and private parameters."""
-        items = {n: self.private_rows[n].dense(users) if n in self.model.kinds.private_tables
-                 else self.shared[n].expand(len(users), *self.shared[n].shape) for n in self.model.kinds.tables}
+        items = {
+            n: self.private_rows[n].dense(users)
+            if n in self.model.kinds.private_tables
+            else self.shared[n].expand(len(users), *self.shared[n].shape)
+            for n in self.model.kinds.tables
+        }
         return self.model.forward(self.client_params(users), items)
 
     def private_nbytes(self) -> int:

@@ -40,8 +40,9 @@ def update_norms(update: LocalUpdate, broadcast: Params) -> np.ndarray:
         g_sq = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).double() ** 2
         held_sq = torch.zeros(C, dtype=torch.float64).index_add_(0, owner, g_sq.index_select(0, items))
         decay = update.decay[name].double()
-        sq += torch.zeros(C, dtype=torch.float64).index_add_(0, owner, row_sq.double() ** 2) \
-            + (decay - 1) ** 2 * (g_sq.sum() - held_sq).clamp_min(0)
+        sq += torch.zeros(C, dtype=torch.float64).index_add_(0, owner, row_sq.double() ** 2) + (decay - 1) ** 2 * (
+            g_sq.sum() - held_sq
+        ).clamp_min(0)
     return sq.sqrt().numpy()
 
 

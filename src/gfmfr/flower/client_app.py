@@ -44,16 +44,17 @@ def node_of(context: Context, overrides: dict[str, Any] | None = None) -> Node:
             state_dir = f"{state_dir}/run-{context.run_id}"
         _NODES[key] = Node.build(cfg, partition, partitions, state_dir)
     node = _NODES[key]
-    record = context.state.get("gfmfr")
-    node.sync(int(record["generation"]) if record is not None else 0)
+    record = context.state.config_records.get("gfmfr")
+    node.sync(int(wire.scalar(record, "generation")) if record is not None else 0)
     return node
 
 
 def query(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
     partition = int(context.node_config["partition-id"])
     partitions = int(context.node_config["num-partitions"])
-    return Message(RecordDict({"node": MetricRecord({"partition-id": partition, "num-partitions": partitions})}),
-                   reply_to=message)
+    return Message(
+        RecordDict({"node": MetricRecord({"partition-id": partition, "num-partitions": partitions})}), reply_to=message
+    )
 
 
 def train(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
@@ -67,8 +68,10 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
         kept, rejected = keep_screened(update, shared, fed)
         # under DP every row is sent: which rows the clients trained is what DP hides
-        return Message(wire.encode_sums(kept, shared, fed.weighted_aggregation, fed.upload == "dense" or dp,
-                                        rejected), reply_to=message)
+        return Message(
+            wire.encode_sums(kept, shared, fed.weighted_aggregation, fed.upload == "dense" or dp, rejected),
+            reply_to=message,
+        )
     if fed.upload == "dense" or dp:
         update = update.dense(shared)
     return Message(wire.encode_update(update), reply_to=message)
@@ -76,14 +79,14 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
 
 def evaluate(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
     node = node_of(context, overrides)
-    node.set_shared({k.split("/", 1)[1]: v for k, v in wire.unpack(message.content["arrays"]).items()})
-    sums = node.evaluate(str(message.content["config"]["split"]))
-    return Message(RecordDict({"sums": MetricRecord(sums)}), reply_to=message)
+    node.set_shared({k.split("/", 1)[1]: v for k, v in wire.unpack(message.content.array_records["arrays"]).items()})
+    sums = node.evaluate(str(message.content.config_records["config"]["split"]))
+    return Message(RecordDict({"sums": wire.metric_record(sums)}), reply_to=message)
 
 
 def snapshot(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
     node = node_of(context, overrides)
-    round_ = int(message.content["config"]["round"])
+    round_ = int(wire.scalar(message.content.config_records["config"], "round"))
     node.snapshot(round_)
     return Message(RecordDict({"kept": MetricRecord({"round": round_})}), reply_to=message)
 

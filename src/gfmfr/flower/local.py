@@ -13,6 +13,7 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from gfmfr.flower import client_app as client_module
@@ -50,15 +51,16 @@ class LocalGrid(Grid):
         return self.start(partition, int(context.node_config["num-partitions"]))
 
     # ---- Grid -------------------------------------------------------------------------------------
-    def set_run(self, run_id: int) -> None:
-        self.run_id = run_id
+    def set_run(self, run: Run) -> None:
+        self.run_id = run.run_id
 
     @property
     def run(self) -> Any:
         return None
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:

@@ -112,8 +112,13 @@ class Node:
         if state_dir:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             state_file = Path(state_dir) / STATE_FILE
-        log.info("node %d/%d: %d users, %d training pairs", partition, partitions, len(users),
-                 int(dataset.train_counts.sum()))
+        log.info(
+            "node %d/%d: %d users, %d training pairs",
+            partition,
+            partitions,
+            len(users),
+            int(dataset.train_counts.sum()),
+        )
         item_counts = np.bincount(full.train_items, minlength=full.n_items)  # the protocol's long-tail slice
         evaluator = Evaluator(dataset, cfg.eval, cfg.seed, cfg.runtime.eval_batch, item_counts)
         return Node(cfg, users, dataset, model, terms, state, evaluator, train_keys(dataset), state_file)
@@ -123,23 +128,30 @@ class Node:
         if generation == self.generation:
             return
         if self.state_file is not None and self.state_file.exists():
-
             tensors = load_file(self.state_file)
             self.state.load_private_tensors({k: v for k, v in tensors.items() if not k.startswith(("reply/", "meta/"))})
-            reply = {k[len("reply/"):]: v for k, v in tensors.items() if k.startswith("reply/")}
+            reply = {k[len("reply/") :]: v for k, v in tensors.items() if k.startswith("reply/")}
             self.last = (int(tensors["meta/round"]), update_from_arrays(reply)) if reply else None
             log.info("node state read back from %s", self.state_file)
         elif generation > 0:
-            raise RuntimeError(f"this node's state is at generation {generation}, but it has no state file "
-                               "to read it from (give the node a state-dir)")
+            raise RuntimeError(
+                f"this node's state is at generation {generation}, but it has no state file "
+                "to read it from (give the node a state-dir)"
+            )
         self.generation = generation
 
     def set_shared(self, shared: Params) -> None:
         """Take the server's shared parameters (a node computes the public content tables itself)."""
         self.state.shared.update(shared)
 
-    def train(self, round_: int, users: np.ndarray, hints: tuple[Hints, ...], want_signatures: bool,
-              noise_multiplier: float = 0.0) -> LocalUpdate:
+    def train(
+        self,
+        round_: int,
+        users: np.ndarray,
+        hints: tuple[Hints, ...],
+        want_signatures: bool,
+        noise_multiplier: float = 0.0,
+    ) -> LocalUpdate:
         """Train ``users`` (this node's sampled users) for one round, in chunks, with the batched step;
         their uploads as they leave the clients under ``cfg.privacy`` (:func:`gfmfr.privacy.dp.privatise`)."""
         if not np.isin(users, self.users).all():
@@ -150,10 +162,22 @@ class Node:
         parts: list[LocalUpdate] = []
         for start in range(0, len(users), size):
             at = np.arange(start, min(start + size, len(users)))
-            parts.append(train_clients(
-                self.model, self.state, users[at], self.dataset, self.cfg.federation, self.cfg.seed, round_,
-                self.terms, tuple(h.take(at) for h in hints), want_signatures, self.train_keys,
-                self.cfg.runtime.client_block))
+            parts.append(
+                train_clients(
+                    self.model,
+                    self.state,
+                    users[at],
+                    self.dataset,
+                    self.cfg.federation,
+                    self.cfg.seed,
+                    round_,
+                    self.terms,
+                    tuple(h.take(at) for h in hints),
+                    want_signatures,
+                    self.train_keys,
+                    self.cfg.runtime.client_block,
+                )
+            )
         update = parts[0] if len(parts) == 1 else LocalUpdate.concat(parts)
         update = privatise(update, self.state.shared, self.cfg.privacy, noise_multiplier or None, self.cfg.seed, round_)
         self.last = (round_, update)
@@ -184,11 +208,12 @@ class Node:
     def exported(self) -> dict[str, torch.Tensor]:
         """The last snapshot (``meta/round`` and :meth:`FederationState.private_tensors`' keys)."""
         if self.state_file is not None and self.state_file.with_name(BEST_FILE).exists():
-
             return load_file(self.state_file.with_name(BEST_FILE))
         if self.best is None:
-            raise RuntimeError("this node kept no snapshot of its users' state (no best round yet, or no "
-                               "state-dir to keep it in across processes)")
+            raise RuntimeError(
+                "this node kept no snapshot of its users' state (no best round yet, or no "
+                "state-dir to keep it in across processes)"
+            )
         return self.best
 
     def evaluate(self, split: str) -> dict[str, float]:

@@ -33,8 +33,13 @@ from gfmfr.serving.saved import (
 log = logging.getLogger(__name__)
 
 
-def main(grid: Grid, context: Context, overrides: dict[str, Any] | None = None, dataset: Dataset | None = None,
-         result: dict[str, Any] | None = None) -> None:
+def main(
+    grid: Grid,
+    context: Context,
+    overrides: dict[str, Any] | None = None,
+    dataset: Dataset | None = None,
+    result: dict[str, Any] | None = None,
+) -> None:
     """Train and select as the in-process engine does; write ``out/results.json`` if the run config says where."""
 
     settings = {**context.run_config, **(overrides or {})}
@@ -42,16 +47,24 @@ def main(grid: Grid, context: Context, overrides: dict[str, Any] | None = None, 
     use_threads(cfg.runtime.threads)
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     model, plugins = build_run_model(dataset, cfg)
-    out = settings.get("out") or None
-    model_out = settings.get("model-out") or out  # the simulation writes results.json itself
+    out = str(settings["out"]) if settings.get("out") else None
+    # the simulation writes results.json itself, and names only the model's folder
+    model_out = str(settings["model-out"]) if settings.get("model-out") else out
     save = model_out is not None and cfg.runtime.save_model
-    strategy = FedRecStrategy(dataset, model, cfg, plugins, timeout=float(settings.get("timeout", 3600)),
-                              node_wait=float(settings.get("node-wait", 600)), keep_best=save)
+    strategy = FedRecStrategy(
+        dataset,
+        model,
+        cfg,
+        plugins,
+        timeout=float(settings.get("timeout", 3600)),
+        node_wait=float(settings.get("node-wait", 600)),
+        keep_best=save,
+    )
     best = strategy.fit(grid)
-    if save and strategy.kept is not None:
-
-
-        saver = ModelSaver(Path(model_out) / MODEL_DIR, dataset, cfg, content_fingerprint(dataset, content_modalities(cfg)))
+    if save and model_out is not None and strategy.kept is not None:
+        saver = ModelSaver(
+            Path(model_out) / MODEL_DIR, dataset, cfg, content_fingerprint(dataset, content_modalities(cfg))
+        )
         saver.write(*strategy.best_model(grid))
     body = federated_results(best, strategy.history, plugins)
     body["flower"] = {"partitions": strategy.partitions, "wire_bytes_per_client": strategy.wire_bytes_per_client()}
@@ -60,8 +73,9 @@ def main(grid: Grid, context: Context, overrides: dict[str, Any] | None = None, 
         result.update(results)
 
 
-def make_server_app(overrides: dict[str, Any] | None = None, dataset: Dataset | None = None,
-                    result: dict[str, Any] | None = None) -> ServerApp:
+def make_server_app(
+    overrides: dict[str, Any] | None = None, dataset: Dataset | None = None, result: dict[str, Any] | None = None
+) -> ServerApp:
     """A ServerApp; ``overrides`` stand in for run-config entries, ``result`` receives the results."""
     server = ServerApp()
     server.main()(lambda grid, context: main(grid, context, overrides, dataset, result))

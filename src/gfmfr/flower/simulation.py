@@ -22,8 +22,9 @@ from gfmfr.flower.server_app import make_server_app
 log = logging.getLogger(__name__)
 
 
-def run_simulated(dataset: Dataset, cfg: RunConfig, state_root: str | None = None,
-                  out: str | Path | None = None) -> dict[str, Any]:
+def run_simulated(
+    dataset: Dataset, cfg: RunConfig, state_root: str | None = None, out: str | Path | None = None
+) -> dict[str, Any]:
     """Train ``cfg`` on ``cfg.runtime.nodes`` simulated Flower nodes; the body of ``results.json``.
     With ``out`` (and ``runtime.save_model``) the trained federation is saved in ``out/model/``."""
     nodes = cfg.runtime.nodes
@@ -38,9 +39,15 @@ def run_simulated(dataset: Dataset, cfg: RunConfig, state_root: str | None = Non
             overrides["model-out"] = str(out)
         server = make_server_app(overrides, dataset, result)
         client = make_client_app({"config": to_toml(node_cfg), "state-root": state_root or tmp})
-        run_simulation(server, client, num_supernodes=nodes,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"log_to_driver": False}})
+        run_simulation(
+            server,
+            client,
+            num_supernodes=nodes,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"log_to_driver": False},
+            },
+        )
     if not result:
         raise RuntimeError("the Flower simulation ended without results; its log above says why")
     return {k: v for k, v in result.items() if k not in ("config", "resolved", "data", "peak_rss_mb")}

@@ -23,6 +23,7 @@ model's layout (:mod:`gfmfr.serving.saved`).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -60,8 +61,16 @@ def record_bytes(content: RecordDict) -> int:
 class FedRecStrategy(Strategy):
     """Federated recommendation with plug-ins, over Flower messages (see the module docstring)."""
 
-    def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig, plugins: tuple[Plugin, ...] = (),
-                 timeout: float = 3600.0, node_wait: float = 600.0, keep_best: bool = False):
+    def __init__(
+        self,
+        dataset: Dataset,
+        model: FederatedRecommender,
+        cfg: RunConfig,
+        plugins: tuple[Plugin, ...] = (),
+        timeout: float = 3600.0,
+        node_wait: float = 600.0,
+        keep_best: bool = False,
+    ):
         self.cfg, self.model, self.plugins = cfg, model, plugins
         self.keep_best = keep_best
         """Keep the federation of the best validation round (for the saved model)."""
@@ -88,32 +97,40 @@ class FedRecStrategy(Strategy):
             nodes = set(grid.get_node_ids())
             new = [n for n in nodes if n not in self.partition_of]
             if new:
-                messages = [Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n, message_type="query",
-                                    group_id="setup") for n in new]
+                messages = [
+                    Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n, message_type="query", group_id="setup")
+                    for n in new
+                ]
                 for reply in grid.send_and_receive(messages, timeout=self.timeout):
                     if reply.has_error():
                         raise RuntimeError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}")
-                    info = reply.content["node"]
-                    partition = int(info["partition-id"])
+                    info = reply.content.metric_records["node"]
+                    partition = int(wire.scalar(info, "partition-id"))
                     # a restarted node comes back under a new id: the newest serves the partition
                     self.partition_of = {n: p for n, p in self.partition_of.items() if p != partition}
                     self.partition_of[reply.metadata.src_node_id] = partition
-                    self.partitions = int(info["num-partitions"])
+                    self.partitions = int(wire.scalar(info, "num-partitions"))
             self.partition_of = {n: p for n, p in self.partition_of.items() if n in nodes}
             if self.partitions and set(self.partition_of.values()) == set(range(self.partitions)):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only partitions {sorted(set(self.partition_of.values()))} of "
-                                   f"{self.partitions or '?'} have a node after {self.node_wait:.0f} s")
+                raise TimeoutError(
+                    f"only partitions {sorted(set(self.partition_of.values()))} of "
+                    f"{self.partitions or '?'} have a node after {self.node_wait:.0f} s"
+                )
             time.sleep(0.2)
 
     def node_users(self, partitions: set[int] | None = None) -> dict[int, np.ndarray]:
         """Node id -> the users it hosts, for every partition (or those of ``partitions``)."""
-        return {node: partition_users(self.n_users, p, self.partitions) for node, p in sorted(self.partition_of.items())
-                if partitions is None or p in partitions}
+        return {
+            node: partition_users(self.n_users, p, self.partitions)
+            for node, p in sorted(self.partition_of.items())
+            if partitions is None or p in partitions
+        }
 
-    def exchange(self, grid: Grid, make: Callable[[set[int] | None], list[Message]],
-                 attempts: int = 3) -> list[Message]:
+    def exchange(
+        self, grid: Grid, make: Callable[[set[int] | None], list[Message]], attempts: int = 3
+    ) -> list[Message]:
         """Send ``make(None)`` and wait for the replies; a partition whose node did not answer in
         time (it died) gets ``make({partition})`` again once a node serves it. Safe for training too:
         a node that already trained the round answers with the uploads it kept (:mod:`.node`)."""
@@ -128,18 +145,30 @@ class FedRecStrategy(Strategy):
             missing = set(sent.values()) - set(replies)
             if not missing:
                 break
-            log.warning("no reply from partition(s) %s (attempt %d%s); sending again", sorted(missing), attempt + 1,
-                        f"; {errors[-1]}" if errors else "")
+            log.warning(
+                "no reply from partition(s) %s (attempt %d%s); sending again",
+                sorted(missing),
+                attempt + 1,
+                f"; {errors[-1]}" if errors else "",
+            )
             self.discover(grid)
             messages = make(missing)
         else:
-            raise RuntimeError(f"partitions {sorted(missing)} did not reply after {attempts} attempts"
-                               + (f"; last error: {errors[-1]}" if errors else ""))
+            raise RuntimeError(
+                f"partitions {sorted(missing)} did not reply after {attempts} attempts"
+                + (f"; last error: {errors[-1]}" if errors else "")
+            )
         return [replies[p] for p in sorted(replies)]
 
     # ---- Flower's hooks --------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
-                        partitions: set[int] | None = None) -> Iterable[Message]:
+    def configure_train(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        partitions: set[int] | None = None,
+    ) -> Iterable[Message]:
         round_ = server_round - 1
         users = self.sampled(round_)
         want = wants_signatures(self.plugins, round_)
@@ -157,11 +186,13 @@ class FedRecStrategy(Strategy):
             messages.append(Message(content, dst_node_id=node, message_type="train", group_id=str(server_round)))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
-                                                                                        MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_ = server_round - 1
-        agg = RoundAggregate(self.cfg.federation, self.plugins, self.shared, round_, self.noise,
-                             self.ledger is not None)
+        agg = RoundAggregate(
+            self.cfg.federation, self.plugins, self.shared, round_, self.noise, self.ledger is not None
+        )
         updates = []
         for reply in replies:
             self.bytes["up"] += record_bytes(reply.content)
@@ -194,31 +225,50 @@ class FedRecStrategy(Strategy):
             out.append(LocalUpdate.concat(updates, part[np.lexsort((users[part], -steps))]))
         return out
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
-                           partitions: set[int] | None = None) -> Iterable[Message]:
+    def configure_evaluate(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        partitions: set[int] | None = None,
+    ) -> Iterable[Message]:
         shared = {f"shared/{n}": self.shared[n] for n in self.model.kinds.uploaded}
-        return [Message(RecordDict({"arrays": wire.pack(shared), "config": config}), dst_node_id=node,
-                        message_type="evaluate", group_id=f"{server_round}-{config['split']}")
-                for node in self.node_users(partitions)]
+        return [
+            Message(
+                RecordDict({"arrays": wire.pack(shared), "config": config}),
+                dst_node_id=node,
+                message_type="evaluate",
+                group_id=f"{server_round}-" + str(config["split"]),
+            )
+            for node in self.node_users(partitions)
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         parts = []
         for reply in replies:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to evaluate: {reply.error.reason}")
-            parts.append(dict(reply.content["sums"]))
-        return MetricRecord(metrics_from_sums(parts))
+            parts.append(wire.numbers(reply.content.metric_records["sums"]))
+        return wire.metric_record(metrics_from_sums(parts))
 
     def summary(self) -> None:
-        log.info("FedRecStrategy: %s%s, %d rounds, client fraction %s, %d partitions", self.cfg.model.name,
-                 f" + {self.cfg.plugin}" if self.cfg.plugin != "none" else "", self.cfg.federation.rounds,
-                 self.cfg.federation.client_fraction, self.partitions)
+        log.info(
+            "FedRecStrategy: %s%s, %d rounds, client fraction %s, %d partitions",
+            self.cfg.model.name,
+            f" + {self.cfg.plugin}" if self.cfg.plugin != "none" else "",
+            self.cfg.federation.rounds,
+            self.cfg.federation.client_fraction,
+            self.partitions,
+        )
 
     # ---- the run -----------------------------------------------------------------------------
     def evaluate(self, grid: Grid, server_round: int, split: str) -> dict[str, float]:
-        replies = self.exchange(grid, lambda parts: list(self.configure_evaluate(
-            server_round, ArrayRecord(), ConfigRecord({"split": split}), grid, parts)))
-        return dict(self.aggregate_evaluate(server_round, replies))
+        def messages(parts: set[int] | None) -> list[Message]:
+            config = ConfigRecord({"split": split})
+            return list(self.configure_evaluate(server_round, ArrayRecord(), config, grid, parts))
+
+        return wire.numbers(self.aggregate_evaluate(server_round, self.exchange(grid, messages)))
 
     def fit(self, grid: Grid) -> dict[str, Any]:
         """Every round with selection on validation; returns the summary and the per-round log."""
@@ -232,23 +282,42 @@ class FedRecStrategy(Strategy):
                 break
             t0 = time.perf_counter()
             sampled = self.sampled(t)
-            replies = self.exchange(grid, lambda parts: list(self.configure_train(
-                t + 1, ArrayRecord(), ConfigRecord(), grid, parts)))
+
+            def messages(parts: set[int] | None, t: int = t) -> list[Message]:
+                return list(self.configure_train(t + 1, ArrayRecord(), ConfigRecord(), grid, parts))
+
+            replies = self.exchange(grid, messages)
             t1 = time.perf_counter()
             _, metrics = self.aggregate_train(t + 1, replies)
             seconds = {"train": t1 - t0, "aggregate": time.perf_counter() - t1}
             up, down, extra = end_round(self.plugins, self.model, t, seconds)
             self.shared = move_shared(self.plugins, self.shared, t)
-            entry = RoundLog(t, len(sampled), float(metrics["loss"]), seconds, up, down, rejected=self.rejected,
-                             extra=extra, epsilon=self.ledger.spend(t) if self.ledger is not None else None)
+            entry = RoundLog(
+                t,
+                len(sampled),
+                wire.numbers(metrics)["loss"],
+                seconds,
+                up,
+                down,
+                rejected=self.rejected,
+                extra=extra,
+                epsilon=self.ledger.spend(t) if self.ledger is not None else None,
+            )
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                 t2 = time.perf_counter()
                 entry.valid = self.evaluate(grid, t + 1, "valid")
                 entry.seconds["evaluate"] = time.perf_counter() - t2
-                if best.update(t, entry.valid, lambda: self.evaluate(grid, t + 1, "test")) and self.keep_best:
+                test = functools.partial(self.evaluate, grid, t + 1, "test")
+                if best.update(t, entry.valid, test) and self.keep_best:
                     self.snapshot(grid, t)
-                log.info("round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)%s", t, entry.loss,
-                         entry.valid.get("NDCG@10", float("nan")), seconds["train"], spent(entry))
+                log.info(
+                    "round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)%s",
+                    t,
+                    entry.loss,
+                    entry.valid.get("NDCG@10", float("nan")),
+                    seconds["train"],
+                    spent(entry),
+                )
             self.history.append(entry)
             if entry.valid is not None and best.stop(t):
                 break
@@ -256,10 +325,18 @@ class FedRecStrategy(Strategy):
 
     def snapshot(self, grid: Grid, round_: int) -> None:
         """``round_`` is the best so far: every node keeps its users' private state, the server its half."""
-        self.exchange(grid, lambda parts: [
-            Message(RecordDict({"config": ConfigRecord({"round": round_})}), dst_node_id=node,
-                    message_type="query.snapshot", group_id=f"snapshot-{round_}")
-            for node in self.node_users(parts)])
+        self.exchange(
+            grid,
+            lambda parts: [
+                Message(
+                    RecordDict({"config": ConfigRecord({"round": round_})}),
+                    dst_node_id=node,
+                    message_type="query.snapshot",
+                    group_id=f"snapshot-{round_}",
+                )
+                for node in self.node_users(parts)
+            ],
+        )
         tensors, infos = server_tensors(self.shared, self.plugins)
         self.kept = (round_, {k: v.clone() for k, v in tensors.items()}, copy.deepcopy(infos))
 
@@ -271,20 +348,30 @@ class FedRecStrategy(Strategy):
         if self.kept is None:
             raise RuntimeError("no best round was kept (the run saves its model only with keep_best)")
         round_, tensors, infos = self.kept
-        replies = self.exchange(grid, lambda parts: [
-            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="query.export",
-                    group_id="export") for node in self.node_users(parts)])
+        replies = self.exchange(
+            grid,
+            lambda parts: [
+                Message(
+                    RecordDict({"config": ConfigRecord({})}),
+                    dst_node_id=node,
+                    message_type="query.export",
+                    group_id="export",
+                )
+                for node in self.node_users(parts)
+            ],
+        )
         full = FederationState(self.model, self.n_users, self.cfg.seed)
         for plugin in self.plugins:
             full.add_scalars(plugin.client.state_init)
         for reply in replies:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to export: {reply.error.reason}")
-            part = wire.unpack(reply.content["arrays"])
+            part = wire.unpack(reply.content.array_records["arrays"])
             kept_round = int(part.pop("meta/round"))
             if kept_round != round_:
-                raise RuntimeError(f"node {reply.metadata.src_node_id} kept round {kept_round}, not the best "
-                                   f"round {round_}")
+                raise RuntimeError(
+                    f"node {reply.metadata.src_node_id} kept round {kept_round}, not the best round {round_}"
+                )
             users = part["clients"].numpy()
             node_state = FederationState(self.model, len(users), self.cfg.seed, clients=users)
             node_state.load_private_tensors(part)

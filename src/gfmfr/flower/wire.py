@@ -6,26 +6,60 @@ Tensors travel as :class:`flwr.app.ArrayRecord` entries, named ``kind/name``; sc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.messages import Hints, LocalUpdate, Params
 
 
-def pack(values: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+def pack(values: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     """Named tensors (or NumPy arrays) as one record."""
-    return ArrayRecord({k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray)
-                            else v.detach().contiguous()) for k, v in values.items()})
+    return ArrayRecord(
+        {
+            k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().contiguous())
+            for k, v in values.items()
+        }
+    )
 
 
 def unpack(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return record.to_torch_state_dict()
 
 
-def encode_train(round_: int, shared: Params, users: np.ndarray, hints: tuple[Hints, ...],
-                 want_signature: bool, noise_multiplier: float = 0.0) -> RecordDict:
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    """Named numbers as a metric record."""
+    return MetricRecord({k: float(v) for k, v in values.items()})
+
+
+def numbers(record: MetricRecord | None) -> dict[str, float]:
+    """A metric record's numbers (a TypeError if there is none, or one holds a list)."""
+    if record is None:
+        raise TypeError("expected a metric record, got none")
+    return {k: scalar(record, k) for k in record}
+
+
+def scalar(record: Mapping[str, Any], key: str) -> float:
+    """A number a message's config or metric record carries under ``key``; a TypeError naming the key
+    if it carries something else."""
+    value = record[key]
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"message field {key!r}: expected a number, got {type(value).__name__}")
+    return value
+
+
+def encode_train(
+    round_: int,
+    shared: Params,
+    users: np.ndarray,
+    hints: tuple[Hints, ...],
+    want_signature: bool,
+    noise_multiplier: float = 0.0,
+) -> RecordDict:
     """What the server sends a node for one round: the shared parameters, the node's sampled users,
     each plug-in's hints for them (only the hint rows they use), and under local DP the noise
     multiplier its clients add (calibrated by the server's accountant)."""
@@ -37,18 +71,30 @@ def encode_train(round_: int, shared: Params, users: np.ndarray, hints: tuple[Hi
         remap[used] = np.arange(len(used))
         arrays[f"hint{k}/table"] = h.table[torch.from_numpy(used)] if len(used) else torch.zeros(0, 0)
         arrays[f"hint{k}/row"] = np.where(h.row >= 0, remap[np.maximum(h.row, 0)], -1).astype(np.int64)
-    config = ConfigRecord({"round": round_, "want-signature": want_signature, "hints": len(hints),
-                           "noise-multiplier": float(noise_multiplier)})
+    config = ConfigRecord(
+        {
+            "round": round_,
+            "want-signature": want_signature,
+            "hints": len(hints),
+            "noise-multiplier": float(noise_multiplier),
+        }
+    )
     return RecordDict({"arrays": pack(arrays), "config": config})
 
 
 def decode_train(content: RecordDict) -> tuple[int, Params, np.ndarray, tuple[Hints, ...], bool, float]:
-    config, arrays = content["config"], unpack(content["arrays"])
+    config, arrays = content.config_records["config"], unpack(content.array_records["arrays"])
     shared = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("shared/")}
-    hints = tuple(Hints(arrays[f"hint{k}/table"], arrays[f"hint{k}/row"].numpy())
-                  for k in range(int(config["hints"])))
-    return (int(config["round"]), shared, arrays["users"].numpy(), hints, bool(config["want-signature"]),
-            float(config["noise-multiplier"]))
+    n_hints = int(scalar(config, "hints"))
+    hints = tuple(Hints(arrays[f"hint{k}/table"], arrays[f"hint{k}/row"].numpy()) for k in range(n_hints))
+    return (
+        int(scalar(config, "round")),
+        shared,
+        arrays["users"].numpy(),
+        hints,
+        bool(config["want-signature"]),
+        float(scalar(config, "noise-multiplier")),
+    )
 
 
 def encode_update(update: LocalUpdate) -> RecordDict:
@@ -59,8 +105,10 @@ def encode_update(update: LocalUpdate) -> RecordDict:
 def update_arrays(update: LocalUpdate) -> dict[str, torch.Tensor | np.ndarray]:
     """The fields of ``update`` as named arrays."""
     arrays: dict[str, torch.Tensor | np.ndarray] = {
-        "users": update.users.astype(np.int64), "row_client": update.row_client.astype(np.int64),
-        "row_item": update.row_item.astype(np.int64), "num_samples": update.num_samples.astype(np.int64),
+        "users": update.users.astype(np.int64),
+        "row_client": update.row_client.astype(np.int64),
+        "row_item": update.row_item.astype(np.int64),
+        "num_samples": update.num_samples.astype(np.int64),
         "loss": update.loss.astype(np.float64),
     }
     arrays.update({f"shared/{n}": t for n, t in update.shared.items()})
@@ -73,7 +121,7 @@ def update_arrays(update: LocalUpdate) -> dict[str, torch.Tensor | np.ndarray]:
 
 
 def decode_update(content: RecordDict) -> LocalUpdate:
-    return update_from_arrays(unpack(content["update"]))
+    return update_from_arrays(unpack(content.array_records["update"]))
 
 
 def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
@@ -83,9 +131,15 @@ def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
         return {k.split("/", 1)[1]: v for k, v in a.items() if k.startswith(kind + "/")}
 
     return LocalUpdate(
-        users=a["users"].numpy(), shared=part("shared"), rows=part("rows"), row_client=a["row_client"].numpy(),
-        row_item=a["row_item"].numpy(), decay=part("decay"), num_samples=a["num_samples"].numpy(),
-        loss=a["loss"].numpy(), signatures=a.get("signatures"),
+        users=a["users"].numpy(),
+        shared=part("shared"),
+        rows=part("rows"),
+        row_client=a["row_client"].numpy(),
+        row_item=a["row_item"].numpy(),
+        decay=part("decay"),
+        num_samples=a["num_samples"].numpy(),
+        loss=a["loss"].numpy(),
+        signatures=a.get("signatures"),
         metrics={k: v.numpy() for k, v in part("metric").items()},
     )
 
@@ -116,12 +170,13 @@ def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool
     return RecordDict({"sums": pack(arrays)})
 
 
-def decode_sums(content: RecordDict, shared: Params) -> tuple[Params, float, dict[str, torch.Tensor], float, int,
-                                                              dict[str, float], int]:
+def decode_sums(
+    content: RecordDict, shared: Params
+) -> tuple[Params, float, dict[str, torch.Tensor], float, int, dict[str, float], int]:
     """(sums, total weight, trained rows, loss sum, clients, figure sums, uploads the node rejected) of
     :func:`encode_sums`;
     ``shared`` are the parameters the node's clients started from."""
-    a = unpack(content["sums"])
+    a = unpack(content.array_records["sums"])
     total, loss, clients, rejected = a["totals"].tolist()
 
     def part(kind: str) -> dict[str, torch.Tensor]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from gfmfr.config import ModelConfig
 from gfmfr.models.base import FederatedRecommender, Params, ParamSpec
-from gfmfr.models.baselines import ContentKNN, Popularity, RandomScores
+from gfmfr.models.baselines import ContentKNN, Popularity, RandomScores, ScoreBaseline
 from gfmfr.models.fcf import FCF
 from gfmfr.models.fedncf import FedNCF
 from gfmfr.models.fedrap import FedRAP
 from gfmfr.models.pfedrec import PFedRec
 
 FEDERATED_MODELS: dict[str, type[FederatedRecommender]] = {m.name: m for m in (FCF, FedNCF, PFedRec, FedRAP)}
-BASELINES = {"popularity": Popularity, "content-knn": ContentKNN, "random": RandomScores}
+BASELINES: dict[str, type[ScoreBaseline]] = {
+    "popularity": Popularity,
+    "content-knn": ContentKNN,
+    "random": RandomScores,
+}
 
 
 def build_model(n_items: int, cfg: ModelConfig) -> FederatedRecommender:

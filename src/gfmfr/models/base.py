@@ -24,7 +24,6 @@ import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +59,10 @@ class ParamSpec:
         if self.constant and not (self.shared and self.item_table):
             raise ValueError("a constant parameter must be a shared item table")
         if not 0 <= self.lr * self.weight_decay < 1:
-            raise ValueError(f"lr * weight_decay must lie in [0, 1) (SGD decay factor 1 - lr * wd), "
-                             f"got lr={self.lr}, weight_decay={self.weight_decay}")
+            raise ValueError(
+                f"lr * weight_decay must lie in [0, 1) (SGD decay factor 1 - lr * wd), "
+                f"got lr={self.lr}, weight_decay={self.weight_decay}"
+            )
 
     @property
     def trainable(self) -> bool:
@@ -192,7 +193,12 @@ def rowdot(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_apply(
-    p: Params, prefix: str, n_layers: int, x: torch.Tensor, first: torch.Tensor | None = None, start: int = 0,
+    p: Params,
+    prefix: str,
+    n_layers: int,
+    x: torch.Tensor,
+    first: torch.Tensor | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Per-client MLP on ``x`` [A, B, in], layers ``start .. n_layers - 1``; ReLU after every layer.
 
@@ -211,26 +217,23 @@ def mlp_apply(
 class FederatedRecommender(ABC):
     """A base model: parameter specs, forward, base loss, and the hooks GFMFR needs."""
 
-    name: ClassVar[str]
-    item_table: ClassVar[str] = "item"
+    name: str
+    item_table: str = "item"
     """Name of the shared item embedding table (the GFMFR group target is its member average)."""
 
-    default_lrs: ClassVar[dict[str, float]] = {"lr": 1.0, "item_lr": 30.0, "private_item_lr": 0.5}
+    default_lrs: dict[str, float] = {"lr": 1.0, "item_lr": 30.0, "private_item_lr": 0.5}
     """Learning rates used where the config leaves them None (tuned on ML-100K validation)."""
-
-    @classmethod
-    def lrs_for(cls, cfg: ModelConfig) -> dict[str, float]:
-        """The default learning rates of this model under ``cfg`` (a variant may have its own)."""
-        return cls.default_lrs
 
     def __init__(self, n_items: int, cfg: ModelConfig):
         self.n_items = n_items
         self.cfg = cfg
         self.dim = cfg.dim
-        lrs = self.lrs_for(cfg)
+        lrs = self.default_lrs
         self.lr = cfg.lr if cfg.lr is not None else lrs["lr"]
         self.item_lr = cfg.item_lr if cfg.item_lr is not None else lrs["item_lr"]
-        self.private_item_lr = cfg.private_item_lr if cfg.private_item_lr is not None else lrs.get("private_item_lr", 0.0)
+        self.private_item_lr = (
+            cfg.private_item_lr if cfg.private_item_lr is not None else lrs.get("private_item_lr", 0.0)
+        )
 
     @abstractmethod
     def param_specs(self) -> dict[str, ParamSpec]:

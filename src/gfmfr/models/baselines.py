@@ -5,6 +5,8 @@ Each is built from the dataset and the run's config and scores a batch of users 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -13,6 +15,18 @@ from gfmfr.data.dataset import Dataset
 from gfmfr.data.encoders import dataset_features, present_modalities
 from gfmfr.data.sampling import uniform
 from gfmfr.federation.fast import ranges
+
+
+class ScoreBaseline(Protocol):
+    """What a baseline is: built from the data and the config, it scores every item for a batch of users."""
+
+    name: str
+
+    def __init__(self, dataset: Dataset, cfg: RunConfig) -> None: ...
+
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        """Scores [len(users), n_items]; higher ranks first."""
+        ...
 
 
 class Popularity:
@@ -68,4 +82,6 @@ class RandomScores:
 
     def score(self, users: np.ndarray) -> torch.Tensor:
 
-        return torch.from_numpy(uniform(self.seed, 99, users[:, None], np.arange(self.n_items)[None, :]).astype(np.float32))
+        return torch.from_numpy(
+            uniform(self.seed, 99, users[:, None], np.arange(self.n_items)[None, :]).astype(np.float32)
+        )

@@ -42,7 +42,9 @@ class FedNCF(FederatedRecommender):
         }
         specs.update(mlp_specs("tower", self.sizes, True, self.lr, c.weight_decay))
         # ones: the GMF half starts as a plain dot product (NeuMF without pre-training otherwise barely moves under SGD)
-        specs["out.w"] = ParamSpec((d + self.sizes[-1],), shared=True, lr=self.lr, weight_decay=c.weight_decay, init="ones")
+        specs["out.w"] = ParamSpec(
+            (d + self.sizes[-1],), shared=True, lr=self.lr, weight_decay=c.weight_decay, init="ones"
+        )
         specs["out.b"] = ParamSpec((), shared=True, lr=self.lr, weight_decay=c.weight_decay, init="zeros")
         return specs
 

@@ -9,11 +9,10 @@ round 0, which keeps them at zero). The two terms are mean-normalised over the r
 scores, like the reference's MSE/L1 on its tables; applying them to those rows keeps every
 untouched row unchanged.
 
-Heads: ``dot`` (default, the FedRAP paper) scores u . (C_i + D_i); ``mlp`` (the GFMFR reference
-variant) scores MLP([u ; C_i + D_i]) -> linear, each with its own default learning rates. Everything except C stays on the client,
-the head included. GFMFR groups clients by their head and scores fused item vectors with the
-group's mean head, so under GFMFR the server learns each participant's user vector and head
-weights (for ``dot``: the user vector): a coarse description of taste, never an interaction.
+The score is the FedRAP paper's dot product u . (C_i + D_i). Everything except C stays on the
+client. GFMFR groups clients by their user vector (the head) and scores fused item vectors with the
+group's mean, so under GFMFR the server learns each participant's user vector: a coarse
+description of taste, never an interaction.
 """
 
 from __future__ import annotations
@@ -22,13 +21,10 @@ import math
 
 import torch
 
-from gfmfr.config import ModelConfig
 from gfmfr.models.base import (
     FederatedRecommender,
     Params,
     ParamSpec,
-    mlp_apply,
-    mlp_specs,
     rowdot,
 )
 
@@ -69,34 +65,20 @@ class FedRAP(FederatedRecommender):
 
     name = "fedrap"
     default_lrs = {"lr": 3.0, "item_lr": 100.0, "private_item_lr": 0.0}
-    """The dot head's (the default), chosen on validation: the user vector and C learn at FCF's rates."""
-    mlp_head_lrs = {"lr": 0.3, "item_lr": 30.0, "private_item_lr": 0.15}
-    """The MLP head's (the GFMFR reference variant), chosen on ML-100K validation."""
+    """Chosen on validation: the user vector and C learn at FCF's rates."""
     item_table = "C"
-
-    @classmethod
-    def lrs_for(cls, cfg: ModelConfig) -> dict[str, float]:
-        return cls.mlp_head_lrs if cfg.fedrap_head == "mlp" else cls.default_lrs
-
-    def __init__(self, n_items, cfg):
-        super().__init__(n_items, cfg)
-        if cfg.fedrap_head not in ("mlp", "dot"):
-            raise ValueError(f"model.fedrap_head must be 'mlp' or 'dot', got {cfg.fedrap_head!r}")
-        self.sizes = [2 * self.dim, *cfg.hidden]
 
     def param_specs(self) -> dict[str, ParamSpec]:
         c, d = self.cfg, self.dim
         specs = {
             "user": ParamSpec((d,), shared=False, lr=self.lr, weight_decay=c.weight_decay, same_init=False),
             "C": ParamSpec((d,), shared=True, lr=self.item_lr, weight_decay=c.weight_decay, item_table=True),
-            "D": ParamSpec((d,), shared=False, lr=self.private_item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"),
+            "D": ParamSpec(
+                (d,), shared=False, lr=self.private_item_lr, weight_decay=c.weight_decay, item_table=True, init="zeros"
+            ),
         }
         if self.private_item_lr == 0:  # D_u never leaves zero: no table at all
             del specs["D"]
-        if c.fedrap_head == "mlp":
-            specs.update(mlp_specs("head", self.sizes, False, self.lr, c.weight_decay))
-            specs["out.w"] = ParamSpec((self.sizes[-1],), shared=False, lr=self.lr, weight_decay=c.weight_decay)
-            specs["out.b"] = ParamSpec((), shared=False, lr=self.lr, weight_decay=c.weight_decay, init="zeros")
         return specs
 
     def forward(self, p: Params, items: Params) -> torch.Tensor:
@@ -114,18 +96,10 @@ class FedRAP(FederatedRecommender):
         return _Regulariser.apply(d, c, mask, n, lam, mu)
 
     def head_params(self) -> list[str]:
-        if self.cfg.fedrap_head == "dot":
-            return ["user"]
-        return ["user"] + [n for n in self.param_specs() if n.startswith(("head", "out"))]
+        return ["user"]
 
     def head_weights(self, p: Params) -> torch.Tensor | None:
-        return p["user"] if self.cfg.fedrap_head == "dot" else None
+        return p["user"]
 
     def head_score(self, p: Params, vectors: torch.Tensor) -> torch.Tensor:
-        if self.cfg.fedrap_head == "dot":
-            return rowdot(vectors, p["user"])
-        d = self.dim
-        w0 = p["head0.w"]
-        user_term = torch.einsum("ad,adh->ah", p["user"], w0[:, :d])
-        hidden = mlp_apply({**p, "head0.w": w0[:, d:]}, "head", len(self.sizes) - 1, vectors, first=user_term)
-        return rowdot(hidden, p["out.w"]) + p["out.b"][:, None]
+        return rowdot(vectors, p["user"])

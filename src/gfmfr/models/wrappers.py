@@ -24,6 +24,8 @@ The projections start at zero and the router at an even mixture, so both start a
 
 from __future__ import annotations
 
+import functools
+import operator
 from abc import abstractmethod
 
 import numpy as np
@@ -36,8 +38,13 @@ from gfmfr.models.base import FederatedRecommender, Params, ParamSpec
 FEDVLR_VIEWS = ("sum", "mlp", "gate")
 
 
-def content_tables(features: dict[str, np.ndarray], masks: dict[str, np.ndarray], modalities: tuple[str, ...],
-                   dim: int | None, seed: int) -> dict[str, torch.Tensor]:
+def content_tables(
+    features: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
+    modalities: tuple[str, ...],
+    dim: int | None,
+    seed: int,
+) -> dict[str, torch.Tensor]:
     """Per modality of ``modalities`` the data has, the PCA-reduced, standardised [n_items, k] features
     (missing items are zero rows)."""
     out = {}
@@ -78,8 +85,9 @@ class ContentAugmented(FederatedRecommender):
     def param_specs(self) -> dict[str, ParamSpec]:
         specs = dict(self.base.param_specs())
         for name, x in self._content.items():
-            specs[name] = ParamSpec((x.shape[1],), shared=True, lr=0.0, weight_decay=0.0, item_table=True,
-                                    constant=True)
+            specs[name] = ParamSpec(
+                (x.shape[1],), shared=True, lr=0.0, weight_decay=0.0, item_table=True, constant=True
+            )
         specs.update(self.extra_specs())
         return specs
 
@@ -104,9 +112,16 @@ class ContentAugmented(FederatedRecommender):
         return self.base.head_weights(p)
 
     def _projection_specs(self) -> dict[str, ParamSpec]:
-        return {f"proj.{m}": ParamSpec((x.shape[1], self.dim), shared=True, lr=self.mm.content_lr,
-                                       weight_decay=self.cfg.weight_decay, init="zeros")
-                for m, x in zip(self.modalities, self._content.values())}
+        return {
+            f"proj.{m}": ParamSpec(
+                (x.shape[1], self.dim),
+                shared=True,
+                lr=self.mm.content_lr,
+                weight_decay=self.cfg.weight_decay,
+                init="zeros",
+            )
+            for m, x in zip(self.modalities, self._content.values())
+        }
 
     def _project(self, p: Params, content: list[torch.Tensor]) -> list[torch.Tensor]:
         """p_m = x_m W_m per modality, [A, B, d]."""
@@ -136,15 +151,16 @@ class MMX(ContentAugmented):
     def fuse(self, p: Params, ids: torch.Tensor, content: list[torch.Tensor]) -> torch.Tensor:
         return self._per_item(lambda p, ids, content: ids + sum(self._project(p, content)), p, ids, content)
 
-    def content_vectors(self, shared: Params, items: torch.Tensor | None = None,
-                        content: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def content_vectors(
+        self, shared: Params, items: torch.Tensor | None = None, content: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """``sum_m x_m(i) W_m`` [N, d] under the global projections ``shared``: the vector of an item
         whose ID row no client has trained (a cold item), from its content alone; of catalogue
         ``items``, or of new items given by their standardised ``content`` rows, one per modality."""
         if content is None:
             content = [self._content[f"content.{m}"][items] for m in self.modalities]
         content = [x[None] for x in content]
-        return sum(self._project({n: t[None] for n, t in shared.items()}, content))[0]
+        return functools.reduce(operator.add, self._project({n: t[None] for n, t in shared.items()}, content))[0]
 
 
 class FedVLR(ContentAugmented):
@@ -168,10 +184,10 @@ class FedVLR(ContentAugmented):
             specs["mlp.b1"] = ParamSpec((d,), shared=True, lr=lr, weight_decay=wd, init="zeros")
             specs["mlp.w2"] = ParamSpec((d, d), shared=True, lr=lr, weight_decay=wd, init="zeros")
         if "gate" in self.views:
-            specs["gate.w"] = ParamSpec((n_in, len(self.modalities)), shared=True, lr=lr, weight_decay=wd,
-                                        init="xavier")
-            specs["gate.b"] = ParamSpec((len(self.modalities),), shared=True, lr=lr, weight_decay=wd,
-                                        init="zeros")
+            specs["gate.w"] = ParamSpec(
+                (n_in, len(self.modalities)), shared=True, lr=lr, weight_decay=wd, init="xavier"
+            )
+            specs["gate.b"] = ParamSpec((len(self.modalities),), shared=True, lr=lr, weight_decay=wd, init="zeros")
         K = len(self.views)
         specs["router.w"] = ParamSpec((K * d, K), shared=False, lr=self.mm.router_lr, weight_decay=wd, init="zeros")
         specs["router.b"] = ParamSpec((K,), shared=False, lr=self.mm.router_lr, weight_decay=wd, init="zeros")
@@ -206,9 +222,8 @@ class FedVLR(ContentAugmented):
 CONTENT_WRAPPERS: dict[str, type[ContentAugmented]] = {"mmx": MMX, "fedvlr": FedVLR}
 
 
-def wrap(base: FederatedRecommender, plugin: str, content: dict[str, torch.Tensor],
-         cfg: MultimodalConfig) -> ContentAugmented:
+def wrap(
+    base: FederatedRecommender, plugin: str, content: dict[str, torch.Tensor], cfg: MultimodalConfig
+) -> ContentAugmented:
     """X wrapped as MM-X or FedVLR."""
     return CONTENT_WRAPPERS[plugin](base, content, cfg)
-
-

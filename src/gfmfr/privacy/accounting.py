@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import dp_accounting
 from absl import logging as absl_logging
 
+from gfmfr.config import ConfigError, PrivacyConfig
+
 absl_logging.set_verbosity(absl_logging.ERROR)  # dp-accounting's per-order convergence chatter
 
 ORDERS = tuple(range(2, 65)) + (80, 96, 128, 192, 256, 512, 1024)
@@ -32,8 +34,6 @@ log = logging.getLogger(__name__)
 def accountant() -> dp_accounting.rdp.RdpAccountant:
     """A fresh RDP accountant over :data:`ORDERS`, add-or-remove-one adjacency."""
     return dp_accounting.rdp.RdpAccountant(list(ORDERS))
-
-from gfmfr.config import ConfigError, PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class RoundReleases:
 
 def default_delta(n_clients: int) -> float:
     """1 / clients^1.1: below 1 / clients, as delta must be."""
-    return 1.0 / n_clients ** 1.1
+    return 1.0 / n_clients**1.1
 
 
 def round_event(cfg: PrivacyConfig, sigma: float, q: float, releases: RoundReleases) -> dp_accounting.DpEvent:
@@ -70,12 +70,21 @@ def round_event(cfg: PrivacyConfig, sigma: float, q: float, releases: RoundRelea
 class PrivacyLedger:
     """The privacy spent round by round, and whether the next round would pass ``target_epsilon``."""
 
-    def __init__(self, cfg: PrivacyConfig, n_clients: int, client_fraction: float, rounds: int,
-                 releases: Callable[[int], RoundReleases]):
+    def __init__(
+        self,
+        cfg: PrivacyConfig,
+        n_clients: int,
+        client_fraction: float,
+        rounds: int,
+        releases: Callable[[int], RoundReleases],
+    ):
         self.cfg, self.q, self.releases = cfg, client_fraction, releases
         self.delta = cfg.delta if cfg.delta is not None else default_delta(n_clients)
-        self.sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None else \
-            calibrate_sigma(cfg, client_fraction, rounds, releases, self.delta)
+        self.sigma = (
+            cfg.noise_multiplier
+            if cfg.noise_multiplier is not None
+            else calibrate_sigma(cfg, client_fraction, rounds, releases, self.delta)
+        )
         self.accountant = accountant()
         self.rounds = 0
         self.epsilon = 0.0
@@ -104,13 +113,18 @@ class PrivacyLedger:
         """:meth:`would_exceed`, logged: whether a run must stop before ``round_``."""
         if not self.would_exceed(round_):
             return False
-        log.info("privacy: stopping before round %d, which would spend more than epsilon %g (spent %.4g)",
-                 round_, self.cfg.target_epsilon, self.epsilon)
+        log.info(
+            "privacy: stopping before round %d, which would spend more than epsilon %g (spent %.4g)",
+            round_,
+            self.cfg.target_epsilon,
+            self.epsilon,
+        )
         return True
 
 
-def calibrate_sigma(cfg: PrivacyConfig, q: float, rounds: int, releases: Callable[[int], RoundReleases],
-                    delta: float) -> float:
+def calibrate_sigma(
+    cfg: PrivacyConfig, q: float, rounds: int, releases: Callable[[int], RoundReleases], delta: float
+) -> float:
     """The smallest noise multiplier whose epsilon after ``rounds`` rounds is ``cfg.target_epsilon``."""
     assert cfg.target_epsilon is not None
     target = cfg.target_epsilon
@@ -118,16 +132,20 @@ def calibrate_sigma(cfg: PrivacyConfig, q: float, rounds: int, releases: Callabl
 
     def event(sigma: float) -> dp_accounting.DpEvent:
         return dp_accounting.ComposedDpEvent(
-            [dp_accounting.SelfComposedDpEvent(round_event(cfg, sigma, q, r), n) for r, n in kinds.items()])
+            [dp_accounting.SelfComposedDpEvent(round_event(cfg, sigma, q, r), n) for r, n in kinds.items()]
+        )
 
     floor = accountant()
     floor.compose(event(1e6))  # what the rest (signatures) spends with next to no noise on the updates
     if floor.get_epsilon(delta) >= target:
-
-        raise ConfigError(f"privacy.target_epsilon: {target} is spent by the signatures alone over {rounds} "
-                          "rounds; raise privacy.signature_noise or the target")
+        raise ConfigError(
+            f"privacy.target_epsilon: {target} is spent by the signatures alone over {rounds} "
+            "rounds; raise privacy.signature_noise or the target"
+        )
     sigma = dp_accounting.calibrate_dp_mechanism(
-        accountant, event, target, delta, dp_accounting.LowerEndpointAndGuess(0.05, 1.0), tol=1e-3)
-    log.info("privacy: noise multiplier %.4f spends epsilon %.3g at delta %.3g over %d rounds",
-             sigma, target, delta, rounds)
+        accountant, event, target, delta, dp_accounting.LowerEndpointAndGuess(0.05, 1.0), tol=1e-3
+    )
+    log.info(
+        "privacy: noise multiplier %.4f spends epsilon %.3g at delta %.3g over %d rounds", sigma, target, delta, rounds
+    )
     return float(sigma)

@@ -51,8 +51,18 @@ def clip_updates(update: LocalUpdate, broadcast: Params, clip: float) -> LocalUp
         g = broadcast[name].expand_as(value)
         shared[name] = g + scale.view(-1, *([1] * (value.dim() - 1))) * (value - g)
     decay = {name: 1 + scale * (d - 1) for name, d in update.decay.items()}
-    return LocalUpdate(update.users, shared, rows, update.row_client, update.row_item, decay, update.num_samples,
-                       update.loss, update.signatures, update.metrics)
+    return LocalUpdate(
+        update.users,
+        shared,
+        rows,
+        update.row_client,
+        update.row_item,
+        decay,
+        update.num_samples,
+        update.loss,
+        update.signatures,
+        update.metrics,
+    )
 
 
 def add_local_noise(update: LocalUpdate, broadcast: Params, std: float, seed: int, round_: int) -> LocalUpdate:
@@ -70,8 +80,9 @@ def add_local_noise(update: LocalUpdate, broadcast: Params, std: float, seed: in
     return replace(dense, shared=shared, decay={n: torch.ones(C) for n in update.decay})
 
 
-def noise_signatures(signatures: torch.Tensor, users: np.ndarray, clip: float, noise: float, seed: int,
-                     round_: int) -> torch.Tensor:
+def noise_signatures(
+    signatures: torch.Tensor, users: np.ndarray, clip: float, noise: float, seed: int, round_: int
+) -> torch.Tensor:
     """Signatures [C, k] clipped to L2 norm ``clip``, plus N(0, (noise * clip)^2) per coordinate."""
     norms = torch.linalg.vector_norm(signatures, dim=1, keepdim=True)
     out = signatures * torch.where(norms > clip, clip / norms, torch.ones_like(norms))
@@ -81,8 +92,9 @@ def noise_signatures(signatures: torch.Tensor, users: np.ndarray, clip: float, n
     return out
 
 
-def privatise(update: LocalUpdate, broadcast: Params, cfg: PrivacyConfig, noise_multiplier: float | None,
-              seed: int, round_: int) -> LocalUpdate:
+def privatise(
+    update: LocalUpdate, broadcast: Params, cfg: PrivacyConfig, noise_multiplier: float | None, seed: int, round_: int
+) -> LocalUpdate:
     """What the clients of ``update`` send under ``cfg``: under DP clipped (the server clips again in
     central mode), plus noise in local mode; signatures clipped and noised with ``signature_noise > 0``."""
     if cfg.mode != "off":
@@ -91,8 +103,9 @@ def privatise(update: LocalUpdate, broadcast: Params, cfg: PrivacyConfig, noise_
         assert noise_multiplier is not None
         update = add_local_noise(update, broadcast, noise_multiplier * cfg.clip, seed, round_)
     if update.signatures is not None and cfg.signature_noise > 0:
-        update.signatures = noise_signatures(update.signatures, update.users, cfg.signature_clip,
-                                             cfg.signature_noise, seed, round_)
+        update.signatures = noise_signatures(
+            update.signatures, update.users, cfg.signature_clip, cfg.signature_noise, seed, round_
+        )
     return update
 
 

@@ -24,10 +24,12 @@ from gfmfr.data.encoders import (
 )
 from gfmfr.data.errors import DataError
 from gfmfr.data.sources import read_items_csv
+from gfmfr.models.wrappers import MMX
 from gfmfr.serving.errors import ModelError
 from gfmfr.serving.saved import SavedModel, content_source, title_of
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class NewItems:
@@ -78,24 +80,29 @@ def new_item_vectors(saved: SavedModel, new: NewItems) -> torch.Tensor:
         reduction = reductions[m]
         x, mask = new.features[m], new.masks[m]
         if mask.any() and x.shape[1] != reduction.raw_dim:
-            raise ModelError(f"new items' {m} features have {x.shape[1]} columns, the catalogue's "
-                             f"{reduction.raw_dim}: another encoder?")
+            raise ModelError(
+                f"new items' {m} features have {x.shape[1]} columns, the catalogue's "
+                f"{reduction.raw_dim}: another encoder?"
+            )
         if not mask.any():
             x = np.zeros((len(new), reduction.raw_dim), np.float32)
         content.append(reduction.apply(x, mask))
         present.append(torch.from_numpy(np.asarray(mask, bool)).float())
     with torch.no_grad():
         if saved.cfg.plugin == "gfmfr":
-            server = saved.plugins[0].server
+            server = saved.gfmfr_server
             if server.fusion is None:
                 raise ModelError("this GFMFR model was saved before its first server round: no fusion model yet")
             return server.fusion(torch.arange(saved.cfg.gfmfr.groups), content=(content, present))
-        return saved.state.model.content_vectors(saved.state.shared, content=content)[None]
+        model = saved.state.model
+        if not isinstance(model, MMX):
+            raise ModelError(f"new items need MM-X's projection; this model is {model.name}")
+        return model.content_vectors(saved.state.shared, content=content)[None]
 
 
 def new_item_scores(saved: SavedModel, users: np.ndarray, vectors: torch.Tensor) -> torch.Tensor:
     """Logits [U, N] of the new items' ``vectors`` under each user's own head (its group's table for GFMFR)."""
 
     users = np.asarray(users, np.int64)
-    group = saved.plugins[0].server.grouping.group[users] if len(vectors) > 1 else None
+    group = saved.gfmfr_server.grouping.group[users] if len(vectors) > 1 else None
     return score_vectors(saved.state.model, saved.state.client_params(users), vectors, group)

@@ -55,7 +55,8 @@ def cold_item_scores(saved: SavedModel, users: np.ndarray) -> torch.Tensor:
     -inf (never recommended) for a model without content."""
     source = saved.cold_source
     if source is None:
-        return torch.full((len(users), len(saved.dataset.cold_items)), -torch.inf)
+        cold = saved.dataset.cold_items if saved.dataset is not None else None
+        return torch.full((len(users), 0 if cold is None else len(cold)), -torch.inf)
     return source.scores(saved.state.model, saved.state.client_params(users), users).float()
 
 

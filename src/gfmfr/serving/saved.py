@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from gfmfr.federation.engine import Federation
 from gfmfr.federation.plugin import Plugin
 from gfmfr.federation.state import FederationState, save_tensors
 from gfmfr.models import build_model
+from gfmfr.plugins.group_fusion.server import GFMFRServer
 from gfmfr.serving.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,11 @@ class ModelSaver:
         indptr, items = interactions(d)
         self.fixed = {"interactions/indptr": torch.from_numpy(indptr), "interactions/items": torch.from_numpy(items)}
         self.info = {
-            "format": FORMAT, "config": to_dict(cfg), "content_fingerprint": fingerprint,
-            "users": [str(u) for u in d.user_ids], "items": [str(i) for i in d.item_ids],
+            "format": FORMAT,
+            "config": to_dict(cfg),
+            "content_fingerprint": fingerprint,
+            "users": [str(u) for u in d.user_ids],
+            "items": [str(i) for i in d.item_ids],
             "titles": [title_of(d.item_text[i] if d.item_text else None, d.item_ids[i]) for i in range(d.n_items)],
         }
 
@@ -107,8 +111,9 @@ class ModelSaver:
         and the plug-ins' JSON state as they stood after ``round_``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         info = {**self.info, "round": round_, "plugins": plugins}
-        save_tensors({**tensors, **self.fixed}, self.folder / TENSORS,
-                     metadata={"gfmfr": json.dumps(info, default=str)})
+        save_tensors(
+            {**tensors, **self.fixed}, self.folder / TENSORS, metadata={"gfmfr": json.dumps(info, default=str)}
+        )
         tmp = self.folder / "model.json.part"
         tmp.write_text(json.dumps(info, indent=1, default=str))
         tmp.replace(self.folder / "model.json")
@@ -163,9 +168,9 @@ class SavedModel:
             return None
         source: VectorSource
         if self.cfg.plugin == "gfmfr":
-            if self.plugins[0].server.fusion is None:
+            if self.gfmfr_server.fusion is None:
                 return None
-            source = GroupFused(self.plugins[0].server, self.dataset, self.state.model.dim)
+            source = GroupFused(self.gfmfr_server, self.dataset, self.state.model.dim)
         elif self.cfg.wrapper == "mmx":
             source = Projected(self.state.model, self.dataset)
         else:
@@ -179,6 +184,14 @@ class SavedModel:
         (:func:`catalogue_reductions`)."""
 
         return catalogue_reductions(self)
+
+    @property
+    def gfmfr_server(self) -> GFMFRServer:
+        """GFMFR's server half (grouping, fusion model); a :class:`ModelError` for a model without GFMFR."""
+        server = self.plugins[0].server if self.plugins else None
+        if not isinstance(server, GFMFRServer):
+            raise ModelError(f"this model has no GFMFR server half (plugin = {self.cfg.plugin!r})")
+        return server
 
     def user_index(self, user_id: str) -> int:
         """The contiguous index of original user id ``user_id``."""
@@ -212,33 +225,48 @@ def load_model(run: str | Path, dataset: Dataset | None = None, check_content: b
     cfg = from_dict(info["config"], where=f"{path}: config")
     n_items, n_users = len(info["items"]), len(info["users"])
 
-
     if dataset is None and (cfg.plugin != "none" or cfg.wrapper != "none" or cfg.data.split == "cold-items"):
-
         dataset = load_dataset(cfg.data)
     if dataset is not None and (dataset.n_items, dataset.n_users) != (n_items, n_users):
-        raise ModelError(f"{path}: saved for {n_users} users and {n_items} items; the data has "
-                         f"{dataset.n_users} and {dataset.n_items}")
+        raise ModelError(
+            f"{path}: saved for {n_users} users and {n_items} items; the data has "
+            f"{dataset.n_users} and {dataset.n_items}"
+        )
     if dataset is not None and check_content and info["content_fingerprint"] is not None:
         now = content_fingerprint(dataset, content_modalities(cfg))
         if now != info["content_fingerprint"]:
-            raise ModelError(f"{path}: saved with other content features than {cfg.data.content or cfg.data.dataset} "
-                             f"gives now (fingerprint {info['content_fingerprint'][:12]} against {str(now)[:12]})")
+            raise ModelError(
+                f"{path}: saved with other content features than {cfg.data.content or cfg.data.dataset} "
+                f"gives now (fingerprint {info['content_fingerprint'][:12]} against {str(now)[:12]})"
+            )
     if dataset is None:
-
-        model, plugins = build_model(n_items, cfg.model), ()
+        model, plugins = build_model(n_items, cfg.model), cast(tuple[Plugin, ...], ())
     else:
         model, plugins = build_run_model(dataset, cfg)
     state = FederationState(model, n_users, cfg.seed)
     for name, value in state.shared.items():
         got = tensors.get(f"shared/{name}")
         if got is None or got.shape != value.shape:
-            raise ModelError(f"{path}: shared parameter {name!r} has shape {None if got is None else list(got.shape)}; "
-                             f"the model built from the config has {list(value.shape)}")
+            raise ModelError(
+                f"{path}: shared parameter {name!r} has shape {None if got is None else list(got.shape)}; "
+                f"the model built from the config has {list(value.shape)}"
+            )
     load_federation_tensors(state, plugins, tensors, info["plugins"])
-    return SavedModel(cfg, int(info["round"]), state, plugins, info["users"], info["items"], info["titles"],
-                      tensors["interactions/indptr"].numpy(), tensors["interactions/items"].numpy(),
-                      info["content_fingerprint"], info, dataset, folder)
+    return SavedModel(
+        cfg,
+        int(info["round"]),
+        state,
+        plugins,
+        info["users"],
+        info["items"],
+        info["titles"],
+        tensors["interactions/indptr"].numpy(),
+        tensors["interactions/items"].numpy(),
+        info["content_fingerprint"],
+        info,
+        dataset,
+        folder,
+    )
 
 
 def content_source(saved: SavedModel) -> tuple[tuple[str, ...], int | None]:
@@ -248,8 +276,10 @@ def content_source(saved: SavedModel) -> tuple[tuple[str, ...], int | None]:
         return tuple(cfg.gfmfr.modalities), cfg.gfmfr.content_dim
     if cfg.wrapper == "mmx":
         return tuple(cfg.multimodal.modalities), cfg.multimodal.content_dim
-    raise ModelError("new items need a model that builds item vectors from content: GFMFR (plugin = \"gfmfr\") "
-                     f"or MM-X (wrapper = \"mmx\"); this one is {cfg.wrapper}/{cfg.model.name}/{cfg.plugin}")
+    raise ModelError(
+        'new items need a model that builds item vectors from content: GFMFR (plugin = "gfmfr") '
+        f'or MM-X (wrapper = "mmx"); this one is {cfg.wrapper}/{cfg.model.name}/{cfg.plugin}'
+    )
 
 
 def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
@@ -257,7 +287,6 @@ def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
     them for training): read from the model folder (``REDUCTIONS``, checked against the content
     fingerprint), else fitted and kept there, so that later processes skip the PCA. Callers use the
     cached :attr:`SavedModel.content_reductions`."""
-
 
     modalities, dim = content_source(saved)
     key = {"fingerprint": str(saved.fingerprint), "modalities": ",".join(modalities), "dim": str(dim)}
@@ -267,18 +296,28 @@ def catalogue_reductions(saved: SavedModel) -> dict[str, ContentReduction]:
             kept = f.metadata() or {}
         if all(kept.get(k) == v for k, v in key.items()):
             tensors = load_file(path)
-            return {m: ContentReduction.from_tensors({k[len(m) + 1:]: v for k, v in tensors.items()
-                                                      if k.startswith(m + "/")})
-                    for m in modalities if f"{m}/mean" in tensors}
+            return {
+                m: ContentReduction.from_tensors(
+                    {k[len(m) + 1 :]: v for k, v in tensors.items() if k.startswith(m + "/")}
+                )
+                for m in modalities
+                if f"{m}/mean" in tensors
+            }
     if saved.dataset is None:
         raise ModelError("new items need the run's data (its catalogue content fits the reduction)")
     catalogue = dataset_features(saved.dataset, modalities)
-    reductions = {m: ContentReduction.fit(catalogue.features[m], catalogue.mask[m], dim, saved.cfg.seed)
-                  for m in modalities if m in catalogue.features}
+    reductions = {
+        m: ContentReduction.fit(catalogue.features[m], catalogue.mask[m], dim, saved.cfg.seed)
+        for m in modalities
+        if m in catalogue.features
+    }
     if path is not None:
         try:
-            save_tensors({f"{m}/{k}": v.contiguous() for m, r in reductions.items() for k, v in r.tensors().items()},
-                         path, metadata=key)
+            save_tensors(
+                {f"{m}/{k}": v.contiguous() for m, r in reductions.items() for k, v in r.tensors().items()},
+                path,
+                metadata=key,
+            )
         except OSError as exc:
             log.warning("could not keep the content reductions in %s (%s); they are refitted next time", path, exc)
     return reductions

@@ -24,7 +24,12 @@ def client_half(cfg: RunConfig) -> DistillTerm:
     return DistillTerm(cfg.gfmfr, cfg.gfmfr.anneal_rounds or cfg.federation.rounds)
 
 
-def build(dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
-          features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None) -> Plugin:
+def build(
+    dataset: Dataset,
+    model: FederatedRecommender,
+    cfg: RunConfig,
+    features: dict[str, np.ndarray] | None = None,
+    masks: dict[str, np.ndarray] | None = None,
+) -> Plugin:
     """GFMFR's two halves for ``model`` on ``dataset`` (content features from the dataset unless given)."""
     return Plugin(GFMFRServer(dataset, model, cfg, features, masks), client_half(cfg))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -36,8 +37,17 @@ EXPERTS = ("sum", "mlp", "gate", "attention", "mixture")
 class GroupFusion(nn.Module):
     """Fused item vectors per group: ``forward(groups) -> [len(groups), n_items, d]``."""
 
-    def __init__(self, n_groups: int, dim: int, features: list[torch.Tensor], masks: list[torch.Tensor],
-                 expert: str = "mlp", seed: int = 0, item_view: bool = False, known: torch.Tensor | None = None):
+    def __init__(
+        self,
+        n_groups: int,
+        dim: int,
+        features: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        expert: str = "mlp",
+        seed: int = 0,
+        item_view: bool = False,
+        known: torch.Tensor | None = None,
+    ):
         super().__init__()
         if expert not in EXPERTS:
             raise ValueError(f"gfmfr.fusion must be one of {EXPERTS}, got {expert!r}")
@@ -72,9 +82,13 @@ class GroupFusion(nn.Module):
         if expert == "mixture":
             self.router = nn.Linear(n_views * dim, 4)
 
-    def view_parts(self, groups: torch.Tensor, items: torch.Tensor | None,
-                   content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-                   drop: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def view_parts(
+        self,
+        groups: torch.Tensor,
+        items: torch.Tensor | None,
+        content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The projected views before broadcasting, and each one's presence [N] (1: the item has it).
 
         The group view is [G, 1, d] (the same for every item), each modality's [1, N, d] (the same
@@ -102,16 +116,20 @@ class GroupFusion(nn.Module):
                 parts.append(self.item_emb(ids[None]))
                 ms = ms + [torch.ones(n_items)]
             else:
-                seen = self.known[ids].float() if self.known is not None else torch.ones(n_items)
+                seen = cast(torch.Tensor, self.known)[ids].float() if self.known is not None else torch.ones(n_items)
                 if drop is not None:
                     seen = seen * (~drop).float()
                 parts.append(self.item_emb(ids[None]) * seen[None, :, None])
                 ms = ms + [seen]
         return parts, [torch.ones(n_items)] + ms
 
-    def views(self, groups: torch.Tensor, items: torch.Tensor | None,
-              content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-              drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def views(
+        self,
+        groups: torch.Tensor,
+        items: torch.Tensor | None,
+        content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected views [G, N, V, d] and their presence mask [1, N, V] (the group view is always present)."""
         parts, present = self.view_parts(groups, items, content, drop)
         shape = (len(groups), len(present[0]), self.dim)
@@ -121,8 +139,8 @@ class GroupFusion(nn.Module):
         """The MLP expert without materialising its [G, N, V * d] input: the first layer on a
         concatenation is the sum of its column blocks applied to each view, so the group view is
         projected once per group and the item views once per item (the same function as ``_mlp``)."""
-        first, d = self.mlp[0], self.dim
-        hidden = first.bias
+        first, d = cast(nn.Linear, self.mlp[0]), self.dim
+        hidden: torch.Tensor = first.bias
         for v, x in enumerate(parts):
             hidden = hidden + x @ first.weight[:, v * d : (v + 1) * d].T
         return self.mlp[2](torch.relu(hidden))
@@ -144,11 +162,16 @@ class GroupFusion(nn.Module):
         logits = logits.masked_fill(present == 0, -1e9)
         return (F.softmax(logits, -1)[..., None] * views).sum(2)
 
-    def forward(self, groups: torch.Tensor, items: torch.Tensor | None = None,
-                content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        groups: torch.Tensor,
+        items: torch.Tensor | None = None,
+        content: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Q_g(i) for ``groups`` x ``items`` (all items by default), or x new items given by their
-        ``content`` (standardised features and masks per modality, :class:`~gfmfr.data.encoders.ContentReduction`): [G, N, d].
+        ``content`` (standardised features and masks per modality,
+        :class:`~gfmfr.data.encoders.ContentReduction`): [G, N, d].
         ``drop``: items whose item-ID view is hidden (:meth:`view_parts`)."""
         if self.expert == "mlp":
             return self._mlp_parts(self.view_parts(groups, items, content, drop)[0])
@@ -162,8 +185,15 @@ class GroupFusion(nn.Module):
             return self._gate(views, present, flat)
         if self.expert == "attention":
             return self._attention(views, present)
-        experts = torch.stack([self._sum(views, present), self._mlp(flat), self._gate(views, present, flat),
-                               self._attention(views, present)], 2)
+        experts = torch.stack(
+            [
+                self._sum(views, present),
+                self._mlp(flat),
+                self._gate(views, present, flat),
+                self._attention(views, present),
+            ],
+            2,
+        )
         return (F.softmax(self.router(flat), -1)[..., None] * experts).sum(2)
 
 
@@ -172,10 +202,18 @@ def squared_error(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((q - target) ** 2).sum(-1).mean()
 
 
-def fit_fusion(fusion: GroupFusion, groups: torch.Tensor, targets: torch.Tensor, steps: int, lr: float,
-               batch_items: int = 2048, seed: int = 0, items: torch.Tensor | None = None,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_error,
-               item_view_dropout: float = 0.0) -> float:
+def fit_fusion(
+    fusion: GroupFusion,
+    groups: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_items: int = 2048,
+    seed: int = 0,
+    items: torch.Tensor | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_error,
+    item_view_dropout: float = 0.0,
+) -> float:
     """Minimise ``loss_fn(Q, C)`` (mean ||Q_g(i) - C_g(i)||^2 by default) over ``groups`` x items with
     ``steps`` Adam steps, each on the next ``batch_items`` items of a seeded shuffle (reshuffled when it
     runs out); returns the last step's loss. ``items``, if given, are the only items fitted (the known

@@ -57,8 +57,9 @@ def cluster(x: np.ndarray, n_groups: int, method: str, seed: int) -> np.ndarray:
     if n_groups <= 1:
         return np.zeros(len(x), dtype=np.int64)
     if method == "spectral":
-        model = SpectralClustering(n_clusters=n_groups, affinity="precomputed", random_state=seed,
-                                   assign_labels="cluster_qr")
+        model = SpectralClustering(
+            n_clusters=n_groups, affinity="precomputed", random_state=seed, assign_labels="cluster_qr"
+        )
         return model.fit_predict(rbf_affinity(x)).astype(np.int64)
     if method == "kmeans":
         return KMeans(n_clusters=n_groups, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)

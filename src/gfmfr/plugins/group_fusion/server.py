@@ -51,8 +51,9 @@ def teacher_mean_head(model: FederatedRecommender, heads: Params, fused: torch.T
     return torch.sigmoid(model.head_score(heads, fused))
 
 
-def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, labels: torch.Tensor,
-                    fused: torch.Tensor, block: int = 256) -> torch.Tensor:
+def teacher_members(
+    model: FederatedRecommender, signatures: torch.Tensor, labels: torch.Tensor, fused: torch.Tensor, block: int = 256
+) -> torch.Tensor:
     """p_g(i) = mean over members u of g of sigmoid(head_u(Q_g(i))): [G, n_items].
 
     ``signatures`` [C, k] are the members' heads, ``labels`` [C] index rows of ``fused``.
@@ -70,8 +71,9 @@ def teacher_members(model: FederatedRecommender, signatures: torch.Tensor, label
     return out
 
 
-def score_error(model: FederatedRecommender, heads: Params, rows: torch.Tensor
-                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def score_error(
+    model: FederatedRecommender, heads: Params, rows: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The ``score`` fusion loss: mean over members k and items i of (head_k(Q(i)) - head_k(C(i)))^2, with
     the members' ``heads`` [K, ...], each of fusion row ``rows[k]``, and Q, C [G', B, d]. Errors count as
     the members score them: along the directions their heads read, not equally in every dimension.
@@ -122,8 +124,14 @@ def signature_upload_bytes(model: FederatedRecommender) -> int:
 class GFMFRServer(ServerHalf):
     """Grouping, group fusion and the teacher's preferences, on the server."""
 
-    def __init__(self, dataset: Dataset, model: FederatedRecommender, cfg: RunConfig,
-                 features: dict[str, np.ndarray] | None = None, masks: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        model: FederatedRecommender,
+        cfg: RunConfig,
+        features: dict[str, np.ndarray] | None = None,
+        masks: dict[str, np.ndarray] | None = None,
+    ):
         self.cfg = cfg.gfmfr
         for name in ("server_steps", "server_every"):
             if getattr(self.cfg, name) < 1:
@@ -134,17 +142,23 @@ class GFMFRServer(ServerHalf):
         """Whether clients send every row of the item table (under DP, or ``federation.upload = "dense"``)."""
         self.n_items = dataset.n_items
         if features is None:
-
             content = dataset_features(dataset, self.cfg.modalities)
             features, masks = content.features, content.mask
+        if masks is None:  # features given without masks: every item has each
+            masks = {m: np.ones(len(x), bool) for m, x in features.items()}
         self.modalities = present_modalities(self.cfg.modalities, features, "GFMFR")
         """The modalities fused: those of ``gfmfr.modalities`` the data has."""
         self.masks = [torch.from_numpy(np.asarray(masks[m], bool)) for m in self.modalities]
-        self.features = [reduce_features(features[m], self.masks[i].numpy(), self.cfg.content_dim, cfg.seed)
-                         for i, m in enumerate(self.modalities)]
+        self.features = [
+            reduce_features(features[m], self.masks[i].numpy(), self.cfg.content_dim, cfg.seed)
+            for i, m in enumerate(self.modalities)
+        ]
         warm = dataset.warm_items
-        self.known = None if warm is None else torch.zeros(self.n_items, dtype=torch.bool).index_fill_(
-            0, torch.from_numpy(warm), True)
+        self.known = (
+            None
+            if warm is None
+            else torch.zeros(self.n_items, dtype=torch.bool).index_fill_(0, torch.from_numpy(warm), True)
+        )
         """The items training knows (None: all); the fusion model is fitted to them alone."""
         self.grouping = Grouping(dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance)
         self.fusion: GroupFusion | None = None
@@ -185,12 +199,20 @@ class GFMFRServer(ServerHalf):
 
     def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
         table = self.model.item_table
-        self._chunks.append({
-            "update": LocalUpdate(update.users, {}, {table: update.rows[table]}, update.row_client, update.row_item,
-                                  {table: update.decay[table]}),
-            "signatures": update.signatures,
-            "broadcast": broadcast[table],
-        })
+        self._chunks.append(
+            {
+                "update": LocalUpdate(
+                    update.users,
+                    {},
+                    {table: update.rows[table]},
+                    update.row_client,
+                    update.row_item,
+                    {table: update.decay[table]},
+                ),
+                "signatures": update.signatures,
+                "broadcast": broadcast[table],
+            }
+        )
 
     def end_round(self, model: FederatedRecommender, round_: int) -> PluginReport:
         hint_bytes = 4 * self.n_items if self.preferences is not None else 0
@@ -202,8 +224,9 @@ class GFMFRServer(ServerHalf):
         users = np.concatenate([c["update"].users for c in chunks])
         signatures = torch.cat([c["signatures"] for c in chunks])
         labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
-        self.snapshots.append({"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32),
-                               "group": labels})
+        self.snapshots.append(
+            {"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32), "group": labels}
+        )
         t1 = time.perf_counter()
 
         G = self.cfg.groups
@@ -226,21 +249,37 @@ class GFMFRServer(ServerHalf):
         t2 = time.perf_counter()
 
         if self.fusion is None:  # then warm-started: the steps add up over server rounds
-            self.fusion = GroupFusion(G, model.dim, self.features, self.masks, self.cfg.fusion, self.seed + round_,
-                                      self.cfg.item_view, self.known)
+            self.fusion = GroupFusion(
+                G,
+                model.dim,
+                self.features,
+                self.masks,
+                self.cfg.fusion,
+                self.seed + round_,
+                self.cfg.item_view,
+                self.known,
+            )
         # rows of `targets` and `fused` follow `present`; map each member's group to its row
         row_of = torch.full((G,), -1, dtype=torch.long)
         row_of[present] = torch.arange(len(present))
         member_rows = row_of[torch.from_numpy(labels)]
-        loss_fn = squared_error
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_error
         if self.cfg.fusion_loss == "score":
-            picked = sample_members(member_rows, len(present), self.cfg.score_members,
-                                    torch.Generator().manual_seed(self.seed + round_))
+            picked = sample_members(
+                member_rows, len(present), self.cfg.score_members, torch.Generator().manual_seed(self.seed + round_)
+            )
             loss_fn = score_error(model, model.head_from_signature(signatures[picked]), member_rows[picked])
-        fusion_loss = fit_fusion(self.fusion, present, targets, self.cfg.server_steps, self.cfg.server_lr,
-                                 seed=self.seed + round_,
-                                 items=None if self.known is None else torch.nonzero(self.known).flatten(),
-                                 loss_fn=loss_fn, item_view_dropout=self.cfg.item_view_dropout)
+        fusion_loss = fit_fusion(
+            self.fusion,
+            present,
+            targets,
+            self.cfg.server_steps,
+            self.cfg.server_lr,
+            seed=self.seed + round_,
+            items=None if self.known is None else torch.nonzero(self.known).flatten(),
+            loss_fn=loss_fn,
+            item_view_dropout=self.cfg.item_view_dropout,
+        )
         t3 = time.perf_counter()
         with torch.no_grad():
             fused = self.fusion(present)
@@ -254,26 +293,32 @@ class GFMFRServer(ServerHalf):
                 if self.dense:  # every row is sent: which ones a client trained is not known
                     touches = torch.full((self.n_items,), float(len(users)))
                 else:
-                    touches = torch.bincount(torch.from_numpy(np.concatenate([c["update"].row_item for c in chunks])),
-                                             minlength=self.n_items).float()
-                self.pull = (self.content_vectors(present, counts[present]),
-                             self.cfg.content_prior / (self.cfg.content_prior + touches))
+                    touches = torch.bincount(
+                        torch.from_numpy(np.concatenate([c["update"].row_item for c in chunks])), minlength=self.n_items
+                    ).float()
+                self.pull = (
+                    self.content_vectors(present, counts[present]),
+                    self.cfg.content_prior / (self.cfg.content_prior + touches),
+                )
         self.preferences = torch.full((G, self.n_items), 0.5)
         self.preferences[present] = prefs
         self.targets = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, targets)
         self.fused = torch.zeros(G, self.n_items, model.dim).index_copy_(0, present, fused)
         t4 = time.perf_counter()
 
-        w_sum, kl_sum, n = self._stats.tolist()
+        w_sum, kl_sum, seen = self._stats.tolist()
         self._stats = np.zeros(3)
         return PluginReport(
             seconds={"grouping": t1 - t0, "group_targets": t2 - t1, "fusion": t3 - t2, "teacher": t4 - t3},
             bytes_up=signature_upload_bytes(model),
             bytes_down=hint_bytes,
             figures={
-                "group_sizes": counts.int().tolist(), "fusion_loss": fusion_loss,
-                "distill_weight_mean": w_sum / n if n else 0.0, "distill_kl_mean": kl_sum / n if n else 0.0,
-                "teacher_mean": float(prefs.mean()), "teacher_std_over_items": float(prefs.std(1).mean()),
+                "group_sizes": counts.int().tolist(),
+                "fusion_loss": fusion_loss,
+                "distill_weight_mean": w_sum / seen if seen else 0.0,
+                "distill_kl_mean": kl_sum / seen if seen else 0.0,
+                "teacher_mean": float(prefs.mean()),
+                "teacher_std_over_items": float(prefs.std(1).mean()),
                 "content_share": float(self.pull[1].mean()) if self.pull is not None else 0.0,
             },
         )
@@ -283,6 +328,8 @@ class GFMFRServer(ServerHalf):
         ``groups`` of the fused Q_g(i) without the item-ID view (the content prior's centre)."""
         weights = (sizes / sizes.sum())[:, None, None]
         hidden = torch.ones(self.n_items, dtype=torch.bool)
+        if self.fusion is None:
+            raise RuntimeError("the content prior needs the fusion model of a server round")
         return (weights * self.fusion(groups, drop=hidden)).sum(0)
 
     def move_shared(self, shared: Params, round_: int) -> Params:
@@ -298,17 +345,20 @@ class GFMFRServer(ServerHalf):
         return {**shared, table: rows + share[:, None] * (content - rows)}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"group": torch.from_numpy(self.grouping.group.copy()),
-                   "view": torch.from_numpy(np.ascontiguousarray(self.grouping.view, np.float64)),
-                   "stats": torch.from_numpy(self._stats.copy())}
+        tensors = {
+            "group": torch.from_numpy(self.grouping.group.copy()),
+            "view": torch.from_numpy(np.ascontiguousarray(self.grouping.view, np.float64)),
+            "stats": torch.from_numpy(self._stats.copy()),
+        }
         for name in ("preferences", "targets", "fused"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         if self.fusion is not None:
             tensors.update({f"fusion/{k}": v for k, v in self.fusion.state_dict().items()})
         for k, snap in enumerate(self.snapshots):
-            tensors.update({f"snapshot{k}/{f}": torch.from_numpy(np.ascontiguousarray(snap[f]))
-                            for f in ("users", "xy", "group")})
+            tensors.update(
+                {f"snapshot{k}/{f}": torch.from_numpy(np.ascontiguousarray(snap[f])) for f in ("users", "xy", "group")}
+            )
         return tensors, {"fusion": self.fusion is not None, "snapshots": [s["round"] for s in self.snapshots]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
@@ -318,11 +368,21 @@ class GFMFRServer(ServerHalf):
         for name in ("preferences", "targets", "fused"):
             setattr(self, name, tensors.get(name))
         if info["fusion"]:
-            self.fusion = GroupFusion(self.cfg.groups, self.model.dim, self.features, self.masks, self.cfg.fusion, 0,
-                                      self.cfg.item_view, self.known)
-            self.fusion.load_state_dict({k[len("fusion/"):]: v for k, v in tensors.items() if k.startswith("fusion/")})
-        self.snapshots = [{"round": r, **{f: tensors[f"snapshot{k}/{f}"].numpy() for f in ("users", "xy", "group")}}
-                          for k, r in enumerate(info["snapshots"])]
+            self.fusion = GroupFusion(
+                self.cfg.groups,
+                self.model.dim,
+                self.features,
+                self.masks,
+                self.cfg.fusion,
+                0,
+                self.cfg.item_view,
+                self.known,
+            )
+            self.fusion.load_state_dict({k[len("fusion/") :]: v for k, v in tensors.items() if k.startswith("fusion/")})
+        self.snapshots = [
+            {"round": r, **{f: tensors[f"snapshot{k}/{f}"].numpy() for f in ("users", "xy", "group")}}
+            for k, r in enumerate(info["snapshots"])
+        ]
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor | None:
         """Q_g(``items``) of every group [G, N, d] from content (and the item-ID view where the item is
@@ -334,8 +394,19 @@ class GFMFRServer(ServerHalf):
 
     def summary(self, max_snapshots: int = 6) -> dict[str, Any]:
         """The client groups of up to ``max_snapshots`` evenly spaced rounds (2-D PCA of the signatures)."""
-        keep = np.unique(np.linspace(0, len(self.snapshots) - 1, max_snapshots).round().astype(int)) \
-            if self.snapshots else []
-        return {"gfmfr_groups": [
-            {"round": s["round"], "users": s["users"].tolist(), "group": s["group"].tolist(),
-             "xy": np.round(s["xy"], 4).tolist()} for s in (self.snapshots[k] for k in keep)]}
+        keep: Any = (
+            np.unique(np.linspace(0, len(self.snapshots) - 1, max_snapshots).round().astype(int))
+            if self.snapshots
+            else []
+        )
+        return {
+            "gfmfr_groups": [
+                {
+                    "round": s["round"],
+                    "users": s["users"].tolist(),
+                    "group": s["group"].tolist(),
+                    "xy": np.round(s["xy"], 4).tolist(),
+                }
+                for s in (self.snapshots[k] for k in keep)
+            ]
+        }
