@@ -21,7 +21,7 @@ DEFERRED = {
     "gfmfr.flower",
 }
 """Modules of the optional extras (``encoders``, ``plots``, ``flower``): imported where they are used."""
-LOAD_ORDER = {"gfmfr/runtime.py": {"torch", "threadpoolctl"}}
+LOAD_ORDER = {"gfmfr/runtime.py": {"torch"}}
 """Imported late on purpose: :mod:`gfmfr.runtime` sets OpenMP's wait policy before torch loads."""
 
 

@@ -62,3 +62,20 @@ def test_use_threads_also_limits_pools_that_load_later():
         "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))"
     )
     assert _child(code) == "[1]"
+
+
+@pytest.mark.parametrize("beats, status", [(False, 3), (True, 0)])
+def test_the_watchdog_ends_a_process_that_makes_no_progress(beats, status):
+    """Without a beat for longer than its limit, one error line and exit status 3; with beats, nothing."""
+    code = (
+        "import logging, time\n"
+        "from gfmfr.runtime import Watchdog\n"
+        "logging.basicConfig()\n"
+        "with Watchdog(0.5, 'the test') as w:\n"
+        "    for _ in range(20):\n"
+        f"        time.sleep(0.1)\n        {'w.beat()' if beats else 'pass'}\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status
+    errors = [line for line in proc.stderr.splitlines() if "made no progress" in line]
+    assert len(errors) == (0 if beats else 1)

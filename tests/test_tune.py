@@ -110,11 +110,10 @@ def test_default_space_covers_rates_epochs_decay_and_plugin_knobs():
     assert {
         "model.lr",
         "model.item_lr",
-        "model.private_item_lr",
         "federation.local_epochs",
         "model.weight_decay",
         "gfmfr.groups",
     } <= keys
-    # FedRAP's default dot head keeps D_u still (rate 0): no log range around 0
+    # FedRAP's default keeps D_u still (rate 0): no log range around 0
     keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap"}}))}
     assert "model.private_item_lr" not in keys and "model.lr" in keys

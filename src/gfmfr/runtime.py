@@ -15,7 +15,14 @@ Two settings matter on a small CPU machine that other jobs share:
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
+
+from threadpoolctl import threadpool_limits
+
+log = logging.getLogger(__name__)
 
 WAIT_POLICY = "PASSIVE"
 """OpenMP wait policy gfmfr asks for unless ``OMP_WAIT_POLICY`` is already set."""
@@ -37,8 +44,7 @@ def use_threads(threads: int) -> int:
     Loaded pools are resized (threadpoolctl); pools that load later read the count from
     :data:`POOL_VARIABLES`. Before this also covered them, the grouping's SVD ran on SciPy's
     two-thread OpenBLAS: 0.38 s instead of 0.009 s with another job on the cores."""
-    import torch
-    from threadpoolctl import threadpool_limits
+    import torch  # not at the top: gfmfr sets OpenMP's wait policy (above) before torch loads
 
     if threads < 0:
         raise ValueError(f"runtime.threads must be >= 0 (0: one per core), got {threads}")
@@ -51,3 +57,60 @@ def use_threads(threads: int) -> int:
         os.environ[var] = str(n)
     threadpool_limits(limits=n)  # the pools already loaded (NumPy's BLAS, torch's OpenMP)
     return n
+
+
+def single_threaded_blas() -> None:
+    """Run NumPy's and SciPy's BLAS in the calling thread, in this process and the ones it starts.
+
+    For a process that forks while it computes (Flower's simulation: Ray forks its workers while the
+    ServerApp's thread fits GFMFR's PCA). OpenBLAS shuts its worker pool down before a fork; a
+    multi-threaded call in flight in another thread then waits for workers that never answer, for
+    ever. With one thread OpenBLAS keeps no pool, so there is nothing to wait for.
+    """
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    threadpool_limits(limits=1, user_api="blas")
+
+
+class Watchdog:
+    """Ends a run that stops making progress: after ``limit`` seconds without :meth:`beat`, it logs
+    one error line and ends the process with exit status 3 (``runtime.stall_timeout``; 0: never).
+
+    A deadlock in a native library holds the thread it strikes and often the whole interpreter's
+    signal handling with it; only a thread of its own still runs to end the process.
+    """
+
+    EXIT_STATUS = 3
+
+    def __init__(self, limit: float, what: str = "the run"):
+        self.limit, self.what = limit, what
+        self.last = time.monotonic()
+        self.stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """Progress was made now."""
+        self.last = time.monotonic()
+
+    def __enter__(self) -> Watchdog:
+        if self.limit > 0:
+            self.beat()
+            self._thread = threading.Thread(target=self._watch, name="gfmfr-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(min(self.limit, 5.0)):
+            idle = time.monotonic() - self.last
+            if idle > self.limit:
+                log.error(
+                    "%s made no progress for %.0f s (runtime.stall_timeout = %g); ending it",
+                    self.what,
+                    idle,
+                    self.limit,
+                )
+                logging.shutdown()
+                os._exit(self.EXIT_STATUS)

@@ -153,6 +153,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("runtime", "client_block"): (lambda v: v >= 1, "at least 1"),
     ("runtime", "threads"): (lambda v: v >= 0, "at least 0"),
     ("runtime", "checkpoint_every"): (lambda v: v >= 0, "at least 0"),
+    ("runtime", "stall_timeout"): (lambda v: v >= 0, "at least 0"),
 }
 """Numeric fields whose value must lie in a range, checked when a config loads."""
 

@@ -309,6 +309,9 @@ class RuntimeConfig:
     backend: Literal["in-process", "flower"] = "in-process"
     """``in-process``: the batched engine in this process; ``flower``: Flower's simulation engine, one
     ClientApp per node, each hosting a partition of the users (the same numbers)."""
+    stall_timeout: float = 1800.0
+    """Seconds a Flower run may go without progress (a round's step, a node's reply) before it ends with
+    an error instead of waiting for ever (0: never)."""
     nodes: int = 2
     """Simulated Flower nodes (``backend = "flower"``); the users are split into this many partitions."""
 

@@ -11,6 +11,7 @@ MM-X's and FedVLR's features); it never uses the interactions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from gfmfr.build import build_run_model
+from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset, load_dataset
+from gfmfr.federation.plugin import Plugin
 from gfmfr.flower.node import run_config_of
 from gfmfr.flower.strategy import FedRecStrategy
+from gfmfr.models import FederatedRecommender
 from gfmfr.results import federated_results, write_results
-from gfmfr.runtime import use_threads
+from gfmfr.runtime import Watchdog, use_threads
 from gfmfr.serving.saved import (
     MODEL_DIR,
     ModelSaver,
@@ -39,14 +43,37 @@ def main(
     overrides: dict[str, Any] | None = None,
     dataset: Dataset | None = None,
     result: dict[str, Any] | None = None,
+    built: tuple[FederatedRecommender, tuple[Plugin, ...]] | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> None:
-    """Train and select as the in-process engine does; write ``out/results.json`` if the run config says where."""
+    """Train and select as the in-process engine does; write ``out/results.json`` if the run config says where.
 
+    The simulation builds the model (``built``: GFMFR's content PCA included) in its main thread before
+    Flower starts its workers, and watches the run itself (``heartbeat``). A deployed ServerApp, a
+    process of its own, sets its thread pools here, where it starts, and runs its own
+    :class:`~gfmfr.runtime.Watchdog`."""
     settings = {**context.run_config, **(overrides or {})}
     cfg = run_config_of(settings)
+    if heartbeat is not None:
+        train(grid, settings, cfg, dataset, result, built, heartbeat)
+        return
     use_threads(cfg.runtime.threads)
+    with Watchdog(cfg.runtime.stall_timeout, "the Flower run") as watchdog:
+        train(grid, settings, cfg, dataset, result, built, watchdog.beat)
+
+
+def train(
+    grid: Grid,
+    settings: dict[str, Any],
+    cfg: RunConfig,
+    dataset: Dataset | None,
+    result: dict[str, Any] | None,
+    built: tuple[FederatedRecommender, tuple[Plugin, ...]] | None,
+    heartbeat: Callable[[], None],
+) -> None:
+    """The body of :func:`main`."""
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
-    model, plugins = build_run_model(dataset, cfg)
+    model, plugins = built if built is not None else build_run_model(dataset, cfg)
     out = str(settings["out"]) if settings.get("out") else None
     # the simulation writes results.json itself, and names only the model's folder
     model_out = str(settings["model-out"]) if settings.get("model-out") else out
@@ -59,6 +86,7 @@ def main(
         timeout=float(settings.get("timeout", 3600)),
         node_wait=float(settings.get("node-wait", 600)),
         keep_best=save,
+        heartbeat=heartbeat,
     )
     best = strategy.fit(grid)
     if save and model_out is not None and strategy.kept is not None:
@@ -74,11 +102,16 @@ def main(
 
 
 def make_server_app(
-    overrides: dict[str, Any] | None = None, dataset: Dataset | None = None, result: dict[str, Any] | None = None
+    overrides: dict[str, Any] | None = None,
+    dataset: Dataset | None = None,
+    result: dict[str, Any] | None = None,
+    built: tuple[FederatedRecommender, tuple[Plugin, ...]] | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp; ``overrides`` stand in for run-config entries, ``result`` receives the results."""
+    """A ServerApp; ``overrides`` stand in for run-config entries, ``result`` receives the results
+    (``built``, ``heartbeat``: see :func:`main`)."""
     server = ServerApp()
-    server.main()(lambda grid, context: main(grid, context, overrides, dataset, result))
+    server.main()(lambda grid, context: main(grid, context, overrides, dataset, result, built, heartbeat))
     return server
 
 

@@ -14,10 +14,12 @@ from typing import Any
 
 from flwr.simulation import run_simulation
 
+from gfmfr.build import build_run_model
 from gfmfr.config import RunConfig, to_toml
 from gfmfr.data.dataset import Dataset
 from gfmfr.flower.client_app import make_client_app
 from gfmfr.flower.server_app import make_server_app
+from gfmfr.runtime import Watchdog, single_threaded_blas, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +32,21 @@ def run_simulated(
     nodes = cfg.runtime.nodes
     if nodes < 1:
         raise ValueError(f"runtime.nodes must be at least 1, got {nodes}")
-    # every node is one worker with one CPU and one torch thread
+    # every node is one worker with one CPU and one thread; so is the server, whose thread computes
+    # while Ray forks its workers (no BLAS pool to deadlock: runtime.single_threaded_blas)
     node_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))
+    use_threads(1)
+    single_threaded_blas()
+    built = build_run_model(dataset, node_cfg)  # GFMFR's content PCA: here, before any worker starts
     result: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="gfmfr-flower-") as tmp:
-        overrides = {"config": to_toml(cfg)}
+    with (
+        tempfile.TemporaryDirectory(prefix="gfmfr-flower-") as tmp,
+        Watchdog(cfg.runtime.stall_timeout, "the Flower simulation") as watchdog,
+    ):
+        overrides = {"config": to_toml(node_cfg)}
         if out is not None:
             overrides["model-out"] = str(out)
-        server = make_server_app(overrides, dataset, result)
+        server = make_server_app(overrides, dataset, result, built, watchdog.beat)
         client = make_client_app({"config": to_toml(node_cfg), "state-root": state_root or tmp})
         run_simulation(
             server,

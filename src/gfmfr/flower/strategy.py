@@ -70,8 +70,11 @@ class FedRecStrategy(Strategy):
         timeout: float = 3600.0,
         node_wait: float = 600.0,
         keep_best: bool = False,
+        heartbeat: Callable[[], None] = lambda: None,
     ):
         self.cfg, self.model, self.plugins = cfg, model, plugins
+        self.heartbeat = heartbeat
+        """Called whenever the run makes progress (replies arrive, a round ends): a watchdog's beat."""
         self.keep_best = keep_best
         """Keep the federation of the best validation round (for the saved model)."""
         self.kept: tuple[int, dict[str, Any], list[dict[str, Any]]] | None = None
@@ -138,6 +141,7 @@ class FedRecStrategy(Strategy):
         for attempt in range(attempts):
             sent = {m.metadata.dst_node_id: self.partition_of[m.metadata.dst_node_id] for m in messages}
             for reply in grid.send_and_receive(messages, timeout=self.timeout):
+                self.heartbeat()
                 if reply.has_error():  # the ClientApp raised, or the node died with the reply half sent
                     errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 elif reply.metadata.src_node_id in sent:
@@ -307,6 +311,7 @@ class FedRecStrategy(Strategy):
                 t2 = time.perf_counter()
                 entry.valid = self.evaluate(grid, t + 1, "valid")
                 entry.seconds["evaluate"] = time.perf_counter() - t2
+                self.heartbeat()
                 test = functools.partial(self.evaluate, grid, t + 1, "test")
                 if best.update(t, entry.valid, test) and self.keep_best:
                     self.snapshot(grid, t)
