@@ -2,8 +2,9 @@
 
 Most tests drive the real ServerApp and ClientApp code through :class:`gfmfr.flower.local.LocalGrid`
 (Flower messages and records, no Ray): node counts from 1 to one user per node in seconds. One
-test runs Flower's simulation engine itself (Ray); the deployment test (real SuperLink and
-SuperNode processes) is marked slow.
+test runs Flower's simulation engine itself (Ray) on synthetic data; the slow tests run it on
+ML-100K's real content (four runs in a row, and SIGTERM), and deploy real SuperLink and SuperNode
+processes.
 """
 
 from __future__ import annotations

@@ -304,6 +304,30 @@ def test_mlp_expert_by_view_blocks_equals_the_mlp_on_the_concatenation():
         torch.testing.assert_close(fusion(groups, sel), reference)
 
 
+def test_nystrom_grouping_finds_the_groups_exact_spectral_grouping_finds():
+    """Beyond ``gfmfr.landmarks`` participants, spectral grouping uses the Nystrom approximation: on five
+    planted communities it recovers them as the exact method does; with landmarks covering every
+    participant, its embedding spans the exact normalised affinity's top eigenvectors."""
+    from gfmfr.plugins.group_fusion.grouping import nystrom_embedding
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 5, 1200)
+    x = prepare(3 * rng.normal(size=(5, 12))[truth] + rng.normal(size=(1200, 12)))
+    exact = cluster(x, 5, "spectral", seed=0)
+    approx = cluster(x, 5, "spectral", seed=0, landmarks=200)
+    assert adjusted_rand_score(truth, approx) > 0.95 and adjusted_rand_score(exact, approx) > 0.95
+    assert (cluster(x, 5, "spectral", seed=0, landmarks=1200) == exact).all()  # not beyond: exact
+    small = x[:150]
+    from gfmfr.plugins.group_fusion.grouping import rbf_affinity
+
+    a = rbf_affinity(small)
+    d = a.sum(1)
+    values, vectors = np.linalg.eigh(a / np.sqrt(np.outer(d, d)))
+    top = vectors[:, -5:]
+    u = nystrom_embedding(small, 5, 150, seed=0)  # every row a landmark: the exact affinity
+    np.testing.assert_allclose(np.abs(top.T @ u).sum(1), 1.0, atol=1e-6)  # the same subspace, column by column
+
+
 def test_rbf_affinity_matches_pairwise_distances():
     from scipy.spatial.distance import pdist, squareform
 

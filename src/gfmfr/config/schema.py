@@ -194,6 +194,10 @@ class GFMFRConfig:
     """``spectral`` (RBF affinity, median-distance bandwidth) or ``kmeans``."""
     pca_variance: float | None = 0.95
     """Variance kept by PCA of the standardised signatures; ``None`` skips PCA."""
+    landmarks: int = 1000
+    """Spectral grouping of more participants than this uses the Nystrom approximation over this many
+    seeded landmark participants: time and memory linear in participants instead of quadratic (exact
+    spectral clustering of 100,000 participants needs an 80 GB affinity matrix)."""
     modalities: tuple[Literal["text", "image"], ...] = ("text", "image")
     """Content modalities fused (any non-empty subset of those the dataset has)."""
     fusion: Literal["sum", "mlp", "gate", "attention", "mixture"] = "mlp"

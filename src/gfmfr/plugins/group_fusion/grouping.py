@@ -3,8 +3,11 @@
 Signatures are standardised per feature, optionally reduced by PCA (95% variance kept), and
 clustered into G groups: spectral clustering on an RBF affinity with
 gamma = 1 / (2 * median pairwise Euclidean distance^2) (seeded, unlike the reference), or
-k-means. Group ids are aligned with the previous round's by Hungarian matching on member
-overlap, so group g keeps meaning the same users across rounds. Clients not sampled keep
+k-means. Above ``gfmfr.landmarks`` participants, spectral clustering uses the Nystrom approximation
+of the normalised affinity (Fowlkes, Belongie, Chung and Malik, "Spectral grouping using the Nystrom
+method", TPAMI 2004): affinities to m seeded landmarks only, O(n m^2) time and O(n m) memory,
+then k-means on the row-normalised embedding. Group ids are aligned with the previous round's by
+Hungarian matching on member overlap, so group g keeps meaning the same users across rounds. Clients not sampled keep
 their last group; clients never grouped have none (-1).
 """
 
@@ -51,11 +54,34 @@ def rbf_affinity(x: np.ndarray) -> np.ndarray:
     return np.exp(-gamma * d**2)
 
 
-def cluster(x: np.ndarray, n_groups: int, method: str, seed: int) -> np.ndarray:
-    """Group labels 0..G-1 of the rows of ``x``."""
+def nystrom_embedding(x: np.ndarray, k: int, landmarks: int, seed: int) -> np.ndarray:
+    """The top ``k`` eigenvectors [n, k] of the normalised RBF affinity D^-1/2 A D^-1/2 of the rows of
+    ``x``, with A approximated from ``landmarks`` seeded rows (one-shot Nystrom, Fowlkes et al. 2004).
+    The bandwidth is :func:`rbf_affinity`'s, its median taken over the distances to the landmarks."""
+    rng = np.random.default_rng([seed, 23])
+    picked = np.sort(rng.choice(len(x), size=landmarks, replace=False))
+    d = euclidean_distances(x, x[picked])  # [n, m]
+    others = np.ones(d.shape, bool)
+    others[picked, np.arange(landmarks)] = False  # a landmark's distance to itself is no pair
+    med = np.median(d[others]) if others.any() else 1.0
+    c = np.exp(-(d**2) / (2.0 * max(med, 1e-12) ** 2))
+    values, vectors = np.linalg.eigh(c[picked])  # W, the landmarks' own affinity
+    keep = values > 1e-10 * values.max()
+    b = c @ (vectors[:, keep] / np.sqrt(values[keep]))  # A ~ B B^T
+    degree = np.clip(b @ b.sum(0), 1e-12, None)
+    u, _, _ = np.linalg.svd(b / np.sqrt(degree)[:, None], full_matrices=False)
+    return u[:, :k]
+
+
+def cluster(x: np.ndarray, n_groups: int, method: str, seed: int, landmarks: int | None = None) -> np.ndarray:
+    """Group labels 0..G-1 of the rows of ``x`` (spectral: Nystrom beyond ``landmarks`` rows)."""
     n_groups = min(n_groups, len(x))
     if n_groups <= 1:
         return np.zeros(len(x), dtype=np.int64)
+    if method == "spectral" and landmarks is not None and len(x) > landmarks:
+        embedding = nystrom_embedding(x, n_groups, landmarks, seed)
+        embedding /= np.clip(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12, None)
+        return KMeans(n_clusters=n_groups, n_init=10, random_state=seed).fit_predict(embedding).astype(np.int64)
     if method == "spectral":
         model = SpectralClustering(
             n_clusters=n_groups, affinity="precomputed", random_state=seed, assign_labels="cluster_qr"
@@ -80,10 +106,19 @@ def align(previous: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray
 class Grouping:
     """Group id per client, updated from the signatures of each round's participants."""
 
-    def __init__(self, n_clients: int, n_groups: int, method: str = "spectral", pca_variance: float | None = 0.95):
+    def __init__(
+        self,
+        n_clients: int,
+        n_groups: int,
+        method: str = "spectral",
+        pca_variance: float | None = 0.95,
+        landmarks: int | None = None,
+    ):
         self.n_groups = n_groups
         self.method = method
         self.pca_variance = pca_variance
+        self.landmarks = landmarks
+        """Spectral clustering of more participants uses the Nystrom approximation (None: never)."""
         self.group = np.full(n_clients, -1, dtype=np.int64)
         self.view = np.zeros((0, 2))
         """2-D PCA view [participants, 2] of the last round's standardised signatures (for plots)."""
@@ -91,7 +126,7 @@ class Grouping:
     def update(self, users: np.ndarray, signatures: np.ndarray, seed: int) -> np.ndarray:
         """Cluster the participants, align ids with the last round, store and return their labels."""
         x = prepare(signatures, self.pca_variance)
-        labels = cluster(x, self.n_groups, self.method, seed)
+        labels = cluster(x, self.n_groups, self.method, seed, self.landmarks)
         labels = align(self.group[users], labels, self.n_groups)
         self.group[users] = labels
         # PCA output is ordered by variance, so its first two columns are the 2-D PCA view

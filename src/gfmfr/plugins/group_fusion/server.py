@@ -160,7 +160,9 @@ class GFMFRServer(ServerHalf):
             else torch.zeros(self.n_items, dtype=torch.bool).index_fill_(0, torch.from_numpy(warm), True)
         )
         """The items training knows (None: all); the fusion model is fitted to them alone."""
-        self.grouping = Grouping(dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance)
+        self.grouping = Grouping(
+            dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance, self.cfg.landmarks
+        )
         self.fusion: GroupFusion | None = None
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
         self.targets: torch.Tensor | None = None  # [G, n_items, d]: C_g of the last server round (0 if empty)
