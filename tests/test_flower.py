@@ -198,6 +198,35 @@ def test_a_restarted_node_without_its_state_would_not_match(folder, tmp_path, mo
         assert_same_rounds(run_local(cfg, 2, tmp_path), run(cfg))
 
 
+def test_flowers_own_loop_drives_the_strategy_with_mods_on_the_client(folder, tmp_path):
+    """FedRecStrategy runs inside Flower's ``Strategy.start`` (its round loop, logged as Flower logs it),
+    ends the loop when early stopping says so, and a Flower mod stacked on the ClientApp sees every
+    message the nodes handle; the numbers stay the in-process run's."""
+    from flwr.serverapp.strategy import Strategy
+
+    from gfmfr.flower import client_app, server_app
+    from gfmfr.flower.local import LocalGrid
+    from gfmfr.flower.strategy import FedRecStrategy
+
+    assert issubclass(FedRecStrategy, Strategy) and "start" not in FedRecStrategy.__dict__
+    seen: list[str] = []
+
+    def counting(message, context, call_next):
+        seen.append(message.metadata.message_type)
+        return call_next(message, context)
+
+    cfg = small(folder, "fcf", "gfmfr", rounds=30, early_stop_patience=2)
+    client_app._NODES.clear()
+    app = client_app.make_client_app({"config": to_toml(cfg)}, mods=[counting])
+    grid = LocalGrid(app, 2, {"state-dir": str(tmp_path / "state")})
+    result: dict = {}
+    server_app.main(grid, Context(1, 0, {}, RecordDict(), {}), {"config": to_toml(cfg)}, None, result)
+    inprocess = run(cfg)
+    assert len(result["history"]) == len(inprocess["history"]) < 30  # stopped early, as in process
+    assert_same_rounds(result, inprocess)
+    assert seen.count("train") == 2 * len(result["history"]) and "evaluate" in seen
+
+
 def test_flower_simulation_engine_gives_the_in_process_numbers(folder, tmp_path):
     """Flower's own simulation engine (Ray, 3 nodes, one CPU each), GFMFR on FCF: same per-round numbers."""
     cfg = small(folder, "fcf", "gfmfr", rounds=3)

@@ -17,6 +17,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from gfmfr.federation.validation import keep_screened, screening
 from gfmfr.flower import wire
@@ -96,9 +97,10 @@ def export(message: Message, context: Context, overrides: dict[str, Any] | None 
     return Message(RecordDict({"arrays": wire.pack(node.exported())}), reply_to=message)
 
 
-def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` stand in for run-config entries (the simulation passes the config so)."""
-    client = ClientApp()
+def make_client_app(overrides: dict[str, Any] | None = None, mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` stand in for run-config entries (the simulation passes the config so);
+    ``mods`` are Flower mods stacked on it (each sees every message, in order, before the handler)."""
+    client = ClientApp(mods=mods)
     client.query()(lambda message, context: query(message, context, overrides))
     client.train()(lambda message, context: train(message, context, overrides))
     client.evaluate()(lambda message, context: evaluate(message, context, overrides))

@@ -12,9 +12,12 @@ does (:mod:`gfmfr.federation.engine`):
 - :meth:`FedRecStrategy.configure_evaluate` / :meth:`FedRecStrategy.aggregate_evaluate`: every node
   ranks its own users' held-out items and returns metric sums; the server adds them up.
 
-:meth:`FedRecStrategy.fit` runs the rounds with best-round selection on validation and early
-stopping, as :meth:`gfmfr.federation.engine.Federation.fit` does; test metrics are asked for only
-at a new best validation round. When the run saves its model, a new best round also has every node
+Flower's own loop (:meth:`~flwr.serverapp.strategy.Strategy.start`) drives the rounds; the hooks
+select the best round on validation and stop early as :meth:`gfmfr.federation.engine.Federation.fit`
+does (test metrics are asked for only at a new best validation round; a run that is over ends
+Flower's loop). :meth:`FedRecStrategy.fit` hands ``start`` a :class:`PartitionGrid`, which sends a
+message again to the node that serves its partition now if the first did not answer. When the run
+saves its model, a new best round also has every node
 keep its users' private state (``query.snapshot``) and the server its own half; at the end
 :meth:`FedRecStrategy.best_model` gathers the nodes' kept state (``query.export``) into the saved
 model's layout (:mod:`gfmfr.serving.saved`).
@@ -33,6 +36,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
@@ -51,6 +55,80 @@ from gfmfr.flower.node import partition_users
 from gfmfr.models.base import FederatedRecommender
 
 log = logging.getLogger(__name__)
+
+
+class Finished(Exception):
+    """Raised by a hook once the run is over (early stopping, the privacy budget spent): it ends
+    Flower's round loop, which knows no early stopping."""
+
+
+class PartitionGrid(Grid):
+    """A grid whose ``send_and_receive`` gets one reply per partition: a message whose node does not
+    answer (it died) is sent again to the node that serves its partition then
+    (:meth:`FedRecStrategy.exchange`). Everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, strategy: FedRecStrategy):
+        self.grid, self.strategy = grid, strategy
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        if not sent:
+            return []
+
+        def make(partitions: set[int] | None) -> list[Message]:
+            if partitions is None:
+                return sent
+            node_of = {p: n for n, p in self.strategy.partition_of.items()}
+            return [
+                Message(
+                    m.content,
+                    dst_node_id=node_of[part],
+                    message_type=m.metadata.message_type,
+                    group_id=m.metadata.group_id,
+                )
+                for m in sent
+                if (part := self.strategy.partition_seen.get(m.metadata.dst_node_id)) in partitions
+            ]
+
+        return self.strategy.exchange(self.grid, make)
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+
+def raw(grid: Grid | None) -> Grid:
+    """The grid under a :class:`PartitionGrid` (the strategy's own exchanges resend by themselves)."""
+    if grid is None:
+        raise RuntimeError("no grid yet: the strategy's hooks run inside Flower's loop")
+    return grid.grid if isinstance(grid, PartitionGrid) else grid
+
+
+def metric_sums(replies: Iterable[Message]) -> dict[str, float]:
+    """The metrics of the nodes' metric sums (:func:`gfmfr.eval.evaluator.metrics_from_sums`)."""
+    parts = []
+    for reply in replies:
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to evaluate: {reply.error.reason}")
+        parts.append(wire.numbers(reply.content.metric_records["sums"]))
+    return metrics_from_sums(parts)
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -85,6 +163,17 @@ class FedRecStrategy(Strategy):
         self.server_opt = build_server_optimizer(cfg.federation)
         self.partition_of: dict[int, int] = {}
         """Node id -> the partition it hosts."""
+        self.partition_seen: dict[int, int] = {}
+        """Node id -> the partition it hosted, for every node seen (a dead node's messages go to its
+        partition's new node)."""
+        self.best = BestRound(cfg.eval.select_metric, cfg.federation.early_stop_patience)
+        self.finished = False
+        """The run is over: early stopping or the privacy budget (the hooks then end Flower's loop)."""
+        self.entry: RoundLog | None = None
+        """The round being logged, between training and validation."""
+        self.started = 0.0
+        self.grid: Grid | None = None
+        """The grid Flower's loop hands the hooks (test metrics and snapshots go through it)."""
         self.partitions = 0
         self.history: list[RoundLog] = []
         self.rejected = 0
@@ -112,6 +201,7 @@ class FedRecStrategy(Strategy):
                     # a restarted node comes back under a new id: the newest serves the partition
                     self.partition_of = {n: p for n, p in self.partition_of.items() if p != partition}
                     self.partition_of[reply.metadata.src_node_id] = partition
+                    self.partition_seen[reply.metadata.src_node_id] = partition
                     self.partitions = int(wire.scalar(info, "num-partitions"))
             self.partition_of = {n: p for n, p in self.partition_of.items() if n in nodes}
             if self.partitions and set(self.partition_of.values()) == set(range(self.partitions)):
@@ -171,14 +261,18 @@ class FedRecStrategy(Strategy):
         arrays: ArrayRecord,
         config: ConfigRecord,
         grid: Grid,
-        partitions: set[int] | None = None,
     ) -> Iterable[Message]:
         round_ = server_round - 1
+        self.grid = grid
+        self.discover(raw(grid))  # a node that restarted comes back under a new id
+        if self.finished or (self.ledger is not None and self.ledger.stop_before(round_)):
+            raise Finished
+        self.started = time.perf_counter()
         users = self.sampled(round_)
         want = wants_signatures(self.plugins, round_)
         shared = {n: self.shared[n] for n in self.model.kinds.uploaded}
         messages = []
-        for node, hosted in self.node_users(partitions).items():
+        for node, hosted in self.node_users().items():
             mine = users[np.isin(users, hosted)]
             if not len(mine):
                 continue
@@ -194,6 +288,7 @@ class FedRecStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_ = server_round - 1
+        t1 = time.perf_counter()
         agg = RoundAggregate(
             self.cfg.federation, self.plugins, self.shared, round_, self.noise, self.ledger is not None
         )
@@ -208,6 +303,24 @@ class FedRecStrategy(Strategy):
             agg.add(chunk)
         self.shared, loss = agg.finish(self.server_opt)
         self.rejected = agg.rejected
+        seconds = {"train": t1 - self.started, "aggregate": time.perf_counter() - t1}
+        up, down, extra = end_round(self.plugins, self.model, round_, seconds)
+        self.shared = move_shared(self.plugins, self.shared, round_)
+        spent_now = self.ledger.spend(round_) if self.ledger is not None else None
+        self.entry = RoundLog(
+            round_,
+            len(self.sampled(round_)),
+            loss,
+            seconds,
+            up,
+            down,
+            rejected=self.rejected,
+            extra=extra,
+            epsilon=spent_now,
+        )
+        self.heartbeat()
+        if not self.validates(round_):
+            self.history.append(self.entry)
         return None, MetricRecord({"loss": loss})
 
     def sampled(self, round_: int) -> np.ndarray:
@@ -237,6 +350,11 @@ class FedRecStrategy(Strategy):
         grid: Grid,
         partitions: set[int] | None = None,
     ) -> Iterable[Message]:
+        if "split" not in config:  # Flower's loop: validation, in the rounds that validate
+            if not self.validates(server_round - 1):
+                return []
+            config = ConfigRecord({"split": "valid"})
+            self.started = time.perf_counter()
         shared = {f"shared/{n}": self.shared[n] for n in self.model.kinds.uploaded}
         return [
             Message(
@@ -249,12 +367,34 @@ class FedRecStrategy(Strategy):
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        parts = []
-        for reply in replies:
-            if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to evaluate: {reply.error.reason}")
-            parts.append(wire.numbers(reply.content.metric_records["sums"]))
-        return wire.metric_record(metrics_from_sums(parts))
+        """Validation: the round's metrics, the best round so far (test metrics when it is new), and
+        early stopping."""
+        replies = list(replies)
+        if not replies or self.entry is None:
+            return None
+        round_, entry = server_round - 1, self.entry
+        entry.valid = metric_sums(replies)
+        entry.seconds["evaluate"] = time.perf_counter() - self.started
+        self.heartbeat()
+        test = functools.partial(self.evaluate, raw(self.grid), server_round, "test")
+        if self.best.update(round_, entry.valid, test) and self.keep_best:
+            self.snapshot(raw(self.grid), round_)
+        log.info(
+            "round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)%s",
+            round_,
+            entry.loss,
+            entry.valid.get("NDCG@10", float("nan")),
+            entry.seconds["train"],
+            spent(entry),
+        )
+        self.history.append(entry)
+        self.finished = self.best.stop(round_)
+        return wire.metric_record(entry.valid)
+
+    def validates(self, round_: int) -> bool:
+        """Whether ``round_`` ends with a validation (every ``federation.eval_every`` rounds, and the last)."""
+        fed = self.cfg.federation
+        return (round_ + 1) % fed.eval_every == 0 or round_ == fed.rounds - 1
 
     def summary(self) -> None:
         log.info(
@@ -268,65 +408,25 @@ class FedRecStrategy(Strategy):
 
     # ---- the run -----------------------------------------------------------------------------
     def evaluate(self, grid: Grid, server_round: int, split: str) -> dict[str, float]:
+        """Metrics of ``split`` summed over every node's users."""
+
         def messages(parts: set[int] | None) -> list[Message]:
             config = ConfigRecord({"split": split})
             return list(self.configure_evaluate(server_round, ArrayRecord(), config, grid, parts))
 
-        return wire.numbers(self.aggregate_evaluate(server_round, self.exchange(grid, messages)))
+        return metric_sums(self.exchange(grid, messages))
 
     def fit(self, grid: Grid) -> dict[str, Any]:
-        """Every round with selection on validation; returns the summary and the per-round log."""
-        fed, ev = self.cfg.federation, self.cfg.eval
+        """Every round, driven by Flower's loop, with selection on validation; returns the summary
+        (the per-round log is :attr:`history`)."""
         self.discover(grid)
-        self.summary()
-        best = BestRound(ev.select_metric, fed.early_stop_patience)
-        for t in range(fed.rounds):
-            self.discover(grid)  # a node that restarted comes back under a new id
-            if self.ledger is not None and self.ledger.stop_before(t):
-                break
-            t0 = time.perf_counter()
-            sampled = self.sampled(t)
-
-            def messages(parts: set[int] | None, t: int = t) -> list[Message]:
-                return list(self.configure_train(t + 1, ArrayRecord(), ConfigRecord(), grid, parts))
-
-            replies = self.exchange(grid, messages)
-            t1 = time.perf_counter()
-            _, metrics = self.aggregate_train(t + 1, replies)
-            seconds = {"train": t1 - t0, "aggregate": time.perf_counter() - t1}
-            up, down, extra = end_round(self.plugins, self.model, t, seconds)
-            self.shared = move_shared(self.plugins, self.shared, t)
-            entry = RoundLog(
-                t,
-                len(sampled),
-                wire.numbers(metrics)["loss"],
-                seconds,
-                up,
-                down,
-                rejected=self.rejected,
-                extra=extra,
-                epsilon=self.ledger.spend(t) if self.ledger is not None else None,
+        try:
+            self.start(
+                PartitionGrid(grid, self), ArrayRecord(), num_rounds=self.cfg.federation.rounds, timeout=self.timeout
             )
-            if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
-                t2 = time.perf_counter()
-                entry.valid = self.evaluate(grid, t + 1, "valid")
-                entry.seconds["evaluate"] = time.perf_counter() - t2
-                self.heartbeat()
-                test = functools.partial(self.evaluate, grid, t + 1, "test")
-                if best.update(t, entry.valid, test) and self.keep_best:
-                    self.snapshot(grid, t)
-                log.info(
-                    "round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)%s",
-                    t,
-                    entry.loss,
-                    entry.valid.get("NDCG@10", float("nan")),
-                    seconds["train"],
-                    spent(entry),
-                )
-            self.history.append(entry)
-            if entry.valid is not None and best.stop(t):
-                break
-        return best.summary()
+        except Finished:
+            log.info("the run is over after round %d", self.history[-1].round if self.history else -1)
+        return self.best.summary()
 
     def snapshot(self, grid: Grid, round_: int) -> None:
         """``round_`` is the best so far: every node keeps its users' private state, the server its half."""
