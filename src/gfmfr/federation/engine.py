@@ -34,7 +34,8 @@ from gfmfr.federation.batched import LocalData, train_clients
 from gfmfr.federation.client_step import client_step
 from gfmfr.federation.history import RoundLog, spent
 from gfmfr.federation.messages import LocalUpdate, TrainInstruction
-from gfmfr.federation.plugin import Plugin, end_round, move_shared, wants_signatures
+from gfmfr.federation.plugin import Plugin, wants_signatures
+from gfmfr.federation.rounds import close_training, over_before, record_validation, round_line, validates
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
 from gfmfr.federation.validation import surviving
@@ -153,10 +154,11 @@ class Federation:
             del update
             seconds["train"] += t1 - t0
             seconds["aggregate"] += time.perf_counter() - t1
-        self.state.shared, loss = agg.finish(self.server_opt)
-        up, down, extra = end_round(self.plugins, self.model, round_, seconds)
-        self.state.shared = move_shared(self.plugins, self.state.shared, round_)
-        return RoundLog(round_, len(users), loss, seconds, up, down, rejected=agg.rejected, extra=extra)
+        shared, loss = agg.finish(self.server_opt)
+        self.state.shared, entry = close_training(
+            self.plugins, self.model, shared, round_, len(users), loss, seconds, agg.rejected
+        )
+        return entry
 
     def train_one_by_one(self, users: np.ndarray, round_: int, want_signatures: bool | None = None) -> LocalUpdate:
         """Local training of ``users`` in ``round_`` through the one-client step, one client after
@@ -283,34 +285,24 @@ class Federation:
         every = self.cfg.runtime.checkpoint_every
         try:
             for t in range(start, fed.rounds):
-                if self.ledger is not None and self.ledger.stop_before(t):
+                if over_before(self.ledger, t):
                     break
                 entry = self.train_round(t)
                 if self.ledger is not None:
                     entry.epsilon = self.ledger.spend(t)
-                if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
+                if validates(fed, t):
                     t0 = time.perf_counter()
-                    entry.valid = self.evaluate("valid")
-                    entry.seconds["evaluate"] = time.perf_counter() - t0
-                    improved = best.update(t, entry.valid, lambda: self.evaluate("test") if evaluate_test else {})
-                    if improved and on_best is not None:
-                        on_best(t)
-                    line(
-                        "round %3d  loss %.4f  valid HR@10 %.4f NDCG@10 %.4f  (%.2fs train)%s",
-                        t,
-                        entry.loss,
-                        entry.valid.get("HR@10", float("nan")),
-                        entry.valid.get("NDCG@10", float("nan")),
-                        entry.seconds["train"],
-                        spent(entry),
-                    )
+                    valid = self.evaluate("valid")
+                    test = (lambda: self.evaluate("test")) if evaluate_test else dict
+                    record_validation(best, entry, valid, time.perf_counter() - t0, test, on_best)
+                    line(*round_line(entry))
                     bar.set_postfix_str(
-                        f"valid {ev.select_metric} {entry.valid[ev.select_metric]:.4f}, "
+                        f"valid {ev.select_metric} {valid[ev.select_metric]:.4f}, "
                         f"best {best.score:.4f} @ {best.round}{spent(entry)}",
                         refresh=False,
                     )
                 else:
-                    line("round %3d  loss %.4f  (%.2fs train)%s", t, entry.loss, entry.seconds["train"], spent(entry))
+                    line(*round_line(entry))
                 self.history.append(entry)
                 bar.update(1)
                 if checkpoint is not None and every and ((t + 1) % every == 0 or t == fed.rounds - 1):

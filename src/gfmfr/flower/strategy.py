@@ -45,9 +45,10 @@ from gfmfr.eval.selection import BestRound
 from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.checkpoint import client_tensors, server_tensors
 from gfmfr.federation.engine import participants, privacy_setup
-from gfmfr.federation.history import RoundLog, spent
+from gfmfr.federation.history import RoundLog
 from gfmfr.federation.messages import LocalUpdate
-from gfmfr.federation.plugin import Plugin, end_round, move_shared, wants_signatures
+from gfmfr.federation.plugin import Plugin, wants_signatures
+from gfmfr.federation.rounds import close_training, over_before, record_validation, round_line, validates
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
 from gfmfr.flower import wire
@@ -265,7 +266,7 @@ class FedRecStrategy(Strategy):
         round_ = server_round - 1
         self.grid = grid
         self.discover(raw(grid))  # a node that restarted comes back under a new id
-        if self.finished or (self.ledger is not None and self.ledger.stop_before(round_)):
+        if self.finished or over_before(self.ledger, round_):
             raise Finished
         self.started = time.perf_counter()
         users = self.sampled(round_)
@@ -304,22 +305,15 @@ class FedRecStrategy(Strategy):
         self.shared, loss = agg.finish(self.server_opt)
         self.rejected = agg.rejected
         seconds = {"train": t1 - self.started, "aggregate": time.perf_counter() - t1}
-        up, down, extra = end_round(self.plugins, self.model, round_, seconds)
-        self.shared = move_shared(self.plugins, self.shared, round_)
-        spent_now = self.ledger.spend(round_) if self.ledger is not None else None
-        self.entry = RoundLog(
-            round_,
-            len(self.sampled(round_)),
-            loss,
-            seconds,
-            up,
-            down,
-            rejected=self.rejected,
-            extra=extra,
-            epsilon=spent_now,
+        clients = len(self.sampled(round_))
+        self.shared, self.entry = close_training(
+            self.plugins, self.model, self.shared, round_, clients, loss, seconds, self.rejected
         )
+        if self.ledger is not None:
+            self.entry.epsilon = self.ledger.spend(round_)
         self.heartbeat()
-        if not self.validates(round_):
+        if not validates(self.cfg.federation, round_):
+            log.info(*round_line(self.entry))
             self.history.append(self.entry)
         return None, MetricRecord({"loss": loss})
 
@@ -351,7 +345,7 @@ class FedRecStrategy(Strategy):
         partitions: set[int] | None = None,
     ) -> Iterable[Message]:
         if "split" not in config:  # Flower's loop: validation, in the rounds that validate
-            if not self.validates(server_round - 1):
+            if not validates(self.cfg.federation, server_round - 1):
                 return []
             config = ConfigRecord({"split": "valid"})
             self.started = time.perf_counter()
@@ -373,28 +367,15 @@ class FedRecStrategy(Strategy):
         if not replies or self.entry is None:
             return None
         round_, entry = server_round - 1, self.entry
-        entry.valid = metric_sums(replies)
-        entry.seconds["evaluate"] = time.perf_counter() - self.started
+        valid = metric_sums(replies)
         self.heartbeat()
         test = functools.partial(self.evaluate, raw(self.grid), server_round, "test")
-        if self.best.update(round_, entry.valid, test) and self.keep_best:
-            self.snapshot(raw(self.grid), round_)
-        log.info(
-            "round %3d  loss %.4f  valid NDCG@10 %.4f  (%.2fs train)%s",
-            round_,
-            entry.loss,
-            entry.valid.get("NDCG@10", float("nan")),
-            entry.seconds["train"],
-            spent(entry),
-        )
+        keep = functools.partial(self.snapshot, raw(self.grid)) if self.keep_best else None
+        record_validation(self.best, entry, valid, time.perf_counter() - self.started, test, keep)
+        log.info(*round_line(entry))
         self.history.append(entry)
         self.finished = self.best.stop(round_)
-        return wire.metric_record(entry.valid)
-
-    def validates(self, round_: int) -> bool:
-        """Whether ``round_`` ends with a validation (every ``federation.eval_every`` rounds, and the last)."""
-        fed = self.cfg.federation
-        return (round_ + 1) % fed.eval_every == 0 or round_ == fed.rounds - 1
+        return wire.metric_record(valid)
 
     def summary(self) -> None:
         log.info(
