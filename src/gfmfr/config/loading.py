@@ -155,6 +155,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("runtime", "checkpoint_every"): (lambda v: v >= 0, "at least 0"),
     ("runtime", "stall_timeout"): (lambda v: v >= 0, "at least 0"),
     ("gfmfr", "landmarks"): (lambda v: v >= 2, "at least 2"),
+    ("gfmfr", "exact_grouping_max"): (lambda v: v >= 0, "at least 0"),
 }
 """Numeric fields whose value must lie in a range, checked when a config loads."""
 

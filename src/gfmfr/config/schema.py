@@ -194,11 +194,12 @@ class GFMFRConfig:
     """``spectral`` (RBF affinity, median-distance bandwidth) or ``kmeans``."""
     pca_variance: float | None = 0.95
     """Variance kept by PCA of the standardised signatures; ``None`` skips PCA."""
-    landmarks: int = 5000
-    """Spectral grouping of more participants than this uses the Nystrom approximation over this many
-    seeded landmark participants: time and memory linear in participants instead of quadratic (exact
-    spectral clustering of 100,000 participants needs an 80 GB affinity matrix; of 5,000, 200 MB). Every
-    dataset measured so far (at most 2,928 participants) is grouped exactly at the default."""
+    exact_grouping_max: int = 5000
+    """Participants up to which spectral grouping is exact (its affinity matrix: 200 MB at 5,000, 80 GB at
+    100,000); beyond, the Nystrom approximation over ``landmarks`` participants. Every dataset measured
+    so far (at most 2,928 participants) is grouped exactly at the default."""
+    landmarks: int = 1000
+    """Seeded landmark participants of the Nystrom approximation: time and memory linear in participants."""
     modalities: tuple[Literal["text", "image"], ...] = ("text", "image")
     """Content modalities fused (any non-empty subset of those the dataset has)."""
     fusion: Literal["sum", "mlp", "gate", "attention", "mixture"] = "mlp"

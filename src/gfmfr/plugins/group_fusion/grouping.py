@@ -3,7 +3,7 @@
 Signatures are standardised per feature, optionally reduced by PCA (95% variance kept), and
 clustered into G groups: spectral clustering on an RBF affinity with
 gamma = 1 / (2 * median pairwise Euclidean distance^2) (seeded, unlike the reference), or
-k-means. Above ``gfmfr.landmarks`` participants, spectral clustering uses the Nystrom approximation
+k-means. Above ``gfmfr.exact_grouping_max`` participants, spectral clustering uses the Nystrom approximation
 of the normalised affinity (Fowlkes, Belongie, Chung and Malik, "Spectral grouping using the Nystrom
 method", TPAMI 2004): affinities to m seeded landmarks only, O(n m^2) time and O(n m) memory,
 then k-means on the row-normalised embedding. Group ids are aligned with the previous round's by
@@ -73,13 +73,22 @@ def nystrom_embedding(x: np.ndarray, k: int, landmarks: int, seed: int) -> np.nd
     return u[:, :k]
 
 
-def cluster(x: np.ndarray, n_groups: int, method: str, seed: int, landmarks: int | None = None) -> np.ndarray:
-    """Group labels 0..G-1 of the rows of ``x`` (spectral: Nystrom beyond ``landmarks`` rows)."""
+def cluster(
+    x: np.ndarray,
+    n_groups: int,
+    method: str,
+    seed: int,
+    landmarks: int | None = None,
+    exact_max: int | None = None,
+) -> np.ndarray:
+    """Group labels 0..G-1 of the rows of ``x`` (spectral: the Nystrom approximation over ``landmarks``
+    rows beyond ``exact_max`` rows, by default beyond ``landmarks``)."""
     n_groups = min(n_groups, len(x))
     if n_groups <= 1:
         return np.zeros(len(x), dtype=np.int64)
-    if method == "spectral" and landmarks is not None and len(x) > landmarks:
-        embedding = nystrom_embedding(x, n_groups, landmarks, seed)
+    limit = exact_max if exact_max is not None else landmarks
+    if method == "spectral" and landmarks is not None and limit is not None and len(x) > limit:
+        embedding = nystrom_embedding(x, n_groups, min(landmarks, len(x)), seed)
         embedding /= np.clip(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12, None)
         return KMeans(n_clusters=n_groups, n_init=10, random_state=seed).fit_predict(embedding).astype(np.int64)
     if method == "spectral":
@@ -113,12 +122,14 @@ class Grouping:
         method: str = "spectral",
         pca_variance: float | None = 0.95,
         landmarks: int | None = None,
+        exact_max: int | None = None,
     ):
         self.n_groups = n_groups
         self.method = method
         self.pca_variance = pca_variance
-        self.landmarks = landmarks
-        """Spectral clustering of more participants uses the Nystrom approximation (None: never)."""
+        self.landmarks, self.exact_max = landmarks, exact_max
+        """Spectral clustering of more than ``exact_max`` participants uses the Nystrom approximation over
+        ``landmarks`` of them (None: never)."""
         self.group = np.full(n_clients, -1, dtype=np.int64)
         self.view = np.zeros((0, 2))
         """2-D PCA view [participants, 2] of the last round's standardised signatures (for plots)."""
@@ -126,7 +137,7 @@ class Grouping:
     def update(self, users: np.ndarray, signatures: np.ndarray, seed: int) -> np.ndarray:
         """Cluster the participants, align ids with the last round, store and return their labels."""
         x = prepare(signatures, self.pca_variance)
-        labels = cluster(x, self.n_groups, self.method, seed, self.landmarks)
+        labels = cluster(x, self.n_groups, self.method, seed, self.landmarks, self.exact_max)
         labels = align(self.group[users], labels, self.n_groups)
         self.group[users] = labels
         # PCA output is ordered by variance, so its first two columns are the 2-D PCA view

@@ -161,7 +161,12 @@ class GFMFRServer(ServerHalf):
         )
         """The items training knows (None: all); the fusion model is fitted to them alone."""
         self.grouping = Grouping(
-            dataset.n_users, self.cfg.groups, self.cfg.grouping, self.cfg.pca_variance, self.cfg.landmarks
+            dataset.n_users,
+            self.cfg.groups,
+            self.cfg.grouping,
+            self.cfg.pca_variance,
+            self.cfg.landmarks,
+            self.cfg.exact_grouping_max,
         )
         self.fusion: GroupFusion | None = None
         self.preferences: torch.Tensor | None = None  # [G, n_items], from the last server round
