@@ -18,7 +18,7 @@ from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.checkpoint import CHECKPOINT
 from gfmfr.federation.engine import Federation
 from gfmfr.models import BASELINES
-from gfmfr.results import federated_results, write_results
+from gfmfr.results import federated_results, resolved_settings, write_results
 from gfmfr.runtime import use_threads
 from gfmfr.serving.saved import (
     MODEL_DIR,
@@ -92,6 +92,11 @@ def run(
     torch.manual_seed(cfg.seed)
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
     log.info("data: %d users, %d items, %d training pairs", dataset.n_users, dataset.n_items, len(dataset.train_items))
+    if cfg.model.name == "fedrap" and resolved_settings(cfg)["private_item_lr"] == 0:
+        log.warning(
+            "FedRAP's private item table D_u does not learn here (model.private_item_lr = 0, the default: "
+            "learning it lowered or did not change validation on ML-100K and KU); this run trains C alone"
+        )
     if cfg.model.name in BASELINES:
         body = run_baseline(dataset, cfg)
     elif cfg.training == "centralised":
