@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -123,18 +124,31 @@ def run_point(args: argparse.Namespace, users: int, model: str, plugin: str, fra
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+NAMES = {"fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP"}
+
+
+def label(row: dict) -> str:
+    name = NAMES.get(row["model"], row["model"])
+    return name if row["plugin"] == "none" else f"GFMFR-{name}"
+
+
+def order(row: dict) -> tuple:
+    """Size (a point that failed carries the size asked for, one that ran the size built), model,
+    base before GFMFR, full participation first."""
+    return (round(math.log10(row["users"])), list(NAMES).index(row["model"]), row["plugin"] != "none", -row["fraction"])
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| users | items | model | fraction | participants | s/round | peak RSS MB | up KB/client | down KB/client |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        label = r["model"].upper() if r["plugin"] == "none" else f"GFMFR-{r['model'].upper()}"
         if "error" in r:
-            lines.append(f"| {r['users']:,} | | {label} | {r['fraction']:g} | | {r['error']} | | | |")
+            lines.append(f"| {r['users']:,} | | {label(r)} | {r['fraction']:g} | | {r['error']} | | | |")
             continue
         lines.append(
-            f"| {r['users']:,} | {r['items']:,} | {label} | {r['fraction']:g} | {r['clients']:,} "
+            f"| {r['users']:,} | {r['items']:,} | {label(r)} | {r['fraction']:g} | {r['clients']:,} "
             f"| {r['seconds_per_round']:.2f} | {r['peak_rss_mb']:.0f} | {r['bytes_up_per_client'] / 1024:.1f} "
             f"| {r['bytes_down_per_client'] / 1024:.0f} |"
         )
@@ -147,28 +161,29 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     series: dict[str, list[dict]] = {}
     for r in rows:
         if "error" not in r:
-            label = (r["model"].upper() if r["plugin"] == "none" else f"GFMFR-{r['model'].upper()}") + (
-                f", {r['fraction']:g}"
-            )
-            series.setdefault(label, []).append(r)
-    for label, points in sorted(series.items()):
+            series.setdefault(f"{label(r)}, {r['fraction']:g}", []).append(r)
+    methods = sorted({label(r) for r in rows})
+    colours = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))
+    for name, points in sorted(series.items()):
         points.sort(key=lambda r: r["users"])
         xs = [r["users"] for r in points]
-        axes[0].plot(xs, [r["seconds_per_round"] for r in points], marker="o", label=label)
-        axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for r in points], marker="o", label=label)
+        style = dict(color=colours[label(points[0])], marker="o", linestyle="-" if points[0]["fraction"] == 1 else "--")
+        axes[0].plot(xs, [r["seconds_per_round"] for r in points], label=name, **style)
+        axes[1].plot(xs, [r["peak_rss_mb"] / 1024 for r in points], label=name, **style)
     for ax, ylabel in zip(axes, ["seconds per round", "peak RSS (GB)"], strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("users")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Cost of a round against the federation's size (synthetic, 2 cores)")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle("Cost of a round against the federation's size (synthetic; solid: every client, dashed: 1%)")
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -192,7 +207,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     done = out / "scaling.json"
     rows: list[dict] = json.loads(done.read_text()) if done.exists() else []
-    have = {(r["users"], r["model"], r["plugin"], r["fraction"]) for r in rows}
+    have = {(10 ** round(math.log10(r["users"])), r["model"], r["plugin"], r["fraction"]) for r in rows}
     for users in args.users:
         for model in args.models:
             for plugin in args.plugins:
@@ -203,7 +218,7 @@ def main() -> None:
                     sys.stdout.write(table(rows[-1:]).splitlines()[-1] + "\n")
                     sys.stdout.flush()
                     done.write_text(json.dumps(rows, indent=1))
-    rows.sort(key=lambda r: (r["users"], r["model"], r["plugin"], -r["fraction"]))
+    rows.sort(key=order)
     (out / "scaling.md").write_text(table(rows))
     plot(rows, out / "scaling.png")
     sys.stdout.write(table(rows))
