@@ -176,12 +176,19 @@ def test_the_score_baselines_config_knows_are_the_models_that_score_without_trai
 
 
 def test_a_stored_config_is_read_through_todays_schema():
-    """A field added since a run was stored takes its default; a retired one makes it another run."""
+    """A field added since a run was stored takes its default; a retired one makes it another run unless
+    its value means what today's code computes."""
     from gfmfr.config import from_stored, to_dict
 
     old = to_dict(from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}}))
     del old["gfmfr"]["content_prior"]
     assert from_stored(old).gfmfr.content_prior == from_dict({}).gfmfr.content_prior
+    old["model"]["fedrap_head"] = "dot"  # retired, with the value today's FedRAP computes: the same run
+    assert from_stored(old) == from_dict({"plugin": "gfmfr", "federation": {"rounds": 100}})
+    old["model"]["fedrap_head"] = "mlp"  # retired, with a value no longer computed: another run
+    with pytest.raises(ConfigError, match="fedrap_head"):
+        from_stored(old)
+    old["model"]["fedrap_head"] = "dot"
     old["federation"]["loss_average"] = "batch"
     with pytest.raises(ConfigError, match="loss_average"):
         from_stored(old)

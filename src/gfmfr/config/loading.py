@@ -91,6 +91,13 @@ RETIRED = {
 """Keys this project no longer reads, with what to write instead: a config that has one is an error
 that says so (:func:`from_dict`)."""
 
+RETIRED_AS_TODAY = {
+    ("model", "fedrap_head"): "dot",
+    ("data", "max_train_per_user"): 0,
+}
+"""Retired keys whose value, when a stored run has it, means what today's code computes: a finished run
+or a checkpoint that recorded it is still a run of today's configuration (:func:`gfmfr.config.from_stored`)."""
+
 
 def _retired(values: dict[str, Any], where: str) -> None:
     if values.get("plugin") in ("mmx", "fedvlr"):

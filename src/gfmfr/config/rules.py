@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from gfmfr.config.loading import from_dict, to_dict
+from gfmfr.config.loading import RETIRED_AS_TODAY, from_dict, to_dict
 from gfmfr.config.schema import SCORE_BASELINES, PrivacyConfig, RunConfig
 
 
 def from_stored(values: dict[str, Any]) -> RunConfig:
-    """A configuration as a finished run or a checkpoint recorded it, read through today's schema (a field
-    added since takes its default; one retired since is a :class:`ConfigError`)."""
+    """A configuration as a finished run or a checkpoint recorded it, read through today's schema: a field
+    added since takes its default; a retired one is dropped where its value means what today's code
+    computes (:data:`~gfmfr.config.loading.RETIRED_AS_TODAY`), and is a :class:`ConfigError` otherwise."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for (section, key), today in RETIRED_AS_TODAY.items():
+        if isinstance(values.get(section), dict) and values[section].get(key, today) == today:
+            values[section].pop(key, None)
     return from_dict(values, "stored config")
 
 
