@@ -17,6 +17,7 @@ from tests.test_gfmfr import gfmfr_config, with_features
 from tests.test_model_contract import small_config
 
 from gfmfr.build import build_run_model
+from gfmfr.federation import checkpoint as ckpt
 from gfmfr.federation.checkpoint import CHECKPOINT
 from gfmfr.federation.engine import Federation
 from gfmfr.models import build_model
@@ -24,6 +25,45 @@ from gfmfr.models import build_model
 
 class Killed(Exception):
     pass
+
+
+@pytest.fixture(autouse=True)
+def every_checkpoint(monkeypatch):
+    """A checkpoint after every round, however long it takes against these tiny rounds: the tests
+    below resume from the round they stopped at."""
+    monkeypatch.setattr(ckpt, "WRITE_SHARE", float("inf"))
+
+
+def test_checkpoints_take_at_most_a_tenth_of_the_run(monkeypatch):
+    monkeypatch.setattr(ckpt, "WRITE_SHARE", 0.1)
+    assert ckpt.due(0, 1, False, writing=0.0, elapsed=0.01)  # the first is always written
+    assert ckpt.due(4, 5, False, writing=1.0, elapsed=10.0)
+    assert not ckpt.due(4, 5, False, writing=1.5, elapsed=10.0)  # writing has taken 15%: skip this one
+    assert not ckpt.due(3, 5, False, writing=0.0, elapsed=10.0)  # not a 5th round
+    assert ckpt.due(3, 5, True, writing=5.0, elapsed=10.0)  # the last round, whatever it costs
+    assert not ckpt.due(0, 0, True, writing=0.0, elapsed=10.0)  # checkpoints off
+
+
+def test_a_slow_checkpoint_is_written_less_often(planted, tmp_path, monkeypatch):
+    """A checkpoint that takes far longer than a round to write is written about every tenth of the
+    run's time, not every round, and the run still resumes from the latest one."""
+    monkeypatch.setattr(ckpt, "WRITE_SHARE", 0.1)
+    written = []
+    save = ckpt.save
+
+    def slow_save(fed, best, path):
+        save(fed, best, path)
+        written.append(len(fed.history))
+        time.sleep(0.2)
+
+    monkeypatch.setattr(ckpt, "save", slow_save)
+    cfg = small_config("fcf", rounds=20)
+    cfg = replace(cfg, federation=replace(cfg.federation, early_stop_patience=0))
+    path = tmp_path / CHECKPOINT
+    fed = Federation(planted, build_model(planted.n_items, cfg.model), cfg)
+    fed.fit(checkpoint=path)
+    assert written[0] == 1 and written[-1] == 20  # the first round's, and the last round's
+    assert len(written) < 10
 
 
 def same_history(a: list, b: list) -> None:

@@ -308,7 +308,9 @@ class RuntimeConfig:
 
     checkpoint_every: int = 1
     """With ``--out``, write a checkpoint (``OUT/checkpoint.safetensors``) every N rounds, so that
-    ``--resume`` continues a killed run (0: none); removed once the run has finished."""
+    ``--resume`` continues a killed run (0: none); removed once the run has finished. Checkpoints
+    take at most a tenth of a run's time: where one takes longer to write (FedRAP's dense private
+    tables), they are written less often."""
     save_model: bool = True
     """With ``--out``, save the federation at each new best validation round in ``OUT/model/``, for
     ``gfmfr recommend`` (FedRAP's is 395 MB on ML-100K: a large ``gfmfr compare`` plan may turn it off)."""

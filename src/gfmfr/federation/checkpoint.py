@@ -33,6 +33,8 @@ from gfmfr.federation.server_steps import ServerOptimizer
 from gfmfr.federation.state import FederationState, save_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
+WRITE_SHARE = 0.1
+"""At most this share of a run's time goes to writing checkpoints (see :func:`due`)."""
 
 
 class Resumable(Protocol):
@@ -90,6 +92,16 @@ def load_federation_tensors(
     state.load_private_tensors(_part(tensors, "clients"))
     for k, plugin in enumerate(plugins):
         plugin.server.load_state(_part(tensors, f"plugin{k}"), infos[k])
+
+
+def due(round_: int, every: int, last: bool, writing: float, elapsed: float) -> bool:
+    """Whether a checkpoint is written after ``round_``: after the last round, and every ``every``
+    rounds (0: never) unless writing them has already taken more than :data:`WRITE_SHARE` of the
+    ``elapsed`` seconds of the run (``writing`` of them). Large private state (FedRAP's dense D_u:
+    1.2 GB on Amazon Scientific) is then written less often instead of setting the run's pace."""
+    if not every:
+        return False
+    return last or ((round_ + 1) % every == 0 and writing <= WRITE_SHARE * elapsed)
 
 
 def save(fed: Resumable, best: BestRound, path: Path) -> None:

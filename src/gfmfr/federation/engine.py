@@ -254,7 +254,8 @@ class Federation:
         validation (a tuner prunes from it by raising). ``evaluate_test = False`` never reads the
         test split (the summary's ``test`` is then empty). ``log_rounds = False`` logs the per-round
         lines at DEBUG even without a bar (a tuner's trials). With ``checkpoint``, everything the next
-        round needs is written there after every ``runtime.checkpoint_every`` rounds
+        round needs is written there after every ``runtime.checkpoint_every`` rounds, less often where
+        writing it would take over a tenth of the run's time
         (:mod:`gfmfr.federation.checkpoint`); with ``resume`` too, a run starts from it if it exists.
         ``on_best(round)`` runs after every round that becomes the best on validation (the run saves
         its model there, :mod:`gfmfr.serving.saved`).
@@ -283,6 +284,7 @@ class Federation:
         )
         line = log.debug if progress or not log_rounds else log.info
         every = self.cfg.runtime.checkpoint_every
+        began, writing = time.perf_counter(), 0.0
         try:
             for t in range(start, fed.rounds):
                 if over_before(self.ledger, t):
@@ -305,8 +307,12 @@ class Federation:
                     line(*round_line(entry))
                 self.history.append(entry)
                 bar.update(1)
-                if checkpoint is not None and every and ((t + 1) % every == 0 or t == fed.rounds - 1):
+                if checkpoint is not None and ckpt.due(
+                    t, every, t == fed.rounds - 1, writing, time.perf_counter() - began
+                ):
+                    t0 = time.perf_counter()
                     ckpt.save(self, best, checkpoint)
+                    writing += time.perf_counter() - t0
                 if on_validation is not None and entry.valid is not None:
                     on_validation(t, entry.valid)
                 if entry.valid is not None and best.stop(t):
