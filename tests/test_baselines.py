@@ -387,8 +387,9 @@ def test_a_run_early_stopping_ended_is_the_run_any_longer_round_cap_makes():
 
 
 def test_compare_runs_every_method_on_every_dataset_of_its_axis(tmp_path, planted_folder):
-    """A plan's [[datasets]] runs each method x seed once per dataset, each in its own folder and report,
-    and the top report has one section per dataset, its table with HR@50 and NDCG@50 beside NDCG@10."""
+    """A plan's [[datasets]] runs each method x seed once per dataset (a dataset may name its own seeds),
+    each in its own folder and report, and the top report has one section per dataset, its table with
+    HR@50 and NDCG@50 beside NDCG@10."""
     from gfmfr.compare import load_plan, run_path
 
     other = tmp_path / "other"
@@ -409,14 +410,16 @@ set = {{ "data.dataset" = "{planted_folder}" }}
 [[datasets]]
 label = "Other set"
 set = {{ "data.dataset" = "{other}" }}
+seeds = [1]
 """)
     out = tmp_path / "report"
     assert main(["compare", "--config", str(plan_path), "--out", str(out), "--no-progress"]) == 0
     plan = load_plan(plan_path)
     users = {}
-    for folder in ("planted", "other-set"):
+    for folder, seed in (("planted", 0), ("other-set", 1)):
         for method in plan.methods:
-            result = json.loads(run_path(out / folder, method, 0).read_text())
+            assert not run_path(out / folder, method, 1 - seed).exists()
+            result = json.loads(run_path(out / folder, method, seed).read_text())
             users[folder] = result["data"]["users"] if "data" in result else users.get(folder)
         assert (out / folder / "report.md").exists()
     assert users["planted"] != users["other-set"]  # each ran on its own data
@@ -424,3 +427,8 @@ set = {{ "data.dataset" = "{other}" }}
     assert "## Planted" in report and "## Other set" in report
     assert report.count("| method | seeds | HR@10 | NDCG@10 | HR@50 | NDCG@50 |") == 2
     assert "](planted/convergence.png)" in report
+    from gfmfr.config import ConfigError
+
+    plan_path.write_text(plan_path.read_text().replace("seeds = [1]", "seed = [1]"))
+    with pytest.raises(ConfigError, match=r"datasets\[1\]: unknown key\(s\) \['seed'\]"):
+        load_plan(plan_path)

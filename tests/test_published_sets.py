@@ -1,6 +1,9 @@
 """The published KU and Amazon Scientific folders (``../shared/datasets``), read as their authors lay them out,
 and every method run on them for a few rounds."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +66,21 @@ def test_every_method_runs_on_ku(ku, settings):
     cfg = from_dict({**settings, "data": {"dataset": str(folder("ku"))}, "federation": {"rounds": 6}})
     res = run(cfg, dataset=ku)
     assert np.isfinite(res["test"]["NDCG@10"]) and res["test"]["HR@50"] > 0
+
+
+def test_the_published_layout_runs_on_flower_with_the_in_process_numbers(tmp_path):
+    """`gfmfr run --backend flower` on KU as published (its split_label split, its CLIP features),
+    GFMFR on FedRAP (private state on the nodes, GFMFR's server), gives the in-process validation,
+    round by round. Each method on Flower: tests/test_flower.py."""
+    out = tmp_path / "flower"
+    command = [sys.executable, "-m", "gfmfr.cli", "run", "--dataset", str(folder("ku")), "--model", "fedrap"]
+    command += ["--plugin", "gfmfr", "--backend", "flower"]
+    command += ["--nodes", "2", "--set", "federation.rounds=2", "--set", "runtime.save_model=false"]
+    proc = subprocess.run(
+        [*command, "--no-progress", "--no-reference", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flower = json.loads((out / "results.json").read_text())
+    inprocess = run(from_dict({**flower["config"], "runtime": {"threads": 1, "backend": "in-process"}}))
+    for a, b in zip(flower["history"], inprocess["history"], strict=True):
+        assert a["valid"]["NDCG@10"] == pytest.approx(b["valid"]["NDCG@10"], rel=1e-3, abs=1e-4)

@@ -23,6 +23,7 @@ then holds one section per dataset::
     [[datasets]]
     label = "KU"
     set = { "data.dataset" = "../shared/datasets/ku" }
+    seeds = [0, 1, 2, 3, 4]                        # optional: this dataset's own seeds
 
 Each run writes ``OUT/runs/<method>/seed<k>/results.json``. A run whose results file exists
 with the same resolved configuration is reused, so an interrupted comparison resumes where it
@@ -119,8 +120,9 @@ class Plan:
     seeds: tuple[int, ...]
     methods: tuple[Method, ...]
     config: dict[str, Any] = field(default_factory=dict)
-    datasets: tuple[tuple[str, dict[str, Any]], ...] = ()
-    """The dataset axis: (label, settings over ``config``) per dataset; empty: ``config``'s one dataset."""
+    datasets: tuple[tuple[str, dict[str, Any], tuple[int, ...] | None], ...] = ()
+    """The dataset axis: (label, settings over ``config``, its own seeds or None for the plan's) per
+    dataset; empty: ``config``'s one dataset."""
 
     def per_dataset(self) -> list[tuple[str, Plan]]:
         """(label, plan of that dataset alone) per dataset of the axis; ``[("", self)]`` without one."""
@@ -130,12 +132,12 @@ class Plan:
             (
                 label,
                 Plan(
-                    self.seeds,
+                    seeds or self.seeds,
                     self.methods,
                     apply_overrides(self.config, [f"{k}={v}" for k, v in _flatten(settings).items()]),
                 ),
             )
-            for label, settings in self.datasets
+            for label, settings, seeds in self.datasets
         ]
 
     def run_config(self, method: Method, seed: int) -> RunConfig:
@@ -204,17 +206,23 @@ def load_plan(path: str | Path) -> Plan:
         raise ConfigError(f"{path}: method labels must be distinct: {labels}")
     if not methods:
         raise ConfigError(f"{path}: the plan has no methods (give models, baselines, centralised or methods)")
-    datasets = []
+    datasets: list[tuple[str, dict[str, Any], tuple[int, ...] | None]] = []
     for i, entry in enumerate(raw.get("datasets", [])):
         if "label" not in entry or not isinstance(entry.get("set"), dict):
             raise ConfigError(f"{path}: datasets[{i}] needs a label and a 'set' table")
-        datasets.append((str(entry["label"]), entry["set"]))
-    if len({slug(label) for label, _ in datasets}) != len(datasets):
-        raise ConfigError(f"{path}: dataset labels must be distinct: {[label for label, _ in datasets]}")
+        unknown = sorted(set(entry) - {"label", "set", "seeds"})
+        if unknown:
+            raise ConfigError(f"{path}: datasets[{i}]: unknown key(s) {unknown}; known: ['label', 'seeds', 'set']")
+        seeds_of = tuple(int(s) for s in entry["seeds"]) if "seeds" in entry else None
+        if seeds_of == ():
+            raise ConfigError(f"{path}: datasets[{i}]: seeds is empty")
+        datasets.append((str(entry["label"]), entry["set"], seeds_of))
+    if len({slug(entry[0]) for entry in datasets}) != len(datasets):
+        raise ConfigError(f"{path}: dataset labels must be distinct: {[entry[0] for entry in datasets]}")
     plan = Plan(seeds, tuple(methods), raw.get("config", {}), tuple(datasets))
     for _, one in plan.per_dataset():
         for method in methods:
-            one.run_config(method, seeds[0])
+            one.run_config(method, one.seeds[0])
     return plan
 
 
