@@ -432,3 +432,55 @@ seeds = [1]
     plan_path.write_text(plan_path.read_text().replace("seeds = [1]", "seed = [1]"))
     with pytest.raises(ConfigError, match=r"datasets\[1\]: unknown key\(s\) \['seed'\]"):
         load_plan(plan_path)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The live processes whose command line contains ``text`` (Linux /proc)."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:  # ended meanwhile
+                continue
+    return found
+
+
+def test_an_ended_comparison_leaves_no_run_behind(tmp_path, planted_folder):
+    """SIGTERM to `gfmfr compare --jobs 2` ends its child runs too, and each keeps its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("needs /proc")
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text(f"""
+seeds = [0, 1]
+models = ["fcf"]
+[config]
+data = {{ dataset = "{planted_folder}" }}
+model = {{ dim = 8 }}
+federation = {{ rounds = 100000, early_stop_patience = 0, batch_size = 32 }}
+""")
+    out = tmp_path / "report"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gfmfr.cli", "compare", "--config", str(plan_path), "--out", str(out), "--jobs", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = [out / "runs" / "fcf" / f"seed{k}" / "checkpoint.safetensors" for k in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(c.exists() for c in checkpoints) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(c.exists() for c in checkpoints) and len(_processes_naming(f"--out {out}/runs")) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    assert _processes_naming(f"--out {out}/runs") == []
+    assert all(c.exists() for c in checkpoints)

@@ -38,9 +38,11 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,34 +279,57 @@ def _clear_stale(folder: Path, cfg: RunConfig) -> None:
     (folder / "results.json").unlink(missing_ok=True)
 
 
-def _run_in_subprocess(cfg: RunConfig, folder: Path) -> str | None:
-    """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(
-        to_toml(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1)))
-    )
-    _clear_stale(folder, cfg)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gfmfr.cli",
-            "run",
-            "--config",
-            str(folder / "config.toml"),
-            "--out",
-            str(folder),
-            "--no-progress",
-            "--no-reference",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode == 0:
-        return None
-    lines = proc.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit status {proc.returncode}"
+class Children:
+    """The ``gfmfr run`` processes of a comparison with ``jobs > 1``, ended when it ends: a comparison
+    stopped by Ctrl-C, SIGTERM or an error leaves no run behind it (each keeps its checkpoint, and the
+    next ``gfmfr compare`` resumes it)."""
+
+    def __init__(self) -> None:
+        self.live: set[subprocess.Popen[str]] = set()
+        self.lock = threading.Lock()
+        self.ending = False
+
+    def run(self, cfg: RunConfig, folder: Path) -> str | None:
+        """``gfmfr run`` of ``cfg`` in a child process with one thread; None, or the error it ended with."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.toml").write_text(
+            to_toml(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1)))
+        )
+        _clear_stale(folder, cfg)
+        command = [sys.executable, "-m", "gfmfr.cli", "run", "--config", str(folder / "config.toml")]
+        command += ["--out", str(folder), "--no-progress", "--no-reference", "--resume"]
+        with self.lock:
+            if self.ending:
+                return "the comparison is ending"
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            self.live.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+        if proc.returncode == 0:
+            return None
+        lines = stderr.strip().splitlines()
+        return lines[-1] if lines else f"exit status {proc.returncode}"
+
+    def end(self) -> None:
+        """Start no more runs; end the ones running (SIGTERM, then SIGKILL after 30 s)."""
+        with self.lock:
+            self.ending = True
+            procs = list(self.live)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
@@ -330,10 +355,15 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
 
     with logging_redirect_tqdm(), tqdm(total=len(todo), disable=not progress, unit="run") as bar:
         if jobs > 1:
-            with ThreadPoolExecutor(jobs) as pool:
+            children = Children()
+            # SIGTERM ends the comparison as Ctrl-C does, through the finally below
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+            pool = ThreadPoolExecutor(jobs)
+            try:
                 # a run another compare on the same folder finished meanwhile is not run again
                 futures = {
-                    pool.submit(lambda c, p: None if finished(p, c) else _run_in_subprocess(c, p.parent), cfg, path): (
+                    pool.submit(lambda c, p: None if finished(p, c) else children.run(c, p.parent), cfg, path): (
                         m,
                         s,
                         cfg,
@@ -349,6 +379,11 @@ def compare(plan: Plan, out: str | Path, progress: bool = True, jobs: int = 1) -
                         method, seed = futures[future][:2]
                         raise RuntimeError(f"{method.label} seed {seed}: {error}")
                     bar.update(1)
+            finally:
+                children.end()
+                pool.shutdown(wait=True, cancel_futures=True)
+                if main_thread:
+                    signal.signal(signal.SIGTERM, previous)
         else:
             datasets: dict[str, Any] = {}
             for method, seed, cfg, path in todo:
