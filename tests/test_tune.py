@@ -113,6 +113,7 @@ def test_default_space_covers_rates_epochs_decay_and_plugin_knobs():
         "federation.local_epochs",
         "model.weight_decay",
         "gfmfr.groups",
+        "gfmfr.content_prior",
     } <= keys
     # FedRAP's default keeps D_u still (rate 0): no log range around 0
     keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap"}}))}

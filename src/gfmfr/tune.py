@@ -94,7 +94,8 @@ class Dimension:
 
 def default_space(cfg: RunConfig) -> list[Dimension]:
     """Learning rates (a decade around the model's defaults), local epochs, weight decay, and the
-    plug-in's knobs."""
+    plug-in's knobs (GFMFR's content prior kappa over two decades: how far content should pull the
+    item rows depends most on the data)."""
 
     try:
         lrs = FEDERATED_MODELS[cfg.model.name].default_lrs
@@ -109,6 +110,7 @@ def default_space(cfg: RunConfig) -> list[Dimension]:
             Dimension("gfmfr.distill_on", "choice", choices=("all", "negatives")),
             Dimension("gfmfr.teacher_level", "choice", choices=("group", "client")),
             Dimension("gfmfr.server_every", "int", 1, 10),
+            Dimension("gfmfr.content_prior", "log", 2.0, 200.0),
         ]
     if cfg.wrapper != "none":
         space += [Dimension("multimodal.content_lr", "log", 1e-3, 1e-1)]
