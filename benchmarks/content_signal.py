@@ -9,7 +9,8 @@ ridge regression, cross-validated over 5 folds of items (scikit-learn's ``RidgeC
 penalty inside each training fold). The figure is the share of V's variance that the held-out
 predictions explain (R^2 over all d columns together), over the items some client trained, and
 separately over the long-tail ones among them (``eval.tail_max_count`` training interactions or
-fewer), whose rows few clients train and where content has most to add.
+fewer), whose rows few clients train and where content has most to add. Items without content are
+left out.
 
 A table whose rows content explains well is one where a content prior (GFMFR's
 ``gfmfr.content_prior``) or a content projection (MM-X) can stand in for the clients' evidence;
@@ -27,6 +28,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold, cross_val_predict
 
 from gfmfr.data.dataset import load_dataset
+from gfmfr.data.encoders import dataset_features
 from gfmfr.serving.saved import load_model
 from runner import run_point
 
@@ -66,14 +68,16 @@ def measure(label: str, dataset: str, content: str | None, work: Path) -> dict:
     data = saved.dataset if saved.dataset is not None else load_dataset(saved.cfg.data)
     table = saved.state.shared[saved.state.model.item_table].numpy().astype(np.float64)
     counts = np.bincount(data.train_items, minlength=data.n_items)
-    trained = counts > 0
+    content = dataset_features(data)  # the precomputed files, or the raw content encoded (cached)
+    has = np.logical_and.reduce(list(content.mask.values()))
+    trained = (counts > 0) & has
     tail = trained & (counts <= saved.cfg.eval.tail_max_count)
-    x = features(data.item_features)
+    x = features(content.features)
     return {
         "dataset": label,
         "items trained": int(trained.sum()),
         "long-tail": int(tail.sum()),
-        "modalities": "+".join(sorted(data.item_features)),
+        "modalities": "+".join(sorted(content.features)),
         "R2 all": explained(table[trained], x[trained]),
         "R2 long-tail": explained(table[tail], x[tail]) if tail.sum() >= 50 else float("nan"),
         "best round": results["best_round"],

@@ -8,7 +8,8 @@ the federation), shuffles all pairs across users, and takes Adam steps on miniba
 them; the per-user and per-item rows use sparse Adam, so a step costs the rows it touches.
 The model's forward, base loss and regulariser are used as they are, with each pair as a
 one-item batch of its user (FedRAP's ramp follows the epoch). Model selection is the
-federation's: validate every epoch, test at the best validation epoch, stop early.
+federation's: validate every epoch, test at the best validation epoch, stop early
+(``centralised.patience`` epochs after the best).
 
 This is the accuracy a federation of the same model can at most approach: the item table
 sees every gradient at once instead of an average of local updates.
@@ -118,7 +119,7 @@ def train_centralised(dataset: Dataset, model: FederatedRecommender, cfg: RunCon
     keys = train_keys(dataset)
     all_users = np.arange(dataset.n_users)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best = BestRound(ev.select_metric, fed.early_stop_patience)
+    best = BestRound(ev.select_metric, cc.patience)
     history: list[dict[str, Any]] = []
     for epoch in range(cc.epochs):
         t0 = time.perf_counter()

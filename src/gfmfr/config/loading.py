@@ -147,6 +147,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("multimodal", "router_lr"): (lambda v: v >= 0, "at least 0"),
     ("multimodal", "content_dim"): (lambda v: v is None or v >= 1, "at least 1, or none"),
     ("centralised", "epochs"): (lambda v: v >= 1, "at least 1"),
+    ("centralised", "patience"): (lambda v: v >= 0, "at least 0"),
     ("centralised", "batch_size"): (lambda v: v >= 1, "at least 1"),
     ("centralised", "lr"): (lambda v: v > 0, "above 0"),
     ("gfmfr", "groups"): (lambda v: v >= 1, "at least 1"),

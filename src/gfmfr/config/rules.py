@@ -59,8 +59,9 @@ def bearing_dict(cfg: RunConfig) -> dict[str, Any]:
         del values["multimodal"]
     if cfg.training != "centralised":
         del values["centralised"]
-    else:  # trains for centralised.epochs; the round cap is the federation's
+    else:  # trains for centralised.epochs, stops by its patience; the round cap is the federation's
         del values["federation"]["rounds"]
+        del values["federation"]["early_stop_patience"]
     if cfg.privacy == PrivacyConfig():
         del values["privacy"]
     return values
