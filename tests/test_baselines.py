@@ -484,3 +484,19 @@ federation = {{ rounds = 100000, early_stop_patience = 0, batch_size = 32 }}
     assert proc.wait(timeout=120) != 0
     assert _processes_naming(f"--out {out}/runs") == []
     assert all(c.exists() for c in checkpoints)
+
+
+def test_the_centralised_bound_stops_by_its_own_patience(planted):
+    """Centralised training ends `centralised.patience` epochs after its best validation epoch, whatever
+    the federation's patience is, and with patience 0 runs every epoch."""
+    cfg = replace(
+        small_config("fcf"),
+        training="centralised",
+        centralised=CentralisedConfig(epochs=60, batch_size=64, lr=0.01, patience=3),
+    )
+    res = run(cfg, dataset=planted)
+    assert len(res["history"]) == res["best_round"] + 4 < 60
+    longer = replace(cfg, federation=replace(cfg.federation, early_stop_patience=50))
+    assert len(run(longer, dataset=planted)["history"]) == len(res["history"])
+    whole = replace(cfg, centralised=replace(cfg.centralised, epochs=8, patience=0))
+    assert len(run(whole, dataset=planted)["history"]) == 8
