@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runner import uploads
+
 AMAZON = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "amazon-scientific"
 
 
@@ -62,32 +64,21 @@ def measure(dataset_name: str, model: str, plugin: str, rounds: int, flops: floa
     from gfmfr.build import build_run_model
     from gfmfr.config import from_dict
     from gfmfr.data.dataset import load_dataset
-    from gfmfr.federation import aggregation
     from gfmfr.federation.engine import Federation
 
     cfg = from_dict({"data": {"dataset": dataset_name}, "model": {"name": model}, "plugin": plugin})
     data = load_dataset(cfg.data)
     net, plugins = build_run_model(data, cfg)
     fed = Federation(data, net, cfg, plugins)
-    rows_seen: list[int] = []
-    add = aggregation.RoundAggregate.add
-
-    def counting_add(self, update, *rest):  # counts the uploaded rows the engine folds in
-        rows_seen.append(len(update.row_item))
-        return add(self, update, *rest)
-
-    aggregation.RoundAggregate.add = counting_add  # type: ignore[method-assign]
-    try:
+    with uploads() as seen:
         logs = []
         for t in range(rounds):
-            rows_seen.clear()
+            seen.clear()
             entry = fed.train_round(t)
             t0 = time.perf_counter()
             fed.evaluate("valid")
             entry.seconds["evaluate"] = time.perf_counter() - t0
-            logs.append((entry, sum(rows_seen)))
-    finally:
-        aggregation.RoundAggregate.add = add  # type: ignore[method-assign]
+            logs.append((entry, sum(len(u.row_item) for u in seen)))
     logs = logs[1:] if len(logs) > 1 else logs  # the first round warms caches up
     d, fc = cfg.model.dim, cfg.federation
     pairs = len(data.train_items) * (1 + fc.num_negatives) * fc.local_epochs

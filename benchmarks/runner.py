@@ -6,7 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gfmfr.federation.messages import LocalUpdate
 
 
 def run_point(
@@ -53,3 +59,24 @@ def first_reach(results: dict, target: float, metric: str = "NDCG@10") -> tuple[
         if h.get("valid") and h["valid"][metric] >= target:
             return k + 1, seconds
     return None
+
+
+@contextmanager
+def uploads() -> Iterator[list[LocalUpdate]]:
+    """Every upload the in-process engine folds into a round's aggregate while the block runs, in
+    order (the engine's ``RoundAggregate.add`` wrapped; restored on exit). Clear the list between
+    rounds to count one round's."""
+    from gfmfr.federation import aggregation  # torch loads once the benchmark has set its threads
+
+    seen: list[LocalUpdate] = []
+    add = aggregation.RoundAggregate.add
+
+    def counting_add(self, update, *rest):
+        seen.append(update)
+        return add(self, update, *rest)
+
+    aggregation.RoundAggregate.add = counting_add  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        aggregation.RoundAggregate.add = add  # type: ignore[method-assign]

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from runner import uploads
+
 
 def point(users: int, model: str, plugin: str, fraction: float, threads: int) -> dict:
     """Measure one point in this process; the result as a dict."""
@@ -37,7 +39,6 @@ def point(users: int, model: str, plugin: str, fraction: float, threads: int) ->
     from gfmfr.build import build_run_model
     from gfmfr.config import from_dict
     from gfmfr.data.synthetic import synthetic_dataset
-    from gfmfr.federation import aggregation
     from gfmfr.federation.engine import Federation
     from gfmfr.results import peak_rss_mb
     from gfmfr.runtime import use_threads
@@ -56,23 +57,16 @@ def point(users: int, model: str, plugin: str, fraction: float, threads: int) ->
     )
     net, plugins = build_run_model(data, cfg)
     fed = Federation(data, net, cfg, plugins)
-    uploaded: list[tuple[int, int, int]] = []  # (clients, rows, signature floats) per chunk
-    add = aggregation.RoundAggregate.add
-
-    def counting_add(self, update, *rest):
-        signatures = 0 if update.signatures is None else update.signatures.numel()
-        uploaded.append((len(update.users), len(update.row_item), signatures))
-        return add(self, update, *rest)
-
-    aggregation.RoundAggregate.add = counting_add  # type: ignore[method-assign]
     seconds, clients = [], 0
-    for t in range(3):
-        uploaded.clear()
-        t1 = time.perf_counter()
-        entry = fed.train_round(t)
-        seconds.append(time.perf_counter() - t1)
-        clients = entry.clients
-    aggregation.RoundAggregate.add = add  # type: ignore[method-assign]
+    with uploads() as seen:
+        for t in range(3):
+            seen.clear()
+            t1 = time.perf_counter()
+            entry = fed.train_round(t)
+            seconds.append(time.perf_counter() - t1)
+            clients = entry.clients
+    # (clients, rows, signature floats) per uploaded chunk of the last round
+    uploaded = [(len(u.users), len(u.row_item), 0 if u.signatures is None else u.signatures.numel()) for u in seen]
     n_clients = max(1, sum(c for c, _, _ in uploaded))
     d = cfg.model.dim
     up = sum(r * (4 * d + 4) + 4 * s for _, r, s in uploaded) / n_clients
