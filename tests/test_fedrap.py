@@ -40,7 +40,7 @@ def test_unset_learning_rates_take_the_models_defaults():
 
 
 def test_a_private_table_that_cannot_learn_is_not_kept(planted):
-    """With D_u's rate at 0 (the default) FedRAP keeps no D_u at all, and trains and scores as FedRAP
+    """With D_u's rate at 0 FedRAP keeps no D_u at all, and trains and scores as FedRAP
     whose private D_u barely moves (rate 1e-20: every C + D_u rounds to C)."""
     from dataclasses import replace
 

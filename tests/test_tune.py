@@ -115,6 +115,13 @@ def test_default_space_covers_rates_epochs_decay_and_plugin_knobs():
         "gfmfr.groups",
         "gfmfr.content_prior",
     } <= keys
-    # FedRAP's default keeps D_u still (rate 0): no log range around 0
+    # a rate whose default is 0 has no log range around it: D_u held still is not searched
     keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap"}}))}
-    assert "model.private_item_lr" not in keys and "model.lr" in keys
+    assert "model.private_item_lr" in keys and "model.lr" in keys
+    from gfmfr.models.fedrap import FedRAP
+
+    still = {**FedRAP.default_lrs, "private_item_lr": 0.0}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FedRAP, "default_lrs", still)
+        keys = {d.key for d in default_space(from_dict({"model": {"name": "fedrap"}}))}
+    assert "model.private_item_lr" not in keys

@@ -94,8 +94,8 @@ def run(
     log.info("data: %d users, %d items, %d training pairs", dataset.n_users, dataset.n_items, len(dataset.train_items))
     if cfg.model.name == "fedrap" and resolved_settings(cfg)["private_item_lr"] == 0:
         log.warning(
-            "FedRAP's private item table D_u does not learn here (model.private_item_lr = 0, the default: "
-            "learning it lowered or did not change validation on ML-100K and KU); this run trains C alone"
+            "FedRAP's private item table D_u does not learn here (model.private_item_lr = 0): this run "
+            "trains C alone, which is FCF with FedRAP's regularisers, not FedRAP"
         )
     if cfg.model.name in BASELINES:
         body = run_baseline(dataset, cfg)
