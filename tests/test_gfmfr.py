@@ -487,3 +487,15 @@ def test_content_prior_lifts_a_sparse_federation_whose_content_knows_the_items(p
             scores[pull] = run(cfg, dataset=sparse)["valid"]["NDCG@10"]
         gains.append(scores[20.0] - scores[0.0])
     assert min(gains) > 0.02, gains
+
+
+def test_a_server_round_without_accepted_uploads_keeps_the_last_groups(planted):
+    """When every upload of a server round is rejected (a diverging trial of `gfmfr tune`), GFMFR's
+    server has nothing to group: its groups and preferences stay, and the run goes on."""
+    fed, server = gfmfr_federation(planted, gfmfr_config("fcf"))
+    fed.train_round(0)
+    groups, preferences = server.grouping.group.copy(), server.preferences.clone()
+    report = server.end_round(fed.model, 1)  # no upload observed this round
+    assert report.bytes_down == 4 * planted.n_items
+    assert np.array_equal(server.grouping.group, groups) and torch.equal(server.preferences, preferences)
+    assert server.move_shared(fed.state.shared, 1) is fed.state.shared  # the content prior waits too

@@ -226,7 +226,12 @@ class GFMFRServer(ServerHalf):
         if not self.server_work(round_):  # clients keep distilling towards the last preferences
             return PluginReport(bytes_down=hint_bytes)
         table = model.item_table
-        chunks, self._chunks = self._chunks, []
+        chunks, self._chunks = [c for c in self._chunks if len(c["update"].users)], []
+        if not chunks:  # every upload was rejected (or none came): nothing to group; the last hint stands
+            log.warning(
+                "GFMFR server round %d: no accepted upload, the groups and preferences stay as they were", round_
+            )
+            return PluginReport(bytes_down=hint_bytes)
         t0 = time.perf_counter()
         users = np.concatenate([c["update"].users for c in chunks])
         signatures = torch.cat([c["signatures"] for c in chunks])
