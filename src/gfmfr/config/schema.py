@@ -290,8 +290,8 @@ class CentralisedConfig:
     patience: int = 20
     """Stop at a validation this many epochs after the best one (0: never stop early). An epoch
     takes Adam steps over every pair, where a federated round averages each row's local updates, so
-    the bound peaks in fewer passes: at epoch 8 on ML-100K, but only after 60-100 on KU, whose
-    3,076 pairs make three minibatches an epoch (a fixed 30 epochs left it below the federation)."""
+    the bound peaks in fewer passes than a federation in rounds, and when depends on the data: at
+    epoch 8 on ML-100K, after 60-100 on KU, whose 3,076 pairs make three minibatches an epoch."""
     batch_size: int = 1024
     """Training pairs per minibatch, mixed across users."""
     lr: float = 0.003
