@@ -12,7 +12,7 @@ import torch
 
 from gfmfr.baselines.centralised import train_centralised
 from gfmfr.build import build_run_model
-from gfmfr.config import RunConfig
+from gfmfr.config import ConfigError, RunConfig
 from gfmfr.data.dataset import Dataset, load_dataset
 from gfmfr.eval.evaluator import Evaluator
 from gfmfr.federation.checkpoint import CHECKPOINT
@@ -55,6 +55,11 @@ def run_federated(
         from gfmfr.flower.simulation import run_simulated  # Flower is an optional extra
 
         return run_simulated(dataset, cfg, out=out)
+    if cfg.privacy.secure_aggregation:
+        raise ConfigError(
+            "privacy.secure_aggregation: secure aggregation sums the uploads of Flower nodes; "
+            "run it with --backend flower (and at least 2 nodes)"
+        )
     model, plugins = build_run_model(dataset, cfg)
     fed = Federation(dataset, model, cfg, plugins)
     checkpoint = Path(out) / CHECKPOINT if out is not None and cfg.runtime.checkpoint_every else None

@@ -125,6 +125,8 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("privacy", "delta"): (lambda v: v is None or 0 < v < 1, "in (0, 1), or none"),
     ("privacy", "signature_clip"): (lambda v: v > 0, "above 0"),
     ("privacy", "signature_noise"): (lambda v: v >= 0, "at least 0"),
+    ("privacy", "secagg_shares"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("privacy", "secagg_threshold"): (lambda v: 0 < v <= 1, "in (0, 1]"),
     ("model", "dim"): (lambda v: v >= 1, "at least 1"),
     ("model", "lr"): (lambda v: v is None or v > 0, "above 0, or none (the model's default)"),
     ("model", "item_lr"): (lambda v: v is None or v > 0, "above 0, or none (the model's default)"),
@@ -203,8 +205,16 @@ def check_cold_split(cfg: RunConfig, where: str = "config") -> None:
 
 
 def check_privacy(cfg: RunConfig, where: str = "config") -> None:
-    """Settings that DP (``privacy.mode`` other than ``off``) cannot go with, as a :class:`ConfigError`."""
+    """Settings that DP (``privacy.mode`` other than ``off``) or secure aggregation cannot go with, as a
+    :class:`ConfigError`."""
     p = cfg.privacy
+    if p.secure_aggregation and cfg.federation.weighted_aggregation:
+        raise ConfigError(
+            f"{where}.federation.weighted_aggregation: must be false under secure aggregation "
+            "(the nodes' sum is a plain mean over clients)"
+        )
+    if p.secure_aggregation and cfg.training != "federated":
+        raise ConfigError(f"{where}.privacy.secure_aggregation: applies to federated training only")
     if p.mode == "off":
         return
     if p.noise_multiplier is None and p.target_epsilon is None:

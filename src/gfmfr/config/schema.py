@@ -158,6 +158,18 @@ class PrivacyConfig:
     client after clipping (0: sent as it is). The mitigation of the signature attack
     (benchmarks/privacy_audit.py); required under DP when a plug-in uploads signatures, whose releases
     are then accounted as Gaussian mechanisms of sensitivity 2 ``signature_clip``."""
+    secure_aggregation: bool = False
+    """Flower backend: sum the nodes' updates under Flower's SecAgg+ (Bell et al., CCS 2020), so that
+    the server learns only the sum over every node of a round, never one node's (docs/privacy.md).
+    Every node takes part in every round; uploads are dense (no item ids) and quantised by Flower.
+    GFMFR's server rounds send the head signatures in the clear (clip and noise them with
+    ``signature_noise``) and sum the groups' item tables under SecAgg+."""
+    secagg_shares: float = 1.0
+    """SecAgg+: the share of a round's nodes each node splits its secrets among (its neighbours); below
+    1 the cost per node grows with log(nodes) instead of nodes, at some cost in robustness."""
+    secagg_threshold: float = 0.5
+    """SecAgg+: the share of a node's neighbours needed to unmask the sum; a round survives the loss of
+    up to 1 - this share of each node's neighbours, and a coalition smaller than it learns nothing."""
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,12 @@ class LocalUpdate:
     """Plug-ins' per-client figures, [C] each."""
 
     @staticmethod
+    def empty() -> LocalUpdate:
+        """No clients' uploads (a node none of whose users was sampled)."""
+        none = np.empty(0, np.int64)
+        return LocalUpdate(none, {}, {}, none, none, num_samples=none, loss=np.empty(0))
+
+    @staticmethod
     def stack(uploads: list[Upload]) -> LocalUpdate:
         """Many clients' uploads as one update, clients in the order given."""
         first = uploads[0]

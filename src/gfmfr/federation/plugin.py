@@ -54,6 +54,8 @@ class LossTerm(Protocol):
 
     state_init: dict[str, float]
     """Per-client scalars the term keeps in the client's state, with their initial values."""
+    figures: tuple[str, ...]
+    """The per-client figures the term reports (:attr:`LossContext.figures`), summed and uploaded."""
 
     def loss(self, ctx: LossContext) -> torch.Tensor | None:
         """[A] term per client to add to the local loss, or None (no term this step)."""
@@ -76,6 +78,33 @@ class ServerHalf(ABC):
 
     def observe_figures(self, figures: dict[str, float], round_: int) -> None:
         """The sums over a chunk of clients of the figures its client half reports (every round)."""
+
+    def group(self, users: np.ndarray, signatures: torch.Tensor, round_: int) -> np.ndarray:
+        """Under secure aggregation, in a round where :meth:`wants_signatures` is true: the group label
+        in ``[0, groups)`` of each of ``users`` from their head ``signatures``; the nodes then sum their
+        clients' uploads per group, and :meth:`observe_groups` receives the sums."""
+        raise NotImplementedError(f"{type(self).__name__} does not group clients under secure aggregation")
+
+    @property
+    def groups(self) -> int:
+        """How many groups :meth:`group` labels clients with."""
+        return 0
+
+    def observe_groups(
+        self,
+        users: np.ndarray,
+        signatures: torch.Tensor,
+        labels: np.ndarray,
+        sums: torch.Tensor,
+        counts: torch.Tensor,
+        touches: torch.Tensor,
+        broadcast: Params,
+    ) -> None:
+        """Under secure aggregation, in place of :meth:`observe`: the participants' ``signatures`` and
+        ``labels`` (:meth:`group`), their groups' summed uploads of the item table [G, ...] and the
+        groups' sizes [G] (summed over the nodes under SecAgg+), how many of them trained each item's row
+        [n_items] (summed alike), and the broadcast they started from."""
+        raise NotImplementedError(f"{type(self).__name__} does not group clients under secure aggregation")
 
     def use_noise(self, noise: CentralNoise) -> None:
         """Central DP is on: what the server half releases from the clients' uploads must be noised

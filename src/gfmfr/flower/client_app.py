@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from gfmfr.federation.messages import Hints, LocalUpdate, Params
 from gfmfr.federation.validation import keep_screened, screening
-from gfmfr.flower import wire
+from gfmfr.flower import secure, wire
 from gfmfr.flower.node import Node, run_config_of
 from gfmfr.runtime import use_threads
 
@@ -62,10 +64,14 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     node = node_of(context, overrides)
     round_, shared, users, hints, want, sigma = wire.decode_train(message.content)
     node.set_shared(shared)
-    update = node.train(round_, users, hints, want, sigma)
-    context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
     dp = node.cfg.privacy.mode != "off"
     fed = screening(node.cfg.federation, dp)
+    if node.cfg.privacy.secure_aggregation:
+        return Message(
+            secure_train(node, context, message, round_, shared, users, hints, want, sigma), reply_to=message
+        )
+    update = node.train(round_, users, hints, want, sigma)
+    context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
     if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
         kept, rejected = keep_screened(update, shared, fed)
         # under DP every row is sent: which rows the clients trained is what DP hides
@@ -76,6 +82,48 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     if fed.upload == "dense" or dp:
         update = update.dense(shared)
     return Message(wire.encode_update(update), reply_to=message)
+
+
+def secure_train(
+    node: Node,
+    context: Context,
+    message: Message,
+    round_: int,
+    shared: Params,
+    users: np.ndarray,
+    hints: tuple[Hints, ...],
+    want: bool,
+    sigma: float,
+) -> RecordDict:
+    """Training under secure aggregation (:mod:`gfmfr.flower.secure`). SecAgg+'s training step: the node's
+    vector, which ``secure_mod`` masks before it leaves. A grouping round's first step (a plain training
+    message): the kept clients' head signatures alone. Training is idempotent, so the second step of a
+    grouping round sums the uploads the first step trained."""
+    update = node.train(round_, users, hints, want, sigma) if len(users) else None
+    context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
+    fed = screening(node.cfg.federation, node.cfg.privacy.mode != "off")
+    kept, rejected = keep_screened(update, shared, fed) if update is not None else (LocalUpdate.empty(), 0)
+    if not secure.is_secure(message):
+        if not want:
+            raise RuntimeError("under secure aggregation a round's uploads come through SecAgg+ only")
+        return wire.encode_signatures(kept)
+    grouping = wire.decode_groups(message.content)
+    labels, groups = None, 0
+    if grouping is not None:
+        grouped, group_of, groups = grouping
+        label_of = dict(zip(grouped.tolist(), group_of.tolist()))
+        labels = np.array([label_of[u] for u in kept.users.tolist()], np.int64)
+    layout = secure.Layout(
+        tuple(sorted(shared)),
+        tuple(f for t in node.terms for f in t.figures),
+        node.model.kinds.shared_tables,
+        groups,
+        node.model.item_table,
+    )
+    vector = secure.node_vector(kept, shared, layout, len(users), rejected, labels)
+    partition = int(context.node_config["partition-id"])
+    np.random.seed(secure.rounding_seed(node.cfg.seed, round_, partition))  # the mod's stochastic rounding
+    return secure.fitres(vector, len(users))
 
 
 def evaluate(message: Message, context: Context, overrides: dict[str, Any] | None = None) -> Message:
@@ -99,8 +147,9 @@ def export(message: Message, context: Context, overrides: dict[str, Any] | None 
 
 def make_client_app(overrides: dict[str, Any] | None = None, mods: list[Mod] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` stand in for run-config entries (the simulation passes the config so);
-    ``mods`` are Flower mods stacked on it (each sees every message, in order, before the handler)."""
-    client = ClientApp(mods=mods)
+    ``mods`` are Flower mods stacked on it (each sees every message, in order, before the handler); the
+    last is always :func:`gfmfr.flower.secure.secure_mod`, SecAgg+ on the messages of its protocol."""
+    client = ClientApp(mods=[*(mods or []), secure.secure_mod])
     client.query()(lambda message, context: query(message, context, overrides))
     client.train()(lambda message, context: train(message, context, overrides))
     client.evaluate()(lambda message, context: evaluate(message, context, overrides))

@@ -6,6 +6,7 @@ transport (``benchmarks/flower_overhead.py``).
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable
 from typing import Any
@@ -70,7 +71,8 @@ class LocalGrid(Grid):
         ids = []
         for message in messages:
             key = str(len(self._replies))
-            self._replies[key] = self.client(message, self.contexts[message.metadata.dst_node_id])
+            # each node gets its own copy, as over the wire (a ClientApp may change what it receives)
+            self._replies[key] = self.client(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
             ids.append(key)
         return ids
 

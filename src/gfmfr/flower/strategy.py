@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -51,7 +52,7 @@ from gfmfr.federation.plugin import Plugin, wants_signatures
 from gfmfr.federation.rounds import close_training, over_before, record_validation, round_line, validates
 from gfmfr.federation.server_steps import build_server_optimizer
 from gfmfr.federation.state import FederationState
-from gfmfr.flower import wire
+from gfmfr.flower import secure, wire
 from gfmfr.flower.node import partition_users
 from gfmfr.models.base import FederatedRecommender
 
@@ -63,35 +64,14 @@ class Finished(Exception):
     Flower's round loop, which knows no early stopping."""
 
 
-class PartitionGrid(Grid):
-    """A grid whose ``send_and_receive`` gets one reply per partition: a message whose node does not
-    answer (it died) is sent again to the node that serves its partition then
-    (:meth:`FedRecStrategy.exchange`). Everything else is the wrapped grid's."""
+class ForwardingGrid(Grid):
+    """A grid that hands everything to the grid it wraps; subclasses change ``send_and_receive``."""
 
-    def __init__(self, grid: Grid, strategy: FedRecStrategy):
-        self.grid, self.strategy = grid, strategy
+    def __init__(self, grid: Grid):
+        self.grid = grid
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        sent = list(messages)
-        if not sent:
-            return []
-
-        def make(partitions: set[int] | None) -> list[Message]:
-            if partitions is None:
-                return sent
-            node_of = {p: n for n, p in self.strategy.partition_of.items()}
-            return [
-                Message(
-                    m.content,
-                    dst_node_id=node_of[part],
-                    message_type=m.metadata.message_type,
-                    group_id=m.metadata.group_id,
-                )
-                for m in sent
-                if (part := self.strategy.partition_seen.get(m.metadata.dst_node_id)) in partitions
-            ]
-
-        return self.strategy.exchange(self.grid, make)
+        return self.grid.send_and_receive(messages, timeout=timeout)
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -115,6 +95,53 @@ class PartitionGrid(Grid):
         return self.grid.pull_messages(message_ids)
 
 
+class CountingGrid(ForwardingGrid):
+    """A grid that adds the bytes of what it sends and receives to ``counts`` (``down`` and ``up``)."""
+
+    def __init__(self, grid: Grid, counts: dict[str, int]):
+        super().__init__(grid)
+        self.counts = counts
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        self.counts["down"] += sum(record_bytes(m.content) for m in sent)
+        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        self.counts["up"] += sum(record_bytes(r.content) for r in replies if not r.has_error())
+        return replies
+
+
+class PartitionGrid(ForwardingGrid):
+    """A grid whose ``send_and_receive`` gets one reply per partition: a message whose node does not
+    answer (it died) is sent again to the node that serves its partition then
+    (:meth:`FedRecStrategy.exchange`). Everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, strategy: FedRecStrategy):
+        super().__init__(grid)
+        self.strategy = strategy
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        if not sent:
+            return []
+
+        def make(partitions: set[int] | None) -> list[Message]:
+            if partitions is None:
+                return sent
+            node_of = {p: n for n, p in self.strategy.partition_of.items()}
+            return [
+                Message(
+                    m.content,
+                    dst_node_id=node_of[part],
+                    message_type=m.metadata.message_type,
+                    group_id=m.metadata.group_id,
+                )
+                for m in sent
+                if (part := self.strategy.partition_seen.get(m.metadata.dst_node_id)) in partitions
+            ]
+
+        return self.strategy.exchange(self.grid, make)
+
+
 def raw(grid: Grid | None) -> Grid:
     """The grid under a :class:`PartitionGrid` (the strategy's own exchanges resend by themselves)."""
     if grid is None:
@@ -133,8 +160,17 @@ def metric_sums(replies: Iterable[Message]) -> dict[str, float]:
 
 
 def record_bytes(content: RecordDict) -> int:
-    """Bytes of the tensors a message carries (what dominates its size on the wire)."""
-    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    """Bytes of the tensors a message carries, and of the byte strings in its config records (SecAgg+'s
+    keys, shares and masked vectors): what dominates its size on the wire."""
+    arrays = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    strings = 0
+    for record in content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                strings += len(value)
+            elif isinstance(value, list):
+                strings += sum(len(v) for v in value if isinstance(v, bytes))
+    return arrays + strings
 
 
 class FedRecStrategy(Strategy):
@@ -180,6 +216,8 @@ class FedRecStrategy(Strategy):
         self.rejected = 0
         """Uploads rejected in the last round aggregated (by the server, or by nodes before they sum)."""
         self.bytes = {"down": 0, "up": 0, "clients": 0}
+        self.secure: tuple[secure.Aggregate, tuple[Plugin, np.ndarray, torch.Tensor, np.ndarray] | None] | None = None
+        """Under secure aggregation: the round's secure sum, between training and aggregation."""
         self.ledger, self.noise = privacy_setup(cfg, self.n_users, model, plugins)
 
     # ---- nodes ---------------------------------------------------------------------------------
@@ -272,6 +310,9 @@ class FedRecStrategy(Strategy):
         users = self.sampled(round_)
         want = wants_signatures(self.plugins, round_)
         shared = {n: self.shared[n] for n in self.model.kinds.uploaded}
+        if self.cfg.privacy.secure_aggregation:  # the round's exchange is SecAgg+'s, run here
+            self.secure = self.secure_train(raw(grid), server_round, users, want, shared)
+            return []
         messages = []
         for node, hosted in self.node_users().items():
             mine = users[np.isin(users, hosted)]
@@ -294,6 +335,9 @@ class FedRecStrategy(Strategy):
             self.cfg.federation, self.plugins, self.shared, round_, self.noise, self.ledger is not None
         )
         updates = []
+        if self.secure is not None:
+            self.fold_secure(agg, self.secure)
+            self.secure = None
         for reply in replies:
             self.bytes["up"] += record_bytes(reply.content)
             if "sums" in reply.content:  # a node's partial aggregate
@@ -316,6 +360,91 @@ class FedRecStrategy(Strategy):
             log.info(*round_line(self.entry))
             self.history.append(self.entry)
         return None, MetricRecord({"loss": loss})
+
+    def secure_train(
+        self, grid: Grid, server_round: int, users: np.ndarray, want: bool, shared: dict[str, torch.Tensor]
+    ) -> tuple[secure.Aggregate, tuple[Plugin, np.ndarray, torch.Tensor, np.ndarray] | None]:
+        """One round's training under secure aggregation (:mod:`gfmfr.flower.secure`): every node takes
+        part. In a grouping round the nodes first send their clients' head signatures in the clear and
+        the plug-in groups them; then SecAgg+ sums the nodes' vectors (with, in a grouping round, their
+        groups' item tables)."""
+        round_ = server_round - 1
+        hosted = self.node_users()
+        if len(hosted) < 2:
+            raise RuntimeError("secure aggregation needs at least 2 nodes (runtime.nodes)")
+        counting = CountingGrid(grid, self.bytes)
+        sigma = self.ledger.sigma if self.ledger is not None and self.cfg.privacy.mode == "local" else 0.0
+        mine = {node: users[np.isin(users, h)] for node, h in hosted.items()}
+
+        def content(node: int) -> RecordDict:
+            hints = tuple(p.server.hints(mine[node], round_) for p in self.plugins)
+            return wire.encode_train(round_, shared, mine[node], hints, want, sigma)
+
+        grouped = None
+        groups = 0
+        if want:  # the signatures, in the clear; the plug-in groups the clients by them
+            grouper = [p for p in self.plugins if p.server.wants_signatures(round_)]
+            if len(grouper) != 1:
+                raise RuntimeError("secure aggregation groups clients for one plug-in only")
+            replies = self.exchange(
+                counting,
+                lambda parts: [
+                    Message(content(node), dst_node_id=node, message_type="train", group_id=f"{server_round}-groups")
+                    for node in self.node_users(parts)
+                    if len(mine[node])
+                ],
+            )
+            parts = [wire.decode_signatures(r.content) for r in replies]
+            parts = [p for p in parts if len(p[0])]
+            signed = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+            signatures = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, 0)
+            labels = grouper[0].server.group(signed, signatures, round_) if len(signed) else np.empty(0, np.int64)
+            grouped, groups = (grouper[0], signed, signatures, labels), grouper[0].server.groups
+
+        contents = {}
+        for node in hosted:
+            contents[node] = content(node)
+            if grouped is not None:
+                on_node = np.isin(grouped[1], mine[node])
+                wire.encode_groups(contents[node], grouped[1][on_node], grouped[3][on_node], groups)
+        self.bytes["clients"] += len(users)
+        p = self.cfg.privacy
+        result = secure.secure_round(
+            counting,
+            server_round,
+            contents,
+            {node: len(mine[node]) for node in hosted},
+            p.secagg_shares,
+            p.secagg_threshold,
+            self.timeout,
+        )
+        self.heartbeat()
+        if result.dropped:
+            log.warning("round %d: %d node(s) dropped out of secure aggregation", round_, result.dropped)
+        layout = secure.Layout(
+            tuple(sorted(shared)),
+            tuple(f for p in self.plugins for f in p.client.figures),
+            self.model.kinds.shared_tables,
+            groups,
+            self.model.item_table,
+        )
+        return secure.decode(result.vector, result.clients, shared, layout), grouped
+
+    def fold_secure(
+        self,
+        agg: RoundAggregate,
+        result: tuple[secure.Aggregate, tuple[Plugin, np.ndarray, torch.Tensor, np.ndarray] | None],
+    ) -> None:
+        """Fold a round's secure sum into the server's aggregate (and a grouping plug-in's groups)."""
+        total, grouped = result
+        trained = {n: t > 0 for n, t in total.touches.items()}
+        agg.add_sums(total.sums, total.total, trained, total.loss_sum, total.clients, total.figures, total.rejected)
+        if grouped is not None and total.group_sums is not None and total.group_counts is not None:
+            plugin, users, signatures, labels = grouped
+            touches = total.touches[self.model.item_table]
+            plugin.server.observe_groups(
+                users, signatures, labels, total.group_sums, total.group_counts, touches, self.shared
+            )
 
     def sampled(self, round_: int) -> np.ndarray:
         """The clients of ``round_`` that do not drop out (as the in-process engine samples them)."""

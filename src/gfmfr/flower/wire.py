@@ -144,6 +144,33 @@ def update_from_arrays(a: dict[str, torch.Tensor]) -> LocalUpdate:
     )
 
 
+def encode_signatures(update: LocalUpdate) -> RecordDict:
+    """A node's reply to a grouping round's first step under secure aggregation: its kept clients and
+    their head signatures (as they leave the clients: clipped and noised under ``privacy.signature_noise``)."""
+    signatures = update.signatures if update.signatures is not None else torch.zeros(len(update.users), 0)
+    return RecordDict({"signatures": pack({"users": update.users.astype(np.int64), "signatures": signatures})})
+
+
+def decode_signatures(content: RecordDict) -> tuple[np.ndarray, torch.Tensor]:
+    a = unpack(content.array_records["signatures"])
+    return a["users"].numpy(), a["signatures"]
+
+
+def encode_groups(content: RecordDict, users: np.ndarray, labels: np.ndarray, groups: int) -> RecordDict:
+    """``content`` (a training message) with the group of each of a node's clients in a grouping round."""
+    content["groups"] = pack({"users": np.asarray(users, np.int64), "labels": np.asarray(labels, np.int64)})
+    content["grouping"] = ConfigRecord({"groups": groups})
+    return content
+
+
+def decode_groups(content: RecordDict) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(clients, their groups, how many groups) of a grouping round's message (None in other rounds)."""
+    if "groups" not in content.array_records:
+        return None
+    a = unpack(content.array_records["groups"])
+    return a["users"].numpy(), a["labels"].numpy(), int(scalar(content.config_records["grouping"], "groups"))
+
+
 def encode_sums(update: LocalUpdate, shared: Params, weighted: bool, dense: bool, rejected: int = 0) -> RecordDict:
     """A node's clients folded into one partial FedAvg aggregate (what it sends when no plug-in needs
     per-client uploads this round): the weighted sums of their shared parameters, their total weight,

@@ -38,6 +38,8 @@ class DistillTerm:
 
     state_init = {"gfmfr_ratio": float("nan")}
     """The client's moving average r_t of L_base / L_KL (NaN: no history yet)."""
+    figures: tuple[str, ...] = ("distill_weight", "distill_kl", "distill_steps")
+    """The distillation weight w_t, the KL term and the steps with a hint, summed over the steps."""
 
     def __init__(self, cfg: GFMFRConfig, total_rounds: int):
         self.cfg = cfg

@@ -36,6 +36,7 @@ from gfmfr.federation.aggregation import group_sums
 from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
 from gfmfr.federation.plugin import ServerHalf
 from gfmfr.models.base import FederatedRecommender, Params
+from gfmfr.plugins.group_fusion.client import DistillTerm
 from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion, squared_error
 from gfmfr.plugins.group_fusion.grouping import Grouping
 from gfmfr.privacy.dp import CentralNoise, generator
@@ -175,6 +176,12 @@ class GFMFRServer(ServerHalf):
         self.pull: tuple[torch.Tensor, torch.Tensor] | None = None
         """After a server round: the content vectors [n_items, d] the item table moves to, and how far [n_items]."""
         self._chunks: list[dict[str, Any]] = []
+        self._secure: tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+            None
+        )
+        """Under secure aggregation: the server round's participants, signatures, labels and group sums."""
+        self.broadcast = torch.zeros(0)
+        """The item table this round's clients started from."""
         self._stats = np.zeros(3)  # sums of the clients' distillation weight, KL and steps since the last server round
         self.noise: CentralNoise | None = None  # central DP: group sums and sizes are noised
         self.snapshots: list[dict[str, Any]] = []  # per round: participants, 2-D view of signatures, groups
@@ -202,10 +209,39 @@ class GFMFRServer(ServerHalf):
 
     def observe_figures(self, figures: dict[str, float], round_: int) -> None:
         if figures:
-            self._stats += [figures[k] for k in ("distill_weight", "distill_kl", "distill_steps")]
+            self._stats += [figures[k] for k in DistillTerm.figures]
+
+    @property
+    def groups(self) -> int:
+        return self.cfg.groups
+
+    def group(self, users: np.ndarray, signatures: torch.Tensor, round_: int) -> np.ndarray:
+        """Group this server round's participants by their head signatures; their group labels."""
+        labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
+        self.snapshots.append(
+            {"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32), "group": labels}
+        )
+        return labels
+
+    def observe_groups(
+        self,
+        users: np.ndarray,
+        signatures: torch.Tensor,
+        labels: np.ndarray,
+        sums: torch.Tensor,
+        counts: torch.Tensor,
+        touches: torch.Tensor,
+        broadcast: Params,
+    ) -> None:
+        """Secure aggregation's server round: the participants grouped by :meth:`group`, and their
+        groups' summed uploads of the item table [G, n_items, d] with the groups' sizes [G], summed
+        over the nodes under SecAgg+ (no single client's upload is seen)."""
+        self._secure = (users, signatures, labels, sums, counts, touches)
+        self.broadcast = broadcast[self.model.item_table]
 
     def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
         table = self.model.item_table
+        self.broadcast = broadcast[table]
         self._chunks.append(
             {
                 "update": LocalUpdate(
@@ -227,31 +263,33 @@ class GFMFRServer(ServerHalf):
             return PluginReport(bytes_down=hint_bytes)
         table = model.item_table
         chunks, self._chunks = [c for c in self._chunks if len(c["update"].users)], []
-        if not chunks:  # every upload was rejected (or none came): nothing to group; the last hint stands
+        secure, self._secure = self._secure, None
+        if not chunks and (secure is None or not len(secure[0])):
+            # every upload was rejected (or none came): nothing to group; the last hint stands
             log.warning(
                 "GFMFR server round %d: no accepted upload, the groups and preferences stay as they were", round_
             )
             return PluginReport(bytes_down=hint_bytes)
         t0 = time.perf_counter()
-        users = np.concatenate([c["update"].users for c in chunks])
-        signatures = torch.cat([c["signatures"] for c in chunks])
-        labels = self.grouping.update(users, signatures.numpy(), self.seed + round_)
-        self.snapshots.append(
-            {"round": round_, "users": users, "xy": self.grouping.view.astype(np.float32), "group": labels}
-        )
-        t1 = time.perf_counter()
-
         G = self.cfg.groups
-        sums = torch.zeros(G, self.n_items, model.dim)
-        start = 0
-        for c in chunks:
-            n = len(c["update"].users)
-            sums += group_sums(c["update"], {table: c["broadcast"]}, labels[start : start + n], G)[table]
-            start += n
-        counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
+        if secure is not None:  # grouped in the clear, the groups' tables summed under secure aggregation
+            users, signatures, labels, sums, counts, _ = secure
+            t1 = t0
+        else:
+            users = np.concatenate([c["update"].users for c in chunks])
+            signatures = torch.cat([c["signatures"] for c in chunks])
+            labels = self.group(users, signatures, round_)
+            t1 = time.perf_counter()
+            sums = torch.zeros(G, self.n_items, model.dim)
+            start = 0
+            for c in chunks:
+                n = len(c["update"].users)
+                sums += group_sums(c["update"], {table: c["broadcast"]}, labels[start : start + n], G)[table]
+                start += n
+            counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
         if self.noise is not None:  # central DP: noised sums of the (clipped) updates and noised sizes
             gen = generator(self.seed, STREAM_GROUPS, round_)
-            broadcast = chunks[0]["broadcast"]
+            broadcast = self.broadcast
             delta = sums - counts[:, None, None] * broadcast[None]
             delta += self.noise.std * torch.randn(delta.shape, generator=gen)
             counts = (counts + self.noise.std / self.noise.clip * torch.randn(G, generator=gen)).round().clamp_min(0)
@@ -302,7 +340,9 @@ class GFMFRServer(ServerHalf):
                 heads = model.head_from_signature(head_sums / counts[present, None])
                 prefs = teacher_mean_head(model, heads, fused)
             if self.cfg.content_prior > 0:
-                if self.dense:  # every row is sent: which ones a client trained is not known
+                if secure is not None:  # summed over the clients under secure aggregation
+                    touches = secure[5].float()
+                elif self.dense:  # every row is sent: which ones a client trained is not known
                     touches = torch.full((self.n_items,), float(len(users)))
                 else:
                     touches = torch.bincount(
