@@ -32,12 +32,15 @@ MODELS = ["fcf", "fedncf", "pfedrec", "fedrap"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """40 users in 4 communities, with synthetic text and image features (FedVLR layout)."""
+    return make_folder(tmp_path_factory.mktemp("flower-data"))
+
+
+def make_folder(path: Path) -> Path:
+    """40 users in 4 communities, with synthetic text and image features (FedVLR layout), in ``path``."""
     from tests.test_gfmfr import with_features
 
     from conftest import dataset_from_frame, planted_frame
 
-    path = tmp_path_factory.mktemp("flower-data")
     frame = planted_frame(n_users=40)
     inter = frame.rename(columns={"user_id": "userId", "item_id": "itemId"})
     inter["userId"] = inter["userId"].str[1:].astype(int)

@@ -19,12 +19,17 @@ pytest.importorskip("flwr")
 
 from flwr.common import bytes_to_ndarray  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage  # noqa: E402
+from tests.test_flower import MODELS, assert_same_rounds, make_folder, run_local, small  # noqa: E402
 
 from gfmfr.config import ConfigError, from_dict, to_dict  # noqa: E402
 from gfmfr.flower import secure  # noqa: E402
 from gfmfr.flower.local import LocalGrid  # noqa: E402
 from gfmfr.run import run  # noqa: E402
-from tests.test_flower import MODELS, assert_same_rounds, folder, run_local, small  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("secure-data"))
 
 
 def secured(cfg, **privacy):
