@@ -11,6 +11,10 @@ the script prints the mean AUC (the client's positives against every other item)
 - ``central DP``: clipped to ``privacy.clip``; the server itself adds the noise later, so it sees this;
 - ``local DP eps=E``: clipped and noised on the client, sigma calibrated so that ``--dp-rounds``
   rounds spend epsilon E (:mod:`gfmfr.privacy.accounting`);
+- ``SecAgg+ sum``: under ``privacy.secure_aggregation`` the server sees only the sum over a round's
+  clients (half the audited clients here); every attack on it ranks the items alike for every client,
+  so it is scored on the positives of the clients in the sum and, as the control, of those not in it:
+  what the sum tells of a client is the gap between the two;
 - ``signature``: GFMFR's head signature scoring every item with the broadcast table, sent as it is
   and with ``privacy.signature_noise`` at each ``--signature-noise`` (signature_clip as configured).
 
@@ -29,8 +33,10 @@ import numpy as np
 from gfmfr.build import build_run_model
 from gfmfr.config import PrivacyConfig, apply_overrides, from_dict
 from gfmfr.data import load_dataset
+from gfmfr.federation.aggregation import FedAvg
 from gfmfr.federation.batched import train_clients
 from gfmfr.federation.engine import Federation
+from gfmfr.federation.messages import LocalUpdate
 from gfmfr.privacy import audit
 from gfmfr.privacy.accounting import PrivacyLedger, RoundReleases
 from gfmfr.privacy.dp import clip_updates, privatise
@@ -115,14 +121,30 @@ def main() -> None:
                 audit.attack_figures(audit.score_signature(model, sig[i], g), positives, seed=i)
             )
 
+    # SecAgg+: the server sees one sum per round, over every node's clients. The round's participants
+    # are half the audited clients; an attack on the sum ranks items alike for everyone, so it is scored
+    # on the participants' positives and, as the control, on the positives of clients not in the sum.
+    inside = np.zeros(len(update.users), bool)
+    inside[rng.permutation(len(update.users))[: len(update.users) // 2]] = True
+    summed = FedAvg()
+    summed.add(LocalUpdate.concat([update], np.flatnonzero(inside)), shared)
+    delta = audit.change(summed.sums[table] / summed.total, g)
+    secagg = {"change size": audit.score_size(delta), "change direction": audit.score_direction(delta)}
+    for i, user in enumerate(update.users):
+        who = "in the sum" if inside[i] else "not in it (control)"
+        for attack, scores in secagg.items():
+            figures.setdefault((f"SecAgg+ sum, clients {who}", attack), []).append(
+                audit.attack_figures(scores, dataset.user_train(int(user)), seed=i)
+            )
+
     print(
         f"\nprivacy audit: {args.model} on {cfg.data.dataset}, round {args.rounds}, {len(update.users)} clients, "
         f"clip {cfg.privacy.clip:g}"
     )
-    print(f"{'upload':<36} {'attack':<17} {'AUC':>6} {'P@10':>6}")
+    print(f"{'upload':<44} {'attack':<17} {'AUC':>6} {'P@10':>6}")
     for (name, attack), values in figures.items():
         auc, prec = np.mean(values, axis=0)
-        print(f"{name:<36} {attack:<17} {auc:6.3f} {prec:6.3f}")
+        print(f"{name:<44} {attack:<17} {auc:6.3f} {prec:6.3f}")
 
 
 if __name__ == "__main__":
