@@ -73,6 +73,7 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from gfmfr.federation.aggregation import FedAvg, group_sums
@@ -298,9 +299,9 @@ class _Workflow(SecAggPlusWorkflow):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.contents = contents
 
-    def setup_stage(self, grid: Grid, context: LegacyContext, state: object) -> bool:
-        ok = super().setup_stage(grid, context, state)  # type: ignore[arg-type]
-        state.nid_to_fitins = {n: self.contents[n] for n in state.nid_to_fitins}  # type: ignore[attr-defined]
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        state.nid_to_fitins = {n: self.contents[n] for n in state.nid_to_fitins}
         return ok
 
 
