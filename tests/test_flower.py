@@ -405,6 +405,22 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
     SuperNode 1 is killed once it has trained and started again: the run finishes, its users kept
     their state (the numbers and the saved model equal the in-process run's), every process is
     stopped by its own PID."""
+    cfg = small(folder, "fedrap", "gfmfr", rounds=3)
+    flower, out, wall = deploy(cfg, tmp_path, restart=True)
+    assert flower["flower"]["partitions"] == 3
+    assert_same_rounds(flower, run(cfg, tmp_path / "in"))
+    # the saved model, gathered from the nodes (node 1's kept state read back from its state directory)
+    from gfmfr.serving.saved import load_model
+
+    a, b = load_model(tmp_path / "in"), load_model(out)
+    users = np.arange(a.n_users)
+    torch.testing.assert_close(b.state.score(users), a.state.score(users), atol=1e-5, rtol=1e-5)
+    print(f"deployment test wall time {wall:.0f} s")
+
+
+def deploy(cfg, tmp_path: Path, restart: bool) -> tuple[dict, Path, float]:
+    """``cfg`` on a real SuperLink and 3 SuperNodes (node 1 killed and started again once it has
+    trained, with ``restart``); its results, output folder and wall time."""
     import os
     import signal
     import subprocess
@@ -416,7 +432,6 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
 
     root = Path(__file__).resolve().parents[1]
     bin_dir = Path(sys.executable).parent
-    cfg = small(folder, "fedrap", "gfmfr", rounds=3)
     (tmp_path / "run.toml").write_text(to_toml(cfg))
     env = {**os.environ, **FLOWER_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     link = _free_port()
@@ -479,16 +494,18 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
             start_new_session=True,
         )
         procs["flwr-run"] = cli
+        log1 = tmp_path / "node1.log"
         # node 1 has trained a round and its reply has left (a node killed halfway through sending
         # leaves the server waiting for Flower's 180 s upload-session expiry; that works too, slowly)
-        log1 = tmp_path / "node1.log"
-        while "Sent successfully" not in log1.read_text(errors="replace").split("Sending: train message", 1)[
-            -1
-        ] or "Sending: train message" not in log1.read_text(errors="replace"):
+        while restart and (
+            "Sent successfully" not in log1.read_text(errors="replace").split("Sending: train message", 1)[-1]
+            or "Sending: train message" not in log1.read_text(errors="replace")
+        ):
             assert time.monotonic() - t0 < 600 and cli.poll() is None, (tmp_path / "flwr-run.log").read_text()
             time.sleep(0.2)
-        stop("node1")
-        node(1)
+        if restart:
+            stop("node1")
+            node(1)
         while not (out / "results.json").exists():
             assert time.monotonic() - t0 < 900 and cli.poll() in (None, 0), (tmp_path / "flwr-run.log").read_text(
                 errors="replace"
@@ -497,19 +514,7 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
     finally:
         for name in list(procs):
             stop(name)
-    wall = time.monotonic() - t0
-    import json
-
-    flower = json.loads((out / "results.json").read_text())
-    assert flower["flower"]["partitions"] == 3
-    assert_same_rounds(flower, run(cfg, tmp_path / "in"))
-    # the saved model, gathered from the nodes (node 1's kept state read back from its state directory)
-    from gfmfr.serving.saved import load_model
-
-    a, b = load_model(tmp_path / "in"), load_model(out)
-    users = np.arange(a.n_users)
-    torch.testing.assert_close(b.state.score(users), a.state.score(users), atol=1e-5, rtol=1e-5)
-    print(f"deployment test wall time {wall:.0f} s")
+    return json.loads((out / "results.json").read_text()), out, time.monotonic() - t0
 
 
 CONTENT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k-content"

@@ -19,7 +19,7 @@ pytest.importorskip("flwr")
 
 from flwr.common import bytes_to_ndarray  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage  # noqa: E402
-from tests.test_flower import MODELS, assert_same_rounds, make_folder, run_local, small  # noqa: E402
+from tests.test_flower import MODELS, assert_same_rounds, deploy, make_folder, run_local, small  # noqa: E402
 
 from gfmfr.config import ConfigError, from_dict, to_dict  # noqa: E402
 from gfmfr.flower import secure  # noqa: E402
@@ -213,3 +213,13 @@ def test_secure_aggregation_on_flowers_simulation_engine(folder, tmp_path):
     from gfmfr.serving.saved import load_model
 
     assert load_model(tmp_path / "out").round == flower["best_round"]
+
+
+@pytest.mark.slow
+def test_secure_aggregation_in_deployment(folder, tmp_path):
+    """A real SuperLink and 3 SuperNodes, each ClientApp a process per message: SecAgg+'s state crosses
+    the processes in each node's Flower context; PFedRec with the in-process numbers."""
+    cfg = small(folder, "pfedrec", rounds=1)
+    flower, _, wall = deploy(secured(cfg), tmp_path, restart=False)
+    assert_same_rounds(flower, run(cfg), tol=1e-4)
+    print(f"secure deployment wall time {wall:.0f} s")
