@@ -378,27 +378,6 @@ def test_a_lost_reply_is_sent_again_without_training_twice(folder, tmp_path):
     assert_same_rounds(flower, inprocess)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, seconds: float) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {seconds} s")
-
-
 @pytest.mark.slow
 def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_path):
     """A real SuperLink and 3 SuperNodes on 127.0.0.1 (insecure), the app submitted with ``flwr run``;
@@ -418,82 +397,17 @@ def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_p
     print(f"deployment test wall time {wall:.0f} s")
 
 
-def deploy(cfg, tmp_path: Path, restart: bool) -> tuple[dict, Path, float]:
+def deploy(cfg, tmp_path: Path, restart: bool, workers: bool = False) -> tuple[dict, Path, float]:
     """``cfg`` on a real SuperLink and 3 SuperNodes (node 1 killed and started again once it has
-    trained, with ``restart``); its results, output folder and wall time."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    trained, with ``restart``; with ``workers``, each node's ClientApp tasks run in one long-lived
+    ``gfmfr node-worker`` process instead of a process per message); its results, output folder and
+    wall time."""
+    from gfmfr.flower.deploy import LocalDeployment
 
-    from gfmfr.flower import FLOWER_ENV
-
-    root = Path(__file__).resolve().parents[1]
-    bin_dir = Path(sys.executable).parent
     (tmp_path / "run.toml").write_text(to_toml(cfg))
-    env = {**os.environ, **FLOWER_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    link = _free_port()
-    procs: dict[str, subprocess.Popen] = {}
-
-    def start(name: str, args: list[str]) -> None:
-        log = open(tmp_path / f"{name}.log", "ab")
-        procs[name] = subprocess.Popen(
-            args,
-            env={**env, "FLWR_HOME": str(tmp_path / f"home-{name}")},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(name: str) -> None:
-        proc = procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the process and the children it started, by its PID
-            proc.wait()
-
-    def node(p: int) -> None:
-        start(
-            f"node{p}",
-            [
-                str(bin_dir / "flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(_free_port()),
-                "--node-config",
-                f'partition-id={p} num-partitions=3 state-dir="{tmp_path / "state" / f"node-{p}"}"',
-            ],
-        )
-
-    t0 = time.monotonic()
-    try:
-        start(
-            "superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)]
-        )
-        _wait_for_port(link, 60)
-        for p in range(3):
-            node(p)
-        home = tmp_path / "home-cli"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-        )
-        out = tmp_path / "out"
-        run_config = f'config-file="{tmp_path / "run.toml"}" out="{out}" timeout=30'
-        cli = subprocess.Popen(
-            [str(bin_dir / "flwr"), "run", str(root), "test", "--run-config", run_config, "--stream"],
-            env={**env, "FLWR_HOME": str(home)},
-            cwd=root,
-            stdout=open(tmp_path / "flwr-run.log", "wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        procs["flwr-run"] = cli
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path, 3, workers) as local:
+        cli = local.submit(tmp_path / "run.toml", out)
         log1 = tmp_path / "node1.log"
         # node 1 has trained a round and its reply has left (a node killed halfway through sending
         # leaves the server waiting for Flower's 180 s upload-session expiry; that works too, slowly)
@@ -501,20 +415,13 @@ def deploy(cfg, tmp_path: Path, restart: bool) -> tuple[dict, Path, float]:
             "Sent successfully" not in log1.read_text(errors="replace").split("Sending: train message", 1)[-1]
             or "Sending: train message" not in log1.read_text(errors="replace")
         ):
-            assert time.monotonic() - t0 < 600 and cli.poll() is None, (tmp_path / "flwr-run.log").read_text()
+            assert time.monotonic() - local.started < 600 and cli.poll() is None
             time.sleep(0.2)
         if restart:
-            stop("node1")
-            node(1)
-        while not (out / "results.json").exists():
-            assert time.monotonic() - t0 < 900 and cli.poll() in (None, 0), (tmp_path / "flwr-run.log").read_text(
-                errors="replace"
-            )[-3000:]
-            time.sleep(1)
-    finally:
-        for name in list(procs):
-            stop(name)
-    return json.loads((out / "results.json").read_text()), out, time.monotonic() - t0
+            local.stop("node1")
+            local.node(1)
+        results = local.results(out, 900)
+        return results, out, time.monotonic() - local.started
 
 
 CONTENT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k-content"

@@ -217,9 +217,10 @@ def test_secure_aggregation_on_flowers_simulation_engine(folder, tmp_path):
 
 @pytest.mark.slow
 def test_secure_aggregation_in_deployment(folder, tmp_path):
-    """A real SuperLink and 3 SuperNodes, each ClientApp a process per message: SecAgg+'s state crosses
-    the processes in each node's Flower context; PFedRec with the in-process numbers."""
-    cfg = small(folder, "pfedrec", rounds=1)
-    flower, _, wall = deploy(secured(cfg), tmp_path, restart=False)
+    """A real SuperLink and 3 SuperNodes, each node's ClientApp tasks run by one ``gfmfr node-worker``
+    (its SecAgg+ state goes back to the SuperNode in the node's Flower context after every task):
+    PFedRec with the in-process numbers."""
+    cfg = small(folder, "pfedrec", rounds=2)
+    flower, _, wall = deploy(secured(cfg), tmp_path, restart=False, workers=True)
     assert_same_rounds(flower, run(cfg), tol=1e-4)
     print(f"secure deployment wall time {wall:.0f} s")

@@ -156,6 +156,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_worker(args: argparse.Namespace) -> int:
+    if not args.insecure and not args.root_certificates:
+        raise ConfigError("node-worker: give --insecure (same machine) or --root-certificates for TLS")
+    from gfmfr.flower.worker import serve  # Flower is an optional extra (its package sets Flower's environment)
+
+    serve(args.runtime_api_address, args.insecure, args.root_certificates)
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
 
     values = _config_values(args)
@@ -430,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
         "known items from their content alone (GFMFR or MM-X runs)",
     )
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser(
+        "node-worker",
+        help="run a deployed SuperNode's ClientApp tasks in one long-lived process (--isolation process)",
+    )
+    p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's --clientappio-api-address")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (same machine)")
+    p.add_argument("--root-certificates", help="PEM file of the CA that signed the SuperNode's Runtime API")
+    p.set_defaults(func=cmd_node_worker)
 
     p = sub.add_parser("encode", help="encode item text and images on the server (cached)")
     common(p, split=False, training=False)
