@@ -5,6 +5,10 @@ For each model, in its own subprocess each (so that peak RSS is its own):
 - ``local-2``: the ServerApp and ClientApp code on 2 nodes over :class:`gfmfr.flower.local.LocalGrid`
   (Flower messages and records, no Ray): our own code plus serialisation;
 - ``flower-2``, ``flower-16``: Flower's simulation engine (Ray), 2 and 16 nodes, one CPU each;
+- ``deployed-3``: a real SuperLink and 3 SuperNodes on this machine (``flwr run``), each message run by
+  a ClientApp process of its own (Flower's default isolation);
+- ``deployed-3-workers``: the same, each SuperNode's messages run by one long-lived ``gfmfr
+  node-worker`` (``--isolation process``);
 - ``one-user-per-node``: one node per user (943), 100 sampled users a round (and its in-process twin,
   ``in-process-100``, with the same sampling). These two validate only after the last round.
 Peak RSS is of the whole process tree (the driver and Ray's workers), sampled every 0.5 s.
@@ -28,7 +32,16 @@ import time
 
 import numpy as np
 
-VARIANTS = ("in-process", "local-2", "flower-2", "flower-16", "in-process-100", "one-user-per-node")
+VARIANTS = (
+    "in-process",
+    "local-2",
+    "flower-2",
+    "flower-16",
+    "deployed-3",
+    "deployed-3-workers",
+    "in-process-100",
+    "one-user-per-node",
+)
 
 
 def config(model: str, variant: str, rounds: int):
@@ -111,6 +124,17 @@ def measure(model: str, variant: str, rounds: int) -> dict:
         results: dict = {}
         grid = LocalGrid(client_app.make_client_app({"config": to_toml(cfg)}), 2)
         server_app.main(grid, Context(1, 0, {}, RecordDict(), {}), {"config": to_toml(cfg)}, None, results)
+    elif variant.startswith("deployed-3"):
+        import tempfile
+        from pathlib import Path
+
+        from gfmfr.flower.deploy import LocalDeployment
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "run.toml").write_text(to_toml(cfg))
+            with LocalDeployment(Path(tmp) / "deployment", 3, workers=variant.endswith("workers")) as local:
+                local.submit(Path(tmp) / "run.toml", Path(tmp) / "out")
+                results = local.results(Path(tmp) / "out", 1800)
     else:
         results = run(cfg)
     wall = time.perf_counter() - t0
@@ -185,7 +209,7 @@ def main() -> None:
                 continue
             twin = base.get("in-process-100" if variant == "one-user-per-node" else "in-process")
             diff = ""
-            if twin is not None and variant.startswith(("local", "flower", "one")):
+            if twin is not None and variant.startswith(("local", "flower", "one", "deployed")):
                 diff = max(
                     (abs(a[k] - b[k]) for a, b in zip(r["valid"], twin["valid"]) if a and b for k in b),
                     default=float("nan"),

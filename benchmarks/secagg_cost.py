@@ -5,8 +5,8 @@ Each row runs FCF (or ``--model``) through the ServerApp and ClientApp code on N
 Ray and no network), ``--rounds`` rounds with validation only after the last:
 
 - ``plain``: each node sends its clients' partial aggregate (the rows they trained);
-- ``SecAgg+ shares S``: ``privacy.secure_aggregation`` with ``privacy.secagg_shares = S`` (1: every
-  node shares its secrets with every other; below 1, with that share of the round's nodes).
+- ``SecAgg+, K neighbours``: ``privacy.secure_aggregation`` with ``privacy.secagg_neighbours = K``
+  (every node shares its secrets with K of the round's nodes, all of them when fewer).
 
 Every node runs in this one process, one after another, so a round's seconds are the whole
 federation's compute: the server's and every node's (a real node does its part in parallel with the
@@ -15,7 +15,7 @@ others; divide by the nodes for one node's). Seconds are train + aggregate, mean
 shares, masked vectors) each way, per round. ``max |valid diff|`` is the largest difference of the last
 round's validation metrics from the plain run's (the quantisation's effect).
 
-    python benchmarks/secagg_cost.py [--nodes 10 100] [--shares 1 0.1] [--rounds 3]
+    python benchmarks/secagg_cost.py [--nodes 10 100] [--neighbours 100 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from gfmfr.flower.local import LocalGrid
 log = logging.getLogger("secagg_cost")
 
 
-def one_run(model: str, nodes: int, rounds: int, shares: float | None) -> dict:
+def one_run(model: str, nodes: int, rounds: int, neighbours: int | None) -> dict:
     from flwr.app import Context, RecordDict
 
     from gfmfr.config import to_toml
@@ -45,8 +45,8 @@ def one_run(model: str, nodes: int, rounds: int, shares: float | None) -> dict:
         "federation": {"rounds": rounds, "early_stop_patience": 0, "eval_every": rounds},
         "runtime": {"threads": 1, "save_model": False},
     }
-    if shares is not None:
-        values["privacy"] = {"secure_aggregation": True, "secagg_shares": shares}
+    if neighbours is not None:
+        values["privacy"] = {"secure_aggregation": True, "secagg_neighbours": neighbours}
     cfg = from_dict(values)
     client_app._NODES.clear()
     result: dict = {}
@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="fcf")
     ap.add_argument("--nodes", type=int, nargs="+", default=[10, 100])
-    ap.add_argument("--shares", type=float, nargs="+", default=[1.0, 0.1])
+    ap.add_argument("--neighbours", type=int, nargs="+", default=[100, 16])
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -70,8 +70,9 @@ def main() -> None:
     rows = []
     for nodes in args.nodes:
         plain = None
-        for shares in [None, *args.shares]:
-            r = one_run(args.model, nodes, args.rounds, shares)
+        counts = dict.fromkeys(min(k, nodes) for k in args.neighbours)  # more than the nodes: all of them
+        for neighbours in [None, *counts]:
+            r = one_run(args.model, nodes, args.rounds, neighbours)
             history = r["history"]
             seconds = np.mean(
                 [sum(v for k, v in h["seconds"].items() if k in ("train", "aggregate")) for h in history[1:]]
@@ -83,7 +84,8 @@ def main() -> None:
             if plain is None:
                 plain = valid
             diff = max(abs(valid[k] - plain[k]) for k in plain)
-            name = "plain" if shares is None else f"SecAgg+ shares {shares:g}"
+            used = None if neighbours is None else (nodes if neighbours >= nodes else neighbours | 1)
+            name = "plain" if used is None else f"SecAgg+, {used} neighbours"
             rows.append((nodes, name, seconds, down / 1e6, up / 1e6, diff))
             log.warning("%d nodes, %s: %.2f s/round", nodes, name, seconds)
 

@@ -51,11 +51,11 @@ def test_secure_aggregation_gives_the_plain_numbers(folder, tmp_path, model, plu
 
 
 def test_one_user_per_node_under_secure_aggregation(folder, tmp_path):
-    """40 nodes of one user each, each sharing its secrets with a fifth of the round's nodes (SecAgg+'s
-    sparse neighbourhoods): GFMFR-FCF with the in-process numbers (the mean loss within the stated
+    """40 nodes of one user each, each sharing its secrets with 9 of them (SecAgg+'s sparse
+    neighbourhoods): GFMFR-FCF with the in-process numbers (the mean loss within the stated
     quantisation bound, which losses reach SCALE times)."""
     cfg = small(folder, "fcf", "gfmfr", rounds=2)
-    flower = run_local(secured(cfg, secagg_shares=0.2), 40, tmp_path)
+    flower = run_local(secured(cfg, secagg_neighbours=8), 40, tmp_path)
     assert flower["flower"]["partitions"] == 40
     assert_same_rounds(flower, run(cfg), tol=1e-4, loss_tol=secure.error_bound(40) * secure.SCALE)
 

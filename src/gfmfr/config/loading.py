@@ -125,7 +125,7 @@ RANGES: dict[tuple[str, str], tuple[Any, str]] = {
     ("privacy", "delta"): (lambda v: v is None or 0 < v < 1, "in (0, 1), or none"),
     ("privacy", "signature_clip"): (lambda v: v > 0, "above 0"),
     ("privacy", "signature_noise"): (lambda v: v >= 0, "at least 0"),
-    ("privacy", "secagg_shares"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("privacy", "secagg_neighbours"): (lambda v: v >= 3, "at least 3"),
     ("privacy", "secagg_threshold"): (lambda v: 0 < v <= 1, "in (0, 1]"),
     ("model", "dim"): (lambda v: v >= 1, "at least 1"),
     ("model", "lr"): (lambda v: v is None or v > 0, "above 0, or none (the model's default)"),

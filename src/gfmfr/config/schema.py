@@ -164,9 +164,11 @@ class PrivacyConfig:
     Every node takes part in every round; uploads are dense (no item ids) and quantised by Flower.
     GFMFR's server rounds send the head signatures in the clear (clip and noise them with
     ``signature_noise``) and sum the groups' item tables under SecAgg+."""
-    secagg_shares: float = 1.0
-    """SecAgg+: the share of a round's nodes each node splits its secrets among (its neighbours); below
-    1 the cost per node grows with log(nodes) instead of nodes, at some cost in robustness."""
+    secagg_neighbours: int = 16
+    """SecAgg+: how many of a round's nodes (itself included; all of them when fewer) each node splits its
+    secrets among. A node's cost grows with its neighbours, not with the federation: with every one of
+    100 nodes a neighbour, Flower's secret sharing costs a node 3 s a round; with 11, 0.08 s
+    (benchmarks/secagg_cost.py)."""
     secagg_threshold: float = 0.5
     """SecAgg+: the share of a node's neighbours needed to unmask the sum; a round survives the loss of
     up to 1 - this share of each node's neighbours, and a coalition smaller than it learns nothing."""

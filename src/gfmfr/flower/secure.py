@@ -325,12 +325,13 @@ def secure_round(
     server_round: int,
     contents: dict[int, RecordDict],
     clients: dict[int, int],
-    shares: float,
+    neighbours: int,
     threshold: float,
     timeout: float | None,
 ) -> SecureResult:
     """Run SecAgg+ over ``contents`` (node id -> its training message) for one round; ``clients``: node
-    id -> how many sampled clients it was sent. Raises if too few nodes finish to unmask the sum."""
+    id -> how many sampled clients it was sent; each node shares its secrets with ``neighbours`` nodes (all
+    when fewer). Raises if too few nodes finish to unmask the sum."""
     t0 = time.perf_counter()
     nodes = sorted(contents)
     total = max(sum(clients.values()), 1)
@@ -340,7 +341,7 @@ def secure_round(
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow = _Workflow(
         contents,
-        num_shares=float(shares),
+        num_shares=1.0 if neighbours >= len(nodes) else neighbours | 1,  # Flower wants an odd count of fewer
         reconstruction_threshold=float(threshold),
         max_weight=float(total),
         clipping_range=CLIP,

@@ -414,7 +414,7 @@ class FedRecStrategy(Strategy):
             server_round,
             contents,
             {node: len(mine[node]) for node in hosted},
-            p.secagg_shares,
+            p.secagg_neighbours,
             p.secagg_threshold,
             self.timeout,
         )
