@@ -50,6 +50,18 @@ def test_secure_aggregation_gives_the_plain_numbers(folder, tmp_path, model, plu
     assert_same_rounds(run_local(secured(cfg), 3, tmp_path), run(cfg), tol=1e-4)
 
 
+@pytest.mark.parametrize("mode, plugin", [("central", "gfmfr"), ("local", "none")])
+def test_secure_aggregation_under_differential_privacy(folder, tmp_path, mode, plugin):
+    """DP and SecAgg+ together on 3 nodes: the nodes clip (and in local mode noise), SecAgg+ sums, the
+    server noises the sum (and GFMFR's group sums) as in-process; the same numbers and epsilons."""
+    dp = {"mode": mode, "noise_multiplier": 0.3, "clip": 2.0, "signature_noise": 0.5 if plugin == "gfmfr" else 0.0}
+    cfg = from_dict({**to_dict(small(folder, "fcf", plugin, rounds=4)), "privacy": dp})
+    flower = run_local(secured(cfg, **dp), 3, tmp_path)
+    inprocess = run(cfg)
+    assert_same_rounds(flower, inprocess, tol=1e-4)
+    assert [h["epsilon"] for h in flower["history"]] == [h["epsilon"] for h in inprocess["history"]]
+
+
 def test_one_user_per_node_under_secure_aggregation(folder, tmp_path):
     """40 nodes of one user each, each sharing its secrets with 9 of them (SecAgg+'s sparse
     neighbourhoods): GFMFR-FCF with the in-process numbers (the mean loss within the stated

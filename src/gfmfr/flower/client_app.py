@@ -101,8 +101,11 @@ def secure_train(
     grouping round sums the uploads the first step trained."""
     update = node.train(round_, users, hints, want, sigma) if len(users) else None
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
-    fed = screening(node.cfg.federation, node.cfg.privacy.mode != "off")
+    dp = node.cfg.privacy.mode != "off"
+    fed = screening(node.cfg.federation, dp)
     kept, rejected = keep_screened(update, shared, fed) if update is not None else (LocalUpdate.empty(), 0)
+    if (dp or fed.upload == "dense") and len(kept.users):  # every row counts as trained: DP hides which were
+        kept = kept.dense(shared)
     if not secure.is_secure(message):
         if not want:
             raise RuntimeError("under secure aggregation a round's uploads come through SecAgg+ only")
