@@ -96,7 +96,8 @@ def main() -> None:
 
     print(f"\nevery method on Flower with ML-100K's real content ({content}), {args.rounds} rounds")
     print(
-        "| method | in-process s/round | simulation (2 nodes) s/round | max abs valid diff | deployed (3 nodes, workers) s/round | max abs valid diff |"
+        "| method | in-process s/round | simulation (2 nodes) s/round | max abs valid diff "
+        "| deployed (3 nodes, workers) s/round | max abs valid diff |"
     )
     print("|---|---|---|---|---|---|")
     for cells in rows:
