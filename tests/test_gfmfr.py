@@ -474,19 +474,20 @@ def test_content_prior_moves_each_row_by_the_clients_that_trained_it(planted):
 
 def test_content_prior_lifts_a_sparse_federation_whose_content_knows_the_items(planted):
     """Four interactions per user, item content that carries the item communities: FCF's item rows are
-    mostly noise, and pulling them to the content vectors lifts validation on both seeds."""
+    mostly noise, and pulling them to the content vectors lifts validation NDCG@10 on both seeds by more
+    than a tenth of its level without the pull (+16% and +39% with today's libraries)."""
     from tests.conftest import dataset_from_frame, planted_frame
 
     sparse = with_features(dataset_from_frame(planted_frame(n_users=120, per_user=6)))
-    gains = []
+    lifts = []
     for seed in (0, 1):
         scores = {}
         for pull in (0.0, 20.0):
             cfg = gfmfr_config("fcf", content_prior=pull, server_every=2)
             cfg = replace(cfg, seed=seed, federation=replace(cfg.federation, rounds=30, local_epochs=1))
             scores[pull] = run(cfg, dataset=sparse)["valid"]["NDCG@10"]
-        gains.append(scores[20.0] - scores[0.0])
-    assert min(gains) > 0.02, gains
+        lifts.append(scores[20.0] / scores[0.0] - 1)
+    assert min(lifts) > 0.1, lifts
 
 
 def test_a_server_round_without_accepted_uploads_keeps_the_last_groups(planted):
