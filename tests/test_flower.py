@@ -381,11 +381,11 @@ def test_a_lost_reply_is_sent_again_without_training_twice(folder, tmp_path):
 @pytest.mark.slow
 def test_deployed_superlink_and_three_supernodes_survive_a_restart(folder, tmp_path):
     """A real SuperLink and 3 SuperNodes on 127.0.0.1 (insecure), the app submitted with ``flwr run``;
-    SuperNode 1 is killed once it has trained and started again: the run finishes, its users kept
-    their state (the numbers and the saved model equal the in-process run's), every process is
-    stopped by its own PID."""
+    each node's ClientApp tasks run by a ``gfmfr node-worker``. SuperNode 1 is killed once it has
+    trained and started again with a new worker: the run finishes, its users kept their state (the
+    numbers and the saved model equal the in-process run's), every process is stopped by its own PID."""
     cfg = small(folder, "fedrap", "gfmfr", rounds=3)
-    flower, out, wall = deploy(cfg, tmp_path, restart=True)
+    flower, out, wall = deploy(cfg, tmp_path, restart=True, workers=True)
     assert flower["flower"]["partitions"] == 3
     assert_same_rounds(flower, run(cfg, tmp_path / "in"))
     # the saved model, gathered from the nodes (node 1's kept state read back from its state directory)

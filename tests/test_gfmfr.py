@@ -475,7 +475,7 @@ def test_content_prior_moves_each_row_by_the_clients_that_trained_it(planted):
 def test_content_prior_lifts_a_sparse_federation_whose_content_knows_the_items(planted):
     """Four interactions per user, item content that carries the item communities: FCF's item rows are
     mostly noise, and pulling them to the content vectors lifts validation NDCG@10 on both seeds by more
-    than a tenth of its level without the pull (+16% and +39% with today's libraries)."""
+    than a tenth of its level without the pull."""
     from tests.conftest import dataset_from_frame, planted_frame
 
     sparse = with_features(dataset_from_frame(planted_frame(n_users=120, per_user=6)))

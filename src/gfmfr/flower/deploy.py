@@ -98,6 +98,8 @@ class LocalDeployment:
         args += ["--node-config", f'partition-id={p} num-partitions={self.nodes} state-dir="{state}"']
         self.start(f"node{p}", [*args, *(["--isolation", "process"] if self.workers else [])])
         if self.workers:
+            if f"worker{p}" in self.procs:  # a restarted node gets a new worker, as a restarted machine would
+                self.stop(f"worker{p}")
             worker = ["gfmfr", "node-worker", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
             self.start(f"worker{p}", worker)
 
