@@ -203,6 +203,8 @@ class FedRecStrategy(Strategy):
         self.partition_seen: dict[int, int] = {}
         """Node id -> the partition it hosted, for every node seen (a dead node's messages go to its
         partition's new node)."""
+        self.unavailable: set[int] = set()
+        """Nodes listed by the grid that a discovery query found gone (dead; a restart gets a new id)."""
         self.best = BestRound(cfg.eval.select_metric, cfg.federation.early_stop_patience)
         self.finished = False
         """The run is over: early stopping or the privacy budget (the hooks then end Flower's loop)."""
@@ -226,15 +228,22 @@ class FedRecStrategy(Strategy):
         deadline = time.monotonic() + self.node_wait
         while True:
             nodes = set(grid.get_node_ids())
-            new = [n for n in nodes if n not in self.partition_of]
+            # a node seen before and replaced, or one that did not answer, is dead (a restart gets a new id)
+            new = [n for n in nodes if n not in self.partition_seen and n not in self.unavailable]
             if new:
                 messages = [
                     Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n, message_type="query", group_id="setup")
                     for n in new
                 ]
-                for reply in grid.send_and_receive(messages, timeout=self.timeout):
-                    if reply.has_error():
-                        raise RuntimeError(f"node {reply.metadata.src_node_id} failed to answer: {reply.error.reason}")
+                replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+                sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
+                for reply in replies:
+                    if reply.has_error():  # listed, but gone (the SuperLink has not noticed yet): skip it
+                        gone = sent_to.get(reply.metadata.reply_to_message_id)
+                        log.warning("node %s did not answer the discovery query: %s", gone, reply.error.reason)
+                        if gone is not None:
+                            self.unavailable.add(gone)
+                        continue
                     info = reply.content.metric_records["node"]
                     partition = int(wire.scalar(info, "partition-id"))
                     # a restarted node comes back under a new id: the newest serves the partition
