@@ -174,6 +174,56 @@ def test_sampled_clients_and_a_restarted_node_keep_their_state(folder, tmp_path)
     assert_same_rounds(flower, inprocess)
 
 
+def test_a_listed_node_that_is_gone_does_not_stop_the_run(folder, tmp_path):
+    """After a restart the SuperLink lists the dead node's id until it misses its heartbeats, and answers
+    messages to it with an error: discovery skips it, and the run gives the in-process numbers."""
+    from flwr.app import Error, Message
+
+    from gfmfr.flower.local import LocalGrid
+    from gfmfr.flower.strategy import FedRecStrategy
+
+    cfg = small(folder, "fcf", rounds=3)
+
+    class Ghosts(LocalGrid):
+        ghosts: set[int] = set()
+
+        def get_node_ids(self):
+            return [*super().get_node_ids(), *self.ghosts]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            sent = list(messages)
+            live = [m for m in sent if m.metadata.dst_node_id not in self.ghosts]
+            replies = list(super().send_and_receive(live, timeout=timeout))
+            for m in sent:
+                if m.metadata.dst_node_id in self.ghosts:  # the SuperLink's error reply, to the message's id
+                    m.metadata.__dict__["_message_id"] = f"ghost-{m.metadata.dst_node_id}"
+                    stub = Message(RecordDict(), dst_node_id=m.metadata.dst_node_id, message_type="query")
+                    stub.metadata.__dict__["_message_id"] = m.metadata.message_id
+                    replies.append(Message(Error(code=0, reason="Node Unavailable"), reply_to=stub))
+            return replies
+
+    original = FedRecStrategy.discover
+
+    def discover(self, grid):
+        if len(self.history) == 1 and not Ghosts.ghosts:
+            node = next(n for n, c in grid.contexts.items() if c.node_config["partition-id"] == 1)
+            grid.restart(node)
+            Ghosts.ghosts.add(node)
+        return original(self, grid)
+
+    def as_ghosts(grid):
+        grid.__class__ = Ghosts
+        return grid
+
+    FedRecStrategy.discover = discover
+    try:
+        flower = run_local(cfg, 3, tmp_path, grid_hook=as_ghosts)
+    finally:
+        FedRecStrategy.discover = original
+    assert Ghosts.ghosts
+    assert_same_rounds(flower, run(cfg))
+
+
 def test_a_restarted_node_without_its_state_would_not_match(folder, tmp_path, monkeypatch):
     """The restart test can fail: a node whose state never reached the disk starts its users over
     after a restart, and the numbers no longer match the in-process run."""

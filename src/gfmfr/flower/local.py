@@ -29,6 +29,7 @@ class LocalGrid(Grid):
         # this process is the server's: messages it creates carry its identity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
         self._ids = itertools.count(1)
+        self._message_ids = itertools.count(1)
         self._node_config = dict(node_config or {})
         self.contexts: dict[int, Context] = {}
         for p in range(nodes):
@@ -70,6 +71,8 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for message in messages:
+            # an id of its own, as Flower's grid gives a message it pushes (replies name it)
+            message.metadata.__dict__["_message_id"] = f"local-{next(self._message_ids)}"
             key = str(len(self._replies))
             # each node gets its own copy, as over the wire (a ClientApp may change what it receives)
             self._replies[key] = self.client(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
