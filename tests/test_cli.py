@@ -159,3 +159,9 @@ def test_config_prints_the_resolved_config_that_run_reads_back(tmp_path, capsys)
     assert cfg.model.name == "fcf" and cfg.plugin == "gfmfr" and cfg.gfmfr.groups == 3
     assert cfg.federation == RunConfig().federation  # every default written out
     assert main(["config", "--set", "gfmfr.fusion=nope"]) == 2
+
+
+def test_node_worker_needs_a_transport(capsys):
+    """``gfmfr node-worker`` says what to give when neither --insecure nor certificates are given."""
+    assert main(["node-worker", "--runtime-api-address", "127.0.0.1:1"]) == 2
+    assert "--insecure" in capsys.readouterr().err
