@@ -72,15 +72,16 @@ class LocalGrid(Grid):
         ids = []
         for message in messages:
             # an id of its own, as Flower's grid gives a message it pushes (replies name it)
-            message.metadata.__dict__["_message_id"] = f"local-{next(self._message_ids)}"
-            key = str(len(self._replies))
+            key = f"local-{next(self._message_ids)}"
+            message.metadata.__dict__["_message_id"] = key
             # each node gets its own copy, as over the wire (a ClientApp may change what it receives)
             self._replies[key] = self.client(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
             ids.append(key)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(k) for k in message_ids]
+        """The replies to the messages of ``message_ids`` that are in (all of them: nodes reply at once)."""
+        return [self._replies.pop(k) for k in list(message_ids) if k in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
