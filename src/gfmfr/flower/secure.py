@@ -24,7 +24,7 @@ knows: it sampled them) and divides by the weights of the nodes that finished, s
 sums over the clients of every node that finished, over their number; :func:`decode` turns them back
 into what :class:`~gfmfr.federation.aggregation.RoundAggregate` takes from a node's plain partial
 aggregate. Every node takes part in every round (one without sampled clients sends zeros with weight
-0), so the server does not learn which nodes held the sampled clients either.
+0), so that a round has the nodes SecAgg+ needs even when few clients are sampled.
 
 Quantisation (Flower's): each entry is clipped to ``[-CLIP, CLIP]`` and stochastically rounded to a
 grid of ``2 CLIP / Q`` with ``Q = 2^32 / 2^ceil(log2(nodes + 1))`` (so the sum of every node's
