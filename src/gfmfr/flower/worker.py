@@ -88,21 +88,12 @@ def run_task(app: ClientApp, address: str, token: str, insecure: bool, certifica
     return status == SubStatus.COMPLETED
 
 
-def serve(
-    address: str,
-    insecure: bool = True,
-    certificates: str | None = None,
-    poll: float = 0.02,
-    app: ClientApp | None = None,
-    max_tasks: int | None = None,
-) -> int:
-    """Run the SuperNode's ClientApp tasks at ``address`` until stopped (or ``max_tasks`` have run);
-    the tasks run."""
-    app = app if app is not None else project_app
+def serve(address: str, insecure: bool = True, certificates: str | None = None, poll: float = 0.02) -> None:
+    """Run the SuperNode's ClientApp tasks at ``address`` until stopped, asking for a task every ``poll``
+    seconds while there is none."""
     acquire = runtime_client(address, insecure, certificates, None)
-    done = 0
     try:
-        while max_tasks is None or done < max_tasks:
+        while True:
             try:
                 res = acquire.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
             except httpx.HTTPError as exc:  # the SuperNode is not up yet, or restarting
@@ -110,10 +101,8 @@ def serve(
                 time.sleep(1.0)
                 continue
             if res.HasField("task") and res.token:
-                run_task(app, address, res.token, insecure, certificates)
-                done += 1
+                run_task(project_app, address, res.token, insecure, certificates)
             else:
                 time.sleep(poll)
     finally:
         acquire.close()
-    return done
