@@ -231,6 +231,25 @@ class LocalUpdate:
 
 
 @dataclass
+class GroupedUploads:
+    """A grouping round's uploads as secure aggregation gives them to a plug-in's server half: the
+    participants grouped in the clear, and their groups' item tables summed under SecAgg+."""
+
+    users: np.ndarray
+    """The participants whose signatures were grouped."""
+    signatures: torch.Tensor
+    """Their head signatures [C, k] (clipped and noised on the client under ``privacy.signature_noise``)."""
+    labels: np.ndarray
+    """Their groups [C]."""
+    sums: torch.Tensor
+    """[G, n_items, d] each group's summed uploads of the item table."""
+    counts: torch.Tensor
+    """[G] the groups' sizes."""
+    touches: torch.Tensor
+    """[n_items] how many participants trained each item's row."""
+
+
+@dataclass
 class PluginReport:
     """A plug-in's server half's account of one round, for the round log."""
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gfmfr.federation.batch import Batch
-from gfmfr.federation.messages import Hints, LocalUpdate, Params, PluginReport
+from gfmfr.federation.messages import GroupedUploads, Hints, LocalUpdate, Params, PluginReport
 from gfmfr.models.base import FederatedRecommender
 from gfmfr.privacy.dp import CentralNoise
 
@@ -90,20 +90,9 @@ class ServerHalf(ABC):
         """How many groups :meth:`group` labels clients with."""
         return 0
 
-    def observe_groups(
-        self,
-        users: np.ndarray,
-        signatures: torch.Tensor,
-        labels: np.ndarray,
-        sums: torch.Tensor,
-        counts: torch.Tensor,
-        touches: torch.Tensor,
-        broadcast: Params,
-    ) -> None:
-        """Under secure aggregation, in place of :meth:`observe`: the participants' ``signatures`` and
-        ``labels`` (:meth:`group`), their groups' summed uploads of the item table [G, ...] and the
-        groups' sizes [G] (summed over the nodes under SecAgg+), how many of them trained each item's row
-        [n_items] (summed alike), and the broadcast they started from."""
+    def observe_groups(self, grouped: GroupedUploads, broadcast: Params) -> None:
+        """Under secure aggregation, in place of :meth:`observe`: the participants as :meth:`group`
+        labelled them, with their groups' sums taken under SecAgg+, and the broadcast they started from."""
         raise NotImplementedError(f"{type(self).__name__} does not group clients under secure aggregation")
 
     def use_noise(self, noise: CentralNoise) -> None:

@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from gfmfr.config import FederationConfig
 from gfmfr.federation.messages import Hints, LocalUpdate, Params
 from gfmfr.federation.validation import keep_screened, screening
 from gfmfr.flower import secure, wire
@@ -67,9 +68,8 @@ def train(message: Message, context: Context, overrides: dict[str, Any] | None =
     dp = node.cfg.privacy.mode != "off"
     fed = screening(node.cfg.federation, dp)
     if node.cfg.privacy.secure_aggregation:
-        return Message(
-            secure_train(node, context, message, round_, shared, users, hints, want, sigma), reply_to=message
-        )
+        reply = secure_train(node, context, message, round_, shared, users, hints, want, sigma, fed, dp)
+        return Message(reply, reply_to=message)
     update = node.train(round_, users, hints, want, sigma)
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
     if not want:  # no plug-in needs its clients one by one: the node's partial aggregate of the uploads it keeps
@@ -94,6 +94,8 @@ def secure_train(
     hints: tuple[Hints, ...],
     want: bool,
     sigma: float,
+    fed: FederationConfig,
+    dp: bool,
 ) -> RecordDict:
     """Training under secure aggregation (:mod:`gfmfr.flower.secure`). SecAgg+'s training step: the node's
     vector, which ``secure_mod`` masks before it leaves. A grouping round's first step (a plain training
@@ -101,8 +103,6 @@ def secure_train(
     grouping round sums the uploads the first step trained."""
     update = node.train(round_, users, hints, want, sigma) if len(users) else None
     context.state["gfmfr"] = ConfigRecord({"generation": node.persist()})
-    dp = node.cfg.privacy.mode != "off"
-    fed = screening(node.cfg.federation, dp)
     kept, rejected = keep_screened(update, shared, fed) if update is not None else (LocalUpdate.empty(), 0)
     if (dp or fed.upload == "dense") and len(kept.users):  # every row counts as trained: DP hides which were
         kept = kept.dense(shared)

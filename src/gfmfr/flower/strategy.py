@@ -48,7 +48,7 @@ from gfmfr.federation.aggregation import RoundAggregate
 from gfmfr.federation.checkpoint import client_tensors, server_tensors
 from gfmfr.federation.engine import participants, privacy_setup
 from gfmfr.federation.history import RoundLog
-from gfmfr.federation.messages import LocalUpdate
+from gfmfr.federation.messages import GroupedUploads, LocalUpdate
 from gfmfr.federation.plugin import Plugin, wants_signatures
 from gfmfr.federation.rounds import close_training, over_before, record_validation, round_line, validates
 from gfmfr.federation.server_steps import build_server_optimizer
@@ -473,9 +473,8 @@ class FedRecStrategy(Strategy):
         if grouped is not None and total.group_sums is not None and total.group_counts is not None:
             plugin, users, signatures, labels = grouped
             touches = total.touches[self.model.item_table]
-            plugin.server.observe_groups(
-                users, signatures, labels, total.group_sums, total.group_counts, touches, self.shared
-            )
+            sums = GroupedUploads(users, signatures, labels, total.group_sums, total.group_counts, touches)
+            plugin.server.observe_groups(sums, self.shared)
 
     def sampled(self, round_: int) -> np.ndarray:
         """The clients of ``round_`` that do not drop out (as the in-process engine samples them)."""

@@ -33,7 +33,7 @@ from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
 from gfmfr.data.encoders import dataset_features, present_modalities, reduce_features
 from gfmfr.federation.aggregation import group_sums
-from gfmfr.federation.messages import Hints, LocalUpdate, PluginReport
+from gfmfr.federation.messages import GroupedUploads, Hints, LocalUpdate, PluginReport
 from gfmfr.federation.plugin import ServerHalf
 from gfmfr.models.base import FederatedRecommender, Params
 from gfmfr.plugins.group_fusion.client import DistillTerm
@@ -176,10 +176,8 @@ class GFMFRServer(ServerHalf):
         self.pull: tuple[torch.Tensor, torch.Tensor] | None = None
         """After a server round: the content vectors [n_items, d] the item table moves to, and how far [n_items]."""
         self._chunks: list[dict[str, Any]] = []
-        self._secure: tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor] | None = (
-            None
-        )
-        """Under secure aggregation: the server round's participants, signatures, labels and group sums."""
+        self._secure: GroupedUploads | None = None
+        """Under secure aggregation: the server round's participants, their groups and the groups' sums."""
         self.broadcast = torch.zeros(0)
         """The item table this round's clients started from."""
         self._stats = np.zeros(3)  # sums of the clients' distillation weight, KL and steps since the last server round
@@ -223,20 +221,8 @@ class GFMFRServer(ServerHalf):
         )
         return labels
 
-    def observe_groups(
-        self,
-        users: np.ndarray,
-        signatures: torch.Tensor,
-        labels: np.ndarray,
-        sums: torch.Tensor,
-        counts: torch.Tensor,
-        touches: torch.Tensor,
-        broadcast: Params,
-    ) -> None:
-        """Secure aggregation's server round: the participants grouped by :meth:`group`, and their
-        groups' summed uploads of the item table [G, n_items, d] with the groups' sizes [G], summed
-        over the nodes under SecAgg+ (no single client's upload is seen)."""
-        self._secure = (users, signatures, labels, sums, counts, touches)
+    def observe_groups(self, grouped: GroupedUploads, broadcast: Params) -> None:
+        self._secure = grouped
         self.broadcast = broadcast[self.model.item_table]
 
     def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
@@ -264,7 +250,7 @@ class GFMFRServer(ServerHalf):
         table = model.item_table
         chunks, self._chunks = [c for c in self._chunks if len(c["update"].users)], []
         secure, self._secure = self._secure, None
-        if not chunks and (secure is None or not len(secure[0])):
+        if not chunks and (secure is None or not len(secure.users)):
             # every upload was rejected (or none came): nothing to group; the last hint stands
             log.warning(
                 "GFMFR server round %d: no accepted upload, the groups and preferences stay as they were", round_
@@ -273,7 +259,13 @@ class GFMFRServer(ServerHalf):
         t0 = time.perf_counter()
         G = self.cfg.groups
         if secure is not None:  # grouped in the clear, the groups' tables summed under secure aggregation
-            users, signatures, labels, sums, counts, _ = secure
+            users, signatures, labels, sums, counts = (
+                secure.users,
+                secure.signatures,
+                secure.labels,
+                secure.sums,
+                secure.counts,
+            )
             t1 = t0
         else:
             users = np.concatenate([c["update"].users for c in chunks])
@@ -341,7 +333,7 @@ class GFMFRServer(ServerHalf):
                 prefs = teacher_mean_head(model, heads, fused)
             if self.cfg.content_prior > 0:
                 if secure is not None:  # summed over the clients under secure aggregation
-                    touches = secure[5].float()
+                    touches = secure.touches.float()
                 elif self.dense:  # every row is sent: which ones a client trained is not known
                     touches = torch.full((self.n_items,), float(len(users)))
                 else:
