@@ -328,6 +328,25 @@ def test_nystrom_grouping_finds_the_groups_exact_spectral_grouping_finds():
     np.testing.assert_allclose(np.abs(top.T @ u).sum(1), 1.0, atol=1e-6)  # the same subspace, column by column
 
 
+@pytest.mark.parametrize("n, groups, planted", [(400, 5, True), (600, 5, False), (300, 3, False), (6, 5, False)])
+def test_exact_spectral_grouping_gives_scikit_learns_labels(n, groups, planted):
+    """Exact spectral grouping (Lanczos on the normalised affinity, then cluster_qr) labels every
+    participant as scikit-learn's SpectralClustering with ARPACK does, label for label, on planted
+    communities and on a blob with no cluster structure (what heads' signatures look like)."""
+    from sklearn.cluster import SpectralClustering
+
+    from gfmfr.plugins.group_fusion.grouping import rbf_affinity
+
+    rng = np.random.default_rng(n)
+    centres = 3 * rng.normal(size=(groups, 20)) if planted else np.zeros((groups, 20))
+    x = prepare(centres[rng.integers(0, groups, n)] + rng.normal(size=(n, 20)))
+    for seed in (0, 1):
+        reference = SpectralClustering(
+            n_clusters=groups, affinity="precomputed", random_state=seed, assign_labels="cluster_qr"
+        ).fit_predict(rbf_affinity(x))
+        np.testing.assert_array_equal(cluster(x, groups, "spectral", seed=seed), reference)
+
+
 def test_rbf_affinity_matches_pairwise_distances():
     from scipy.spatial.distance import pdist, squareform
 
