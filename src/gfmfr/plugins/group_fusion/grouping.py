@@ -7,12 +7,14 @@ k-means. Exact spectral clustering is scikit-learn's ``SpectralClustering(affini
 assign_labels="cluster_qr")`` computed faster: the top eigenvectors of the normalised affinity by
 Lanczos iteration on it (SciPy's ``eigsh``, largest algebraic) instead of ARPACK's shift-invert mode,
 which factorises the n x n Laplacian; the labels are the same (tests/test_gfmfr.py), at a quarter of
-the time for 2,928 participants (``benchmarks/roofline.py``). Above ``gfmfr.exact_grouping_max`` participants, spectral clustering uses the Nystrom approximation
-of the normalised affinity (Fowlkes, Belongie, Chung and Malik, "Spectral grouping using the Nystrom
-method", TPAMI 2004): affinities to m seeded landmarks only, O(n m^2) time and O(n m) memory,
-then k-means on the row-normalised embedding. Group ids are aligned with the previous round's by
-Hungarian matching on member overlap, so group g keeps meaning the same users across rounds. Clients not sampled keep
-their last group; clients never grouped have none (-1).
+the time for 2,928 participants (``benchmarks/roofline.py``).
+
+Above ``gfmfr.exact_grouping_max`` participants, spectral clustering uses the Nystrom
+approximation of the normalised affinity (Fowlkes, Belongie, Chung and Malik, "Spectral grouping
+using the Nystrom method", TPAMI 2004): affinities to m seeded landmarks only, O(n m^2) time and
+O(n m) memory, then k-means on the row-normalised embedding. Group ids are aligned with the
+previous round's by Hungarian matching on member overlap, so group g keeps meaning the same users
+across rounds. Clients not sampled keep their last group; clients never grouped have none (-1).
 """
 
 from __future__ import annotations
