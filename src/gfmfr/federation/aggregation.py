@@ -40,19 +40,22 @@ def group_sums(
     member[lab[grouped], grouped] = w[grouped]
     out: Params = {name: torch.einsum("kc,c...->k...", member, stacked) for name, stacked in update.shared.items()}
     owner = torch.from_numpy(update.row_client)
+    row_item = torch.from_numpy(update.row_item)
     keep = lab[owner] >= 0
-    owner = owner[keep]
+    everyone = bool(keep.all())  # FedAvg: no copy of the rows
+    if not everyone:
+        owner, row_item = owner[keep], row_item[keep]
     for name, rows in update.rows.items():
         g = global_shared[name]
         n = len(g)
         decay = update.decay[name]
-        slot = lab[owner] * n + torch.from_numpy(update.row_item)[keep]  # row (group, item) of [G * n, ...]
+        slot = lab[owner] * n + row_item  # row (group, item) of [G * n, ...]
         # sum_c w_c upload_c = g * (sum_c w_c decay_c - sum_{rows of item i} w_c decay_c) + sum_rows w_c row:
         # the broadcast part is a per-(group, item) scalar, so the rows are read once (no per-row delta)
         held = torch.bincount(slot, weights=w[owner] * decay[owner], minlength=n_groups * n).to(g.dtype)
         total = (member @ decay.to(torch.float32)).to(g.dtype)
         sums = g[None] * (total[:, None] - held.view(n_groups, n)).view(n_groups, n, *([1] * (g.dim() - 1)))
-        kept = rows[keep]
+        kept = rows if everyone else rows[keep]
         if weights is not None:
             kept = w[owner].view(-1, *([1] * (rows.dim() - 1))) * kept
         scatter_rows(sums.view(n_groups * n, *g.shape[1:]), slot, kept)

@@ -182,7 +182,7 @@ def train_clients(
         if name in kinds.private_tables:
             tables[name] = state.private_rows[name].gather(users, row_keys)
         else:
-            tables[name] = state.shared[name][torch.from_numpy(data.row_item)].clone()
+            tables[name] = state.shared[name].index_select(0, torch.from_numpy(data.row_item))  # a copy
 
     decayed = {
         n: LazyDecay(tables[n], 1 - specs[n].lr * specs[n].weight_decay, data.steps[data.row_client])

@@ -36,7 +36,8 @@ def update_norms(update: LocalUpdate, broadcast: Params) -> np.ndarray:
     items = torch.from_numpy(update.row_item)
     for name, rows in update.rows.items():
         g = broadcast[name]
-        row_sq = torch.linalg.vector_norm((rows - g.index_select(0, items)).reshape(len(rows), -1), dim=1)
+        delta = g.index_select(0, items).sub_(rows)  # the negated change: one temporary, not two
+        row_sq = torch.linalg.vector_norm(delta.reshape(len(rows), -1), dim=1)
         g_sq = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1).double() ** 2
         held_sq = torch.zeros(C, dtype=torch.float64).index_add_(0, owner, g_sq.index_select(0, items))
         decay = update.decay[name].double()
