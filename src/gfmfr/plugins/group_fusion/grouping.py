@@ -104,20 +104,34 @@ def cluster_qr(embedding: np.ndarray) -> np.ndarray:
 def nystrom_embedding(x: np.ndarray, k: int, landmarks: int, seed: int) -> np.ndarray:
     """The top ``k`` eigenvectors [n, k] of the normalised RBF affinity D^-1/2 A D^-1/2 of the rows of
     ``x``, with A approximated from ``landmarks`` seeded rows (one-shot Nystrom, Fowlkes et al. 2004).
-    The bandwidth is :func:`rbf_affinity`'s, its median taken over the distances to the landmarks."""
+    The bandwidth is :func:`rbf_affinity`'s, its median taken over the distances to the landmarks.
+
+    Every step is linear in n: the [n, m] distances, a partial sort for their median, and, for the
+    top left singular vectors of the normalised B [n, m'], the eigenvectors of its [m', m'] Gram
+    matrix (U = B V / S) in place of an SVD of B itself."""
     rng = np.random.default_rng([seed, 23])
     picked = np.sort(rng.choice(len(x), size=landmarks, replace=False))
     d = euclidean_distances(x, x[picked])  # [n, m]
-    others = np.ones(d.shape, bool)
-    others[picked, np.arange(landmarks)] = False  # a landmark's distance to itself is no pair
-    med = np.median(d[others]) if others.any() else 1.0
-    c = np.exp(-(d**2) / (2.0 * max(med, 1e-12) ** 2))
+    med = 1.0
+    pairs = d.size - landmarks  # a landmark's distance to itself is no pair
+    if pairs > 0:
+        ranked = d.ravel().copy()
+        ranked[picked * landmarks + np.arange(landmarks)] = -1.0  # sorted first, then skipped
+        lo, hi = landmarks + (pairs - 1) // 2, landmarks + pairs // 2
+        ranked.partition([lo, hi])
+        med = 0.5 * (ranked[lo] + ranked[hi])
+    np.multiply(d, d, out=d)
+    np.negative(d, out=d)
+    d /= 2.0 * max(med, 1e-12) ** 2
+    c = np.exp(d, out=d)
     values, vectors = np.linalg.eigh(c[picked])  # W, the landmarks' own affinity
     keep = values > 1e-10 * values.max()
     b = c @ (vectors[:, keep] / np.sqrt(values[keep]))  # A ~ B B^T
     degree = np.clip(b @ b.sum(0), 1e-12, None)
-    u, _, _ = np.linalg.svd(b / np.sqrt(degree)[:, None], full_matrices=False)
-    return u[:, :k]
+    b /= np.sqrt(degree)[:, None]
+    squared, right = np.linalg.eigh(b.T @ b)  # S^2 and V of b = U S V^T, ascending
+    top = np.argsort(squared)[::-1][:k]
+    return (b @ right[:, top]) / np.sqrt(np.clip(squared[top], 1e-300, None))
 
 
 def cluster(
