@@ -262,6 +262,28 @@ def test_prepare_wide_signatures_match_plain_pca():
     np.testing.assert_allclose(np.abs(wide), np.abs(plain), atol=1e-6)  # components agree up to sign
 
 
+def test_grouping_beyond_the_exact_limit_fits_pca_on_the_landmarks():
+    """Beyond ``exact_grouping_max`` participants the PCA is fitted on the landmark participants only
+    (every one projected): its components are those of the landmarks' own PCA, and the planted
+    communities of wide signatures (more features than landmarks) are still found."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from gfmfr.plugins.group_fusion.grouping import Grouping, landmark_rows
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 4, 900)
+    x = (2 * rng.normal(size=(4, 6)))[truth] @ rng.normal(size=(6, 400)) + rng.normal(size=(900, 400))
+    rows = landmark_rows(900, 150, seed=7)
+    z = StandardScaler().fit_transform(x)
+    expected = PCA(n_components=0.95, svd_solver="full").fit(z[rows]).transform(z)
+    np.testing.assert_allclose(np.abs(prepare(x, 0.95, rows)), np.abs(expected), atol=1e-8)
+    assert prepare(x, 0.95, rows).shape[1] < prepare(x, 0.95).shape[1]  # fewer rows, fewer components
+    grouping = Grouping(900, 4, "spectral", 0.95, landmarks=150, exact_max=300)
+    labels = grouping.update(np.arange(900), x, seed=7)
+    assert adjusted_rand_score(truth, labels) > 0.95
+
+
 def test_signature_upload_counts_only_what_is_not_uploaded_anyway():
     from gfmfr.plugins.group_fusion.server import signature_upload_bytes
 

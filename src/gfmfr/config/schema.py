@@ -209,11 +209,13 @@ class GFMFRConfig:
     pca_variance: float | None = 0.95
     """Variance kept by PCA of the standardised signatures; ``None`` skips PCA."""
     exact_grouping_max: int = 5000
-    """Participants up to which spectral grouping is exact (its affinity matrix: 200 MB at 5,000, 80 GB at
-    100,000); beyond, the Nystrom approximation over ``landmarks`` participants. Every dataset measured
-    so far (at most 2,928 participants) is grouped exactly at the default."""
+    """Participants up to which grouping is exact (spectral clustering's affinity matrix: 200 MB at 5,000,
+    80 GB at 100,000); beyond, the signatures' PCA is fitted on ``landmarks`` participants and spectral
+    clustering uses the Nystrom approximation over them. Every dataset measured so far (at most 2,928
+    participants) is grouped exactly at the default."""
     landmarks: int = 1000
-    """Seeded landmark participants of the Nystrom approximation: time and memory linear in participants."""
+    """Seeded landmark participants of the PCA and the Nystrom approximation beyond
+    ``exact_grouping_max``: time and memory linear in participants."""
     modalities: tuple[Literal["text", "image"], ...] = ("text", "image")
     """Content modalities fused (any non-empty subset of those the dataset has)."""
     fusion: Literal["sum", "mlp", "gate", "attention", "mixture"] = "mlp"
