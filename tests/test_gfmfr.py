@@ -284,6 +284,27 @@ def test_grouping_beyond_the_exact_limit_fits_pca_on_the_landmarks():
     assert adjusted_rand_score(truth, labels) > 0.95
 
 
+def test_teacher_beyond_the_exact_limit_is_scored_by_the_landmark_members():
+    """Up to ``exact_grouping_max`` participants every member's head scores its group's preferences;
+    beyond, the grouping's landmark participants do, plus every member of a group without one."""
+    from types import SimpleNamespace
+
+    from gfmfr.config import GFMFRConfig
+    from gfmfr.plugins.group_fusion.grouping import landmark_rows
+    from gfmfr.plugins.group_fusion.server import GFMFRServer
+
+    rows = torch.tensor([0, 1, 2] * 20 + [3, 3])  # group 3: two members
+    server = SimpleNamespace(cfg=GFMFRConfig(exact_grouping_max=100, landmarks=6), seed=4)
+    assert torch.equal(GFMFRServer.teacher_voters(server, rows, 5), torch.arange(62))
+    server = SimpleNamespace(cfg=GFMFRConfig(exact_grouping_max=10, landmarks=6), seed=4)
+    voters = GFMFRServer.teacher_voters(server, rows, 5)
+    picked = set(landmark_rows(62, 6, 9).tolist())
+    lonely = {g for g in range(4) if not any(rows[i] == g for i in picked)}
+    assert lonely == {3}  # the small group has no landmark
+    assert set(voters.tolist()) == picked | {i for i in range(62) if int(rows[i]) in lonely}
+    assert set(rows[voters].tolist()) == {0, 1, 2, 3}  # every group keeps a voter
+
+
 def test_signature_upload_counts_only_what_is_not_uploaded_anyway():
     from gfmfr.plugins.group_fusion.server import signature_upload_bytes
 

@@ -4,8 +4,9 @@ After FedAvg in a server round t (every ``server_every`` rounds, from round 0): 
 participants by their uploaded head signatures (:mod:`.grouping`), average each group's
 uploaded shared item tables into the targets C_g, fit the group fusion model Q_g(i) to them and
 the public content (:mod:`.fusion`), and score every fused vector with the members' heads:
-p_g(i) = mean over members u of sigmoid(head_u(Q_g(i))) (:func:`teacher_members`; the paper's
-mean head, :func:`teacher_mean_head`, is ``teacher = "mean_head"``). From round t + 1 each client
+p_g(i) = mean over members u of sigmoid(head_u(Q_g(i))) (:func:`teacher_members`, over the landmark
+members beyond ``gfmfr.exact_grouping_max`` participants; the paper's mean head,
+:func:`teacher_mean_head`, is ``teacher = "mean_head"``). From round t + 1 each client
 of group g receives p_g, its :class:`~gfmfr.federation.messages.Hints` row, with the shared
 parameters; the client half (:mod:`.client`) distils towards it. Before that broadcast the server
 moves each row of the global item table towards the item's fused vector from content alone, by
@@ -38,7 +39,7 @@ from gfmfr.federation.plugin import ServerHalf
 from gfmfr.models.base import FederatedRecommender, Params
 from gfmfr.plugins.group_fusion.client import DistillTerm
 from gfmfr.plugins.group_fusion.fusion import GroupFusion, fit_fusion, squared_error
-from gfmfr.plugins.group_fusion.grouping import Grouping
+from gfmfr.plugins.group_fusion.grouping import Grouping, landmark_rows
 from gfmfr.privacy.dp import CentralNoise, generator
 
 STREAM_GROUPS = 4
@@ -326,7 +327,8 @@ class GFMFRServer(ServerHalf):
         with torch.no_grad():
             fused = self.fusion(present)
             if self.cfg.teacher == "members":
-                prefs = teacher_members(model, signatures, member_rows, fused)
+                voters = self.teacher_voters(member_rows, round_)
+                prefs = teacher_members(model, signatures[voters], member_rows[voters], fused)
             else:  # mean_head
                 head_sums = torch.zeros(len(present), signatures.shape[1]).index_add_(0, member_rows, signatures)
                 heads = model.head_from_signature(head_sums / counts[present, None])
@@ -366,6 +368,20 @@ class GFMFRServer(ServerHalf):
                 "content_share": float(self.pull[1].mean()) if self.pull is not None else 0.0,
             },
         )
+
+    def teacher_voters(self, member_rows: torch.Tensor, round_: int) -> torch.Tensor:
+        """The participants whose heads score the teacher's p_g: all of them up to
+        ``gfmfr.exact_grouping_max``; beyond, the landmark participants the grouping used, plus every
+        member of a group none of them is in, which bounds the teacher's cost (members x items) as the
+        number of participants grows (an unbiased estimate of each group's mean preference)."""
+        n = len(member_rows)
+        if n <= self.cfg.exact_grouping_max:
+            return torch.arange(n)
+        picked = torch.zeros(n, dtype=torch.bool)
+        picked[torch.from_numpy(landmark_rows(n, self.cfg.landmarks, self.seed + round_))] = True
+        unseen = torch.ones(int(member_rows.max()) + 1, dtype=torch.bool)
+        unseen[member_rows[picked]] = False
+        return torch.nonzero(picked | unseen[member_rows]).flatten()
 
     def content_vectors(self, groups: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """[n_items, d]: each item's vector from its content alone, the ``sizes``-weighted mean over
