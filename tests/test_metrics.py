@@ -64,6 +64,36 @@ def test_nan_scores_rank_last():
     assert pessimistic_ranks(scores, torch.tensor([0, 1])).tolist() == [3, 3]
 
 
+def test_ranks_equal_counting_higher_and_tied_candidates():
+    """The rank is 1 + the candidates scored above the target + the other candidates tied with it, on
+    the scores through ``nan_to_num(nan=-inf)`` (NaN last, infinities as the largest finite values),
+    on random scores with ties, infinities, the largest finite values, NaN and masked candidates."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    big = float(torch.finfo(torch.float32).max)
+    values = st.sampled_from([0.0, 0.5, 1.0, -1.0, float("-inf"), float("inf"), float("nan"), big, -big])
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(1, 4), st.integers(1, 6), st.data())
+    def check(rows, cols, data):
+        scores = torch.tensor(
+            data.draw(st.lists(st.lists(values, min_size=cols, max_size=cols), min_size=rows, max_size=rows))
+        )
+        target = torch.tensor(data.draw(st.lists(st.integers(0, cols - 1), min_size=rows, max_size=rows)))
+        mask = data.draw(st.lists(st.lists(st.booleans(), min_size=cols, max_size=cols), min_size=rows, max_size=rows))
+        candidates = torch.tensor(mask)
+        candidates[torch.arange(rows), target] = True
+        for given_candidates in (None, candidates):
+            clean = torch.nan_to_num(scores, nan=float("-inf"))
+            t = clean.gather(1, target[:, None])
+            keep = torch.ones_like(clean, dtype=torch.bool) if given_candidates is None else given_candidates
+            expected = 1 + ((clean > t) & keep).sum(1) + ((clean == t) & keep).sum(1) - 1
+            assert torch.equal(pessimistic_ranks(scores, target, given_candidates), expected)
+
+    check()
+
+
 def test_tail_slice_covers_exactly_the_users_whose_held_out_item_is_rare(planted):
     import numpy as np
 

@@ -12,19 +12,27 @@ import torch
 def pessimistic_ranks(
     scores: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """1-based rank of ``target[u]`` among the candidates of row ``u``.
+    """1-based rank of ``target[u]`` among the candidates of row ``u``: the candidates scored at
+    least as high as the target, the target included (ties rank it last). Scores pass through
+    ``nan_to_num(nan=-inf)`` first: a NaN ranks last, an infinity as the largest finite value.
 
-    scores: [U, N]; target: [U] column indices; candidates: optional [U, N] bool (the target
-    column must be a candidate). Returns [U] int64 ranks.
+    scores: [U, N]; target: [U] column indices; candidates: optional [U, N] (or [1, N]) bool (the
+    target column must be a candidate). Returns [U] int64 ranks. One comparison pass over the raw
+    scores, which gives the same counts whenever the target's score is finite and below the largest
+    finite magnitude; the other rows are ranked on the converted scores.
     """
-    scores = torch.nan_to_num(scores, nan=-torch.inf)  # a NaN score ranks last, never first
-    t = scores.gather(1, target[:, None])
-    higher = scores > t
-    equal = scores == t
+    t = torch.nan_to_num(scores.gather(1, target[:, None]), nan=-torch.inf)
+    at_least = scores >= t  # NaN compares False, -inf below and +inf above any such target
     if candidates is not None:
-        higher &= candidates
-        equal &= candidates
-    return 1 + higher.sum(1) + equal.sum(1) - 1
+        at_least &= candidates
+    ranks = torch.count_nonzero(at_least, 1)
+    extreme = torch.nonzero(~(t[:, 0].abs() < torch.finfo(scores.dtype).max)).flatten()
+    if len(extreme):
+        low = torch.nan_to_num(scores[extreme], nan=-torch.inf) >= t[extreme]
+        if candidates is not None:
+            low &= candidates[extreme] if candidates.shape[0] == scores.shape[0] else candidates
+        ranks[extreme] = torch.count_nonzero(low, 1)
+    return ranks
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
