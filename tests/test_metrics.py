@@ -94,6 +94,34 @@ def test_ranks_equal_counting_higher_and_tied_candidates():
     check()
 
 
+def test_validation_ranks_a_seeded_sample_of_users_and_test_ranks_all(planted):
+    """``eval.valid_users`` below the users: validation ranks the same seeded sample every time and on
+    every node (their sums add up to it), of about that size; test ranks every user."""
+    from gfmfr.eval.evaluator import metrics_from_sums
+
+    rng = np.random.default_rng(1)
+    table = torch.from_numpy(rng.normal(size=(planted.n_users, planted.n_items)).astype(np.float32))
+    score = lambda users: table[torch.from_numpy(users)]  # noqa: E731
+    sampled = Evaluator(planted, EvalConfig(valid_users=40), seed=3)
+    every = Evaluator(planted, EvalConfig(valid_users=None), seed=3)
+    users = sampled.evaluated_users("valid")
+    assert 20 <= len(users) <= 60 and len(users) < len(every.evaluated_users("valid"))
+    np.testing.assert_array_equal(
+        users, Evaluator(planted, EvalConfig(valid_users=40), seed=3).evaluated_users("valid")
+    )
+    assert not np.array_equal(users, Evaluator(planted, EvalConfig(valid_users=40), seed=4).evaluated_users("valid"))
+    ranks = sampled.ranks(score, "valid")
+    torch.testing.assert_close(ranks, every.ranks(score, "valid", users))
+    assert sampled.evaluate(score, "test") == every.evaluate(score, "test")
+    halves = np.array_split(np.arange(planted.n_users), 2)
+    nodes = metrics_from_sums([sampled.sums(score, "valid", half) for half in halves])
+    whole = sampled.evaluate(score, "valid")
+    assert nodes.keys() == whole.keys() and all(nodes[k] == pytest.approx(whole[k]) for k in whole)
+    assert Evaluator(planted, EvalConfig(valid_users=1000)).validating is None  # more than the users: all
+    with pytest.raises(ValueError, match="eval.valid_users"):
+        Evaluator(planted, EvalConfig(valid_users=0))
+
+
 def test_tail_slice_covers_exactly_the_users_whose_held_out_item_is_rare(planted):
     import numpy as np
 

@@ -23,6 +23,7 @@ STREAM_SHUFFLE = 2
 STREAM_EVAL_VALID = 3
 STREAM_EVAL_TEST = 4
 STREAM_INIT = 5
+STREAM_VALID_USERS = 6
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

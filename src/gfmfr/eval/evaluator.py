@@ -9,7 +9,7 @@ import torch
 
 from gfmfr.config import EvalConfig
 from gfmfr.data.dataset import Dataset
-from gfmfr.data.sampling import eval_negatives
+from gfmfr.data.sampling import STREAM_VALID_USERS, eval_negatives, uniform
 from gfmfr.eval.metrics import metrics_from_ranks, pessimistic_ranks
 
 ScoreFn = Callable[[np.ndarray], torch.Tensor]
@@ -53,6 +53,13 @@ class Evaluator:
         if dataset.cold_items is not None:
             self.cold = torch.zeros(dataset.n_items, dtype=torch.bool)
             self.cold[torch.from_numpy(dataset.cold_items)] = True
+        if cfg.valid_users is not None and cfg.valid_users < 1:
+            raise ValueError(f"eval.valid_users must be at least 1 (or None: every user), got {cfg.valid_users}")
+        self.validating: np.ndarray | None = None
+        """[n_users] bool: the users validation ranks (None: every user), ``eval.valid_users``."""
+        if cfg.valid_users is not None and cfg.valid_users < dataset.n_users:
+            share = cfg.valid_users / dataset.n_users
+            self.validating = uniform(seed, STREAM_VALID_USERS, np.arange(dataset.n_users)) < share
         self.negatives: dict[str, np.ndarray] = {}
         if cfg.protocol == "sampled":
             for split in ("valid", "test"):
@@ -69,8 +76,11 @@ class Evaluator:
         return mask
 
     def evaluated_users(self, split: str) -> np.ndarray:
-        """The users with a held-out item in ``split`` (every user, but on the cold-items split)."""
+        """The users with a held-out item in ``split`` (every user, but on the cold-items split); for
+        validation, those of them in the ``eval.valid_users`` sample."""
         targets = self.dataset.valid_items if split == "valid" else self.dataset.test_items
+        if split == "valid" and self.validating is not None:
+            return np.flatnonzero((targets >= 0) & self.validating)
         return np.flatnonzero(targets >= 0)
 
     def ranks(
@@ -126,7 +136,10 @@ class Evaluator:
         ``split`` are left out, as :meth:`evaluate` leaves them out."""
         targets = self.dataset.valid_items if split == "valid" else self.dataset.test_items
         users = np.asarray(users, np.int64)
-        users = users[targets[users] >= 0]
+        kept = targets[users] >= 0
+        if split == "valid" and self.validating is not None:
+            kept &= self.validating[users]
+        users = users[kept]
         ranks = self.ranks(score_fn, split, users)
         out = {k: v * len(users) for k, v in metrics_from_ranks(ranks, self.cfg.ks).items()} if len(users) else {}
         out["users"] = float(len(users))
