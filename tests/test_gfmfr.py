@@ -3,6 +3,7 @@
 import copy
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,6 +400,29 @@ def test_rbf_affinity_matches_pairwise_distances():
     d = pdist(x)
     expected = np.exp(-(squareform(d) ** 2) / (2 * np.median(d) ** 2))
     np.testing.assert_allclose(rbf_affinity(x), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_uploads_held_in_files_give_the_same_rounds(planted, monkeypatch):
+    """With ``runtime.hold_mb = 0`` every chunk of a server round's uploads waits in a temporary file
+    until the participants are grouped: the same groups, preferences and tables as held in memory, and
+    no file is left behind."""
+    import gfmfr.plugins.group_fusion.server as server_module
+
+    written = []
+    save = server_module.save_file
+    monkeypatch.setattr(server_module, "save_file", lambda t, path: (written.append(path), save(t, path)))
+    results = {}
+    for hold in (4096, 0):
+        cfg = gfmfr_config("fcf")
+        cfg = replace(cfg, runtime=replace(cfg.runtime, hold_mb=hold, client_chunk=24))
+        fed, server = gfmfr_federation(planted, cfg)
+        for t in range(3):
+            fed.train_round(t)
+        results[hold] = (server.grouping.group.copy(), server.preferences.clone(), fed.state.shared["item"].clone())
+        assert server._held.folder is None
+    assert len(written) == 3 * 4 and not any(Path(p).exists() for p in written)  # 80 users: 4 chunks a round
+    np.testing.assert_array_equal(results[0][0], results[4096][0])
+    assert torch.equal(results[0][1], results[4096][1]) and torch.equal(results[0][2], results[4096][2])
 
 
 def test_default_gfmfr_settings_run_end_to_end(planted):

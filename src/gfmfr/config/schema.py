@@ -333,6 +333,10 @@ class RuntimeConfig:
     in a background thread while this chunk trains; the data is the same either way."""
     eval_batch: int = 256
     """Users scored at once during evaluation; bounds its memory (users x items scores)."""
+    hold_mb: int = 4096
+    """MB of uploads GFMFR's server round holds in memory while it waits for every participant's head
+    to group them; beyond, they wait in temporary safetensors files, read back one chunk at a time
+    (a round of a million participants uploads about 38 GB of item rows). The same numbers either way."""
 
     checkpoint_every: int = 1
     """With ``--out``, write a checkpoint (``OUT/checkpoint.safetensors``) every N rounds, so that

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from gfmfr.config import RunConfig
 from gfmfr.data.dataset import Dataset
@@ -123,6 +126,52 @@ def signature_upload_bytes(model: FederatedRecommender) -> int:
     return sum(4 * math.prod(specs[n].shape) for n in model.head_params() if not specs[n].shared)
 
 
+class HeldUploads:
+    """The item-table uploads a GFMFR server round holds until it has grouped every participant: in
+    memory up to ``limit`` bytes, beyond that in temporary safetensors files (one per chunk), read
+    back one at a time and deleted by :meth:`clear`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_memory = 0
+        self.folder: tempfile.TemporaryDirectory[str] | None = None
+        self.files = 0
+
+    def keep(self, update: LocalUpdate, table: str) -> LocalUpdate | Path:
+        """``update`` itself, or the file it now waits in."""
+        size = update.rows[table].nbytes + update.row_client.nbytes + update.row_item.nbytes
+        if self.in_memory + size <= self.limit:
+            self.in_memory += size
+            return update
+        if self.folder is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="gfmfr-held-")
+        path = Path(self.folder.name) / f"chunk{self.files}.safetensors"
+        self.files += 1
+        tensors = {
+            "users": torch.from_numpy(np.asarray(update.users, np.int64)),
+            "rows": update.rows[table].contiguous(),
+            "row_client": torch.from_numpy(np.asarray(update.row_client, np.int64)),
+            "row_item": torch.from_numpy(np.asarray(update.row_item, np.int64)),
+            "decay": update.decay[table].contiguous(),
+        }
+        save_file(tensors, str(path))
+        return path
+
+    def get(self, held: LocalUpdate | Path, table: str) -> LocalUpdate:
+        if isinstance(held, LocalUpdate):
+            return held
+        t = load_file(str(held))
+        held.unlink()
+        users, rows, row_client, row_item = t["users"], t["rows"], t["row_client"], t["row_item"]
+        return LocalUpdate(users.numpy(), {}, {table: rows}, row_client.numpy(), row_item.numpy(), {table: t["decay"]})
+
+    def clear(self) -> None:
+        self.in_memory, self.files = 0, 0
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
+
+
 class GFMFRServer(ServerHalf):
     """Grouping, group fusion and the teacher's preferences, on the server."""
 
@@ -177,6 +226,9 @@ class GFMFRServer(ServerHalf):
         self.pull: tuple[torch.Tensor, torch.Tensor] | None = None
         """After a server round: the content vectors [n_items, d] the item table moves to, and how far [n_items]."""
         self._chunks: list[dict[str, Any]] = []
+        self._held = HeldUploads(cfg.runtime.hold_mb * 2**20)
+        self._touches = torch.zeros(0)
+        """Per item, the participants of this server round that trained its row (the content prior's t_i)."""
         self._secure: GroupedUploads | None = None
         """Under secure aggregation: the server round's participants, their groups and the groups' sums."""
         self.broadcast = torch.zeros(0)
@@ -229,16 +281,15 @@ class GFMFRServer(ServerHalf):
     def observe(self, update: LocalUpdate, broadcast: Params, round_: int) -> None:
         table = self.model.item_table
         self.broadcast = broadcast[table]
+        if not self._chunks:
+            self._touches = torch.zeros(self.n_items)
+        self._touches += torch.bincount(torch.from_numpy(update.row_item), minlength=self.n_items).float()
+        rows, decay = {table: update.rows[table]}, {table: update.decay[table]}
+        held = LocalUpdate(update.users, {}, rows, update.row_client, update.row_item, decay)
         self._chunks.append(
             {
-                "update": LocalUpdate(
-                    update.users,
-                    {},
-                    {table: update.rows[table]},
-                    update.row_client,
-                    update.row_item,
-                    {table: update.decay[table]},
-                ),
+                "users": update.users,
+                "update": self._held.keep(held, table),
                 "signatures": update.signatures,
                 "broadcast": broadcast[table],
             }
@@ -249,13 +300,14 @@ class GFMFRServer(ServerHalf):
         if not self.server_work(round_):  # clients keep distilling towards the last preferences
             return PluginReport(bytes_down=hint_bytes)
         table = model.item_table
-        chunks, self._chunks = [c for c in self._chunks if len(c["update"].users)], []
+        chunks, self._chunks = [c for c in self._chunks if len(c["users"])], []
         secure, self._secure = self._secure, None
         if not chunks and (secure is None or not len(secure.users)):
             # every upload was rejected (or none came): nothing to group; the last hint stands
             log.warning(
                 "GFMFR server round %d: no accepted upload, the groups and preferences stay as they were", round_
             )
+            self._held.clear()
             return PluginReport(bytes_down=hint_bytes)
         t0 = time.perf_counter()
         G = self.cfg.groups
@@ -269,16 +321,18 @@ class GFMFRServer(ServerHalf):
             )
             t1 = t0
         else:
-            users = np.concatenate([c["update"].users for c in chunks])
+            users = np.concatenate([c["users"] for c in chunks])
             signatures = torch.cat([c["signatures"] for c in chunks])
             labels = self.group(users, signatures, round_)
             t1 = time.perf_counter()
             sums = torch.zeros(G, self.n_items, model.dim)
             start = 0
             for c in chunks:
-                n = len(c["update"].users)
-                sums += group_sums(c["update"], {table: c["broadcast"]}, labels[start : start + n], G)[table]
+                n = len(c["users"])
+                update = self._held.get(c["update"], table)
+                sums += group_sums(update, {table: c["broadcast"]}, labels[start : start + n], G)[table]
                 start += n
+            self._held.clear()
             counts = torch.from_numpy(np.bincount(labels, minlength=G)).float()
         if self.noise is not None:  # central DP: noised sums of the (clipped) updates and noised sizes
             gen = generator(self.seed, STREAM_GROUPS, round_)
@@ -339,9 +393,7 @@ class GFMFRServer(ServerHalf):
                 elif self.dense:  # every row is sent: which ones a client trained is not known
                     touches = torch.full((self.n_items,), float(len(users)))
                 else:
-                    touches = torch.bincount(
-                        torch.from_numpy(np.concatenate([c["update"].row_item for c in chunks])), minlength=self.n_items
-                    ).float()
+                    touches = self._touches
                 self.pull = (
                     self.content_vectors(present, counts[present]),
                     self.cfg.content_prior / (self.cfg.content_prior + touches),
