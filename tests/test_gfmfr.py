@@ -370,6 +370,8 @@ def test_nystrom_grouping_finds_the_groups_exact_spectral_grouping_finds():
     top = vectors[:, -5:]
     u = nystrom_embedding(small, 5, 150, seed=0)  # every row a landmark: the exact affinity
     np.testing.assert_allclose(np.abs(top.T @ u).sum(1), 1.0, atol=1e-6)  # the same subspace, column by column
+    blocked = nystrom_embedding(x, 5, 200, seed=0, block=97)  # formed 97 rows at a time: the same vectors
+    np.testing.assert_allclose(np.abs(blocked), np.abs(nystrom_embedding(x, 5, 200, seed=0)), atol=1e-10)
 
 
 @pytest.mark.parametrize("n, groups, planted", [(400, 5, True), (600, 5, False), (300, 3, False), (6, 5, False)])

@@ -115,31 +115,35 @@ def cluster_qr(embedding: np.ndarray) -> np.ndarray:
     return np.abs(embedding @ (u @ vt)).argmax(1).astype(np.int64)
 
 
-def nystrom_embedding(x: np.ndarray, k: int, landmarks: int, seed: int) -> np.ndarray:
+def nystrom_embedding(x: np.ndarray, k: int, landmarks: int, seed: int, block: int = 32768) -> np.ndarray:
     """The top ``k`` eigenvectors [n, k] of the normalised RBF affinity D^-1/2 A D^-1/2 of the rows of
     ``x``, with A approximated from ``landmarks`` seeded rows (one-shot Nystrom, Fowlkes et al. 2004).
-    The bandwidth is :func:`rbf_affinity`'s, its median taken over the distances to the landmarks.
+    The bandwidth is :func:`rbf_affinity`'s, its median taken over the pairs of landmarks (a random
+    sample of all pairs; every pair when every row is a landmark).
 
-    Every step is linear in n: the [n, m] distances, a partial sort for their median, and, for the
-    top left singular vectors of the normalised B [n, m'], the eigenvectors of its [m', m'] Gram
-    matrix (U = B V / S) in place of an SVD of B itself."""
+    Every step is linear in n and its memory is the [n, m'] factor B: the affinities to the landmarks
+    are formed ``block`` rows at a time, and the top left singular vectors of the normalised B come
+    from the eigenvectors of its [m', m'] Gram matrix (U = B V / S) in place of an SVD of B itself."""
     picked = landmark_rows(len(x), landmarks, seed)
-    d = euclidean_distances(x, x[picked])  # [n, m]
+    between = euclidean_distances(x[picked])  # [m, m], zero diagonal
     med = 1.0
-    pairs = d.size - landmarks  # a landmark's distance to itself is no pair
-    if pairs > 0:
-        ranked = d.ravel().copy()
-        ranked[picked * landmarks + np.arange(landmarks)] = -1.0  # sorted first, then skipped
-        lo, hi = landmarks + (pairs - 1) // 2, landmarks + pairs // 2
-        ranked.partition([lo, hi])
-        med = 0.5 * (ranked[lo] + ranked[hi])
-    np.multiply(d, d, out=d)
-    np.negative(d, out=d)
-    d /= 2.0 * max(med, 1e-12) ** 2
-    c = np.exp(d, out=d)
-    values, vectors = np.linalg.eigh(c[picked])  # W, the landmarks' own affinity
+    if landmarks > 1:
+        med = float(np.median(between[np.triu_indices(landmarks, 1)]))
+    scale = 2.0 * max(med, 1e-12) ** 2
+
+    def affinity(d: np.ndarray) -> np.ndarray:
+        np.multiply(d, d, out=d)
+        np.negative(d, out=d)
+        d /= scale
+        return np.exp(d, out=d)
+
+    values, vectors = np.linalg.eigh(affinity(between))  # W, the landmarks' own affinity
     keep = values > 1e-10 * values.max()
-    b = c @ (vectors[:, keep] / np.sqrt(values[keep]))  # A ~ B B^T
+    lift = vectors[:, keep] / np.sqrt(values[keep])
+    b = np.empty((len(x), int(keep.sum())))
+    for start in range(0, len(x), block):
+        rows = slice(start, start + block)
+        b[rows] = affinity(euclidean_distances(x[rows], x[picked])) @ lift  # A ~ B B^T
     degree = np.clip(b @ b.sum(0), 1e-12, None)
     b /= np.sqrt(degree)[:, None]
     squared, right = np.linalg.eigh(b.T @ b)  # S^2 and V of b = U S V^T, ascending
