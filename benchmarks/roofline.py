@@ -78,7 +78,7 @@ def measure(dataset_name: str, model: str, plugin: str, rounds: int, flops: floa
             t0 = time.perf_counter()
             fed.evaluate("valid")
             entry.seconds["evaluate"] = time.perf_counter() - t0
-            logs.append((entry, sum(len(u.row_item) for u in seen)))
+            logs.append((entry, sum(u.rows for u in seen)))
     logs = logs[1:] if len(logs) > 1 else logs  # the first round warms caches up
     d, fc = cfg.model.dim, cfg.federation
     pairs = len(data.train_items) * (1 + fc.num_negatives) * fc.local_epochs

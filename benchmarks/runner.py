@@ -9,10 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gfmfr.federation.messages import LocalUpdate
+from typing import NamedTuple
 
 
 def run_point(
@@ -61,18 +58,27 @@ def first_reach(results: dict, target: float, metric: str = "NDCG@10") -> tuple[
     return None
 
 
+class Upload(NamedTuple):
+    """The size of one chunk's upload: its clients, item rows and signature floats."""
+
+    clients: int
+    rows: int
+    signature_floats: int
+
+
 @contextmanager
-def uploads() -> Iterator[list[LocalUpdate]]:
-    """Every upload the in-process engine folds into a round's aggregate while the block runs, in
-    order (the engine's ``RoundAggregate.add`` wrapped; restored on exit). Clear the list between
-    rounds to count one round's."""
+def uploads() -> Iterator[list[Upload]]:
+    """The size of every upload the in-process engine folds into a round's aggregate while the block
+    runs, in order (the engine's ``RoundAggregate.add`` wrapped; restored on exit): sizes only, so that
+    counting holds no upload in memory. Clear the list between rounds to count one round's."""
     from gfmfr.federation import aggregation  # torch loads once the benchmark has set its threads
 
-    seen: list[LocalUpdate] = []
+    seen: list[Upload] = []
     add = aggregation.RoundAggregate.add
 
     def counting_add(self, update, *rest):
-        seen.append(update)
+        floats = 0 if update.signatures is None else update.signatures.numel()
+        seen.append(Upload(len(update.users), len(update.row_item), floats))
         return add(self, update, *rest)
 
     aggregation.RoundAggregate.add = counting_add  # type: ignore[method-assign]
