@@ -291,13 +291,17 @@ def test_teacher_beyond_the_exact_limit_is_scored_by_the_landmark_members():
     from types import SimpleNamespace
 
     from gfmfr.config import GFMFRConfig
-    from gfmfr.plugins.group_fusion.grouping import landmark_rows
+    from gfmfr.plugins.group_fusion.grouping import Grouping, landmark_rows
     from gfmfr.plugins.group_fusion.server import GFMFRServer
 
+    def fake_server(exact_max: int) -> SimpleNamespace:
+        cfg = GFMFRConfig(exact_grouping_max=exact_max, landmarks=6)
+        return SimpleNamespace(cfg=cfg, seed=4, grouping=Grouping(62, 4, landmarks=6, exact_max=exact_max))
+
     rows = torch.tensor([0, 1, 2] * 20 + [3, 3])  # group 3: two members
-    server = SimpleNamespace(cfg=GFMFRConfig(exact_grouping_max=100, landmarks=6), seed=4)
+    server = fake_server(100)
     assert torch.equal(GFMFRServer.teacher_voters(server, rows, 5), torch.arange(62))
-    server = SimpleNamespace(cfg=GFMFRConfig(exact_grouping_max=10, landmarks=6), seed=4)
+    server = fake_server(10)
     voters = GFMFRServer.teacher_voters(server, rows, 5)
     picked = set(landmark_rows(62, 6, 9).tolist())
     lonely = {g for g in range(4) if not any(rows[i] == g for i in picked)}

@@ -58,6 +58,13 @@ def prepare(
     return kpca.eigenvectors_[:, :keep] * np.sqrt(variance[:keep])
 
 
+def beyond_exact(n: int, landmarks: int | None, exact_max: int | None) -> bool:
+    """Whether ``n`` participants are past the exact limit (``exact_max``, else ``landmarks``), where the
+    landmarks stand for them all (None landmarks: never)."""
+    limit = exact_max if exact_max is not None else landmarks
+    return landmarks is not None and limit is not None and n > limit
+
+
 def landmark_rows(n: int, landmarks: int, seed: int) -> np.ndarray:
     """The seeded, sorted rows that stand for all ``n`` beyond ``gfmfr.exact_grouping_max`` participants."""
     return np.sort(np.random.default_rng([seed, 23]).choice(n, size=min(landmarks, n), replace=False))
@@ -79,7 +86,12 @@ def rbf_affinity(x: np.ndarray) -> np.ndarray:
         lo, hi = n + (pairs - 1) // 2, n + pairs // 2
         ranked = np.partition(d.ravel(), [lo, hi])
         med = 0.5 * (ranked[lo] + ranked[hi])
-    gamma = 1.0 / (2.0 * max(med, 1e-12) ** 2)
+    return rbf_in_place(d, med)
+
+
+def rbf_in_place(d: np.ndarray, median: float) -> np.ndarray:
+    """exp(-gamma * d^2) of the distances ``d``, overwritten, with gamma = 1 / (2 * median^2)."""
+    gamma = 1.0 / (2.0 * max(median, 1e-12) ** 2)
     np.multiply(d, d, out=d)
     d *= -gamma
     return np.exp(d, out=d)
@@ -129,21 +141,13 @@ def nystrom_embedding(x: np.ndarray, k: int, landmarks: int, seed: int, block: i
     med = 1.0
     if landmarks > 1:
         med = float(np.median(between[np.triu_indices(landmarks, 1)]))
-    scale = 2.0 * max(med, 1e-12) ** 2
-
-    def affinity(d: np.ndarray) -> np.ndarray:
-        np.multiply(d, d, out=d)
-        np.negative(d, out=d)
-        d /= scale
-        return np.exp(d, out=d)
-
-    values, vectors = np.linalg.eigh(affinity(between))  # W, the landmarks' own affinity
+    values, vectors = np.linalg.eigh(rbf_in_place(between, med))  # W, the landmarks' own affinity
     keep = values > 1e-10 * values.max()
     lift = vectors[:, keep] / np.sqrt(values[keep])
     b = np.empty((len(x), int(keep.sum())))
     for start in range(0, len(x), block):
         rows = slice(start, start + block)
-        b[rows] = affinity(euclidean_distances(x[rows], x[picked])) @ lift  # A ~ B B^T
+        b[rows] = rbf_in_place(euclidean_distances(x[rows], x[picked]), med) @ lift  # A ~ B B^T
     degree = np.clip(b @ b.sum(0), 1e-12, None)
     b /= np.sqrt(degree)[:, None]
     squared, right = np.linalg.eigh(b.T @ b)  # S^2 and V of b = U S V^T, ascending
@@ -164,8 +168,7 @@ def cluster(
     n_groups = min(n_groups, len(x))
     if n_groups <= 1:
         return np.zeros(len(x), dtype=np.int64)
-    limit = exact_max if exact_max is not None else landmarks
-    if method == "spectral" and landmarks is not None and limit is not None and len(x) > limit:
+    if method == "spectral" and landmarks is not None and beyond_exact(len(x), landmarks, exact_max):
         embedding = nystrom_embedding(x, n_groups, min(landmarks, len(x)), seed)
         embedding /= np.clip(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12, None)
         return KMeans(n_clusters=n_groups, n_init=10, random_state=seed).fit_predict(embedding).astype(np.int64)
@@ -209,11 +212,14 @@ class Grouping:
         self.view = np.zeros((0, 2))
         """2-D PCA view [participants, 2] of the last round's standardised signatures (for plots)."""
 
+    def uses_landmarks(self, participants: int) -> bool:
+        """Whether a round of this many participants is grouped through the landmarks."""
+        return beyond_exact(participants, self.landmarks, self.exact_max)
+
     def update(self, users: np.ndarray, signatures: np.ndarray, seed: int) -> np.ndarray:
         """Cluster the participants, align ids with the last round, store and return their labels."""
         fit_rows = None
-        limit = self.exact_max if self.exact_max is not None else self.landmarks
-        if self.landmarks is not None and limit is not None and len(users) > limit:
+        if self.landmarks is not None and self.uses_landmarks(len(users)):
             fit_rows = landmark_rows(len(users), self.landmarks, seed)
         x = prepare(signatures, self.pca_variance, fit_rows)
         labels = cluster(x, self.n_groups, self.method, seed, self.landmarks, self.exact_max)

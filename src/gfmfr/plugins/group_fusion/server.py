@@ -427,7 +427,7 @@ class GFMFRServer(ServerHalf):
         member of a group none of them is in, which bounds the teacher's cost (members x items) as the
         number of participants grows (an unbiased estimate of each group's mean preference)."""
         n = len(member_rows)
-        if n <= self.cfg.exact_grouping_max:
+        if not self.grouping.uses_landmarks(n):
             return torch.arange(n)
         picked = torch.zeros(n, dtype=torch.bool)
         picked[torch.from_numpy(landmark_rows(n, self.cfg.landmarks, self.seed + round_))] = True
